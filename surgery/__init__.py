@@ -1,0 +1,3 @@
+"""surgery: verify model surgery — moving trained weights across architectures."""
+
+__version__ = "0.1.0"

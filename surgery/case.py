@@ -1,0 +1,373 @@
+"""Case files: YAML that keeps its line numbers, validated by pydantic models.
+
+Every error in a case file becomes one :class:`SurgeryInputError` line of the form
+``cases/x.yaml:12: surgery.strategy: <what was wrong>; expected <what would be right>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from surgery.errors import SurgeryInputError
+
+DATASETS = ("mnist5k", "digits", "shapes", "imagefolder")
+
+
+# --------------------------------------------------------------------------- YAML with marks
+
+Path_ = tuple[Union[str, int], ...]
+
+
+def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]]:
+    """Parse YAML safely and return (data, {key path: 1-based line})."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SurgeryInputError(f"{filename}:{line}: YAML syntax error: {problem}") from None
+    lines: dict[Path_, int] = {}
+    constructor = yaml.SafeLoader("")
+
+    def convert(node: yaml.Node, path: Path_) -> Any:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, str):
+                    raise SurgeryInputError(
+                        f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                        f"key {key!r} is not a string; expected a field name")
+                if key in out:
+                    raise SurgeryInputError(
+                        f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path + (key,))}: "
+                        f"duplicate key; expected each field once")
+                out[key] = convert(value_node, path + (key,))
+                lines[path + (key,)] = key_node.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [convert(child, path + (i,)) for i, child in enumerate(node.value)]
+        try:
+            return constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path)}: "
+                                    f"{getattr(exc, 'problem', exc)}") from None
+
+    data = convert(root, ()) if root is not None else None
+    return data, lines
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class Strict(BaseModel):
+    """Base for every case-file section: unknown keys are errors that list the known ones."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = [f.alias or n for n, f in cls.model_fields.items()]
+            for key in data:
+                if key not in allowed:
+                    raise PydanticCustomError("unknown_key", "unknown key {key!r}; expected one of: {allowed}",
+                                              {"key": key, "allowed": ", ".join(allowed)})
+        return data
+
+
+class DatasetSpec(Strict):
+    """One dataset. A bare string (``digits``) is shorthand for ``{name: digits}``."""
+
+    name: Literal["mnist5k", "digits", "shapes", "imagefolder"]
+    root: str | None = Field(None, description="imagefolder: directory of class folders")
+    limit: int | None = Field(None, gt=0, description="use at most this many samples")
+    size: int = Field(3000, gt=0, description="shapes: number of images generated")
+    background: float = Field(0.0, ge=0, le=1, description="shapes: background brightness")
+    color_shift: float = Field(0.0, ge=-1, le=1, description="shapes: shift of the foreground hue")
+    noise: float = Field(0.0, ge=0, description="shapes: std of added Gaussian noise")
+    blur: float = Field(0.0, ge=0, description="shapes: sigma of a Gaussian blur, in pixels")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _root_for_imagefolder(self) -> "DatasetSpec":
+        if self.name == "imagefolder" and not self.root:
+            raise ValueError("imagefolder needs 'root': a directory with one folder per class")
+        return self
+
+
+class DataSpec(Strict):
+    train: DatasetSpec
+    probe: DatasetSpec | None = Field(None, description="probe set for activations; default: train's test split")
+    image_size: int = Field(32, ge=8, le=512)
+    channels: Literal[1, 3] = 3
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    probe_size: int = Field(256, gt=0, description="samples probed for activation statistics")
+
+
+class ModelSpec(Strict):
+    model: str = Field(description="torchvision:NAME | timm:NAME | zoo:NAME | package.module:factory")
+    num_classes: int | None = Field(None, gt=0)
+    in_chans: int | None = Field(None, gt=0)
+    checkpoint: str | None = Field(None, description=".pt/.pth (weights_only) or .safetensors")
+    pretrained: bool = Field(False, description="timm/torchvision weights from the local cache only")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, ref: str) -> str:
+        from surgery.models import validate_model_ref
+
+        validate_model_ref(ref)
+        return ref
+
+
+class TransplantSpec(Strict):
+    op: Literal["transplant"]
+    target: ModelSpec
+    strategy: Literal["exact", "order", "select"] = "exact"
+    adapt_input: bool = True
+
+
+class ActivationSwapSpec(Strict):
+    op: Literal["activation_swap"]
+    from_: list[str] = Field(alias="from", min_length=1)
+    to: str
+
+    @field_validator("from_", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class GraftPolicy(Strict):
+    freeze: bool = False
+    lr_scale: float = Field(1.0, ge=0)
+    unfreeze_at: int | None = Field(None, ge=0, description="step at which a frozen graft starts training")
+
+
+class GraftSpec(Strict):
+    op: Literal["graft"]
+    donor: ModelSpec
+    path: str
+    policy: GraftPolicy = GraftPolicy()
+
+
+class DistillSpec(Strict):
+    temperature: float = Field(2.0, gt=0)
+    weight: float = Field(0.5, ge=0, le=1)
+
+
+class BridgeSpec(Strict):
+    op: Literal["bridge"]
+    nodes: list[str] = Field(min_length=1)
+    head: Literal["linear", "mlp", "transformer"] = "linear"
+    num_classes: int | None = Field(None, gt=0, description="default: the train dataset's class count")
+    hidden: int = Field(256, gt=0)
+    depth: int = Field(1, gt=0)
+    num_heads: int = Field(4, gt=0)
+    distill: DistillSpec | None = None
+
+
+SurgerySpec = Annotated[Union[TransplantSpec, ActivationSwapSpec, GraftSpec, BridgeSpec], Field(discriminator="op")]
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class ScheduleSpec(Strict):
+    name: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class ParamGroupSpec(Strict):
+    params: str = Field(description="glob over parameter names, e.g. 'conv1.*' or 'layer4.*'")
+    freeze: bool = False
+    lr_scale: float = Field(1.0, ge=0)
+    unfreeze_at: int | None = Field(None, ge=0)
+
+
+class FinetuneSpec(Strict):
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(64, gt=0)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    eval_every: int = Field(25, gt=0)
+    clip_grad: float | None = Field(None, gt=0)
+    groups: list[ParamGroupSpec] = []
+    bn_recalibrate: bool = Field(False, description="AdaBN on the train split before the first step")
+
+
+class CoverageExpect(Strict):
+    tensors_min: float | None = Field(None, ge=0, le=1)
+    elements_min: float | None = Field(None, ge=0, le=1)
+    tensors_max: float | None = Field(None, ge=0, le=1, description="for baselines expected to cover little")
+
+
+class BeatsBaseline(Strict):
+    margin: float = Field(0.0, description="after must exceed the baseline by at least this much")
+    model: ModelSpec | None = Field(None, description="baseline model; default: the patient's architecture")
+
+
+class AccuracyExpect(Strict):
+    source_min: float | None = Field(None, ge=0, le=1)
+    before_min: float | None = Field(None, ge=0, le=1)
+    after_min: float | None = Field(None, ge=0, le=1)
+    recovery_min: float | None = Field(None, ge=0)
+    beats_baseline: BeatsBaseline | None = None
+    aggregate: Literal["mean", "worst"] = "mean"
+
+
+class ActivationsExpect(Strict):
+    layers: list[str] = Field(min_length=1, description="module names or globs of the patient")
+    reference_layers: list[str] | None = Field(None, description="the reference's names, if they differ")
+    drift_max: float | None = Field(None, gt=0, description="normalised W1; Evidently's default is 0.1")
+    dead_max: float | None = Field(None, ge=0, le=1)
+    at: Literal["surgery", "finetune"] = Field("surgery", description="which patient drift_max applies to")
+
+
+class BnRecalibrationExpect(Strict):
+    gain_min: float = 0.0
+    batches: int = Field(20, gt=0)
+
+
+class Expectations(Strict):
+    coverage: CoverageExpect | None = None
+    accuracy: AccuracyExpect | None = None
+    activations: ActivationsExpect | None = None
+    bn_recalibration: BnRecalibrationExpect | None = None
+    finite: bool = True
+
+
+class Case(Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    seed: list[int] = Field([0], min_length=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    markers: list[Literal["slow", "gpu"]] = []
+    data: DataSpec
+    source: ModelSpec
+    surgery: SurgerySpec
+    finetune: FinetuneSpec = FinetuneSpec()
+    expect: Expectations
+
+    # set by load_case, not by the file
+    path: str = Field("<memory>", exclude=True)
+    file_hash: str = Field("", exclude=True)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_internal_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("path", "file_hash"):
+                if key in data:
+                    raise PydanticCustomError("unknown_key", "unknown key {key!r}; it is set by the loader",
+                                              {"key": key})
+        return data
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _error_line(err: dict[str, Any], data: Any, lines: dict[Path_, int]) -> tuple[int, str]:
+    """Map a pydantic error location onto the YAML: (line, dotted field path)."""
+    loc = list(err["loc"])
+    if err["type"] == "unknown_key":
+        loc.append(err["ctx"]["key"])
+    path: Path_ = ()
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path += (part,)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path += (part,)
+            node = node[part]
+        elif err["type"] == "unknown_key" and part == loc[-1]:
+            path += (part,)
+        # else: a union tag or validator name pydantic inserted; not a YAML key
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found") and isinstance(node, dict):
+        path += ("op",)
+    line = lines.get(path) or lines.get(path[:-1]) or 1
+    return line, _dotted(path) or "<top>"
+
+
+def _error_message(err: dict[str, Any]) -> str:
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if err["type"] == "missing":
+        return "missing required field"
+    if err["type"] == "literal_error":
+        return f"got {err['input']!r}; {msg[0].lower()}{msg[1:]}"
+    if err["type"] not in ("unknown_key", "value_error", "union_tag_invalid", "missing") and "input" in err \
+            and not isinstance(err["input"], (dict, list)):
+        return f"{msg[0].lower()}{msg[1:]} (got {err['input']!r})"
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def parse_case(text: str, filename: str = "<memory>") -> Case:
+    """Parse and validate case-file text; raise SurgeryInputError (one line) on any problem."""
+    data, lines = _compose_with_lines(text, filename)
+    if not isinstance(data, dict):
+        raise SurgeryInputError(f"{filename}:1: <top>: expected a mapping with name, data, source, surgery, expect")
+    try:
+        case = Case.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        line, field = _error_line(err, data, lines)
+        raise SurgeryInputError(f"{filename}:{line}: {field}: {_error_message(err)}") from None
+    case.path = filename
+    case.file_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return case
+
+
+def load_case(path: str | Path) -> Case:
+    """Load one case file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SurgeryInputError(f"{path}: cannot read case file: {exc.__class__.__name__}: {exc}") from None
+    return parse_case(text, str(path))
+
+
+def find_cases(paths: list[str | Path]) -> list[Path]:
+    """Expand files and directories into case files (``**/*.yaml`` / ``*.yml``), sorted."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*") if q.suffix in (".yaml", ".yml"))
+        elif p.exists():
+            found.append(p)
+        else:
+            raise SurgeryInputError(f"{p}: no such case file or directory")
+    return found

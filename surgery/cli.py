@@ -1,0 +1,164 @@
+"""The ``surgery`` command: run, gate, report, zoo, inspect.
+
+Exit codes: 0 every expectation holds, 1 an expectation failed, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from surgery.errors import SurgeryInputError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _print_result(result, report: Path | None) -> None:
+    passed = sum(e.passed for e in result.expectations)
+    status = "PASS" if result.passed else "FAIL"
+    print(f"{status} {result.case}: {passed}/{len(result.expectations)} expectations held "
+          f"({result.seconds:.1f}s){f' -> {report}' if report else ''}")
+    for e in result.expectations:
+        if not e.passed:
+            print(f"    {e.name}: {e.message}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from surgery.case import find_cases, load_case
+    from surgery.report.render import write_case_report, write_index
+    from surgery.runner import RunOptions, run_case
+
+    paths = find_cases(args.cases)
+    if not paths:
+        raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
+    cases = [load_case(p) for p in paths]  # every file is validated before anything runs
+    options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False)
+    failed = False
+    for case in cases:
+        result = run_case(case, options)
+        report = write_case_report(result, Path(args.report)) if args.report else None
+        _print_result(result, report)
+        failed |= not result.passed
+    if args.report:
+        print(f"index: {write_index(Path(args.report))}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from surgery.case import load_case
+    from surgery.gate import run_gate
+
+    case = load_case(args.case)
+    verdict = run_gate(Path(args.checkpoint), case, report_dir=Path(args.report), device=args.device)
+    _print_result(verdict, Path(args.report))
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from surgery.report.render import render_report
+    from surgery.results import load_results
+
+    result = load_results(args.results)
+    other = load_results(args.compare) if args.compare else None
+    out = Path(args.output) if args.output else Path(args.results).with_name(
+        "compare.html" if other else "report.html")
+    render_report(result, out, compare=other)
+    print(out)
+    return EXIT_OK
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from surgery import zoo
+
+    if args.action == "build":
+        names = args.names or list(zoo.ZOO)
+        for name in names:
+            path = zoo.build(name, progress=None)
+            meta = zoo.metadata(name)
+            print(f"{name}: test accuracy {meta['test_accuracy']:.4f} ({path})")
+        return EXIT_OK
+    rows = zoo.status()
+    print(f"{'name':<18} {'architecture':<22} {'dataset':<9} {'test acc':>8}  cached")
+    for r in rows:
+        acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
+        print(f"{r['name']:<18} {r['arch']:<22} {r['dataset']:<9} {acc:>8}  {'yes' if r['cached'] else 'no'}")
+    print(f"cache: {zoo.cache_dir()}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from surgery.case import ModelSpec
+    from surgery.models import build_model
+    from surgery.ops.bridge import list_feature_nodes
+
+    try:
+        spec = ModelSpec(model=args.model, num_classes=args.num_classes, checkpoint=args.checkpoint)
+    except ValueError as exc:
+        raise SurgeryInputError(f"{args.model}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    model = build_model(spec)
+    print(f"# modules and parameter shapes of {args.model}")
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        shapes = ", ".join(f"{p}={list(t.shape)}" for p, t in module.named_parameters(recurse=False))
+        print(f"{name:<40} {type(module).__name__:<18} {shapes}")
+    print(f"# graph nodes usable by bridge (surgery.op: bridge, nodes: [...])")
+    for node in list_feature_nodes(model):
+        print(node)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="surgery", description="Verify model surgery with YAML cases.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run case files; exit 0 if every expectation holds")
+    run.add_argument("cases", nargs="+", help="case files or directories")
+    run.add_argument("--report", default=None, metavar="DIR", help="write results.json and report.html here")
+    run.add_argument("--device", default=None, help="override the cases' device: auto, cpu, cuda, cuda:N")
+    run.add_argument("--seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    gate = sub.add_parser("gate", help="check a finished checkpoint against a case before release")
+    gate.add_argument("checkpoint")
+    gate.add_argument("--case", required=True)
+    gate.add_argument("--report", default="reports/gate", metavar="DIR")
+    gate.add_argument("--device", default=None)
+    gate.set_defaults(func=cmd_gate)
+
+    report = sub.add_parser("report", help="render results.json to HTML (optionally against another run)")
+    report.add_argument("results")
+    report.add_argument("-o", "--output", default=None)
+    report.add_argument("--compare", default=None, metavar="OTHER.json")
+    report.set_defaults(func=cmd_report)
+
+    zoo = sub.add_parser("zoo", help="build or list the zoo of source models")
+    zoo.add_argument("action", choices=["build", "list"])
+    zoo.add_argument("names", nargs="*")
+    zoo.set_defaults(func=cmd_zoo)
+
+    inspect = sub.add_parser("inspect", help="module names, parameter shapes and graph nodes of a model")
+    inspect.add_argument("model", help="torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
+    inspect.add_argument("--num-classes", type=int, default=None)
+    inspect.add_argument("--checkpoint", default=None)
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SurgeryInputError as exc:
+        print(f"surgery: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("surgery: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

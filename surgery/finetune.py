@@ -1,0 +1,245 @@
+"""The fine-tune engine: a short, deterministic training loop on tensors held on the device.
+
+Parameter groups are chosen by glob on parameter names, each with ``freeze``, ``lr_scale`` and
+``unfreeze_at``. A non-finite loss stops the run and is reported, never raised.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from surgery.case import DistillSpec, FinetuneSpec, ParamGroupSpec
+from surgery.errors import SurgeryInputError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU. Asking for a CUDA device that is not there is bad input."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SurgeryInputError(f"device {name!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SurgeryInputError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to the device in channels_last.
+
+    NOTE: channels_last is used on the CPU too: measured 1.7× faster for a ResNet-18 training
+    step at 32 px on this project's 2-core machine, and it changes no result beyond float rounding.
+    """
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def _input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """Logits for every row of ``x`` (eval mode), float32, on the CPU."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        with autocast(device):
+            out.append(model(_input(x[i:i + batch_size], device)).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+             batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``."""
+    logits = predict(model, x, device=device, batch_size=batch_size)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, device: torch.device, batches: int = 20,
+                   batch_size: int = 64, seed: int = 0) -> int:
+    """AdaBN: reset BatchNorm running statistics and re-estimate them on unlabelled ``x``.
+
+    Runs ``batches`` forward passes in train mode without gradients, with a cumulative average
+    (momentum None), then puts the model back in eval mode. Returns the number of BN layers reset.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    try:
+        for _ in range(batches):
+            idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=g)
+            with autocast(device):
+                model(_input(x[idx], device))
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+        model.eval()
+    return len(bns)
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tune did: the curve, and whether it stayed finite."""
+
+    curve: list[dict[str, float]] = field(default_factory=list)  # {step, loss, accuracy, lr}
+    steps_done: int = 0
+    finite: bool = True
+    nonfinite_step: int | None = None
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Group:
+    spec: ParamGroupSpec | None
+    names: list[str]
+    params: list[nn.Parameter]
+
+
+def _assign_groups(model: nn.Module, specs: Sequence[ParamGroupSpec]) -> list[_Group]:
+    """Each trainable parameter goes to the first group whose glob matches its name, else to the default."""
+    groups = [_Group(spec, [], []) for spec in specs] + [_Group(None, [], [])]
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen by the op itself (e.g. a bridge's backbone)
+        target = next((g for g in groups[:-1] if fnmatch.fnmatchcase(name, g.spec.params)), groups[-1])
+        target.names.append(name)
+        target.params.append(p)
+    for g in groups[:-1]:
+        if not g.params:
+            raise SurgeryInputError(f"finetune.groups: params {g.spec.params!r} matches no trainable parameter "
+                                    f"(names look like {next(iter(dict(model.named_parameters())), '?')!r})")
+    return [g for g in groups if g.params]
+
+
+def _lr_factor(step: int, spec: FinetuneSpec) -> float:
+    warmup = spec.schedule.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if spec.schedule.name == "cosine":
+        span = max(1, spec.steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+    return 1.0
+
+
+def _optimizer(groups: list[_Group], spec: FinetuneSpec) -> torch.optim.Optimizer:
+    opt = spec.optimizer
+    param_groups = [{"params": g.params, "lr": opt.lr * (g.spec.lr_scale if g.spec else 1.0),
+                     "base_lr": opt.lr * (g.spec.lr_scale if g.spec else 1.0)} for g in groups]
+    if opt.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def _set_frozen(groups: list[_Group], step: int) -> None:
+    """Freeze groups marked ``freeze`` until their ``unfreeze_at`` step (forever if none)."""
+    for g in groups:
+        if g.spec is None:
+            continue
+        frozen = g.spec.freeze and (g.spec.unfreeze_at is None or step < g.spec.unfreeze_at)
+        for p in g.params:
+            p.requires_grad_(not frozen)
+
+
+def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor,
+             eval_y: torch.Tensor, spec: FinetuneSpec, *, seed: int, device: torch.device,
+             teacher: nn.Module | None = None, distill: DistillSpec | None = None,
+             progress: bool | None = None, desc: str = "fine-tune") -> FinetuneResult:
+    """Train ``model`` in place for ``spec.steps`` steps; evaluate every ``spec.eval_every`` steps.
+
+    Deterministic for a seed on the CPU. With ``teacher`` and ``distill``, the loss mixes
+    cross-entropy with KL divergence to the teacher's softened logits (Hinton et al.).
+    A non-finite loss stops training: the result says so (``finite=False``) instead of raising.
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    groups = _assign_groups(model, spec.groups)
+    optimizer = _optimizer(groups, spec)
+    train_x_dev, train_y_dev = _input(train_x, device), train_y.to(device)
+    result = FinetuneResult()
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=spec.steps, desc=desc, disable=not show, leave=False, unit="step")
+    if teacher is not None:
+        teacher.eval()
+    running, seen, start = 0.0, 0, time.perf_counter()
+    nonfinite: torch.Tensor | None = None
+    order = torch.randperm(len(train_x), generator=g)
+    cursor = 0
+    for step in range(spec.steps):
+        _set_frozen(groups, step)
+        factor = _lr_factor(step, spec)
+        for pg in optimizer.param_groups:
+            pg["lr"] = pg["base_lr"] * factor
+        if cursor + spec.batch_size > len(order):
+            order, cursor = torch.randperm(len(train_x), generator=g), 0
+        idx = order[cursor:cursor + spec.batch_size].to(device)
+        cursor += spec.batch_size
+        x, y = train_x_dev[idx], train_y_dev[idx]
+        model.train()
+        with autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            if teacher is not None and distill is not None:
+                with torch.no_grad():
+                    soft = teacher(x).float()
+                t = distill.temperature
+                kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.softmax(soft / t, 1),
+                              reduction="batchmean") * t * t
+                loss = (1 - distill.weight) * loss + distill.weight * kd
+        # NOTE: on CUDA, finiteness is read back only at evaluation points (no host sync per step).
+        nonfinite = ~torch.isfinite(loss.detach()) if nonfinite is None else nonfinite | ~torch.isfinite(loss.detach())
+        if (device.type != "cuda" or (step + 1) % spec.eval_every == 0) and nonfinite.item():
+            result.finite, result.nonfinite_step = False, step
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp.params], spec.clip_grad)
+        optimizer.step()
+        running += loss.detach()
+        seen += 1
+        result.steps_done = step + 1
+        bar.update(1)
+        if result.steps_done % spec.eval_every == 0 or result.steps_done == spec.steps:
+            acc = evaluate(model, eval_x, eval_y, device=device)
+            result.curve.append({"step": result.steps_done, "loss": float(running) / seen, "accuracy": acc,
+                                 "lr": optimizer.param_groups[0]["lr"]})
+            bar.set_postfix(loss=f"{float(running) / seen:.3f}", acc=f"{acc:.3f}")
+            running, seen = 0.0, 0
+    bar.close()
+    _set_frozen(groups, spec.steps)  # leave the model's requires_grad as the policy ends
+    result.seconds = time.perf_counter() - start
+    result.samples_per_second = result.steps_done * spec.batch_size / max(result.seconds, 1e-9)
+    model.eval()
+    return result
+
+
+def all_finite(model: nn.Module) -> bool:
+    """True when every floating-point tensor in the model's state is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())

@@ -1,0 +1,272 @@
+"""Run one case: data, source, surgery, probes, fine-tune, baseline, then the expectations.
+
+``run_case(case) -> CaseResult`` knows nothing of pytest or the command line: the plugin and the
+CLI are thin layers over it. Bad input raises :class:`SurgeryInputError`; a failed expectation is
+data in the result, never an exception.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from surgery.case import (ActivationSwapSpec, BridgeSpec, Case, GraftSpec, ModelSpec, ParamGroupSpec,
+                          TransplantSpec)
+from surgery.checks.accuracy import recovery
+from surgery.checks.coverage import coverage_summary, coverage_table
+from surgery.checks.expect import evaluate_expectations
+from surgery.data import Split, load_split
+from surgery.errors import SurgeryInputError
+from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, resolve_device, to_device
+from surgery.models import build_architecture, build_model
+from surgery.ops.record import SurgeryRecord
+from surgery.results import CaseResult, provenance
+
+
+@dataclass
+class RunOptions:
+    """How to run a case, beyond what the case file says."""
+
+    device: str | None = None      # overrides the case's ``device``
+    max_seeds: int | None = None   # run at most this many of the case's seeds
+    progress: bool | None = None   # progress bars; None = only on a terminal
+
+
+def _example(split: Split) -> torch.Tensor:
+    return split.test_x[:2]
+
+
+def _check_forward(model: nn.Module, split: Split, what: str) -> int:
+    """One eval forward on two test images; returns the output width. Too-small inputs are bad input."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(_example(split).to(next(model.parameters()).device))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
+                                f"(is data.image_size too small for this architecture?): {first}") from None
+    return int(out.shape[-1])
+
+
+def _architecture_ref(spec: ModelSpec) -> str:
+    """The architecture behind a model spec (a zoo model's recipe arch)."""
+    kind, _, name = spec.model.partition(":")
+    if kind == "zoo":
+        from surgery.zoo import ZOO
+
+        return ZOO[name].arch
+    return spec.model
+
+
+def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Module, SurgeryRecord]:
+    """Apply the case's operation to ``source``; return the patient and the record."""
+    op = case.surgery
+    example = _example(split)
+    if isinstance(op, TransplantSpec):
+        from surgery.ops.transplant import transplant
+
+        target = build_model(op.target, num_classes=split.num_classes, in_chans=case.data.channels)
+        return transplant(source, target, op.strategy, adapt_input=op.adapt_input)
+    if isinstance(op, ActivationSwapSpec):
+        from surgery.ops.activation import activation_swap
+
+        return activation_swap(source, op.from_, op.to, example_input=example)
+    if isinstance(op, GraftSpec):
+        from surgery.ops.graft import graft
+
+        donor = build_model(op.donor, in_chans=case.data.channels)
+        return graft(source, donor, op.path, example_input=example)
+    if isinstance(op, BridgeSpec):
+        from surgery.ops.bridge import bridge
+
+        return bridge(source, op.nodes, op.head, op.num_classes or split.num_classes, example_input=example,
+                      hidden=op.hidden, depth=op.depth, num_heads=op.num_heads)
+    raise SurgeryInputError(f"surgery.op: unknown op {getattr(op, 'op', op)!r}")
+
+
+def baseline_model(case: Case, split: Split) -> nn.Module:
+    """The patient's architecture from random init (or ``beats_baseline.model``), for the same budget."""
+    spec = case.expect.accuracy.beats_baseline
+    op = case.surgery
+    if spec.model is not None:
+        return build_model(spec.model, num_classes=split.num_classes, in_chans=case.data.channels)
+    if isinstance(op, TransplantSpec):
+        ref = _architecture_ref(op.target)
+    elif isinstance(op, BridgeSpec):
+        raise SurgeryInputError("expect.accuracy.beats_baseline.model: a bridge needs the baseline model to "
+                                "train from scratch, e.g. {model: torchvision:resnet18}")
+    else:
+        ref = _architecture_ref(case.source)
+    model = build_architecture(ref, num_classes=split.num_classes, in_chans=case.data.channels)
+    if isinstance(op, ActivationSwapSpec):
+        from surgery.ops.activation import activation_swap
+
+        model, _ = activation_swap(model, op.from_, op.to)
+    return model
+
+
+def _finetune_groups(case: Case) -> list[ParamGroupSpec]:
+    groups = list(case.finetune.groups)
+    op = case.surgery
+    if isinstance(op, GraftSpec):
+        p = op.policy
+        groups.insert(0, ParamGroupSpec(params=f"{op.path}.*", freeze=p.freeze, lr_scale=p.lr_scale,
+                                        unfreeze_at=p.unfreeze_at))
+    return groups
+
+
+def _probe_set(case: Case, split: Split, seed: int) -> torch.Tensor:
+    if case.data.probe is None:
+        return split.test_x[: case.data.probe_size]
+    probe = load_split(case.data.probe, image_size=case.data.image_size, channels=case.data.channels, seed=seed,
+                       test_fraction=case.data.test_fraction)
+    return probe.test_x[: case.data.probe_size]
+
+
+class _Probes:
+    """Activation probes of the reference and the patient at each stage, on shared histogram edges."""
+
+    def __init__(self, case: Case, reference: nn.Module, patient: nn.Module, probe_x: torch.Tensor,
+                 device: torch.device, seed: int):
+        from surgery.checks.activations import probe_activations, resolve_layers
+
+        spec = case.expect.activations
+        self.layers = resolve_layers(patient, spec.layers)
+        self.ref_layers = resolve_layers(reference, spec.reference_layers or spec.layers)
+        if len(self.layers) != len(self.ref_layers):
+            raise SurgeryInputError(
+                f"expect.activations: {len(self.layers)} patient layers {self.layers[:4]} but "
+                f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them")
+        self.x, self.device, self.seed = probe_x, device, seed
+        self.reference = probe_activations(reference, probe_x, self.ref_layers, device=device, seed=seed)
+        self.stages: dict[str, dict] = {}
+
+    def probe(self, stage: str, model: nn.Module) -> None:
+        from surgery.checks.activations import probe_activations
+
+        edges = {p: self.reference[r].hist_edges for p, r in zip(self.layers, self.ref_layers)}
+        self.stages[stage] = probe_activations(model, self.x, self.layers, device=self.device, edges=edges,
+                                               seed=self.seed)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per layer and stage: drift against the reference, moments, dead channels, histogram."""
+        from surgery.checks.activations import drift
+
+        rows = []
+        for pat_name, ref_name in zip(self.layers, self.ref_layers):
+            ref = self.reference[ref_name]
+            for stage, stats in self.stages.items():
+                pat = stats[pat_name]
+                d = drift(ref, pat)
+                rows.append({"layer": pat_name, "reference_layer": ref_name, "stage": stage,
+                             "w1_norm": d["wasserstein_norm"], "ks": d["ks"], "psi": d["psi"],
+                             "ref_mean": ref.mean, "ref_std": ref.std, "mean": pat.mean, "std": pat.std,
+                             "min": pat.min, "max": pat.max, "near_zero_frac": pat.near_zero_frac,
+                             "dead_channel_frac": pat.dead_channel_frac, "ref_dead_channel_frac": ref.dead_channel_frac,
+                             "nonfinite": pat.nonfinite})
+        return rows
+
+    def histograms(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for pat_name, ref_name in zip(self.layers, self.ref_layers):
+            ref = self.reference[ref_name]
+            out[pat_name] = {"edges": ref.hist_edges.tolist(), "reference": ref.hist_counts.tolist(),
+                             **{stage: stats[pat_name].hist_counts.tolist() for stage, stats in self.stages.items()}}
+        return out
+
+
+def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
+    """Everything one seed of a case produces (accuracies, curves, record, probes)."""
+    torch.manual_seed(seed)
+    data = case.data
+    split = load_split(data.train, image_size=data.image_size, channels=data.channels, seed=seed,
+                       test_fraction=data.test_fraction)
+    source = build_model(case.source, num_classes=split.num_classes, in_chans=data.channels).eval()
+    source_width = _check_forward(source, split, f"source {case.source.model}")
+    patient, record = perform_surgery(case, source, split)
+    _check_forward(patient, split, "patient after surgery")
+    source, patient = to_device(source, device), to_device(patient, device)
+
+    acc: dict[str, float | None] = {}
+    acc["source"] = evaluate(source, split.test_x, split.test_y, device=device) \
+        if source_width == split.num_classes else None
+    acc["before"] = evaluate(patient, split.test_x, split.test_y, device=device)
+
+    probes = None
+    if case.expect.activations is not None:
+        probes = _Probes(case, source, patient, _probe_set(case, split, seed), device, seed)
+        probes.probe("surgery", patient)
+
+    if case.expect.bn_recalibration is not None:
+        calibrated = copy.deepcopy(patient)
+        recalibrate_bn(calibrated, split.train_x, device=device, batches=case.expect.bn_recalibration.batches,
+                       batch_size=case.finetune.batch_size, seed=seed)
+        acc["bn_before"] = acc["before"]
+        acc["bn_after"] = evaluate(calibrated, split.test_x, split.test_y, device=device)
+        acc["bn_gain"] = acc["bn_after"] - acc["bn_before"]
+        del calibrated
+    if case.finetune.bn_recalibrate:
+        recalibrate_bn(patient, split.train_x, device=device, batch_size=case.finetune.batch_size, seed=seed)
+
+    spec = case.finetune.model_copy(update={"groups": _finetune_groups(case)})
+    distill = case.surgery.distill if isinstance(case.surgery, BridgeSpec) else None
+    if distill is not None and source_width != split.num_classes:
+        raise SurgeryInputError(f"surgery.distill: the source has {source_width} outputs, the data "
+                                f"{split.num_classes} classes; distillation needs them equal")
+    run = finetune(patient, split.train_x, split.train_y, split.test_x, split.test_y, spec, seed=seed,
+                   device=device, teacher=source if distill else None, distill=distill,
+                   progress=options.progress, desc=f"{case.name} seed {seed}")
+    acc["after"] = evaluate(patient, split.test_x, split.test_y, device=device)
+    acc["recovery"] = recovery(acc["after"], acc["source"])
+    finite = run.finite and all_finite(patient)
+    if probes is not None:
+        probes.probe("finetune", patient)
+
+    baseline_curve = None
+    if case.expect.accuracy is not None and case.expect.accuracy.beats_baseline is not None:
+        torch.manual_seed(seed)
+        base = to_device(baseline_model(case, split), device)
+        base_run = finetune(base, split.train_x, split.train_y, split.test_x, split.test_y, case.finetune,
+                            seed=seed, device=device, progress=options.progress, desc=f"{case.name} baseline")
+        acc["baseline"] = evaluate(base, split.test_x, split.test_y, device=device)
+        baseline_curve = base_run.curve
+        del base
+
+    out: dict[str, Any] = {
+        "seed": seed, "accuracy": acc, "finite": finite, "finetune": run.to_dict(),
+        "baseline_curve": baseline_curve, "record": record.to_dict(),
+        "coverage": coverage_summary(record), "data": {"name": split.name, "train": len(split.train_x),
+                                                       "test": len(split.test_x), "classes": split.num_classes},
+    }
+    if probes is not None:
+        out["activations"] = probes.rows()
+        out["histograms"] = probes.histograms()
+    return out
+
+
+def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
+    """Run every seed of ``case`` and check its expectations. Bad input raises SurgeryInputError."""
+    options = options or RunOptions()
+    start = time.perf_counter()
+    device = resolve_device(options.device or case.device)
+    seeds = case.seed[: options.max_seeds] if options.max_seeds else list(case.seed)
+    result = CaseResult(case=case.name, path=case.path, description=case.description, seeds=seeds,
+                        provenance=provenance(device=str(device), case_hash=case.file_hash, seeds=seeds))
+    per_seed = [run_seed(case, seed, device, options) for seed in seeds]
+    first = per_seed[0]
+    result.record = first.pop("record")
+    for extra in per_seed[1:]:
+        extra.pop("record")
+    result.per_seed = per_seed
+    result.tables["coverage"] = coverage_table(SurgeryRecord.from_dict(result.record)).to_dict("records")
+    if "activations" in first:
+        result.tables["activations"] = [dict(row, seed=s["seed"]) for s in per_seed for row in s["activations"]]
+    result.expectations, result.metrics = evaluate_expectations(case, per_seed)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,191 @@
+"""The zoo: source models the harness trains itself on the embedded data, cached by recipe hash.
+
+Each model is trained once from a seeded recipe and stored as ``.safetensors`` under
+``$SURGERY_CACHE/zoo`` (default ``~/.cache/surgery``), its file name keyed by a hash of the
+recipe. Writes are atomic (temporary file, then rename) and guarded by a file lock, so parallel
+pytest-xdist workers build a model once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from surgery.errors import SurgeryInputError
+
+ZOO_FORMAT = 1  # bump when training code changes what a recipe produces
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one zoo model is trained. Its hash names the cached file."""
+
+    name: str
+    arch: str
+    dataset: str
+    kind: Literal["classifier", "stem"] = "classifier"
+    image_size: int = 32
+    channels: int = 3
+    num_classes: int = 10
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "format": ZOO_FORMAT}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+ZOO: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("mnist-resnet18", "torchvision:resnet18", "mnist5k", steps=300),
+    Recipe("mnist-resnet50", "torchvision:resnet50", "mnist5k", steps=250),
+    Recipe("shapes-resnet18", "torchvision:resnet18", "shapes", num_classes=5, steps=200),
+    # A ResNet stem (3→64, 7×7, stride 2) trained inside a small net on MNIST: the graft donor.
+    Recipe("mnist-stem", "surgery.zoo:stem_trainer", "mnist5k", kind="stem", steps=200),
+]}
+
+
+class StemTrainer(nn.Module):
+    """A ResNet-style stem conv with a small body and head, to train the stem alone."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        self.conv1 = make_stem(in_chans)
+        self.body = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
+                                  nn.Conv2d(64, 128, 3, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.conv1(x))
+
+
+def stem_trainer(num_classes: int = 10, in_chans: int = 3) -> StemTrainer:
+    return StemTrainer(num_classes, in_chans)
+
+
+def make_stem(in_chans: int = 3) -> nn.Conv2d:
+    """The torchvision ResNet stem conv: in_chans→64, 7×7, stride 2, padding 3, no bias."""
+    return nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+
+
+def cache_dir() -> Path:
+    """``$SURGERY_CACHE``, else ``$XDG_CACHE_HOME/surgery``, else ``~/.cache/surgery``."""
+    if os.environ.get("SURGERY_CACHE"):
+        return Path(os.environ["SURGERY_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "surgery"
+
+
+def zoo_path(recipe: Recipe) -> Path:
+    return cache_dir() / "zoo" / f"{recipe.name}-{recipe.key()}.safetensors"
+
+
+def _recipe(name: str) -> Recipe:
+    if name not in ZOO:
+        raise SurgeryInputError(f"unknown zoo model {name!r}; expected one of: {', '.join(ZOO)}")
+    return ZOO[name]
+
+
+def _architecture(recipe: Recipe) -> nn.Module:
+    from surgery.models import build_architecture
+
+    return build_architecture(recipe.arch, num_classes=recipe.num_classes)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; on failure the old file stays, no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_recipe(recipe: Recipe, *, device: torch.device, progress: bool | None = None) -> tuple[nn.Module, float]:
+    """Train a recipe from scratch; return the trained model (a Conv2d for stems) and its test accuracy."""
+    from surgery.case import DatasetSpec, FinetuneSpec, OptimizerSpec, ScheduleSpec
+    from surgery.data import load_split
+    from surgery.finetune import evaluate, finetune, to_device
+
+    split = load_split(DatasetSpec(name=recipe.dataset), image_size=recipe.image_size, channels=recipe.channels,
+                       seed=recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model = to_device(_architecture(recipe), device)
+    spec = FinetuneSpec(steps=recipe.steps, batch_size=recipe.batch_size, eval_every=recipe.steps,
+                        optimizer=OptimizerSpec(name="adamw", lr=recipe.lr, weight_decay=0.05),
+                        schedule=ScheduleSpec(name="cosine", warmup_steps=recipe.steps // 10))
+    finetune(model, split.train_x, split.train_y, split.test_x, split.test_y, spec, seed=recipe.seed,
+             device=device, progress=progress, desc=f"zoo {recipe.name}")
+    accuracy = evaluate(model, split.test_x, split.test_y, device=device)
+    model = model.cpu().to(memory_format=torch.contiguous_format)
+    return (model.conv1 if recipe.kind == "stem" else model), accuracy
+
+
+def build(name: str, *, device: torch.device | str = "cpu", progress: bool | None = None) -> Path:
+    """Train and cache a zoo model unless it is cached already; return its file."""
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    recipe = _recipe(name)
+    path = zoo_path(recipe)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():  # another worker built it while we waited
+            return path
+        model, accuracy = train_recipe(recipe, device=torch.device(device), progress=progress)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        meta = {"recipe": json.dumps(asdict(recipe)), "test_accuracy": f"{accuracy:.6f}",
+                "torch": torch.__version__}
+        write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    return path
+
+
+def metadata(name: str) -> dict[str, Any] | None:
+    """The cached model's metadata (recipe, test accuracy), or None when not built."""
+    from safetensors import safe_open
+
+    path = zoo_path(_recipe(name))
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as fh:
+        meta = dict(fh.metadata() or {})
+    meta["test_accuracy"] = float(meta.get("test_accuracy", "nan"))
+    meta["path"] = str(path)
+    return meta
+
+
+def load_zoo_model(name: str, *, device: torch.device | str = "cpu", progress: bool | None = None) -> nn.Module:
+    """The trained zoo model (built on first use), in eval mode."""
+    from surgery.models import load_state_dict_file, load_weights
+
+    recipe = _recipe(name)
+    path = build(name, device=device, progress=progress)
+    model = make_stem(recipe.channels) if recipe.kind == "stem" else _architecture(recipe)
+    load_weights(model, load_state_dict_file(path), origin=f"zoo:{name} ({path})")
+    return model.to(device).eval()
+
+
+def status() -> list[dict[str, Any]]:
+    """One row per zoo model: name, architecture, dataset, test accuracy, cached or not."""
+    rows = []
+    for recipe in ZOO.values():
+        meta = metadata(recipe.name)
+        rows.append({"name": recipe.name, "arch": recipe.arch if recipe.kind == "classifier" else "conv 3→64 7×7 s2",
+                     "dataset": recipe.dataset, "test_accuracy": meta["test_accuracy"] if meta else None,
+                     "cached": meta is not None, "path": str(zoo_path(recipe))})
+    return rows
