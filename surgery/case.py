@@ -84,11 +84,11 @@ class Strict(BaseModel):
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            allowed = [f.alias or n for n, f in cls.model_fields.items()]
+            allowed = [f.alias or n for n, f in cls.model_fields.items() if not f.exclude]
             for key in data:
                 if key not in allowed:
-                    raise PydanticCustomError("unknown_key", "unknown key {key!r}; expected one of: {allowed}",
-                                              {"key": key, "allowed": ", ".join(allowed)})
+                    raise PydanticCustomError("unknown_key", "unknown key {shown}; expected one of: {allowed}",
+                                              {"key": key, "shown": repr(key), "allowed": ", ".join(allowed)})
         return data
 
 
@@ -289,8 +289,8 @@ class Case(Strict):
         if isinstance(data, dict):
             for key in ("path", "file_hash"):
                 if key in data:
-                    raise PydanticCustomError("unknown_key", "unknown key {key!r}; it is set by the loader",
-                                              {"key": key})
+                    raise PydanticCustomError("unknown_key", "unknown key {shown}; it is set by the loader",
+                                              {"key": key, "shown": repr(key)})
         return data
 
 
