@@ -24,6 +24,11 @@ DATASETS = ("mnist5k", "digits", "shapes", "imagefolder")
 Path_ = tuple[Union[str, int], ...]
 
 
+MAX_NODES = 100_000  # alias expansion beyond this is refused (a "billion laughs" document)
+MERGE_TAG = "tag:yaml.org,2002:merge"
+PLAIN_MAP, PLAIN_SEQ = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+
+
 def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]]:
     """Parse YAML safely and return (data, {key path: 1-based line})."""
     try:
@@ -33,35 +38,86 @@ def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]
         line = mark.line + 1 if mark is not None else 1
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SurgeryInputError(f"{filename}:{line}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise SurgeryInputError(f"{filename}:1: YAML nested too deeply; expected a case file") from None
     lines: dict[Path_, int] = {}
     constructor = yaml.SafeLoader("")
+    count = 0
+    active: set[int] = set()  # nodes being converted: an alias to one of them is a cycle
 
-    def convert(node: yaml.Node, path: Path_) -> Any:
-        lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = constructor.construct_object(key_node, deep=True)
-                if not isinstance(key, str):
-                    raise SurgeryInputError(
-                        f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
-                        f"key {key!r} is not a string; expected a field name")
-                if key in out:
-                    raise SurgeryInputError(
-                        f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path + (key,))}: "
-                        f"duplicate key; expected each field once")
-                out[key] = convert(value_node, path + (key,))
-                lines[path + (key,)] = key_node.start_mark.line + 1
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [convert(child, path + (i,)) for i, child in enumerate(node.value)]
+    def construct(node: yaml.Node, path: Path_) -> Any:
         try:
             return constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
-            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path)}: "
-                                    f"{getattr(exc, 'problem', exc)}") from None
+            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                                    f"{getattr(exc, 'problem', None) or exc}") from None
 
-    data = convert(root, ()) if root is not None else None
+    def pairs(node: yaml.MappingNode, path: Path_) -> list[tuple[yaml.Node, yaml.Node, bool]]:
+        """(key, value, from_merge) in priority order, merge keys (``<<``) expanded as safe_load does."""
+        if not any(k.tag == MERGE_TAG for k, _ in node.value):
+            return [(k, v, False) for k, v in node.value]
+        explicit = sum(k.tag != MERGE_TAG for k, _ in node.value)
+        try:
+            constructor.flatten_mapping(node)  # puts the merged pairs first, the explicit ones last
+        except yaml.YAMLError as exc:
+            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                                    f"{getattr(exc, 'problem', None) or exc}") from None
+        merged = len(node.value) - explicit
+        return [(k, v, i < merged) for i, (k, v) in enumerate(node.value)]
+
+    def convert(node: yaml.Node, path: Path_) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_NODES:
+            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                                    f"document expands to more than {MAX_NODES} nodes (aliases); "
+                                    "expected a case file")
+        if id(node) in active:
+            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                                    "recursive alias; expected a tree of values")
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if node.tag not in (PLAIN_MAP, PLAIN_SEQ):  # e.g. !!python/object/apply on a list: never ignored
+                raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                                        f"could not determine a constructor for the tag {node.tag!r}; "
+                                        "expected plain YAML values")
+            active.add(id(node))
+            try:
+                return convert_collection(node, path)
+            finally:
+                active.discard(id(node))
+        return construct(node, path)
+
+    def convert_collection(node: yaml.Node, path: Path_) -> Any:
+        if isinstance(node, yaml.SequenceNode):
+            return [convert(child, path + (i,)) for i, child in enumerate(node.value)]
+        out: dict[Any, Any] = {}
+        merged_keys: set[str] = set()
+        for key_node, value_node, from_merge in pairs(node, path):
+            key = construct(key_node, path)
+            if not isinstance(key, str):
+                raise SurgeryInputError(
+                    f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                    f"key {key!r} is not a string; expected a field name")
+            if key in out and not (key in merged_keys):
+                raise SurgeryInputError(
+                    f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path + (key,))}: "
+                    f"duplicate key; expected each field once")
+            if from_merge:
+                merged_keys.add(key)
+            else:
+                merged_keys.discard(key)
+            if key in out:  # an explicit key overrides what a merge put there: forget its lines
+                for sub in [p for p in lines if p[:len(path) + 1] == path + (key,)]:
+                    del lines[sub]
+            out[key] = convert(value_node, path + (key,))
+            lines[path + (key,)] = key_node.start_mark.line + 1
+        return out
+
+    try:
+        data = convert(root, ()) if root is not None else None
+    except RecursionError:
+        raise SurgeryInputError(f"{filename}:1: YAML nested too deeply; expected a case file") from None
     return data, lines
 
 
@@ -122,6 +178,8 @@ class DataSpec(Strict):
     image_size: int = Field(32, ge=8, le=512)
     channels: Literal[1, 3] = 3
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int | None = Field(None, description="fixed train/test split (default: the run's seed); "
+                                   "set 0 on mnist5k to keep the zoo's own test split unseen")
     probe_size: int = Field(256, gt=0, description="samples probed for activation statistics")
 
 
@@ -316,6 +374,8 @@ def _error_line(err: dict[str, Any], data: Any, lines: dict[Path_, int]) -> tupl
         # else: a union tag or validator name pydantic inserted; not a YAML key
     if err["type"] in ("union_tag_invalid", "union_tag_not_found") and isinstance(node, dict):
         path += ("op",)
+    if err["type"] == "missing" and loc and isinstance(loc[-1], str) and path[-1:] != (loc[-1],):
+        path += (loc[-1],)  # name the missing field; its line is its parent's
     line = lines.get(path) or lines.get(path[:-1]) or 1
     return line, _dotted(path) or "<top>"
 
@@ -326,6 +386,12 @@ def _error_message(err: dict[str, Any]) -> str:
         msg = msg.removeprefix(prefix)
     if err["type"] == "missing":
         return "missing required field"
+    if err["type"] == "union_tag_not_found":
+        return "missing required field; expected one of: transplant, activation_swap, graft, bridge"
+    if err["type"] == "union_tag_invalid":
+        tags = err.get("ctx", {}).get("expected_tags", "")
+        return f"got {err['input'].get('op')!r}; expected one of: {tags}" if isinstance(err["input"], dict) \
+            else msg[0].lower() + msg[1:]
     if err["type"] == "literal_error":
         return f"got {err['input']!r}; {msg[0].lower()}{msg[1:]}"
     if err["type"] not in ("unknown_key", "value_error", "union_tag_invalid", "missing") and "input" in err \

@@ -143,8 +143,10 @@ def load_images(spec, *, image_size: int, channels: int, seed: int = 0) -> tuple
                                 "imagefolder")
     if len(images) == 0:
         raise SurgeryInputError(f"data: dataset {spec.name!r} is empty")
-    if spec.limit is not None:
-        images, labels = images[: spec.limit], labels[: spec.limit]
+    if spec.limit is not None and spec.limit < len(images):
+        # A fixed random subset: the first N rows of a file sorted by class (mnist5k is) would hold one class.
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: spec.limit]
+        images, labels = images[keep], labels[keep]
     if images.shape[-1] != image_size or images.shape[-2] != image_size:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True,
                                align_corners=False).clamp(0, 1)

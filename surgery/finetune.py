@@ -158,11 +158,16 @@ def _optimizer(groups: list[_Group], spec: FinetuneSpec) -> torch.optim.Optimize
 
 
 def _set_frozen(groups: list[_Group], step: int) -> None:
-    """Freeze groups marked ``freeze`` until their ``unfreeze_at`` step (forever if none)."""
+    """Freeze groups marked ``freeze`` until their ``unfreeze_at`` step (forever if none).
+
+    ``unfreeze_at`` alone implies ``freeze`` before that step: a group that would train from step 0
+    anyway makes ``unfreeze_at`` a silent no-op.
+    """
     for g in groups:
         if g.spec is None:
             continue
-        frozen = g.spec.freeze and (g.spec.unfreeze_at is None or step < g.spec.unfreeze_at)
+        frozen = (g.spec.freeze or g.spec.unfreeze_at is not None) and \
+            (g.spec.unfreeze_at is None or step < g.spec.unfreeze_at)
         for p in g.params:
             p.requires_grad_(not frozen)
 
@@ -218,10 +223,12 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
             result.finite, result.nonfinite_step = False, step
             break
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if spec.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp.params], spec.clip_grad)
-        optimizer.step()
+        if loss.requires_grad:  # every group frozen (e.g. until an unfreeze_at step): nothing to update
+            loss.backward()
+            if spec.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp.params if p.grad is not None],
+                                               spec.clip_grad)
+            optimizer.step()
         running += loss.detach()
         seen += 1
         result.steps_done = step + 1
@@ -229,7 +236,7 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
         if result.steps_done % spec.eval_every == 0 or result.steps_done == spec.steps:
             acc = evaluate(model, eval_x, eval_y, device=device)
             result.curve.append({"step": result.steps_done, "loss": float(running) / seen, "accuracy": acc,
-                                 "lr": optimizer.param_groups[0]["lr"]})
+                                 "lr": spec.optimizer.lr * factor})  # the schedule, before any lr_scale
             bar.set_postfix(loss=f"{float(running) / seen:.3f}", acc=f"{acc:.3f}")
             running, seen = 0.0, 0
     bar.close()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 import pickle
-import zipfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -92,13 +93,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise SurgeryInputError(f"checkpoint {path}: not a readable safetensors file ({exc})") from None
     else:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's warnings about odd pickles: the error below says it in one line
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()
+            operand = next((ln.strip() for ln in first if ln.strip().startswith("Unsupported operand")), None)
+            if operand:  # random bytes, or a pickle framing the weights-only loader does not read
+                raise SurgeryInputError(f"checkpoint {path}: corrupt or not a torch checkpoint ({operand}); "
+                                        "expected a file written by torch.save or safetensors") from None
             why = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first else "")
             raise SurgeryInputError(f"checkpoint {path}: refused, it is not weights-only ({why.strip()[:160]}); "
                                     "surgery never unpickles code") from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        except Exception as exc:  # RuntimeError, EOFError, KeyError, IndexError…: corrupt bytes, no code ran
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise SurgeryInputError(f"checkpoint {path}: truncated or corrupt ({msg[:160]})") from None
     if isinstance(data, Mapping):
@@ -124,7 +131,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, or
                                 f"(checkpoint has e.g. {next(iter(state_dict))!r}, model has {next(iter(own))!r})")
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    bad_shape = [k for k in common if own[k].shape != state_dict[k].shape]
+    bad_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]  # model order: stable
     if bad_shape:
         k = bad_shape[0]
         raise SurgeryInputError(f"{origin}: {len(bad_shape)} tensor(s) have the wrong shape, e.g. {k!r}: "
@@ -195,7 +202,18 @@ def build_architecture(ref: str, *, num_classes: int | None = None, in_chans: in
         raise SurgeryInputError(f"model {ref!r}: cannot import ({exc})") from None
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    model = factory(**kwargs)
+    if not callable(factory):
+        raise SurgeryInputError(f"model {ref!r}: {name} is a {type(factory).__name__}, expected a factory function")
+    try:  # pass only the keywords the factory takes: a no-argument factory is a fixed architecture
+        params = inspect.signature(factory).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            kwargs = {k: v for k, v in kwargs.items() if k in {p.name for p in params}}
+    except (TypeError, ValueError):  # builtins without a signature
+        pass
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise SurgeryInputError(f"model {ref!r}: the factory raised {exc.__class__.__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise SurgeryInputError(f"model {ref!r}: factory returned {type(model).__name__}, expected an nn.Module")
     return model

@@ -185,8 +185,8 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     """Everything one seed of a case produces (accuracies, curves, record, probes)."""
     torch.manual_seed(seed)
     data = case.data
-    split = load_split(data.train, image_size=data.image_size, channels=data.channels, seed=seed,
-                       test_fraction=data.test_fraction)
+    split = load_split(data.train, image_size=data.image_size, channels=data.channels,
+                       seed=seed if data.split_seed is None else data.split_seed, test_fraction=data.test_fraction)
     source = build_model(case.source, num_classes=split.num_classes, in_chans=data.channels).eval()
     source_width = _check_forward(source, split, f"source {case.source.model}")
     patient, record = perform_surgery(case, source, split)

@@ -1,0 +1,317 @@
+"""The release gate: check a finished checkpoint against a case before releasing it.
+
+``run_gate(checkpoint, case, report_dir=...)`` loads the checkpoint (weights only: a pickle that
+would run code is refused and the code never runs) into the case's *target* architecture — the
+patient a run of the case builds: the transplant target, the source with its activations swapped,
+the host with the donor grafted in, or the bridge — and checks the expectations that apply to a
+finished model, on the test split of the case's first seed:
+
+- ``gate.accuracy``  — the checkpoint's top-1 accuracy ≥ ``expect.accuracy.after_min``;
+- ``gate.recovery``  — checkpoint accuracy / source accuracy ≥ ``expect.accuracy.recovery_min``;
+- ``gate.drift_max`` — worst normalised W1 of the checkpoint's activations against the source's
+  (the case's reference) on the probe set < ``expect.activations.drift_max``, whatever the
+  case's ``at`` says (the gate has one stage, named ``gate``);
+- ``gate.dead_max``  — worst dead-channel fraction ≤ ``expect.activations.dead_max``;
+- ``gate.finite``    — every floating-point weight and buffer finite, and every module's output
+  finite on the test split (always checked);
+- ``gate.bn_stats``  — BatchNorm running statistics sane: every ``running_var`` > 0 and finite,
+  every ``running_mean`` finite, and ``num_batches_tracked`` > 0 where the checkpoint carries it
+  (always checked; a model without BatchNorm passes).
+
+Coverage, ``before_min``, ``source_min``, ``beats_baseline`` and ``bn_recalibration`` describe a
+surgery or a fine-tune, not a finished model, and are not checked here.
+
+The verdict is written under ``report_dir`` only: the case's report (``write_case_report``)
+first, then ``gate.json`` (the result, the checkpoint's path and SHA-256, ``"verdict"``), both
+atomically, so a ``gate.json`` on disk always belongs to a complete gate run. Bad input (an
+unreadable, truncated or unsafe file, keys that match nothing, wrong shapes) raises
+:class:`SurgeryInputError` before anything is written.
+
+Example::
+
+    >>> verdict = run_gate(Path("model.safetensors"), load_case("cases/release.yaml"),
+    ...                    report_dir=Path("out/gate"))
+    >>> verdict.passed, [e.message for e in verdict.expectations if not e.passed]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from surgery.case import Case
+from surgery.checks.accuracy import aggregate, recovery
+from surgery.checks.expect import _at_least, _at_most, _check
+from surgery.data import Split, load_split
+from surgery.finetune import evaluate, predict, resolve_device, to_device
+from surgery.models import build_model, load_state_dict_file, load_weights
+from surgery.results import CaseResult, ExpectationResult, provenance
+from surgery.runner import _check_forward, _probe_set, _Probes, perform_surgery
+from surgery.zoo import write_atomic
+
+__all__ = ["GATE_FILE", "run_gate", "file_sha256", "bn_stats_rows", "nonfinite_weights"]
+
+GATE_FILE = "gate.json"
+STAGE = "gate"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _named(result: ExpectationResult, name: str) -> ExpectationResult:
+    """The same result under its gate name (the message keeps the case's field, e.g. ``after_min``)."""
+    return dataclasses.replace(result, name=name)
+
+
+# ----------------------------------------------------------------------------- model checks
+
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of the floating-point state_dict entries (weights and buffers) holding a NaN or inf."""
+    return [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def bn_stats_rows(model: nn.Module, *, counted: set[str] | None = None) -> list[dict[str, Any]]:
+    """One row per normalisation layer with running statistics: the statistics and what is wrong with them.
+
+    ``counted``: the state_dict keys of ``num_batches_tracked`` the checkpoint carried; only those are
+    required to be > 0 (a checkpoint without the counter, like torchvision's own, is not penalised).
+    ``None`` checks every counter.
+    """
+    rows = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.track_running_stats or m.running_var is None:
+            continue
+        var, mean = m.running_var.detach().float().cpu(), m.running_mean.detach().float().cpu()
+        problems = []
+        nonfinite_var = int((~torch.isfinite(var)).sum())
+        nonpositive_var = int((var <= 0).sum())  # NaN compares False: counted once, as non-finite
+        nonfinite_mean = int((~torch.isfinite(mean)).sum())
+        if nonfinite_var:
+            problems.append(f"running_var non-finite in {nonfinite_var} channel(s)")
+        if nonpositive_var:
+            problems.append(f"running_var <= 0 in {nonpositive_var} channel(s)")
+        if nonfinite_mean:
+            problems.append(f"running_mean non-finite in {nonfinite_mean} channel(s)")
+        tracked = None
+        key = f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+        if m.num_batches_tracked is not None:
+            tracked = int(m.num_batches_tracked)
+            if (counted is None or key in counted) and tracked <= 0:
+                problems.append("num_batches_tracked is 0 (statistics never updated)")
+        finite_var = var[torch.isfinite(var)]
+        rows.append({"layer": name, "type": type(m).__name__, "channels": int(var.numel()),
+                     "var_min": float(finite_var.min()) if finite_var.numel() else math.nan,
+                     "var_max": float(finite_var.max()) if finite_var.numel() else math.nan,
+                     "nonfinite_var": nonfinite_var, "nonpositive_var": nonpositive_var,
+                     "nonfinite_mean": nonfinite_mean, "num_batches_tracked": tracked,
+                     "ok": not problems, "problems": "; ".join(problems)})
+    return rows
+
+
+def _scan_test_split(model: nn.Module, split: Split, device: torch.device) -> tuple[float, dict[str, int]]:
+    """Accuracy on the test split, and the number of non-finite output values per module.
+
+    Every module's output is hooked (the root's as ``<output>``). Modules are listed in the order
+    their forward first returned — innermost first — so the first entry is where a non-finite value
+    appeared (a NaN weight in ``layer2.0.conv1`` names ``layer2.0.conv1``, not ``layer2``).
+    Counts stay on the device until the end (no host sync per module).
+    """
+    names = {m: (n or "<output>") for n, m in model.named_modules()}
+    counts: dict[str, torch.Tensor] = {}
+    order: dict[str, None] = {}
+
+    def hook(module: nn.Module, _args: Any, output: Any) -> None:
+        order.setdefault(names[module])
+        tensors = [output] if isinstance(output, torch.Tensor) else (
+            list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, (tuple, list))
+            else [])
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                bad = (~torch.isfinite(t)).sum()
+                name = names[module]
+                counts[name] = counts[name] + bad if name in counts else bad
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        logits = predict(model, split.test_x, device=device)
+    finally:
+        for h in handles:
+            h.remove()
+    accuracy = float((logits.argmax(1) == split.test_y).float().mean())
+    return accuracy, {n: int(counts[n]) for n in order if n in counts and int(counts[n])}
+
+
+# ----------------------------------------------------------------------------- the gate
+
+
+def _expectations(case: Case, seed: int, split: Split, acc: dict[str, float | None], rows: list[dict[str, Any]],
+                  bad_weights: list[str], bad_outputs: dict[str, int],
+                  bn_rows: list[dict[str, Any]]) -> list[ExpectationResult]:
+    out: list[ExpectationResult] = []
+    expect, where_seed = case.expect, f"seed {seed}"
+    spec = expect.accuracy
+    if spec is not None and spec.after_min is not None:
+        out.append(_named(_at_least("accuracy.after_min", acc["checkpoint"], spec.after_min,
+                                    f"checkpoint accuracy on the {split.name} test split of {len(split.test_y)}, "
+                                    f"{where_seed}", {"accuracy": acc["checkpoint"]}), "gate.accuracy"))
+    if spec is not None and spec.recovery_min is not None:
+        why = "" if acc["source"] is not None else ", the source cannot be evaluated on this data"
+        out.append(_named(_at_least("accuracy.recovery_min", acc["recovery"], spec.recovery_min,
+                                    f"checkpoint / source accuracy, {_fmt(acc['checkpoint'])} / {_fmt(acc['source'])}"
+                                    f"{why}, {where_seed}", {"checkpoint": acc["checkpoint"], "source": acc["source"]}),
+                          "gate.recovery"))
+    act = expect.activations
+    if act is not None and rows:
+        per_layer = {r["layer"]: r["w1_norm"] for r in rows}
+        if act.drift_max is not None:
+            worst = max(rows, key=lambda r: math.inf if math.isnan(r["w1_norm"]) else r["w1_norm"])
+            # Evidently's convention, as in the runner: drift is detected when the distance reaches the threshold.
+            out.append(_named(_check("activations.drift_max", worst["w1_norm"], act.drift_max, lambda o, t: o < t, "<",
+                                     f"normalised W1, checkpoint vs source, layer {worst['layer']}, {where_seed}",
+                                     {"layer": worst["layer"], "per_layer": per_layer}), "gate.drift_max"))
+        if act.dead_max is not None:
+            worst = max(rows, key=lambda r: r["dead_channel_frac"])
+            out.append(_named(_at_most("activations.dead_max", worst["dead_channel_frac"], act.dead_max,
+                                       f"dead-channel fraction of the checkpoint, layer {worst['layer']}, {where_seed}",
+                                       {"layer": worst["layer"]}), "gate.dead_max"))
+
+    problems = []
+    if bad_weights:
+        problems.append(f"{len(bad_weights)} weight tensor(s) non-finite, e.g. {bad_weights[0]}")
+    if bad_outputs:
+        first = next(iter(bad_outputs))
+        problems.append(f"non-finite outputs of {len(bad_outputs)} module(s) on the test split, first {first}")
+    probed = [r["layer"] for r in rows if r.get("nonfinite")]
+    if probed:
+        problems.append(f"non-finite activations in probed layer(s) {', '.join(probed[:3])}")
+    out.append(_named(_check("finite", 0.0 if problems else 1.0, 1.0, lambda o, t: o == t, "==",
+                             "; ".join(problems) + f", {where_seed}" if problems
+                             else f"weights and test-split activations, {where_seed}",
+                             {"nonfinite_weights": bad_weights[:50], "nonfinite_outputs": dict(list(bad_outputs.items())[:50]),
+                              "nonfinite_probed_layers": probed}), "gate.finite"))
+
+    bad_bn = [r for r in bn_rows if not r["ok"]]
+    if bad_bn:
+        where = (f"BatchNorm running statistics bad in {len(bad_bn)} of {len(bn_rows)} layer(s), e.g. "
+                 f"{bad_bn[0]['layer']}: {bad_bn[0]['problems']}")
+    else:
+        where = f"{len(bn_rows)} BatchNorm layer(s) checked" if bn_rows else "no BatchNorm layers with running statistics"
+    out.append(_named(_at_most("bn_stats.bad_layers", float(len(bad_bn)), 0.0, where,
+                               {"layers": len(bn_rows), "bad": {r["layer"]: r["problems"] for r in bad_bn}}),
+                      "gate.bn_stats"))
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def run_gate(checkpoint: Path, case: Case, *, report_dir: Path, device: str | None = None) -> CaseResult:
+    """Check ``checkpoint`` against the finished-model expectations of ``case``; write the verdict.
+
+    Returns the result (``.passed`` is the verdict). Writes ``report_dir/<case>/…`` (the case report)
+    and ``report_dir/gate.json``, atomically, nothing elsewhere. Raises :class:`SurgeryInputError` on
+    bad input (checkpoint, case, data, device), with nothing written.
+    """
+    start = time.perf_counter()
+    checkpoint, report_dir = Path(checkpoint), Path(report_dir)
+    dev = resolve_device(device or case.device)
+    # Load first: a bad or unsafe file is refused before any model is built (weights only, no code runs).
+    state = load_state_dict_file(checkpoint)
+    digest = file_sha256(checkpoint)
+    seed = case.seed[0]
+
+    torch.manual_seed(seed)
+    data = case.data
+    split = load_split(data.train, image_size=data.image_size, channels=data.channels, seed=seed,
+                       test_fraction=data.test_fraction)
+    source = build_model(case.source, num_classes=split.num_classes, in_chans=data.channels).eval()
+    source_width = _check_forward(source, split, f"source {case.source.model}")
+    # The patient's architecture exactly as a run of the case builds it; the ops never modify the source.
+    patient, _ = perform_surgery(case, source, split)
+    load_weights(patient, state, origin=f"checkpoint {checkpoint}")
+    counted = {k for k in state if k.endswith("num_batches_tracked")}
+    del state
+    _check_forward(patient, split, f"checkpoint {checkpoint}")
+    source, patient = to_device(source, dev), to_device(patient, dev)
+
+    acc: dict[str, float | None] = {}
+    acc["source"] = (evaluate(source, split.test_x, split.test_y, device=dev)
+                     if source_width == split.num_classes else None)
+    acc["checkpoint"], bad_outputs = _scan_test_split(patient, split, dev)
+    acc["recovery"] = recovery(acc["checkpoint"], acc["source"])
+    bad_weights = nonfinite_weights(patient)
+    bn_rows = bn_stats_rows(patient, counted=counted)
+
+    rows: list[dict[str, Any]] = []
+    histograms: dict[str, Any] = {}
+    if case.expect.activations is not None:
+        probes = _Probes(case, source, patient, _probe_set(case, split, seed), dev, seed)
+        probes.probe(STAGE, patient)
+        rows, histograms = probes.rows(), probes.histograms()
+
+    expectations = _expectations(case, seed, split, acc, rows, bad_weights, bad_outputs, bn_rows)
+    finite = not bad_weights and not bad_outputs and not any(r.get("nonfinite") for r in rows)
+    per_seed: dict[str, Any] = {"seed": seed, "accuracy": acc, "finite": finite,
+                                "data": {"name": split.name, "train": len(split.train_x), "test": len(split.test_x),
+                                         "classes": split.num_classes}}
+    if rows:
+        per_seed["activations"], per_seed["histograms"] = rows, histograms
+    prov = provenance(device=str(dev), case_hash=case.file_hash, seeds=[seed])
+    prov.update({"gate": True, "checkpoint": str(checkpoint), "checkpoint_sha256": digest})
+    result = CaseResult(case=case.name, path=case.path, description=case.description, seeds=[seed],
+                        expectations=expectations, per_seed=[per_seed], provenance=prov,
+                        metrics={"accuracy": {k: aggregate([v]) for k, v in acc.items()},
+                                 "nonfinite": {"weights": len(bad_weights), "modules": len(bad_outputs)},
+                                 "bn_stats": {"layers": len(bn_rows), "bad": sum(not r["ok"] for r in bn_rows)}},
+                        tables={"activations": [dict(r, seed=seed) for r in rows], "bn_stats": bn_rows})
+    result.seconds = time.perf_counter() - start
+    write_verdict(result, report_dir, checkpoint=checkpoint, sha256=digest)
+    return result
+
+
+def write_verdict(result: CaseResult, report_dir: Path, *, checkpoint: Path, sha256: str) -> Path:
+    """Write the HTML report, then ``report_dir/gate.json`` (strict JSON: NaN/inf become null); return its path."""
+    from surgery.report.render import write_case_report
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_case_report(result, report_dir)
+    verdict = {**result.to_dict(), "checkpoint": str(checkpoint), "sha256": sha256,
+               "verdict": "pass" if result.passed else "fail"}
+    text = json.dumps(_strict_json(verdict), indent=1, allow_nan=False)
+    path = report_dir / GATE_FILE
+    write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    return path
+
+
+def _strict_json(value: Any) -> Any:
+    """Plain JSON values: NaN/inf → None, tensors/arrays → lists, paths → strings (so ``jq`` reads gate.json)."""
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return _strict_json(value.tolist())
+    return str(value)

@@ -1,0 +1,411 @@
+"""Report plots: matplotlib figures rendered to small inline SVG strings.
+
+Each function takes plain result data (the dicts in ``results.json``) and returns the ``<svg>``
+markup of one figure, or ``None`` when there is nothing to draw (the page then says so in
+words). The figures are made with :class:`matplotlib.figure.Figure` directly, never through
+pyplot: no GUI backend, no global figure registry, nothing to close on the caller's side.
+
+Size is a feature: a ResNet-50 report must stay under 2 MB. Text stays text
+(``svg.fonttype: none``), there is no metadata or XML prologue, path coordinates keep two
+decimals, element ids are prefixed per figure (several SVGs share one HTML document) and
+curves are thinned to at most ``MAX_POINTS`` points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import io
+import itertools
+import math
+import re
+from typing import Any, Iterable, Iterator, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+# Colours shared by the plots and the page's CSS legend (render.py passes them to the templates).
+STAGE_COLORS = {"reference": "#4d4d4d", "surgery": "#e66100", "finetune": "#5d3a9b"}
+STAGE_LABELS = {"reference": "reference", "surgery": "after surgery", "finetune": "after fine-tune"}
+METHOD_COLORS = {"exact": "#1a9850", "sliced": "#4575b4", "adapted": "#fdae61", "fresh": "#d73027"}
+METHODS = tuple(METHOD_COLORS)
+RUN_STYLES = {"A": "-", "B": "--"}
+MAX_POINTS = 300
+
+_RC = {
+    "svg.fonttype": "none",        # text as <text>, not glyph paths
+    "svg.hashsalt": "surgery",     # deterministic ids: the same result renders the same page
+    "svg.image_inline": True,
+    "text.parse_math": False,      # layer names are data, never mathtext ("$" stays "$")
+    "text.usetex": False,
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.3,
+    "path.simplify": True,
+    "figure.dpi": 72,
+}
+
+# Figure numbers for id prefixes; one sequence per page (see id_scope), so a page renders the same twice.
+_figure_numbers: contextvars.ContextVar[Iterator[int]] = contextvars.ContextVar("figure_numbers",
+                                                                                default=itertools.count())
+_DECIMALS = re.compile(r"(-?\d+\.\d\d)\d+")
+_ID = re.compile(r'\bid="([^"]+)"')
+
+
+def to_svg(fig: Figure, *, tight: bool = True) -> str:
+    """Serialise ``fig`` to a compact ``<svg>`` element for inline use in HTML.
+
+    ``tight=False`` skips the extra layout pass of ``bbox_inches="tight"`` (for figures whose
+    margins are set by hand: text extents are the expensive part of drawing).
+    """
+    buf = io.StringIO()
+    with matplotlib.rc_context(_RC):
+        fig.savefig(buf, format="svg", bbox_inches="tight" if tight else None, pad_inches=0.04,
+                    metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]                               # XML prologue and DOCTYPE
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
+    # Inline SVG in HTML5 gets its namespace from the parser; the declarations are only
+    # namespace names (never fetched), but leaving them out keeps the page free of URLs.
+    text = re.sub(r'\s+xmlns(:xlink)?="[^"]*"', "", text)
+    text = text.replace("xlink:href=", "href=")
+    text = re.sub(r'\s+d="([^"]*)"', lambda m: ' d="' + _DECIMALS.sub(r"\1", m.group(1)) + '"', text)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    # Fonts come from the page's CSS (one rule), not a fallback list repeated on every <text>.
+    text = re.sub(r"font-family: [^;\"]*(; )?", "", text)
+    text = re.sub(r' transform="rotate\(-0 [^"]*\)"', "", text)
+    text = re.sub(r'\b(x|y|width|height)="(-?\d+\.\d\d)\d+"', r'\1="\2"', text)
+    # Unique ids per figure: clip paths and markers are referenced by id within one document.
+    prefix = f"f{next(_figure_numbers.get())}-"
+    ids = set(_ID.findall(text))
+    if ids:
+        pattern = re.compile(r'(\bid="|url\(#|href="#)(' + "|".join(map(re.escape, sorted(ids, key=len,
+                                                                                       reverse=True))) + r')(?=["\)])')
+        text = pattern.sub(lambda m: m.group(1) + prefix + m.group(2), text)
+    return text.strip()
+
+
+@contextlib.contextmanager
+def id_scope() -> Iterator[None]:
+    """Number the figures made inside from 0: ids are unique within one page and stable across renders."""
+    token = _figure_numbers.set(itertools.count())
+    try:
+        yield
+    finally:
+        _figure_numbers.reset(token)
+
+
+def _styled(plot):
+    """Run a plot function under the report's rcParams (artists read them when created)."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(_RC):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
+def _figure(width: float, height: float, ncols: int = 1,
+            margins: tuple[float, float, float, float] | None = None) -> tuple[Figure, list[Any]]:
+    """A figure laid out by constrained layout, or by fixed ``margins`` (left, right, bottom, top; inches)."""
+    if margins is None:
+        fig = Figure(figsize=(width, height), layout="constrained")
+    else:
+        left, right, bottom, top = margins
+        fig = Figure(figsize=(width, height))
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
+    fig._surgery_tight = margins is None
+    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
+
+
+def _render(fig: Figure) -> str:
+    return to_svg(fig, tight=getattr(fig, "_surgery_tight", True))
+
+
+def _finite(values: Iterable[Any]) -> np.ndarray:
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            out.append(math.nan)
+    return np.asarray(out, dtype=float)
+
+
+def _thin(xs: np.ndarray, ys: np.ndarray, limit: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    if len(xs) <= limit:
+        return xs, ys
+    idx = np.unique(np.linspace(0, len(xs) - 1, limit).round().astype(int))
+    return xs[idx], ys[idx]
+
+
+def _layer_order(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(r.get("layer")) for r in rows))
+
+
+def _worst_by(rows: Sequence[dict[str, Any]], key: str) -> dict[tuple[str, str], float]:
+    """Worst (largest) value of ``key`` per (layer, stage) over seeds; NaN wins, it is the worst."""
+    out: dict[tuple[str, str], float] = {}
+    for r in rows:
+        k = (str(r.get("layer")), str(r.get("stage")))
+        v = _finite([r.get(key)])[0]
+        prev = out.get(k)
+        if prev is None or math.isnan(v) or (not math.isnan(prev) and v > prev):
+            out[k] = v
+    return out
+
+
+def _layer_figure(layers: Sequence[str], *, per_layer: float = 0.3, height: float = 2.0) -> tuple[Figure, Any]:
+    """A bar chart figure with one slot per layer; margins fit the (rotated) layer labels."""
+    width = min(11.0, 4.2 + per_layer * len(layers))
+    longest = max(map(len, layers), default=1) * 7 * 0.6 / 72  # 7 pt labels, ~0.6 em per character
+    bottom = 0.2 + (longest * 0.72 if len(layers) > 4 else 0.12)  # rotated 45 degrees: sin 45 of the length
+    fig, (ax,) = _figure(width, height + bottom + 0.55, margins=(0.55, 0.1, bottom, 0.55))
+    return fig, ax
+
+
+def _legend_on_top(fig: Figure, ncols: int, handles: Any = None, labels: Any = None) -> None:
+    args = () if handles is None else (handles, labels)
+    fig.legend(*args, loc="upper right", bbox_to_anchor=(1, 1), ncols=ncols, borderaxespad=0.2)
+
+
+def _layer_axis(ax: Any, layers: Sequence[str]) -> None:
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=45 if len(layers) > 4 else 0, ha="right" if len(layers) > 4 else "center")
+    ax.grid(axis="x", visible=False)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
+
+
+def _threshold_line(ax: Any, value: float | None, label: str) -> None:
+    if value is not None and math.isfinite(value):
+        ax.axhline(value, color="#b2182b", linestyle="--", linewidth=1.0, label=label)
+
+
+@_styled
+def histogram(hist: dict[str, Any], title: str) -> str | None:
+    """One layer's activation histograms, overlaid as densities on the shared edges."""
+    edges = _finite(hist.get("edges") or [])
+    if len(edges) < 2 or not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
+        return None
+    widths = np.diff(edges)
+    fig, (ax,) = _figure(2.9, 1.75, margins=(0.08, 0.06, 0.22, 0.2))
+    drawn = 0
+    for stage in ("reference", "surgery", "finetune"):
+        counts = _finite(hist.get(stage) or [])
+        if len(counts) != len(widths) or not np.isfinite(counts).all() or counts.sum() <= 0:
+            continue
+        density = counts / counts.sum() / widths
+        ax.stairs(density, edges, color=STAGE_COLORS[stage], linewidth=1.2 if stage != "reference" else 1.6,
+                  fill=stage == "reference", alpha=0.25 if stage == "reference" else 1.0,
+                  label=STAGE_LABELS[stage])
+        if stage == "reference":
+            ax.stairs(density, edges, color=STAGE_COLORS[stage], linewidth=1.0)
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_title(title, loc="left")
+    ax.locator_params(axis="x", nbins=4)
+    ax.locator_params(axis="y", nbins=3)
+    ax.set_yticklabels([])
+    ax.tick_params(axis="y", length=0)
+    return _render(fig)
+
+
+@_styled
+def drift(rows: Sequence[dict[str, Any]], threshold: float | None, *, seeds: int = 1) -> str | None:
+    """Normalised W1 per layer, one bar per stage, with the ``drift_max`` threshold line."""
+    if not rows:
+        return None
+    layers = _layer_order(rows)
+    stages = [s for s in ("surgery", "finetune") if any(r.get("stage") == s for r in rows)]
+    worst = _worst_by(rows, "w1_norm")
+    fig, ax = _layer_figure(layers)
+    width = 0.8 / max(1, len(stages))
+    top = 0.0
+    for i, stage in enumerate(stages):
+        ys = np.array([worst.get((layer, stage), math.nan) for layer in layers])
+        xs = np.arange(len(layers)) + (i - (len(stages) - 1) / 2) * width
+        finite = np.isfinite(ys)
+        ax.bar(xs[finite], ys[finite], width, color=STAGE_COLORS[stage], label=STAGE_LABELS[stage])
+        for x in xs[~finite]:
+            ax.text(x, 0, "NaN", color="#b2182b", ha="center", va="bottom", fontsize=6, rotation=90)
+        if finite.any():
+            top = max(top, float(ys[finite].max()))
+    _threshold_line(ax, threshold, f"drift_max {threshold:.3g}" if threshold is not None else "")
+    if top == 0 and threshold is None:
+        ax.set_ylim(0, 1)
+    _layer_axis(ax, layers)
+    ax.locator_params(axis="y", nbins=4)
+    ax.set_ylabel("W1 / std(ref)")
+    ax.set_title("Drift per layer (normalised W1" + (f", worst of {seeds} seeds)" if seeds > 1 else ")"), loc="left")
+    _legend_on_top(fig, 3)
+    return _render(fig)
+
+
+@_styled
+def dead_channels(rows: Sequence[dict[str, Any]], threshold: float | None) -> str | None:
+    """Dead-channel fraction per layer: reference, after surgery, after fine-tune. ``None`` if all zero."""
+    if not rows:
+        return None
+    layers = _layer_order(rows)
+    worst = _worst_by(rows, "dead_channel_frac")
+    ref = _worst_by([dict(r, stage="reference") for r in rows if r.get("stage") == rows[0].get("stage")],
+                    "ref_dead_channel_frac")
+    series = {"reference": [ref.get((layer, "reference"), math.nan) for layer in layers]}
+    for stage in ("surgery", "finetune"):
+        if any(r.get("stage") == stage for r in rows):
+            series[stage] = [worst.get((layer, stage), math.nan) for layer in layers]
+    values = np.array([v for ys in series.values() for v in ys], dtype=float)
+    if not np.nanmax(np.where(np.isnan(values), 1.0, values), initial=0.0) > 0:
+        return None
+    fig, ax = _layer_figure(layers, height=1.7)
+    width = 0.8 / len(series)
+    for i, (stage, ys) in enumerate(series.items()):
+        ys = np.asarray(ys, dtype=float)
+        xs = np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width
+        finite = np.isfinite(ys)
+        ax.bar(xs[finite], ys[finite], width, color=STAGE_COLORS[stage], label=STAGE_LABELS[stage])
+    _threshold_line(ax, threshold, f"dead_max {threshold:.3g}" if threshold is not None else "")
+    _layer_axis(ax, layers)
+    ax.set_ylim(0, max(0.05, min(1.0, float(np.nanmax(values)) * 1.15), threshold or 0.0))
+    ax.locator_params(axis="y", nbins=4)
+    ax.set_ylabel("dead channels")
+    ax.set_title("Dead-channel fraction per layer", loc="left")
+    _legend_on_top(fig, 4)
+    return _render(fig)
+
+
+def _curve_xy(curve: Any, key: str) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(curve, list):
+        return np.array([]), np.array([])
+    points = [p for p in curve if isinstance(p, dict)]
+    return _thin(_finite(p.get("step") for p in points), _finite(p.get(key) for p in points))
+
+
+@_styled
+def finetune_curve(runs: Sequence[dict[str, Any]], *, source: float | None = None,
+                   baseline: float | None = None) -> str | None:
+    """Loss and accuracy against step for each run.
+
+    ``runs``: dicts with ``label``, ``curve`` (list of ``{step, loss, accuracy}``), optional
+    ``baseline_curve``, ``nonfinite_step`` and ``style`` ("-" or "--"). ``source`` and
+    ``baseline`` draw horizontal reference lines on the accuracy panel.
+    """
+    has_points = any(np.isfinite(_curve_xy(r.get(c), k)[1]).any()
+                     for r in runs for c in ("curve", "baseline_curve") for k in ("loss", "accuracy"))
+    if not has_points:
+        return None
+    fig, (ax_loss, ax_acc) = _figure(8.6, 2.6, ncols=2, margins=(0.45, 1.75, 0.42, 0.25))
+    fig.subplots_adjust(wspace=0.22)
+    palette = ["#5d3a9b", "#1b7837", "#2166ac", "#b35806", "#762a83", "#01665e"]
+    for i, run in enumerate(runs):
+        color, style = palette[i % len(palette)], run.get("style", "-")
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+            xs, ys = _curve_xy(run.get("curve"), key)
+            if len(xs):
+                ax.plot(xs, ys, style, color=color, label=run.get("label", "patient"),
+                        marker="o" if len(xs) <= 12 else None, markersize=2.5)
+            bx, by = _curve_xy(run.get("baseline_curve"), key)
+            if len(bx):
+                label = f"baseline {run['label']}" if len(runs) > 1 and run.get("label") else "baseline (random init)"
+                ax.plot(bx, by, style, color="#8c8c8c", linewidth=1.0, label=label,
+                        marker="o" if len(bx) <= 12 else None, markersize=2)
+            step = run.get("nonfinite_step")
+            if step is not None:
+                ax.axvline(float(step), color="#b2182b", linewidth=1.0, linestyle=":",
+                           label=f"non-finite at step {step}")
+    if source is not None and math.isfinite(source):
+        ax_acc.axhline(source, color="#4d4d4d", linestyle=":", linewidth=1.0, label=f"source {source:.3f}")
+    if baseline is not None and math.isfinite(baseline):
+        ax_acc.axhline(baseline, color="#8c8c8c", linestyle="--", linewidth=0.8, label=f"baseline final {baseline:.3f}")
+    ax_loss.set_title("Fine-tune loss", loc="left")
+    ax_acc.set_title("Test accuracy", loc="left")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("step")
+        ax.locator_params(nbins=4)
+    ax_acc.set_ylim(-0.02, 1.02)
+    unique: dict[str, Any] = {}
+    for ax in (ax_loss, ax_acc):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            unique.setdefault(label, handle)
+    if unique:
+        fig.legend(unique.values(), unique.keys(), loc="center right", bbox_to_anchor=(1, 0.5), fontsize=6.5)
+    return _render(fig)
+
+
+@_styled
+def coverage_map(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Each target layer a row: a stacked bar of its tensors by method, element coverage at the end."""
+    rows = [r for r in rows if isinstance(r, dict)]
+    if not rows:
+        return None
+    n = len(rows)
+    labels = [str(r.get("layer", "")) or "(root)" for r in rows]
+    size = 5.5 if n > 30 else 7
+    label_width = 0.15 + max(map(len, labels)) * size * 0.62 / 72  # DejaVu Sans averages ~0.6 em per character
+    fig, (ax,) = _figure(max(4.6, label_width + 3.0), 0.6 + 0.13 * n, margins=(label_width, 0.1, 0.08, 0.5))
+    ys = np.arange(n)
+    left = np.zeros(n)
+    for method in METHODS:
+        counts = _finite(r.get(method, 0) for r in rows)
+        counts = np.nan_to_num(counts)
+        shown = counts > 0
+        if shown.any():
+            ax.barh(ys[shown], counts[shown], left=left[shown], height=0.78, color=METHOD_COLORS[method],
+                    label=method, linewidth=0)
+        left += counts
+    for y, total, r in zip(ys, left, rows):
+        cov = _finite([r.get("elements_covered")])[0]
+        if not math.isfinite(cov) or cov < 1:  # only the rows that are not fully covered
+            ax.text(total + 0.1, y, "n/a" if not math.isfinite(cov) else f"{cov:.0%}", va="center", fontsize=5.5,
+                    color="#b2182b")
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=size)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlim(0, max(1.0, float(left.max())) * 1.25)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=4, integer=True))
+    ax.xaxis.tick_top()
+    ax.grid(axis="y", visible=False)
+    ax.set_xlabel("tensors by method (red: share of elements from the source, when < 100%)", fontsize=6)
+    ax.xaxis.set_label_position("top")
+    ax.tick_params(axis="y", length=0)
+    return _render(fig)
+
+
+@_styled
+def compare_drift(runs: dict[str, Sequence[dict[str, Any]]], threshold: float | None) -> str | None:
+    """Drift per layer for two runs: bars per run and stage (run A solid, run B light)."""
+    if not any(runs.values()):
+        return None
+    layers = _layer_order([r for rows in runs.values() for r in rows])
+    series = []
+    for run, rows in runs.items():
+        worst = _worst_by(rows, "w1_norm")
+        for stage in ("surgery", "finetune"):
+            if any(r.get("stage") == stage for r in rows):
+                series.append((run, stage, np.array([worst.get((layer, stage), math.nan) for layer in layers])))
+    fig, ax = _layer_figure(layers, per_layer=0.6)
+    width = 0.84 / max(1, len(series))
+    for i, (run, stage, ys) in enumerate(series):
+        xs = np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width
+        finite = np.isfinite(ys)
+        ax.bar(xs[finite], ys[finite], width, color=STAGE_COLORS[stage], alpha=1.0 if run == "A" else 0.45,
+               linewidth=0, label=f"{run}: {STAGE_LABELS[stage]}")
+    _threshold_line(ax, threshold, f"drift_max {threshold:.3g}" if threshold is not None else "")
+    _layer_axis(ax, layers)
+    ax.locator_params(axis="y", nbins=4)
+    ax.set_ylabel("W1 / std(ref)")
+    ax.set_title("Drift per layer, A against B", loc="left")
+    _legend_on_top(fig, 4)
+    return _render(fig)

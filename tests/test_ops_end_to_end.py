@@ -1,0 +1,58 @@
+"""Ops through the runner and the CLI: graft shape errors exit 2 on one line; a bridge's backbone stays bit-identical."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from surgery.case import parse_case
+from surgery.cli import main
+from surgery.data import load_split
+from surgery.finetune import finetune, resolve_device
+from surgery.models import build_model
+from surgery.runner import perform_surgery
+
+GRAFT = """\
+name: graft-mismatch
+data: {{train: {{name: digits, limit: 200}}, image_size: 32}}
+source: {{model: "torchvision:resnet18", num_classes: 10}}
+surgery:
+  op: graft
+  donor: {{model: "{donor}"}}
+  path: conv1
+finetune: {{steps: 2, batch_size: 16}}
+expect: {{accuracy: {{after_min: 0.0}}}}
+"""
+
+
+def test_shape_incompatible_graft_exits_2_with_path_and_shapes(tmp_path, capsys):
+    case = tmp_path / "graft.yaml"
+    # an identity as conv1: passes (N, 3, 32, 32) on where the host's conv1 gives (N, 64, 16, 16)
+    case.write_text(GRAFT.format(donor="torch.nn:Identity"))
+    assert main(["run", str(case), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "'conv1'" in err[0] and "3, 32, 32)" in err[0] and "64, 16, 16)" in err[0]
+
+
+def test_bridge_backbone_bit_identical_after_finetune():
+    case = parse_case("""\
+name: bridge
+data: {train: {name: digits, limit: 300}, image_size: 32}
+source: {model: "torchvision:resnet18", num_classes: 10}
+surgery: {op: bridge, nodes: [layer3, layer4], head: transformer, hidden: 32, num_heads: 2}
+finetune: {steps: 4, batch_size: 16, eval_every: 2}
+expect: {accuracy: {after_min: 0.0}}
+""")
+    split = load_split(case.data.train, image_size=32, channels=3, seed=0)
+    source = build_model(case.source, num_classes=10)
+    patient, record = perform_surgery(case, source, split)
+    backbone_before = copy.deepcopy(patient.backbone.state_dict())
+    head_before = copy.deepcopy(patient.head.state_dict())
+    finetune(patient, split.train_x, split.train_y, split.test_x, split.test_y, case.finetune, seed=0,
+             device=resolve_device("cpu"), progress=False)
+    for key, value in patient.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[key]), key
+    assert any(not torch.equal(v, head_before[k]) for k, v in patient.head.state_dict().items())
+    assert {t.method for t in record.tensors} == {"exact", "fresh"}

@@ -1,0 +1,62 @@
+"""The pytest plugin on real (tiny) cases: one item per expectation, one-line failures, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+TINY = """\
+name: tiny-{name}
+seed: 0
+data: {{train: {{name: digits, limit: 300}}, image_size: 32}}
+source: {{model: "torchvision:resnet18", num_classes: 10}}
+surgery:
+  op: transplant
+  target: {{model: "torchvision:resnet18", num_classes: 10}}
+  strategy: exact
+finetune: {{steps: 3, batch_size: 16, eval_every: 3}}
+expect:
+  coverage: {{tensors_min: 1.0}}
+  accuracy: {{after_min: {after_min}}}
+"""
+
+
+@pytest.fixture
+def case_dir(pytester: pytest.Pytester):
+    pytester.mkdir("cases")
+    return pytester.path / "cases"
+
+
+def test_items_per_expectation_one_line_failure_and_seed_cap(pytester: pytest.Pytester, case_dir, tmp_path):
+    (case_dir / "ok.yaml").write_text(TINY.format(name="ok", after_min=0.0).replace("seed: 0", "seed: [0, 1]"))
+    (case_dir / "bad.yaml").write_text(TINY.format(name="bad", after_min=0.999))
+    report = tmp_path / "reports"
+    result = pytester.runpytest_subprocess("cases", "-p", "no:cacheprovider", f"--surgery-report={report}",
+                                           "--surgery-seeds", "1")
+    # ok: coverage, accuracy, finite pass; bad: accuracy.after_min fails, the other two pass
+    result.assert_outcomes(passed=5, failed=1)
+    out = result.stdout.str()
+    assert "tiny-bad: accuracy.after_min: observed" in out
+    assert "< after_min 0.999 (accuracy, seed 0)" in out
+    assert "Traceback" not in out and "def runtest" not in out
+    assert json.loads((report / "tiny-ok" / "results.json").read_text())["seeds"] == [0]
+    assert (report / "index.html").is_file()
+
+
+def test_collects_expectation_names(pytester: pytest.Pytester, case_dir):
+    (case_dir / "ok.yaml").write_text(TINY.format(name="ok", after_min=0.0))
+    result = pytester.runpytest_subprocess("cases", "--collect-only", "-q", "-p", "no:cacheprovider")
+    out = result.stdout.str()
+    for name in ("coverage.tensors_min", "accuracy.after_min", "finite"):
+        assert f"cases/ok.yaml::{name}" in out
+
+
+def test_bad_case_is_one_failing_item_naming_the_line(pytester: pytest.Pytester, case_dir):
+    text = TINY.format(name="typo", after_min=0.0).replace("strategy: exact", "strategy: exact\n  stratgy: x")
+    (case_dir / "typo.yaml").write_text(text)
+    result = pytester.runpytest_subprocess("cases", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*bad input: *typo.yaml:9: surgery.stratgy: unknown key 'stratgy'*"])
