@@ -99,7 +99,7 @@ def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]
                 raise SurgeryInputError(
                     f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
                     f"key {key!r} is not a string; expected a field name")
-            if key in out and not (key in merged_keys):
+            if key in out and key not in merged_keys:
                 raise SurgeryInputError(
                     f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path + (key,))}: "
                     f"duplicate key; expected each field once")

@@ -107,11 +107,11 @@ def _imagefolder(root: str, size: int, channels: int) -> tuple[torch.Tensor, tor
         steps.append(transforms.Grayscale(1))
     steps.append(transforms.ToTensor())
     if not Path(root).is_dir():
-        raise SurgeryInputError(f"data.train.root: imagefolder root {root!r} is not a directory")
+        raise SurgeryInputError(f"imagefolder root {root!r} is not a directory; expected one folder per class")
     try:
         folder = datasets.ImageFolder(root, transform=transforms.Compose(steps))
     except (FileNotFoundError, OSError) as exc:
-        raise SurgeryInputError(f"data.train.root: imagefolder {root!r}: {exc}") from None
+        raise SurgeryInputError(f"imagefolder root {root!r}: {exc}") from None
     images, labels = [], []
     for i, (path, label) in enumerate(folder.samples):
         try:

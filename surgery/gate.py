@@ -12,14 +12,19 @@ finished model, on the test split of the case's first seed:
   (the case's reference) on the probe set < ``expect.activations.drift_max``, whatever the
   case's ``at`` says (the gate has one stage, named ``gate``);
 - ``gate.dead_max``  — worst dead-channel fraction ≤ ``expect.activations.dead_max``;
-- ``gate.finite``    — every floating-point weight and buffer finite, and every module's output
-  finite on the test split (always checked);
+- ``gate.finite``    — every floating-point weight and buffer finite, the logits on the test split
+  finite, and the probed layers' activations finite (always checked, whatever the case's
+  ``finite`` says). When something is not, every module is hooked for one more pass and the
+  message names the first module whose output went non-finite;
 - ``gate.bn_stats``  — BatchNorm running statistics sane: every ``running_var`` > 0 and finite,
   every ``running_mean`` finite, and ``num_batches_tracked`` > 0 where the checkpoint carries it
   (always checked; a model without BatchNorm passes).
 
 Coverage, ``before_min``, ``source_min``, ``beats_baseline`` and ``bn_recalibration`` describe a
-surgery or a fine-tune, not a finished model, and are not checked here.
+surgery or a fine-tune, not a finished model, and are not checked here. The source (built from the
+case, a zoo model included) is needed for the patient's architecture and as the reference.
+NOTE: the gate evaluates on the test split drawn with the case's first seed; a checkpoint trained
+on all of the case's data is scored on images it has seen.
 
 The verdict is written under ``report_dir`` only: the case's report (``write_case_report``)
 first, then ``gate.json`` (the result, the checkpoint's path and SHA-256, ``"verdict"``), both
@@ -49,15 +54,17 @@ import torch.nn as nn
 
 from surgery.case import Case
 from surgery.checks.accuracy import aggregate, recovery
-from surgery.checks.expect import _at_least, _at_most, _check
+from surgery.checks.expect import _at_least, _at_most, _check, _fmt
 from surgery.data import Split, load_split
-from surgery.finetune import evaluate, predict, resolve_device, to_device
+from surgery.errors import SurgeryInputError
+from surgery.finetune import predict, resolve_device, to_device
 from surgery.models import build_model, load_state_dict_file, load_weights
-from surgery.results import CaseResult, ExpectationResult, provenance
-from surgery.runner import _check_forward, _probe_set, _Probes, perform_surgery
+from surgery.results import CaseResult, ExpectationResult, provenance, strict_json
+from surgery.runner import _probe_set, _Probes, perform_surgery
 from surgery.zoo import write_atomic
 
-__all__ = ["GATE_FILE", "run_gate", "file_sha256", "bn_stats_rows", "nonfinite_weights"]
+__all__ = ["GATE_FILE", "run_gate", "write_verdict", "file_sha256", "bn_stats_rows", "nonfinite_weights",
+           "nonfinite_outputs"]
 
 GATE_FILE = "gate.json"
 STAGE = "gate"
@@ -123,37 +130,51 @@ def bn_stats_rows(model: nn.Module, *, counted: set[str] | None = None) -> list[
     return rows
 
 
-def _scan_test_split(model: nn.Module, split: Split, device: torch.device) -> tuple[float, dict[str, int]]:
-    """Accuracy on the test split, and the number of non-finite output values per module.
+def _logits(model: nn.Module, split: Split, device: torch.device, what: str) -> torch.Tensor:
+    """Logits on the test split; a forward that fails (input too small for the architecture…) is bad input."""
+    try:
+        return predict(model, split.test_x, device=device)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
+                                f"(is data.image_size too small for this architecture?): {first}") from None
 
-    Every module's output is hooked (the root's as ``<output>``). Modules are listed in the order
-    their forward first returned — innermost first — so the first entry is where a non-finite value
-    appeared (a NaN weight in ``layer2.0.conv1`` names ``layer2.0.conv1``, not ``layer2``).
-    Counts stay on the device until the end (no host sync per module).
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def nonfinite_outputs(model: nn.Module, x: torch.Tensor, *, device: torch.device) -> dict[str, int]:
+    """Non-finite output values per module on ``x``, innermost module first, only modules that have some.
+
+    Every module's output is hooked (the root's as ``<output>``) and modules are listed in the order
+    their forward first returned, so the first entry is where a non-finite value appeared: a NaN
+    weight in ``layer2.0.conv1`` names ``layer2.0.conv1``, not ``layer2``. Counts stay on the device
+    until the end (no host sync per module). A diagnostic: the gate runs it only once the logits or a
+    weight were found non-finite.
     """
     names = {m: (n or "<output>") for n, m in model.named_modules()}
     counts: dict[str, torch.Tensor] = {}
     order: dict[str, None] = {}
 
     def hook(module: nn.Module, _args: Any, output: Any) -> None:
-        order.setdefault(names[module])
+        name = names[module]
+        order.setdefault(name)
         tensors = [output] if isinstance(output, torch.Tensor) else (
             list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, (tuple, list))
             else [])
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 bad = (~torch.isfinite(t)).sum()
-                name = names[module]
                 counts[name] = counts[name] + bad if name in counts else bad
 
     handles = [m.register_forward_hook(hook) for m in names]
     try:
-        logits = predict(model, split.test_x, device=device)
+        predict(model, x, device=device)
     finally:
         for h in handles:
             h.remove()
-    accuracy = float((logits.argmax(1) == split.test_y).float().mean())
-    return accuracy, {n: int(counts[n]) for n in order if n in counts and int(counts[n])}
+    return {n: int(counts[n]) for n in order if n in counts and int(counts[n])}
 
 
 # ----------------------------------------------------------------------------- the gate
@@ -197,28 +218,26 @@ def _expectations(case: Case, seed: int, split: Split, acc: dict[str, float | No
         first = next(iter(bad_outputs))
         problems.append(f"non-finite outputs of {len(bad_outputs)} module(s) on the test split, first {first}")
     probed = [r["layer"] for r in rows if r.get("nonfinite")]
-    if probed:
+    if probed and not bad_outputs:
         problems.append(f"non-finite activations in probed layer(s) {', '.join(probed[:3])}")
-    out.append(_named(_check("finite", 0.0 if problems else 1.0, 1.0, lambda o, t: o == t, "==",
-                             "; ".join(problems) + f", {where_seed}" if problems
-                             else f"weights and test-split activations, {where_seed}",
-                             {"nonfinite_weights": bad_weights[:50], "nonfinite_outputs": dict(list(bad_outputs.items())[:50]),
-                              "nonfinite_probed_layers": probed}), "gate.finite"))
+    where = ("; ".join(problems) if problems
+             else "weights, buffers, logits and probed activations on the test split") + f", {where_seed}"
+    details = {"nonfinite_weights": bad_weights[:50], "nonfinite_outputs": dict(list(bad_outputs.items())[:50]),
+               "nonfinite_probed_layers": probed}
+    out.append(_named(_check("finite", 0.0 if problems else 1.0, 1.0, lambda o, t: o == t, "==", where, details),
+                      "gate.finite"))
 
     bad_bn = [r for r in bn_rows if not r["ok"]]
     if bad_bn:
         where = (f"BatchNorm running statistics bad in {len(bad_bn)} of {len(bn_rows)} layer(s), e.g. "
                  f"{bad_bn[0]['layer']}: {bad_bn[0]['problems']}")
     else:
-        where = f"{len(bn_rows)} BatchNorm layer(s) checked" if bn_rows else "no BatchNorm layers with running statistics"
+        where = (f"{len(bn_rows)} BatchNorm layer(s) checked" if bn_rows
+                 else "no BatchNorm layers with running statistics")
     out.append(_named(_at_most("bn_stats.bad_layers", float(len(bad_bn)), 0.0, where,
                                {"layers": len(bn_rows), "bad": {r["layer"]: r["problems"] for r in bad_bn}}),
                       "gate.bn_stats"))
     return out
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
 
 
 def run_gate(checkpoint: Path, case: Case, *, report_dir: Path, device: str | None = None) -> CaseResult:
@@ -240,22 +259,27 @@ def run_gate(checkpoint: Path, case: Case, *, report_dir: Path, device: str | No
     data = case.data
     split = load_split(data.train, image_size=data.image_size, channels=data.channels, seed=seed,
                        test_fraction=data.test_fraction)
-    source = build_model(case.source, num_classes=split.num_classes, in_chans=data.channels).eval()
-    source_width = _check_forward(source, split, f"source {case.source.model}")
-    # The patient's architecture exactly as a run of the case builds it; the ops never modify the source.
-    patient, _ = perform_surgery(case, source, split)
+    source = to_device(build_model(case.source, num_classes=split.num_classes, in_chans=data.channels).eval(), dev)
+    source_logits = _logits(source, split, dev, f"source {case.source.model}")
+    # The patient's architecture exactly as a run of the case builds it. The ops run on the CPU (their
+    # example inputs are CPU tensors) and never modify the source.
+    patient, _ = perform_surgery(case, source.cpu(), split)
     load_weights(patient, state, origin=f"checkpoint {checkpoint}")
     counted = {k for k in state if k.endswith("num_batches_tracked")}
     del state
-    _check_forward(patient, split, f"checkpoint {checkpoint}")
     source, patient = to_device(source, dev), to_device(patient, dev)
+    logits = _logits(patient, split, dev, f"checkpoint {checkpoint}")
 
     acc: dict[str, float | None] = {}
-    acc["source"] = (evaluate(source, split.test_x, split.test_y, device=dev)
-                     if source_width == split.num_classes else None)
-    acc["checkpoint"], bad_outputs = _scan_test_split(patient, split, dev)
+    acc["source"] = (_accuracy(source_logits, split.test_y) if source_logits.shape[-1] == split.num_classes
+                     else None)
+    acc["checkpoint"] = _accuracy(logits, split.test_y)
     acc["recovery"] = recovery(acc["checkpoint"], acc["source"])
     bad_weights = nonfinite_weights(patient)
+    logits_finite = bool(torch.isfinite(logits).all())
+    bad_outputs = nonfinite_outputs(patient, split.test_x, device=dev) if bad_weights or not logits_finite else {}
+    if not logits_finite and not bad_outputs:  # the hooks saw nothing, the logits did
+        bad_outputs = {"<output>": int((~torch.isfinite(logits)).sum())}
     bn_rows = bn_stats_rows(patient, counted=counted)
 
     rows: list[dict[str, Any]] = []
@@ -294,24 +318,10 @@ def write_verdict(result: CaseResult, report_dir: Path, *, checkpoint: Path, sha
     write_case_report(result, report_dir)
     verdict = {**result.to_dict(), "checkpoint": str(checkpoint), "sha256": sha256,
                "verdict": "pass" if result.passed else "fail"}
-    text = json.dumps(_strict_json(verdict), indent=1, allow_nan=False)
+    text = json.dumps(strict_json(verdict), indent=1, allow_nan=False)
     path = report_dir / GATE_FILE
     write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     return path
-
-
-def _strict_json(value: Any) -> Any:
-    """Plain JSON values: NaN/inf → None, tensors/arrays → lists, paths → strings (so ``jq`` reads gate.json)."""
-    if isinstance(value, dict):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
     if hasattr(value, "tolist"):
         return _strict_json(value.tolist())
     return str(value)

@@ -44,17 +44,20 @@ def validate_model_ref(ref: str) -> None:
         raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
     if kind == "torchvision":
         if name not in _torchvision_names():
-            raise ValueError(f"unknown torchvision model {name!r}{_suggest(name, _torchvision_names())}")
+            hint = _suggest(name, _torchvision_names()) or "; expected a name in torchvision.models.list_models()"
+            raise ValueError(f"unknown torchvision model {name!r}{hint}")
     elif kind == "timm":
         import timm
 
         if not timm.is_model(name):
-            raise ValueError(f"unknown timm model {name!r}{_suggest(name, timm.list_models())}")
+            hint = _suggest(name, timm.list_models()) or "; expected a name in timm.list_models()"
+            raise ValueError(f"unknown timm model {name!r}{hint}")
     elif kind == "zoo":
         from surgery.zoo import ZOO
 
         if name not in ZOO:
-            raise ValueError(f"unknown zoo model {name!r}; expected one of: {', '.join(ZOO)}")
+            hint = _suggest(name, ZOO) or ";"
+            raise ValueError(f"unknown zoo model {name!r}{hint} expected one of: {', '.join(ZOO)}")
     elif not all(part.isidentifier() for part in kind.split(".")) or not name.isidentifier():
         raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
 
@@ -129,7 +132,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, or
     if not common:
         raise SurgeryInputError(f"{origin}: none of its {len(state_dict)} keys match the model "
                                 f"(checkpoint has e.g. {next(iter(state_dict))!r}, model has {next(iter(own))!r})")
-    missing = [k for k in own if k not in state_dict]
+    # NOTE: torchvision's own checkpoints (and older PyTorch ones) carry no num_batches_tracked;
+    # PyTorch fills it in, so its absence is not a missing weight.
+    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in own]
     bad_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]  # model order: stable
     if bad_shape:
@@ -139,7 +144,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, or
     if missing or unexpected:
         raise SurgeryInputError(f"{origin}: {len(missing)} model key(s) missing (e.g. {missing[:1]}), "
                                 f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=not any(k.endswith("num_batches_tracked") for k in own
+                                                     if k not in state_dict))
     return model
 
 

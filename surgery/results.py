@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import platform
 import subprocess
@@ -104,7 +105,7 @@ def write_results(result: CaseResult, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
-    text = json.dumps(result.to_dict(), indent=1, default=_jsonable)
+    text = json.dumps(strict_json(result.to_dict()), indent=1, allow_nan=False)
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     for name, rows in result.tables.items():
         if rows:
@@ -127,11 +128,18 @@ def load_results(path: str | Path) -> CaseResult:
     return CaseResult.from_dict(data)
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
+def strict_json(value: Any) -> Any:
+    """Plain JSON values: NaN/inf → None, tensors/arrays → lists, paths → strings (so ``jq`` reads the file)."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+    if hasattr(value, "tolist"):
+        return strict_json(value.tolist())
+    return str(value)

@@ -91,7 +91,12 @@ def zoo_path(recipe: Recipe) -> Path:
 
 def _recipe(name: str) -> Recipe:
     if name not in ZOO:
-        raise SurgeryInputError(f"unknown zoo model {name!r}; expected one of: {', '.join(ZOO)}")
+        from surgery.models import validate_model_ref
+
+        try:
+            validate_model_ref(f"zoo:{name}")
+        except ValueError as exc:  # the same message as in a case file, with a suggestion
+            raise SurgeryInputError(str(exc)) from None
     return ZOO[name]
 
 
@@ -101,6 +106,12 @@ def _architecture(recipe: Recipe) -> nn.Module:
     return build_architecture(recipe.arch, num_classes=recipe.num_classes)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``; on failure the old file stays, no partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +119,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -162,8 +174,12 @@ def metadata(name: str) -> dict[str, Any] | None:
     path = zoo_path(_recipe(name))
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as fh:
-        meta = dict(fh.metadata() or {})
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors' own error types for a damaged file
+        raise SurgeryInputError(f"zoo:{name}: cached file {path} is unreadable ({exc}); delete it to rebuild") \
+            from None
     meta["test_accuracy"] = float(meta.get("test_accuracy", "nan"))
     meta["path"] = str(path)
     return meta

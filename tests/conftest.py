@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -40,24 +39,6 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SURGERY_CACHE", str(cache))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     return cache
-
-
-@pytest.fixture(scope="session")
-def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A zoo cache for a whole session: ``$SURGERY_CACHE`` from the environment if set (a warm cache), else a tmp dir.
-
-    Only for tests that need a cached model but do not test the cache itself; restores the environment after.
-    """
-    preset = os.environ.get("SURGERY_CACHE")
-    if preset:
-        yield Path(preset)
-        return
-    cache = tmp_path_factory.mktemp("surgery-cache")
-    os.environ["SURGERY_CACHE"] = str(cache)
-    try:
-        yield cache
-    finally:
-        os.environ.pop("SURGERY_CACHE", None)
 
 
 class TinyCNN(nn.Module):

@@ -23,11 +23,11 @@ import torch
 import torchvision
 from torch import nn
 
-from surgery.case import DatasetSpec, load_case
+from surgery.case import DatasetSpec
 from surgery.cli import main
 from surgery.data import load_split
 from surgery.finetune import predict, recalibrate_bn
-from surgery.gate import GATE_FILE, bn_stats_rows, run_gate, write_verdict
+from surgery.gate import GATE_FILE, bn_stats_rows, write_verdict
 from surgery.results import CaseResult, ExpectationResult
 
 IMAGE_SIZE, LIMIT, SEED = 16, 400, 0
@@ -63,7 +63,8 @@ def _candidate() -> tuple[nn.Module, float]:
     mu, sd = feats.mean(0), feats.std(0) + 1e-6
     z = (feats - mu) / sd
     onehot = nn.functional.one_hot(split.train_y, 10).double()
-    w = torch.linalg.solve(z.T @ z + 1000.0 * torch.eye(z.shape[1], dtype=torch.float64), z.T @ (onehot - onehot.mean(0)))
+    ridge = 1000.0 * torch.eye(z.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(z.T @ z + ridge, z.T @ (onehot - onehot.mean(0)))
     with torch.no_grad():
         head.weight.copy_((w / sd[:, None]).T.float())
         head.bias.copy_((onehot.mean(0) - (mu / sd) @ w).float())
@@ -145,28 +146,23 @@ def test_good_checkpoint_passes_and_writes_the_verdict_only_under_report(world, 
     assert "after_min 0.5" in by_name["gate.accuracy"]["message"]
     assert "20 BatchNorm layer(s) checked" in by_name["gate.bn_stats"]["message"]
     assert _html_reports(report), "no HTML report"
+    assert verdict["provenance"]["checkpoint_sha256"] == verdict["sha256"]
+    assert {r["stage"] for r in verdict["tables"]["activations"]} == {"gate"}
+    assert len(verdict["tables"]["bn_stats"]) == 20 and all(r["ok"] for r in verdict["tables"]["bn_stats"])
     assert _listing(case.parent, ckpt.parent, world["root"] / "source") == before  # nothing written elsewhere
     leftovers = [p for p in report.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers
 
 
-def test_good_safetensors_checkpoint_through_the_api(world, tmp_path):
+def test_nan_in_one_weight_fails_finite(world, tmp_path, capsys):
+    """The same checkpoint (as .safetensors) with one NaN weight: exit 1, the weight and the first module named."""
     from safetensors.torch import save_file
 
-    ckpt = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in world["state"].items()}, str(ckpt))
-    result = run_gate(ckpt, load_case(world["case"]), report_dir=tmp_path / "report")
-    assert result.passed, [e.message for e in result.expectations]
-    assert result.provenance["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    assert {r["stage"] for r in result.tables["activations"]} == {"gate"}
-    assert len(result.tables["bn_stats"]) == 20 and all(r["ok"] for r in result.tables["bn_stats"])
-    assert (tmp_path / "report" / GATE_FILE).is_file()
-
-
-def test_nan_in_one_weight_fails_finite(world, tmp_path, capsys):
-    def poison(state):
-        state["layer2.0.conv1.weight"][0, 0, 0, 0] = math.nan
-    ckpt = _save_variant(world, tmp_path, "nan.pt", poison)
+    state = {k: v.clone().contiguous() for k, v in world["state"].items()}
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = math.nan
+    ckpt = tmp_path / "release" / "nan.safetensors"
+    ckpt.parent.mkdir()
+    save_file(state, str(ckpt))
     report = tmp_path / "report"
     code, out, err = _gate(capsys, ckpt, world["case"], report)
     assert code == 1, out + err
@@ -193,7 +189,8 @@ def test_untrained_checkpoint_fails_accuracy_drift_and_bn_stats(world, tmp_path,
     verdict = _strict_load(report / GATE_FILE)
     failed = {e["name"]: e["message"] for e in verdict["expectations"] if not e["passed"]}
     assert set(failed) == {"gate.accuracy", "gate.recovery", "gate.drift_max", "gate.bn_stats"}, failed
-    assert failed["gate.bn_stats"].startswith("observed 20 > bad_layers 0 (BatchNorm running statistics bad in 20 of 20")
+    assert failed["gate.bn_stats"].startswith(
+        "observed 20 > bad_layers 0 (BatchNorm running statistics bad in 20 of 20")
     assert "num_batches_tracked is 0" in failed["gate.bn_stats"]
     assert "normalised W1, checkpoint vs source, layer layer" in failed["gate.drift_max"]
     for name in failed:
@@ -221,6 +218,15 @@ def test_unreadable_checkpoint_is_bad_input(world, tmp_path, capsys, kind):
     assert {"truncated": "truncated or corrupt", "empty": "truncated or corrupt", "missing": "no such file",
             "not a state_dict": "expected a state_dict"}[kind] in err
     assert not report.exists()  # nothing half-written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_device_is_bad_input(world, tmp_path, capsys):
+    code = main(["gate", str(world["checkpoint"]), "--case", str(world["case"]), "--report", str(tmp_path / "r"),
+                 "--device", "cuda"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "CUDA is not available" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("kind", ["keys match nothing", "wrong shape", "missing keys"])

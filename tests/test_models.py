@@ -226,7 +226,8 @@ def test_checkpoint_through_build_model(tmp_path):
     torch.manual_seed(0)
     trained = build_architecture("surgery.zoo:stem_trainer", num_classes=4)
     torch.save({"module." + k: v for k, v in trained.state_dict().items()}, tmp_path / "stem.pt")
-    model = build_model(ModelSpec(model="surgery.zoo:stem_trainer", num_classes=4, checkpoint=str(tmp_path / "stem.pt")))
+    spec = ModelSpec(model="surgery.zoo:stem_trainer", num_classes=4, checkpoint=str(tmp_path / "stem.pt"))
+    model = build_model(spec)
     assert _equal_state(model.state_dict(), trained.state_dict())
 
 
@@ -276,7 +277,10 @@ def test_factory_that_raises_is_bad_input():
 
 @pytest.mark.parametrize("ref, fragment", [("torchvision:resnet19", "did you mean resnet18"),
                                            ("timm:resnet19d", "did you mean"),
-                                           ("zoo:nope", "mnist-resnet18"),
+                                           ("timm:qqqqqq", "expected a name in timm.list_models"),
+                                           ("torchvision:qqqq", "expected a name in torchvision.models"),
+                                           ("zoo:nope", "expected one of: mnist-resnet18"),
+                                           ("zoo:mnist-resnet19", "did you mean mnist-resnet18"),
                                            ("resnet18", "torchvision:NAME"),
                                            ("torchvision:", "torchvision:NAME"),
                                            ("my-pkg:net", "package.module:factory")])
