@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
+from benchmarks.timing import best_of
 from surgery.checks.activations import probe_activations, resolve_layers
 
 LAYERS = ["layer1.*.relu", "layer2.*.relu", "layer3.*.relu", "layer4.*.relu"]  # 16 bottleneck outputs
@@ -48,24 +48,15 @@ def naive_probe(model, x, layers, device, batch_size=256) -> dict:
     return out
 
 
-def _best_of(fn, rounds=3) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def test_probe_vs_bare_forward(benchmark, record_ratio, device):
     model, x = _setup(512, device)
     layers = resolve_layers(model, LAYERS)
     assert len(layers) >= 16
-    bare = _best_of(lambda: bare_forward(model, x, device))
+    bare = best_of(lambda: bare_forward(model, x, device))
     benchmark.pedantic(probe_activations, args=(model, x, layers), kwargs={"device": device}, rounds=3,
                        warmup_rounds=1)
     probe = min(benchmark.stats.stats.data)
-    naive = _best_of(lambda: naive_probe(model, x, layers, device), rounds=1)
+    naive = best_of(lambda: naive_probe(model, x, layers, device), rounds=1)
     record_ratio("probe_over_bare_forward", probe / bare, "<= 1.25")
     record_ratio("probe_over_naive_probe", probe / naive, "< 1.0")
 

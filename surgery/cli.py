@@ -1,18 +1,20 @@
 """The ``surgery`` command: run, gate, report, zoo, inspect.
 
-Exit codes: 0 every expectation holds, 1 an expectation failed, 2 bad input (one line on stderr).
+Exit codes: 0 every expectation holds, 1 an expectation failed, 2 bad input (one line on stderr),
+3 an internal error (a bug, or the environment failing: disk full …).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from surgery.errors import SurgeryInputError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def _print_result(result, report: Path | None) -> None:
@@ -35,15 +37,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
     cases = [load_case(p) for p in paths]  # every file is validated before anything runs
     options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False)
-    failed = False
+    failed = bad = False
     for case in cases:
-        result = run_case(case, options)
-        report = write_case_report(result, Path(args.report)) if args.report else None
-        _print_result(result, report)
+        try:
+            result = run_case(case, options)
+        except SurgeryInputError as exc:  # this case cannot run; the others still do
+            print(f"surgery: error: {exc}", file=sys.stderr)
+            bad = True
+            continue
+        _print_result(result, write_case_report(result, Path(args.report)))
         failed |= not result.passed
-    if args.report:
-        print(f"index: {write_index(Path(args.report))}")
-    return EXIT_FAILED if failed else EXIT_OK
+    print(f"index: {write_index(Path(args.report))}")
+    return EXIT_BAD_INPUT if bad else EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -66,6 +71,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         "compare.html" if other else "report.html")
     render_report(result, out, compare=other)
     print(out)
+    return EXIT_OK
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from surgery.report.render import summary_table
+
+    if not Path(args.report_dir).is_dir():
+        raise SurgeryInputError(f"{args.report_dir}: no such report directory")
+    print(summary_table(Path(args.report_dir)))
     return EXIT_OK
 
 
@@ -116,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run case files; exit 0 if every expectation holds")
     run.add_argument("cases", nargs="+", help="case files or directories")
-    run.add_argument("--report", default=None, metavar="DIR", help="write results.json and report.html here")
+    run.add_argument("--report", default="reports", metavar="DIR",
+                     help="write results.json and report.html per case, and index.html, here (default: reports)")
     run.add_argument("--device", default=None, help="override the cases' device: auto, cpu, cuda, cuda:N")
     run.add_argument("--seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -134,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", default=None)
     report.add_argument("--compare", default=None, metavar="OTHER.json")
     report.set_defaults(func=cmd_report)
+
+    summary = sub.add_parser("summary", help="a Markdown table of the key figures of every case in a report dir")
+    summary.add_argument("report_dir")
+    summary.set_defaults(func=cmd_summary)
 
     zoo = sub.add_parser("zoo", help="build or list the zoo of source models")
     zoo.add_argument("action", choices=["build", "list"])
@@ -158,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an environment failure (disk full …): never exit 1, which means "failed"
+        if os.environ.get("SURGERY_DEBUG"):
+            raise
+        print(f"surgery: internal error: {exc.__class__.__name__}: {exc} (set SURGERY_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -194,7 +194,8 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
         teacher.eval()
     running, seen, start = 0.0, 0, time.perf_counter()
     nonfinite: torch.Tensor | None = None
-    order = torch.randperm(len(train_x), generator=g)
+    # Batch order is drawn on the CPU (deterministic) and lives on the device: no copy per step.
+    order = torch.randperm(len(train_x), generator=g).to(device)
     cursor = 0
     for step in range(spec.steps):
         _set_frozen(groups, step)
@@ -202,8 +203,8 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
         for pg in optimizer.param_groups:
             pg["lr"] = pg["base_lr"] * factor
         if cursor + spec.batch_size > len(order):
-            order, cursor = torch.randperm(len(train_x), generator=g), 0
-        idx = order[cursor:cursor + spec.batch_size].to(device)
+            order, cursor = torch.randperm(len(train_x), generator=g).to(device), 0
+        idx = order[cursor:cursor + spec.batch_size]
         cursor += spec.batch_size
         x, y = train_x_dev[idx], train_y_dev[idx]
         model.train()

@@ -35,6 +35,19 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Items marked ``gpu`` (cases and ordinary tests alike) are skipped without CUDA."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA, which is not available")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
 def _in_cases_dir(path: Path) -> bool:
     return any(part == "cases" for part in path.parent.parts)
 
@@ -111,11 +124,6 @@ class CaseItem(pytest.Item):
         parent: CaseFile = self.parent
         if parent.case is None:
             raise parent.load_error
-        if "gpu" in parent.case.markers:
-            import torch
-
-            if not torch.cuda.is_available():
-                pytest.skip("gpu case: CUDA is not available")
         outcome = parent.result()
         if isinstance(outcome, SurgeryInputError):
             raise outcome

@@ -48,6 +48,7 @@ class Recipe:
 ZOO: dict[str, Recipe] = {r.name: r for r in [
     Recipe("mnist-resnet18", "torchvision:resnet18", "mnist5k", steps=300),
     Recipe("mnist-resnet50", "torchvision:resnet50", "mnist5k", steps=250),
+    Recipe("mnist-mobilenetv3", "timm:mobilenetv3_small_100", "mnist5k", steps=500, lr=5e-3),
     Recipe("shapes-resnet18", "torchvision:resnet18", "shapes", num_classes=5, steps=200),
     # A ResNet stem (3→64, 7×7, stride 2) trained inside a small net on MNIST: the graft donor.
     Recipe("mnist-stem", "surgery.zoo:stem_trainer", "mnist5k", kind="stem", steps=200),
@@ -106,10 +107,13 @@ def _architecture(recipe: Recipe) -> nn.Module:
     return build_architecture(recipe.arch, num_classes=recipe.num_classes)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe
 
 
 def write_atomic(path: Path, write) -> None:
@@ -119,7 +123,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

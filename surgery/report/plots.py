@@ -27,8 +27,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 # Colours shared by the plots and the page's CSS legend (render.py passes them to the templates).
-STAGE_COLORS = {"reference": "#4d4d4d", "surgery": "#e66100", "finetune": "#5d3a9b"}
-STAGE_LABELS = {"reference": "reference", "surgery": "after surgery", "finetune": "after fine-tune"}
+STAGE_COLORS = {"reference": "#4d4d4d", "surgery": "#e66100", "finetune": "#5d3a9b", "gate": "#1a7f37"}
+STAGE_LABELS = {"reference": "reference", "surgery": "after surgery", "finetune": "after fine-tune",
+                "gate": "checkpoint (gate)"}
+PATIENT_STAGES = ("surgery", "finetune", "gate")
 METHOD_COLORS = {"exact": "#1a9850", "sliced": "#4575b4", "adapted": "#fdae61", "fresh": "#d73027"}
 METHODS = tuple(METHOD_COLORS)
 RUN_STYLES = {"A": "-", "B": "--"}
@@ -201,7 +203,7 @@ def histogram(hist: dict[str, Any], title: str) -> str | None:
     widths = np.diff(edges)
     fig, (ax,) = _figure(2.9, 1.75, margins=(0.08, 0.06, 0.22, 0.2))
     drawn = 0
-    for stage in ("reference", "surgery", "finetune"):
+    for stage in ("reference", *PATIENT_STAGES):
         counts = _finite(hist.get(stage) or [])
         if len(counts) != len(widths) or not np.isfinite(counts).all() or counts.sum() <= 0:
             continue
@@ -228,7 +230,7 @@ def drift(rows: Sequence[dict[str, Any]], threshold: float | None, *, seeds: int
     if not rows:
         return None
     layers = _layer_order(rows)
-    stages = [s for s in ("surgery", "finetune") if any(r.get("stage") == s for r in rows)]
+    stages = [s for s in PATIENT_STAGES if any(r.get("stage") == s for r in rows)]
     worst = _worst_by(rows, "w1_norm")
     fig, ax = _layer_figure(layers)
     width = 0.8 / max(1, len(stages))
@@ -263,7 +265,7 @@ def dead_channels(rows: Sequence[dict[str, Any]], threshold: float | None) -> st
     ref = _worst_by([dict(r, stage="reference") for r in rows if r.get("stage") == rows[0].get("stage")],
                     "ref_dead_channel_frac")
     series = {"reference": [ref.get((layer, "reference"), math.nan) for layer in layers]}
-    for stage in ("surgery", "finetune"):
+    for stage in PATIENT_STAGES:
         if any(r.get("stage") == stage for r in rows):
             series[stage] = [worst.get((layer, stage), math.nan) for layer in layers]
     values = np.array([v for ys in series.values() for v in ys], dtype=float)
@@ -392,7 +394,7 @@ def compare_drift(runs: dict[str, Sequence[dict[str, Any]]], threshold: float | 
     series = []
     for run, rows in runs.items():
         worst = _worst_by(rows, "w1_norm")
-        for stage in ("surgery", "finetune"):
+        for stage in PATIENT_STAGES:
             if any(r.get("stage") == stage for r in rows):
                 series.append((run, stage, np.array([worst.get((layer, stage), math.nan) for layer in layers])))
     fig, ax = _layer_figure(layers, per_layer=0.6)

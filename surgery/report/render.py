@@ -301,7 +301,8 @@ def _provenance_items(prov: dict[str, Any]) -> list[tuple[str, Any]]:
 def case_view(result: CaseResult) -> dict[str, Any]:
     """Everything the case template shows, computed from ``result`` (strings still unescaped)."""
     act_rows = _activation_rows(result)
-    drift_max, dead_max = _threshold(result, "activations.drift_max"), _threshold(result, "activations.dead_max")
+    drift_max = _threshold(result, "activations.drift_max") or _threshold(result, "gate.drift_max")
+    dead_max = _threshold(result, "activations.dead_max") or _threshold(result, "gate.dead_max")
     hists, hist_seed = _histogram_plots(result)
     acc_source, acc_baseline = _agg(result, "source"), _agg(result, "baseline")
     held = sum(1 for e in result.expectations if e.passed)
@@ -462,3 +463,25 @@ def write_index(report_dir: Path) -> Path:
     page = _render_page("index.html.j2", rows=rows, notes=notes, passed=passed, title="surgery reports",
                         report_dir=str(report_dir))
     return _write_page(report_dir / "index.html", page)
+
+
+SUMMARY_COLUMNS = {"coverage.tensors": "coverage (tensors)", "coverage.elements": "coverage (elements)",
+                   "accuracy.source": "source", "accuracy.before": "before", "accuracy.after": "after",
+                   "accuracy.baseline": "baseline", "accuracy.recovery": "recovery", "accuracy.bn_gain": "AdaBN gain",
+                   "drift.surgery": "worst W1 (surgery)", "drift.finetune": "worst W1 (fine-tune)"}
+
+
+def summary_table(report_dir: Path) -> str:
+    """A Markdown table of every case under ``report_dir``: the key figures (means over seeds)."""
+    header = ["case", "seeds", *SUMMARY_COLUMNS.values(), "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for path in sorted(Path(report_dir).glob("*/results.json")):
+        result = load_results(path)
+        figs = figures(result)
+        cells = [result.case, str(len(result.seeds))]
+        for key in SUMMARY_COLUMNS:
+            value = figs.get(key)
+            cells.append("–" if value is None else f"{value:.3f}")
+        cells.append("pass" if result.passed else "FAIL")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
