@@ -38,6 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cases = [load_case(p) for p in paths]  # every file is validated before anything runs
     options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False)
     failed = bad = False
+    ran = 0
     for case in cases:
         try:
             result = run_case(case, options)
@@ -47,7 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             continue
         _print_result(result, write_case_report(result, Path(args.report)))
         failed |= not result.passed
-    print(f"index: {write_index(Path(args.report))}")
+        ran += 1
+    if ran:
+        print(f"index: {write_index(Path(args.report))}")
     return EXIT_BAD_INPUT if bad else EXIT_FAILED if failed else EXIT_OK
 
 
