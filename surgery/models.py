@@ -149,16 +149,20 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, or
     return model
 
 
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``path`` of ``root`` (replacing what is there)."""
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, new)
+
+
 def _set_in_chans(model: nn.Module, in_chans: int) -> None:
     """Replace the first Conv2d with a fresh one taking ``in_chans`` channels (torchvision has no in_chans)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             if module.in_channels == in_chans:
                 return
-            new = nn.Conv2d(in_chans, module.out_channels, module.kernel_size, module.stride, module.padding,
-                            module.dilation, module.groups, module.bias is not None)
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], new)
+            set_module(model, name, nn.Conv2d(in_chans, module.out_channels, module.kernel_size, module.stride,
+                                              module.padding, module.dilation, module.groups, module.bias is not None))
             return
 
 

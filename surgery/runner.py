@@ -47,8 +47,8 @@ def _check_forward(model: nn.Module, split: Split, what: str) -> int:
     try:
         with torch.no_grad():
             out = model(_example(split).to(next(model.parameters()).device))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
+    except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts input sizes, torch raises
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
         raise SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
                                 f"(is data.image_size too small for this architecture?): {first}") from None
     return int(out.shape[-1])

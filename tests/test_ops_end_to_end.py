@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from surgery.case import parse_case
@@ -56,3 +57,39 @@ expect: {accuracy: {after_min: 0.0}}
         assert torch.equal(value, backbone_before[key]), key
     assert any(not torch.equal(v, head_before[k]) for k, v in patient.head.state_dict().items())
     assert {t.method for t in record.tensors} == {"exact", "fresh"}
+
+
+def test_image_size_too_small_for_the_architecture_exits_2(tmp_path, capsys):
+    """A ViT built for 224 px fed 32 px images: bad input naming the size, not a traceback."""
+    case = tmp_path / "small.yaml"
+    case.write_text("""\
+name: too-small
+data: {train: {name: digits, limit: 100}, image_size: 32}
+source: {model: "timm:vit_tiny_patch16_224", num_classes: 10}
+surgery: {op: activation_swap, from: [GELU], to: ReLU}
+finetune: {steps: 1, batch_size: 8}
+expect: {accuracy: {after_min: 0.0}}
+""")
+    assert main(["run", str(case), "--quiet", "--report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "(3, 32, 32)" in err[0] and "image_size" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.gpu
+def test_tiny_case_runs_on_cuda(tmp_path):
+    """The GPU path (data on the device, bf16 autocast, channels_last) end to end; skipped without CUDA."""
+    from surgery.runner import RunOptions, run_case
+
+    case = parse_case("""\
+name: tiny-cuda
+data: {train: {name: digits, limit: 300}, image_size: 32}
+source: {model: "torchvision:resnet18", num_classes: 10}
+surgery: {op: transplant, target: {model: "torchvision:resnet18", num_classes: 10}, strategy: exact}
+finetune: {steps: 5, batch_size: 16, eval_every: 5}
+expect: {coverage: {tensors_min: 1.0}, activations: {layers: ["layer?"], drift_max: 0.1}}
+""")
+    result = run_case(case, RunOptions(device="cuda", progress=False))
+    assert result.provenance["device"].startswith("cuda")
+    assert result.passed, [e.message for e in result.expectations if not e.passed]

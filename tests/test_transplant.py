@@ -173,7 +173,11 @@ def test_resnet50_to_resnet18_select_values(r50_to_r18, src50):
     assert rec["layer2.0.downsample.0.weight"].method == "sliced"
     assert rec["layer2.0.downsample.0.weight"].source_shape == [512, 256, 1, 1]
     assert rec["fc.weight"].method == "sliced"  # same class count: the head is selected like any layer
-    assert (rec["layer1.0.conv1.weight"].method, rec["layer1.0.conv1.weight"].reason) == ("fresh", "shape mismatch")
+    # bottleneck 1×1 conv1 → basic-block 3×3 conv1: channels selected, kernel centred, zeros around
+    conv1 = rec["layer1.0.conv1.weight"]
+    assert (conv1.method, conv1.source_shape) == ("adapted", [64, 64, 1, 1])
+    assert torch.equal(tgt_state["layer1.0.conv1.weight"][:, :, 1, 1], src_state["layer1.0.conv1.weight"][:, :, 0, 0])
+    assert tgt_state["layer1.0.conv1.weight"][:, :, 0].abs().sum() == 0
     # first-N layer selection: target block B of a stage ← source block B of that stage
     assert rec["layer3.1.conv2.weight"].source_key == "layer3.1.conv2.weight"
     for t in record.tensors:
@@ -181,6 +185,22 @@ def test_resnet50_to_resnet18_select_values(r50_to_r18, src50):
             assert torch.equal(tgt_state[t.target_key], src_state[t.source_key])
         elif t.method == "sliced":
             assert torch.equal(tgt_state[t.target_key], select_weights(src_state[t.source_key], t.shape))
+
+
+def test_embedded_kernel_computes_the_same_function():
+    from surgery.ops.transplant import embed_kernel
+
+    torch.manual_seed(0)
+    small, large = nn.Conv2d(8, 6, 1, bias=False), nn.Conv2d(4, 3, 3, padding=1, bias=False)
+    with torch.no_grad():
+        large.weight.copy_(embed_kernel(small.weight, large.weight.shape))
+    reference = nn.Conv2d(4, 3, 1, bias=False)
+    with torch.no_grad():
+        reference.weight.copy_(select_weights(small.weight, (3, 4, 1, 1)))
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.allclose(large(x), reference(x), atol=1e-6)
+    with pytest.raises(ValueError):
+        embed_kernel(torch.zeros(3, 4, 2, 2), (3, 4, 3, 3))  # an even difference only: no centre
 
 
 def test_order_strategy_walks_in_registration_order():

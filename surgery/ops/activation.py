@@ -19,7 +19,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgery.errors import SurgeryInputError
+from surgery.errors import SurgeryInputError, first_line
+from surgery.models import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
 
 # Canonical kind -> factory of the replacement module. These are the names ``to`` accepts.
@@ -234,22 +235,12 @@ def _inspect_graph(model: nn.Module, graph: fx.Graph,
     return call_sites, functional, opaque
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()
-
-
 def _hashable(x: Any) -> bool:
     try:
         hash(x)
     except TypeError:
         return False
     return True
-
-
-def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, name, new)
 
 
 def activation_swap(model: nn.Module, kinds: Sequence[str], to: str, *,
@@ -294,7 +285,7 @@ def activation_swap(model: nn.Module, kinds: Sequence[str], to: str, *,
     try:
         graph = _trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError…)
-        traced, trace_error = False, _first_line(exc)
+        traced, trace_error = False, first_line(exc)
     else:
         call_sites, functional, opaque = _inspect_graph(model, graph, wanted)
 
@@ -311,7 +302,7 @@ def activation_swap(model: nn.Module, kinds: Sequence[str], to: str, *,
         if path == "":
             model = new
         else:
-            _set_module(model, path, new)
+            set_module(model, path, new)
         replaced[kind_of(old)] += 1
     instances = Counter(old_kind.values())
 
@@ -363,7 +354,7 @@ def _count_calls(model: nn.Module, replacements: dict[int, nn.Module], old_kind:
     except Exception as exc:
         raise SurgeryInputError(
             f"activation_swap: the swapped model fails on example_input of shape {tuple(example_input.shape)}: "
-            f"{_first_line(exc)}") from exc
+            f"{first_line(exc)}") from exc
     finally:
         for h in handles:
             h.remove()

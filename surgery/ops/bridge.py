@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from surgery.errors import SurgeryInputError
+from surgery.errors import SurgeryInputError, first_line
 from surgery.ops.record import SurgeryRecord, recordable_state
 
 HEADS = ("linear", "mlp", "transformer")
@@ -204,11 +204,6 @@ class BridgeModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()
-
-
 def _check_nodes(model: nn.Module, nodes: Sequence[str], valid: list[str]) -> None:
     known = set(valid)
     for node in nodes:
@@ -276,7 +271,7 @@ def bridge(source: nn.Module, nodes: Sequence[str], head: Literal["linear", "mlp
         except Exception as exc:
             raise SurgeryInputError(
                 f"bridge: the source fails on example_input of shape {tuple(example_input.shape)}: "
-                f"{_first_line(exc)}") from exc
+                f"{first_line(exc)}") from exc
     shapes: dict[str, list[int]] = {}
     for node in nodes:
         f = feats.get(node)

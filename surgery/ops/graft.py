@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from surgery.errors import SurgeryInputError
+from surgery.errors import SurgeryInputError, first_line
+from surgery.models import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
 
 # Attribute a donor may carry to say which of its tensors were adapted from a source of another
@@ -36,11 +37,6 @@ def _shapes(out: Any) -> Any:
     return type(out).__name__
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip()
-
-
 def _module_at(host: nn.Module, path: str) -> nn.Module:
     names = [n for n, _ in host.named_modules() if n]
     if not path or path not in names:
@@ -49,11 +45,6 @@ def _module_at(host: nn.Module, path: str) -> nn.Module:
         hint = f"; close matches: {', '.join(close)}" if close else f"; top-level modules: {top}"
         raise SurgeryInputError(f"graft: no module at path {path!r} in {type(host).__name__}{hint}")
     return host.get_submodule(path)
-
-
-def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, name, new)
 
 
 def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
@@ -109,7 +100,7 @@ def graft(host: nn.Module, donor: nn.Module, path: str, *,
             except Exception as exc:
                 raise SurgeryInputError(
                     f"graft at {path!r}: the host fails on example_input of shape "
-                    f"{tuple(example_input.shape)} before grafting: {_first_line(exc)}") from exc
+                    f"{tuple(example_input.shape)} before grafting: {first_line(exc)}") from exc
             finally:
                 handle.remove()
             if not captured:
@@ -123,17 +114,17 @@ def graft(host: nn.Module, donor: nn.Module, path: str, *,
                 in_shape = _shapes(args[0]) if len(args) == 1 else _shapes(args)
                 raise SurgeryInputError(
                     f"graft at {path!r}: donor fails on the host module's input {in_shape}: "
-                    f"{_first_line(exc)}") from exc
+                    f"{first_line(exc)}") from exc
             if donor_shape != host_shape:
                 raise SurgeryInputError(
                     f"graft at {path!r}: donor output {donor_shape} != host module output {host_shape}")
 
-            _set_module(host, path, donor)
+            set_module(host, path, donor)
             try:
                 host(example_input)
             except Exception as exc:
                 raise SurgeryInputError(
-                    f"graft at {path!r}: the host fails with the donor in place: {_first_line(exc)}") from exc
+                    f"graft at {path!r}: the host fails with the donor in place: {first_line(exc)}") from exc
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -171,6 +171,34 @@ def as_target_rank(source: Tensor, target_shape: Sequence[int]) -> Tensor:
     return source
 
 
+def embed_kernel(source: Tensor, target_shape: Sequence[int]) -> Tensor:
+    """A conv weight with a smaller kernel put at the centre of the target's larger kernel, zeros around.
+
+    Channels are first reduced by weight selection. With 'same' padding, a k×k kernel centred in a
+    K×K kernel computes the same function (a 1×1 conv as the centre tap of a 3×3), so a bottleneck's
+    1×1 conv can initialise a basic block's 3×3 conv. Raises ``ValueError`` when not applicable.
+    """
+    target_shape = tuple(int(s) for s in target_shape)
+    if source.dim() != 4 or len(target_shape) != 4:
+        raise ValueError("kernel embedding applies to 4-D conv weights")
+    (o, i, kh, kw), (to, ti, th, tw) = source.shape, target_shape
+    if o < to or i < ti or kh > th or kw > tw or (th - kh) % 2 or (tw - kw) % 2 or (kh, kw) == (th, tw):
+        raise ValueError(f"cannot embed {tuple(source.shape)} into {target_shape}")
+    selected = select_weights(source, (to, ti, kh, kw))
+    out = selected.new_zeros(target_shape)
+    top, left = (th - kh) // 2, (tw - kw) // 2
+    out[:, :, top:top + kh, left:left + kw] = selected
+    return out
+
+
+def _embeddable(source_shape: Sequence[int], target_shape: Sequence[int]) -> bool:
+    try:
+        embed_kernel(torch.empty(source_shape, device="meta"), target_shape)
+    except ValueError:
+        return False
+    return True
+
+
 def _selectable(source_shape: Sequence[int], target_shape: Sequence[int]) -> bool:
     return len(source_shape) == len(target_shape) and all(s >= t for s, t in zip(source_shape, target_shape))
 
@@ -345,6 +373,7 @@ def match_select(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
     - the stem (``stem_key``) when input channels differ → adapted (other dims selected first);
     - equal shapes → ``exact``; every source dim ≥ target dim → ``sliced`` (a Linear weight
       and a 1×1 conv weight are matched, see :func:`as_target_rank`);
+    - a conv whose source kernel is smaller (1×1 → 3×3) → ``adapted``: centred, see :func:`embed_kernel`;
     - otherwise (a smaller source dim, or another rank) → fresh "shape mismatch".
     Name matching *is* the paper's first-N layer selection for models whose blocks are numbered
     within a stage (torchvision/timm ResNets ``layerS.B``, ConvNeXt ``stages.S.blocks.B``, ViT
@@ -370,6 +399,10 @@ def match_select(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
             matches.append(Match(key, "exact", key, source_shape, value=src))
         elif _selectable(src.shape, tgt.shape):
             matches.append(Match(key, "sliced", key, source_shape, value=select_weights(src, tgt.shape)))
+        elif _embeddable(src.shape, tgt.shape):
+            # NOTE: an extension of weight selection, not in the paper: a smaller source kernel is
+            # centred in the target's (1×1 bottleneck conv → 3×3 basic-block conv), recorded "adapted".
+            matches.append(Match(key, "adapted", key, source_shape, value=embed_kernel(src, tgt.shape)))
         else:
             matches.append(Match(key, "fresh", key, source_shape, "shape mismatch"))
     return matches
