@@ -261,7 +261,3 @@ def build_model(spec, *, device: torch.device | str = "cpu", num_classes: int | 
         load_weights(model, load_state_dict_file(spec.checkpoint), origin=f"checkpoint {spec.checkpoint}")
     return model.to(device)
 
-
-def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    """The first Conv2d in registration order (the stem), or None."""
-    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
