@@ -54,13 +54,13 @@ import torch.nn as nn
 
 from surgery.case import Case
 from surgery.checks.accuracy import aggregate, recovery
-from surgery.checks.expect import _at_least, _at_most, _check, _fmt
+from surgery.checks.expect import _at_least, _at_most, _check, _fmt, worst_dead_row, worst_drift_row
 from surgery.data import Split, load_split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import predict, resolve_device, to_device
 from surgery.models import build_model, load_state_dict_file, load_weights
 from surgery.results import CaseResult, ExpectationResult, provenance, strict_json
-from surgery.runner import _probe_set, _Probes, perform_surgery
+from surgery.runner import FORWARD_ERRORS, _probe_set, _Probes, forward_error, perform_surgery
 from surgery.zoo import write_atomic
 
 __all__ = ["GATE_FILE", "run_gate", "write_verdict", "file_sha256", "bn_stats_rows", "nonfinite_weights",
@@ -134,10 +134,8 @@ def _logits(model: nn.Module, split: Split, device: torch.device, what: str) -> 
     """Logits on the test split; a forward that fails (input too small for the architecture…) is bad input."""
     try:
         return predict(model, split.test_x, device=device)
-    except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
-                                f"(is data.image_size too small for this architecture?): {first}") from None
+    except FORWARD_ERRORS as exc:
+        raise forward_error(what, split, exc) from None
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -200,13 +198,13 @@ def _expectations(case: Case, seed: int, split: Split, acc: dict[str, float | No
     if act is not None and rows:
         per_layer = {r["layer"]: r["w1_norm"] for r in rows}
         if act.drift_max is not None:
-            worst = max(rows, key=lambda r: math.inf if math.isnan(r["w1_norm"]) else r["w1_norm"])
+            worst = worst_drift_row(rows)
             # Evidently's convention, as in the runner: drift is detected when the distance reaches the threshold.
             out.append(_named(_check("activations.drift_max", worst["w1_norm"], act.drift_max, lambda o, t: o < t, "<",
                                      f"normalised W1, checkpoint vs source, layer {worst['layer']}, {where_seed}",
                                      {"layer": worst["layer"], "per_layer": per_layer}), "gate.drift_max"))
         if act.dead_max is not None:
-            worst = max(rows, key=lambda r: r["dead_channel_frac"])
+            worst = worst_dead_row(rows)
             out.append(_named(_at_most("activations.dead_max", worst["dead_channel_frac"], act.dead_max,
                                        f"dead-channel fraction of the checkpoint, layer {worst['layer']}, {where_seed}",
                                        {"layer": worst["layer"]}), "gate.dead_max"))

@@ -41,16 +41,25 @@ def _example(split: Split) -> torch.Tensor:
     return split.test_x[:2]
 
 
+# What a forward on inputs of the wrong size raises: torch a RuntimeError, timm often an AssertionError.
+FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
+
+
+def forward_error(what: str, split: Split, exc: BaseException) -> SurgeryInputError:
+    """The one-line bad-input error for a model whose forward fails on the case's images."""
+    first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+    return SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
+                             f"(is data.image_size too small for this architecture?): {first}")
+
+
 def _check_forward(model: nn.Module, split: Split, what: str) -> int:
     """One eval forward on two test images; returns the output width. Too-small inputs are bad input."""
     model.eval()
     try:
         with torch.no_grad():
             out = model(_example(split).to(next(model.parameters()).device))
-    except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts input sizes, torch raises
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
-        raise SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
-                                f"(is data.image_size too small for this architecture?): {first}") from None
+    except FORWARD_ERRORS as exc:
+        raise forward_error(what, split, exc) from None
     return int(out.shape[-1])
 
 

@@ -37,6 +37,16 @@ def _seeds(per_seed: list[dict[str, Any]]) -> str:
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
 
 
+def worst_drift_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The activation row with the largest normalised W1; a NaN distance counts as the worst."""
+    return max(rows, key=lambda r: math.inf if math.isnan(r["w1_norm"]) else r["w1_norm"])
+
+
+def worst_dead_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The activation row with the largest dead-channel fraction."""
+    return max(rows, key=lambda r: r["dead_channel_frac"])
+
+
 def expectation_names(case: Case) -> list[str]:
     """The expectation results ``evaluate_expectations`` will produce for ``case``, in order."""
     expect, names = case.expect, []
@@ -100,14 +110,14 @@ def evaluate_expectations(case: Case, per_seed: list[dict[str, Any]]) -> tuple[l
         spec = expect.activations
         rows = [r for s in per_seed for r in s.get("activations", []) if r["stage"] == spec.at]
         if spec.drift_max is not None:
-            worst = max(rows, key=lambda r: -1 if math.isnan(r["w1_norm"]) else r["w1_norm"])
+            worst = worst_drift_row(rows)
             per_layer = {r["layer"]: r["w1_norm"] for r in rows}
             # Evidently's convention: drift is detected when the distance reaches the threshold.
             out.append(_check("activations.drift_max", worst["w1_norm"], spec.drift_max, lambda o, t: o < t, "<",
                               f"normalised W1 after {spec.at}, layer {worst['layer']}, {seeds}",
                               {"layer": worst["layer"], "per_layer": per_layer}))
         if spec.dead_max is not None:
-            worst = max(rows, key=lambda r: r["dead_channel_frac"])
+            worst = worst_dead_row(rows)
             out.append(_at_most("activations.dead_max", worst["dead_channel_frac"], spec.dead_max,
                                 f"dead-channel fraction after {spec.at}, layer {worst['layer']}, {seeds}",
                                 {"layer": worst["layer"]}))
