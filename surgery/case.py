@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+import math
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from surgery.errors import SurgeryInputError
@@ -95,7 +97,9 @@ def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]
         merged_keys: set[str] = set()
         for key_node, value_node, from_merge in pairs(node, path):
             key = construct(key_node, path)
-            if not isinstance(key, str):
+            # Integer keys are seed counts of a calibrated threshold ({1: 0.88, 3: 0.9}); the schema
+            # refuses them anywhere else as unknown keys.
+            if not isinstance(key, str) and (isinstance(key, bool) or not isinstance(key, int)):
                 raise SurgeryInputError(
                     f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
                     f"key {key!r} is not a string; expected a field name")
@@ -146,6 +150,55 @@ class Strict(BaseModel):
                     raise PydanticCustomError("unknown_key", "unknown key {shown}; expected one of: {allowed}",
                                               {"key": key, "shown": repr(key), "allowed": ", ".join(allowed)})
         return data
+
+
+# --------------------------------------------------------------------------- thresholds
+
+CALIBRATE = "calibrate"
+Threshold = Union[float, dict[int, float], str]
+"""A threshold in a case file, in one of three forms:
+
+- a number: a *claim* the case asserts (kept as written; calibration says whether the seeds a run
+  uses can decide it, and an undecided claim is reported as undecided, never as passed);
+- a mapping from seed count to number, ``{1: 0.884, 3: 0.902}``: a *calibrated* threshold, written
+  by ``surgery calibrate --write``; a run of k seeds uses the entry of the largest count <= k;
+- the word ``calibrate``: a placeholder for a threshold ``surgery calibrate --write`` will fill in.
+"""
+
+
+def _threshold(lo: float | None = None, hi: float | None = None) -> Any:
+    """The annotated type of a threshold field whose numbers must lie in [lo, hi]."""
+    span = f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else \
+        f">= {lo:g}" if lo is not None else "a finite number"
+
+    def number(value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"got {value!r}{where}; expected a number {span}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(f"got {value!r}{where}; expected a number {span}")
+        return float(value)
+
+    def check(value: Any) -> Threshold:
+        if value == CALIBRATE:
+            return CALIBRATE
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("empty mapping; expected seed counts to thresholds, e.g. {1: 0.88, 3: 0.9}")
+            out = {}
+            for key, item in value.items():
+                if isinstance(key, bool) or not isinstance(key, int) or key < 1:
+                    raise ValueError(f"key {key!r}: expected a seed count >= 1, e.g. {{1: 0.88, 3: 0.9}}")
+                out[key] = number(item, f" for {key} seed(s)")
+            return dict(sorted(out.items()))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return number(value, "")
+        raise ValueError(f"got {value!r}; expected a number {span}, a mapping from seed count to such a "
+                         f"number (e.g. {{1: 0.88, 3: 0.9}}), or {CALIBRATE!r}")
+
+    return Annotated[Threshold, PlainValidator(check)]
+
+
+UnitThreshold = _threshold(0.0, 1.0)
 
 
 class DatasetSpec(Strict):
@@ -280,21 +333,21 @@ class FinetuneSpec(Strict):
 
 
 class CoverageExpect(Strict):
-    tensors_min: float | None = Field(None, ge=0, le=1)
-    elements_min: float | None = Field(None, ge=0, le=1)
-    tensors_max: float | None = Field(None, ge=0, le=1, description="for baselines expected to cover little")
+    tensors_min: UnitThreshold | None = None
+    elements_min: UnitThreshold | None = None
+    tensors_max: UnitThreshold | None = Field(None, description="for baselines expected to cover little")
 
 
 class BeatsBaseline(Strict):
-    margin: float = Field(0.0, description="after must exceed the baseline by at least this much")
+    margin: _threshold(-1.0, 1.0) = Field(0.0, description="after must exceed the baseline by at least this much")
     model: ModelSpec | None = Field(None, description="baseline model; default: the patient's architecture")
 
 
 class AccuracyExpect(Strict):
-    source_min: float | None = Field(None, ge=0, le=1)
-    before_min: float | None = Field(None, ge=0, le=1)
-    after_min: float | None = Field(None, ge=0, le=1)
-    recovery_min: float | None = Field(None, ge=0)
+    source_min: UnitThreshold | None = None
+    before_min: UnitThreshold | None = None
+    after_min: UnitThreshold | None = None
+    recovery_min: _threshold(0.0) | None = None
     beats_baseline: BeatsBaseline | None = None
     aggregate: Literal["mean", "worst"] = "mean"
 
@@ -302,13 +355,13 @@ class AccuracyExpect(Strict):
 class ActivationsExpect(Strict):
     layers: list[str] = Field(min_length=1, description="module names or globs of the patient")
     reference_layers: list[str] | None = Field(None, description="the reference's names, if they differ")
-    drift_max: float | None = Field(None, gt=0, description="normalised W1; Evidently's default is 0.1")
-    dead_max: float | None = Field(None, ge=0, le=1)
+    drift_max: _threshold(0.0) | None = Field(None, description="normalised W1; Evidently's default is 0.1")
+    dead_max: UnitThreshold | None = None
     at: Literal["surgery", "finetune"] = Field("surgery", description="which patient drift_max applies to")
 
 
 class BnRecalibrationExpect(Strict):
-    gain_min: float = 0.0
+    gain_min: _threshold(-1.0, 1.0) = 0.0
     batches: int = Field(20, gt=0)
 
 
@@ -323,7 +376,8 @@ class Expectations(Strict):
 class Case(Strict):
     name: str = Field(min_length=1)
     description: str = ""
-    seed: list[int] = Field([0], min_length=1)
+    seed: list[Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]] = Field(
+        [0], min_length=1, description="one non-negative integer (below 2**63) or a list of them")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     markers: list[Literal["slow", "gpu"]] = []
     data: DataSpec
@@ -335,17 +389,26 @@ class Case(Strict):
     # set by load_case, not by the file
     path: str = Field("<memory>", exclude=True)
     file_hash: str = Field("", exclude=True)
+    lines: dict[str, int] = Field({}, exclude=True, description="dotted field path -> line in the file")
+
+    def where(self, field: str) -> str:
+        """``FILE:LINE: field`` for a dotted field path, its nearest parent's line if it is not in the file."""
+        path = field
+        while path and path not in self.lines:
+            path = path.rpartition(".")[0]
+        return f"{self.path}:{self.lines.get(path, 1)}: {field}"
 
     @field_validator("seed", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        """``seed: 3`` is ``seed: [3]``; any other scalar is checked as one seed, so its error says integer."""
+        return value if isinstance(value, list) else [value]
 
     @model_validator(mode="before")
     @classmethod
     def _no_internal_fields(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for key in ("path", "file_hash"):
+            for key in ("path", "file_hash", "lines"):
                 if key in data:
                     raise PydanticCustomError("unknown_key", "unknown key {shown}; it is set by the loader",
                                               {"key": key, "shown": repr(key)})
@@ -377,6 +440,8 @@ def _error_line(err: dict[str, Any], data: Any, lines: dict[Path_, int]) -> tupl
     if err["type"] == "missing" and loc and isinstance(loc[-1], str) and path[-1:] != (loc[-1],):
         path += (loc[-1],)  # name the missing field; its line is its parent's
     line = lines.get(path) or lines.get(path[:-1]) or 1
+    if err["type"] == "unknown_key" and path and not isinstance(path[-1], str):  # an integer key: name it as a key
+        return line, ".".join(filter(None, [_dotted(path[:-1]), str(path[-1])]))
     return line, _dotted(path) or "<top>"
 
 
@@ -413,6 +478,7 @@ def parse_case(text: str, filename: str = "<memory>") -> Case:
         raise SurgeryInputError(f"{filename}:{line}: {field}: {_error_message(err)}") from None
     case.path = filename
     case.file_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+    case.lines = {_dotted(path): line for path, line in lines.items() if path}
     return case
 
 

@@ -43,7 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             result = run_case(case, options)
         except SurgeryInputError as exc:  # this case cannot run; the others still do
-            print(f"surgery: error: {exc}", file=sys.stderr)
+            message = str(exc) if str(exc).startswith(case.path) else f"{case.path}: {exc}"
+            print(f"surgery: error: {message}", file=sys.stderr)
             bad = True
             continue
         _print_result(result, write_case_report(result, Path(args.report)))

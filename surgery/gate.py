@@ -54,29 +54,21 @@ import torch.nn as nn
 
 from surgery.case import Case
 from surgery.checks.accuracy import aggregate, recovery
-from surgery.checks.expect import _at_least, _at_most, _check, _fmt, worst_dead_row, worst_drift_row
+from surgery.checks.expect import (at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row,
+                                   worst_drift_row)
 from surgery.data import Split, load_split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import predict, resolve_device, to_device
 from surgery.models import build_model, load_state_dict_file, load_weights
-from surgery.results import CaseResult, ExpectationResult, provenance, strict_json
+from surgery._io import file_sha256, strict_json, write_atomic
+from surgery.results import CaseResult, ExpectationResult, provenance
 from surgery.runner import FORWARD_ERRORS, _probe_set, _Probes, forward_error, perform_surgery
-from surgery.zoo import write_atomic
 
 __all__ = ["GATE_FILE", "run_gate", "write_verdict", "file_sha256", "bn_stats_rows", "nonfinite_weights",
            "nonfinite_outputs"]
 
 GATE_FILE = "gate.json"
 STAGE = "gate"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _named(result: ExpectationResult, name: str) -> ExpectationResult:
@@ -183,29 +175,36 @@ def _expectations(case: Case, seed: int, split: Split, acc: dict[str, float | No
                   bn_rows: list[dict[str, Any]]) -> list[ExpectationResult]:
     out: list[ExpectationResult] = []
     expect, where_seed = case.expect, f"seed {seed}"
+
+    def one_model(value: Any) -> float | None:  # a checkpoint is one model: the threshold for one seed
+        return None if value is None else resolve_threshold(value, 1)
+
     spec = expect.accuracy
-    if spec is not None and spec.after_min is not None:
-        out.append(_named(_at_least("accuracy.after_min", acc["checkpoint"], spec.after_min,
+    after_min = one_model(spec.after_min) if spec is not None else None
+    recovery_min = one_model(spec.recovery_min) if spec is not None else None
+    if after_min is not None:
+        out.append(_named(at_least("accuracy.after_min", acc["checkpoint"], after_min,
                                     f"checkpoint accuracy on the {split.name} test split of {len(split.test_y)}, "
                                     f"{where_seed}", {"accuracy": acc["checkpoint"]}), "gate.accuracy"))
-    if spec is not None and spec.recovery_min is not None:
+    if recovery_min is not None:
         why = "" if acc["source"] is not None else ", the source cannot be evaluated on this data"
-        out.append(_named(_at_least("accuracy.recovery_min", acc["recovery"], spec.recovery_min,
-                                    f"checkpoint / source accuracy, {_fmt(acc['checkpoint'])} / {_fmt(acc['source'])}"
+        out.append(_named(at_least("accuracy.recovery_min", acc["recovery"], recovery_min,
+                                    f"checkpoint / source accuracy, {fmt(acc['checkpoint'])} / {fmt(acc['source'])}"
                                     f"{why}, {where_seed}", {"checkpoint": acc["checkpoint"], "source": acc["source"]}),
                           "gate.recovery"))
     act = expect.activations
     if act is not None and rows:
         per_layer = {r["layer"]: r["w1_norm"] for r in rows}
-        if act.drift_max is not None:
+        drift_max, dead_max = one_model(act.drift_max), one_model(act.dead_max)
+        if drift_max is not None:
             worst = worst_drift_row(rows)
             # Evidently's convention, as in the runner: drift is detected when the distance reaches the threshold.
-            out.append(_named(_check("activations.drift_max", worst["w1_norm"], act.drift_max, lambda o, t: o < t, "<",
+            out.append(_named(below("activations.drift_max", worst["w1_norm"], drift_max,
                                      f"normalised W1, checkpoint vs source, layer {worst['layer']}, {where_seed}",
                                      {"layer": worst["layer"], "per_layer": per_layer}), "gate.drift_max"))
-        if act.dead_max is not None:
+        if dead_max is not None:
             worst = worst_dead_row(rows)
-            out.append(_named(_at_most("activations.dead_max", worst["dead_channel_frac"], act.dead_max,
+            out.append(_named(at_most("activations.dead_max", worst["dead_channel_frac"], dead_max,
                                        f"dead-channel fraction of the checkpoint, layer {worst['layer']}, {where_seed}",
                                        {"layer": worst["layer"]}), "gate.dead_max"))
 
@@ -222,7 +221,7 @@ def _expectations(case: Case, seed: int, split: Split, acc: dict[str, float | No
              else "weights, buffers, logits and probed activations on the test split") + f", {where_seed}"
     details = {"nonfinite_weights": bad_weights[:50], "nonfinite_outputs": dict(list(bad_outputs.items())[:50]),
                "nonfinite_probed_layers": probed}
-    out.append(_named(_check("finite", 0.0 if problems else 1.0, 1.0, lambda o, t: o == t, "==", where, details),
+    out.append(_named(check("finite", 0.0 if problems else 1.0, 1.0, lambda o, t: o == t, "==", where, details),
                       "gate.finite"))
 
     bad_bn = [r for r in bn_rows if not r["ok"]]
@@ -232,7 +231,7 @@ def _expectations(case: Case, seed: int, split: Split, acc: dict[str, float | No
     else:
         where = (f"{len(bn_rows)} BatchNorm layer(s) checked" if bn_rows
                  else "no BatchNorm layers with running statistics")
-    out.append(_named(_at_most("bn_stats.bad_layers", float(len(bad_bn)), 0.0, where,
+    out.append(_named(at_most("bn_stats.bad_layers", float(len(bad_bn)), 0.0, where,
                                {"layers": len(bn_rows), "bad": {r["layer"]: r["problems"] for r in bad_bn}}),
                       "gate.bn_stats"))
     return out
@@ -320,6 +319,3 @@ def write_verdict(result: CaseResult, report_dir: Path, *, checkpoint: Path, sha
     path = report_dir / GATE_FILE
     write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     return path
-    if hasattr(value, "tolist"):
-        return _strict_json(value.tolist())
-    return str(value)

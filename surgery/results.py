@@ -12,9 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from surgery.zoo import write_atomic
+from surgery._io import strict_json, write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 
 
 @dataclass
@@ -27,6 +28,16 @@ class ExpectationResult:
     threshold: float | None
     details: dict[str, Any] = field(default_factory=dict)
     message: str = ""              # one line: "observed 0.71 < after_min 0.90 (accuracy, mean of seeds 0, 1)"
+    status: str = ""               # passed | failed | undecided (a claim the seeds run cannot decide)
+    calibration: dict[str, Any] | None = None  # the calibrated distribution the threshold came from
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            self.status = "passed" if self.passed else "failed"
+
+    @property
+    def undecided(self) -> bool:
+        return self.status == "undecided"
 
 
 @dataclass
@@ -47,9 +58,23 @@ class CaseResult:
     seconds: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
+    calibration: str = ""          # calibrated, stale or missing, in one line
+    calibration_notes: list[str] = field(default_factory=list)  # where this run's provenance differs from it
+
     @property
     def passed(self) -> bool:
-        return self.error is None and all(e.passed for e in self.expectations)
+        """No error and no failed expectation (undecided ones do not fail a run; they never count as held)."""
+        return self.error is None and all(e.passed or e.undecided for e in self.expectations)
+
+    @property
+    def failures(self) -> list[ExpectationResult]:
+        """The expectations that failed."""
+        return [e for e in self.expectations if not e.passed and not e.undecided]
+
+    @property
+    def undecided(self) -> list[ExpectationResult]:
+        """The claims the seeds run could not decide."""
+        return [e for e in self.expectations if e.undecided]
 
     def expectation(self, name: str) -> ExpectationResult | None:
         return next((e for e in self.expectations if e.name == name), None)
@@ -123,23 +148,6 @@ def load_results(path: str | Path) -> CaseResult:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SurgeryInputError(f"{path}: not a readable results file ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(data, dict) or data.get("schema_version") not in READABLE_SCHEMAS:
         raise SurgeryInputError(f"{path}: expected results.json with schema_version {SCHEMA_VERSION}")
     return CaseResult.from_dict(data)
-
-
-def strict_json(value: Any) -> Any:
-    """Plain JSON values: NaN/inf → None, tensors/arrays → lists, paths → strings (so ``jq`` reads the file)."""
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):
-        return strict_json(value.tolist())
-    return str(value)

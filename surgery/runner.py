@@ -8,24 +8,31 @@ data in the result, never an exception.
 from __future__ import annotations
 
 import copy
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torchvision
 
 from surgery.case import (ActivationSwapSpec, BridgeSpec, Case, GraftSpec, ModelSpec, ParamGroupSpec,
                           TransplantSpec)
 from surgery.checks.accuracy import recovery
 from surgery.checks.coverage import coverage_summary, coverage_table
-from surgery.checks.expect import evaluate_expectations
+from surgery.calibration import CaseCalibration, case_calibration
+from surgery.checks.expect import evaluate_expectations, uncalibrated_fields
 from surgery.data import Split, load_split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, resolve_device, to_device
 from surgery.models import build_architecture, build_model
+from surgery.numerics import numeric_profile, pin_numerics
 from surgery.ops.record import SurgeryRecord
+from surgery._io import file_sha256
 from surgery.results import CaseResult, provenance
+from surgery.zoo import ZOO, zoo_path
 
 
 @dataclass
@@ -35,6 +42,9 @@ class RunOptions:
     device: str | None = None      # overrides the case's ``device``
     max_seeds: int | None = None   # run at most this many of the case's seeds
     progress: bool | None = None   # progress bars; None = only on a terminal
+    seeds: list[int] | None = None  # run exactly these seeds instead of the case's (calibration does)
+    threads: int | None = None     # torch threads; None = $SURGERY_THREADS or surgery.numerics.DEFAULT_THREADS
+    calibrating: bool = False      # thresholds may still be the ``calibrate`` placeholder
 
 
 def _example(split: Split) -> torch.Tensor:
@@ -259,15 +269,78 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     return out
 
 
+def weight_files(spec: ModelSpec) -> list[Path]:
+    """The weight files building ``spec`` reads (zoo file, checkpoint, cached pretrained weights) that exist."""
+    kind, _, name = spec.model.partition(":")
+    files: list[Path] = []
+    if kind == "zoo":
+        files.append(zoo_path(ZOO[name]))
+    elif spec.pretrained and kind == "torchvision":
+        files.append(Path(torch.hub.get_dir()) / "checkpoints" /
+                     os.path.basename(torchvision.models.get_model_weights(name).DEFAULT.url))
+    if spec.checkpoint:
+        files.append(Path(spec.checkpoint))
+    return [f for f in files if f.is_file()]
+
+
+def _model_specs(case: Case) -> list[ModelSpec]:
+    """Every model spec a run of ``case`` builds: source, target or donor, and the baseline's."""
+    specs = [case.source]
+    op = case.surgery
+    if isinstance(op, TransplantSpec):
+        specs.append(op.target)
+    elif isinstance(op, GraftSpec):
+        specs.append(op.donor)
+    accuracy = case.expect.accuracy
+    if accuracy is not None and accuracy.beats_baseline is not None and accuracy.beats_baseline.model is not None:
+        specs.append(accuracy.beats_baseline.model)
+    return specs
+
+
+def weight_digests(case: Case) -> dict[str, str]:
+    """SHA-256 of every weight file the case reads (zoo models included), by file path."""
+    return {str(path): file_sha256(path) for spec in _model_specs(case) for path in weight_files(spec)}
+
+
+def calibration_notes(calibration: CaseCalibration, run_provenance: dict[str, Any]) -> list[str]:
+    """Where this run's numerics or weights differ from every profile of the calibration (information only)."""
+    record = calibration.usable
+    if record is None:
+        return []
+    notes = []
+    profiles = record.profiles.values()
+    for key in ("cpu_capability", "threads", "torch", "device_type"):
+        seen = {str(p.get(key)) for p in profiles if key in p}
+        if seen and str(run_provenance.get(key)) not in seen:
+            notes.append(f"{key} {run_provenance.get(key)} (calibrated under {', '.join(sorted(seen))})")
+    calibrated_weights = {digest for p in profiles for digest in p.get("weights", {}).values()}
+    for path, digest in run_provenance.get("weights", {}).items():
+        if calibrated_weights and digest not in calibrated_weights:
+            notes.append(f"weights {path} (sha256 {digest[:12]}) differ from the calibration's")
+    return notes
+
+
 def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
     """Run every seed of ``case`` and check its expectations. Bad input raises SurgeryInputError."""
     options = options or RunOptions()
     start = time.perf_counter()
+    if not options.calibrating:
+        missing = uncalibrated_fields(case)
+        if missing:
+            raise SurgeryInputError(f"{case.where(missing[0])}: the placeholder 'calibrate' is not a threshold yet; "
+                                    f"run `surgery calibrate {case.path} --write` first")
+    threads = pin_numerics(options.threads)
     device = resolve_device(options.device or case.device)
-    seeds = case.seed[: options.max_seeds] if options.max_seeds else list(case.seed)
+    seeds = list(options.seeds) if options.seeds else list(case.seed)
+    seeds = seeds[: options.max_seeds] if options.max_seeds else seeds
+    calibration = case_calibration(case)
     result = CaseResult(case=case.name, path=case.path, description=case.description, seeds=seeds,
                         provenance=provenance(device=str(device), case_hash=case.file_hash, seeds=seeds))
     per_seed = [run_seed(case, seed, device, options) for seed in seeds]
+    result.provenance.update(numeric_profile(), threads=threads, device_type=device.type,
+                             weights=weight_digests(case))
+    result.calibration = calibration.status()
+    result.calibration_notes = calibration_notes(calibration, result.provenance)
     first = per_seed[0]
     result.record = first.pop("record")
     for extra in per_seed[1:]:
@@ -276,6 +349,6 @@ def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
     result.tables["coverage"] = coverage_table(SurgeryRecord.from_dict(result.record)).to_dict("records")
     if "activations" in first:
         result.tables["activations"] = [dict(row, seed=s["seed"]) for s in per_seed for row in s["activations"]]
-    result.expectations, result.metrics = evaluate_expectations(case, per_seed)
+    result.expectations, result.metrics = evaluate_expectations(case, per_seed, record=calibration.usable)
     result.seconds = time.perf_counter() - start
     return result

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from surgery._io import write_atomic
 from surgery.errors import SurgeryInputError
 
 ZOO_FORMAT = 1  # bump when training code changes what a recipe produces
@@ -105,29 +105,6 @@ def _architecture(recipe: Recipe) -> nn.Module:
     from surgery.models import build_architecture
 
     return build_architecture(recipe.arch, num_classes=recipe.num_classes)
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; on failure the old file stays, no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def train_recipe(recipe: Recipe, *, device: torch.device, progress: bool | None = None) -> tuple[nn.Module, float]:

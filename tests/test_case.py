@@ -145,7 +145,8 @@ ERRORS = {
     "bad-device": ("device: cpu", "device: tpu", 3, "device", ("'tpu'", "pattern")),
     "python-tag": ("device: cpu", "device: !!python/object/apply:os.system ['touch pwned']", 3, "device",
                    ("could not determine a constructor",)),
-    "non-string-key": ("device: cpu", "device: cpu\n1: one", 4, "<top>", ("not a string", "field name")),
+    "non-string-key": ("device: cpu", "device: cpu\n1.5: one", 4, "<top>", ("not a string", "field name")),
+    "integer-key": ("device: cpu", "device: cpu\n1: one", 4, "1", ("unknown key 1", "expected one of")),
     "internal-field": ("device: cpu", "device: cpu\npath: /etc", 4, "path", ("unknown key 'path'",)),
 }
 

@@ -83,7 +83,7 @@ def test_run_exits_0_when_expectations_hold(passing):
     assert passing.err == ""
     assert passing.out.startswith("PASS tiny-pass: 4/4 expectations held")
     results = passing.results
-    assert results["schema_version"] == 1 and results["passed"] is True and results["case"] == "tiny-pass"
+    assert results["schema_version"] == 2 and results["passed"] is True and results["case"] == "tiny-pass"
     names = [e["name"] for e in results["expectations"]]
     assert names == ["coverage.tensors_min", "coverage.elements_min", "accuracy.after_min", "finite"]
     assert all(e["passed"] for e in results["expectations"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from surgery import zoo
+from surgery._io import write_atomic
 from surgery.errors import SurgeryInputError
 from surgery.models import load_state_dict_file
 
@@ -158,7 +159,7 @@ def test_failure_mid_write_leaves_no_partial_file(small_zoo, monkeypatch):
 @pytest.mark.parametrize("error", [_DiskFull("disk full"), KeyboardInterrupt()])
 def test_write_atomic_keeps_the_previous_file(tmp_path, error):
     target = tmp_path / "out" / "model.safetensors"
-    zoo.write_atomic(target, lambda tmp: tmp.write_bytes(b"version 1"))
+    write_atomic(target, lambda tmp: tmp.write_bytes(b"version 1"))
     assert target.read_bytes() == b"version 1"
 
     def fail_halfway(tmp: Path) -> None:
@@ -166,10 +167,10 @@ def test_write_atomic_keeps_the_previous_file(tmp_path, error):
         raise error
 
     with pytest.raises(type(error)):
-        zoo.write_atomic(target, fail_halfway)
+        write_atomic(target, fail_halfway)
     assert target.read_bytes() == b"version 1"
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.safetensors"]
-    zoo.write_atomic(target, lambda tmp: tmp.write_bytes(b"version 2"))
+    write_atomic(target, lambda tmp: tmp.write_bytes(b"version 2"))
     assert target.read_bytes() == b"version 2"
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.safetensors"]
 

@@ -32,7 +32,7 @@ from markupsafe import Markup
 
 from surgery.report import plots
 from surgery.results import CaseResult, load_results, safe_name, write_results
-from surgery.zoo import write_atomic
+from surgery._io import write_atomic
 
 # Figures shown on the page, the index and the comparison: key, label, kind (pct | ratio | sec | num).
 FIGURES = [

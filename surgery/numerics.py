@@ -1,0 +1,72 @@
+"""Pinned numerics: the thread count and deterministic flags a run uses, and a record of them.
+
+A 30-step fine-tune is chaotic: the order of float sums (set by the thread count and the CPU's
+instruction set) moves its accuracy by about ±0.015. So a run pins torch's thread count to a fixed,
+documented default instead of "all cores", and writes what it ran under into ``results.json``
+(``provenance``): the CPU capability, the threads, the deterministic flags and the versions.
+
+The thread count comes from, in order: an explicit argument (``--threads``, ``--surgery-threads``,
+``surgery.run(threads=...)``), the ``SURGERY_THREADS`` environment variable, then
+:data:`DEFAULT_THREADS`. ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``) must be set in the
+environment before torch is imported; it is recorded, not set, here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from surgery.errors import SurgeryInputError
+
+DEFAULT_THREADS = 2
+THREADS_ENV = "SURGERY_THREADS"
+
+
+def requested_threads(threads: int | None = None) -> int:
+    """The thread count a run should use: ``threads``, else ``$SURGERY_THREADS``, else the default."""
+    if threads is None:
+        raw = os.environ.get(THREADS_ENV, "").strip()
+        if raw:
+            try:
+                threads = int(raw)
+            except ValueError:
+                raise SurgeryInputError(f"{THREADS_ENV}={raw!r}: expected a positive integer") from None
+    threads = DEFAULT_THREADS if threads is None else threads
+    if threads < 1:
+        raise SurgeryInputError(f"threads: got {threads}; expected a positive integer")
+    return threads
+
+
+def pin_numerics(threads: int | None = None) -> int:
+    """Set torch's intra-op thread count (see :func:`requested_threads`) and cuDNN's deterministic flags.
+
+    Returns the thread count in force. Safe to call repeatedly.
+    """
+    count = requested_threads(threads)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    # NOTE: on CUDA, autotuned convolution algorithms differ from run to run; pin them. On the CPU
+    # these flags change nothing. torch.use_deterministic_algorithms is left to the user: on the CPU
+    # every op the harness uses is already deterministic for a fixed thread count.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return count
+
+
+def numeric_profile() -> dict[str, Any]:
+    """What the figures of a run depend on beyond its inputs: CPU capability, threads, flags, versions."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "torch": torch.__version__,
+        "cudnn": cudnn,
+        "cuda": torch.version.cuda,
+    }
