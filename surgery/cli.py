@@ -20,11 +20,14 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 def _print_result(result, report: Path | None) -> None:
     passed = sum(e.passed for e in result.expectations)
     status = "PASS" if result.passed else "FAIL"
-    print(f"{status} {result.case}: {passed}/{len(result.expectations)} expectations held "
+    undecided = f", {len(result.undecided)} undecided" if result.undecided else ""
+    print(f"{status} {result.case}: {passed}/{len(result.expectations)} expectations held{undecided} "
           f"({result.seconds:.1f}s){f' -> {report}' if report else ''}")
     for e in result.expectations:
         if not e.passed:
             print(f"    {e.name}: {e.message}")
+    for note in result.calibration_notes:
+        print(f"    note: differs from the calibration: {note}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,7 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not paths:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
     cases = [load_case(p) for p in paths]  # every file is validated before anything runs
-    options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False)
+    options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False,
+                         threads=args.threads)
     failed = bad = False
     ran = 0
     for case in cases:
@@ -55,11 +59,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if bad else EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from surgery.calibrate import calibrate_case
+    from surgery.case import find_cases, load_case
+
+    paths = find_cases(args.cases)
+    if not paths:
+        raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
+    for path in paths:
+        load_case(path)  # every file is validated before anything runs
+    if not 0 < args.alpha < 1:
+        raise SurgeryInputError(f"--alpha: got {args.alpha}; expected a false-alarm rate in (0, 1), e.g. 0.001")
+    profiles = tuple(p.strip() for p in args.profiles.split(",") if p.strip())
+    for path in paths:
+        calibrate_case(path, seeds=args.seeds, perturbed_seeds=args.perturbed_seeds, profiles=profiles,
+                       alpha=args.alpha, write=args.write)
+    return EXIT_OK
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from surgery.case import load_case
     from surgery.gate import run_gate
 
     case = load_case(args.case)
+    from surgery.numerics import pin_numerics
+
+    pin_numerics(args.threads)
     verdict = run_gate(Path(args.checkpoint), case, report_dir=Path(args.report), device=args.device)
     _print_result(verdict, Path(args.report))
     return EXIT_OK if verdict.passed else EXIT_FAILED
@@ -139,13 +164,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="override the cases' device: auto, cpu, cuda, cuda:N")
     run.add_argument("--seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--threads", type=int, default=None, metavar="N",
+                     help="torch threads (default: $SURGERY_THREADS, else 2); results depend on it")
     run.set_defaults(func=cmd_run)
+
+    cal = sub.add_parser("calibrate", help="run cases over many seeds and numeric profiles; derive thresholds")
+    cal.add_argument("cases", nargs="+", help="case files or directories")
+    cal.add_argument("--seeds", type=int, default=10, metavar="N",
+                     help="seeds of the first profile: the case's, then fresh ones (default 10)")
+    cal.add_argument("--perturbed-seeds", type=int, default=None, metavar="M",
+                     help="the first M of those seeds under the other profiles (default: all N)")
+    cal.add_argument("--profiles", default="native,threads1,isa-default,zoo-threads1",
+                     help="numeric profiles, comma-separated: native, threads1, isa-default, isa-avx2, zoo-threads1")
+    cal.add_argument("--alpha", type=float, default=0.001, help="false-alarm rate per expectation (default 0.001)")
+    cal.add_argument("--write", action="store_true",
+                     help="also write the calibrated thresholds into the case files (comments kept)")
+    cal.set_defaults(func=cmd_calibrate)
 
     gate = sub.add_parser("gate", help="check a finished checkpoint against a case before release")
     gate.add_argument("checkpoint")
     gate.add_argument("--case", required=True)
     gate.add_argument("--report", default="reports/gate", metavar="DIR")
     gate.add_argument("--device", default=None)
+    gate.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: 2)")
     gate.set_defaults(func=cmd_gate)
 
     report = sub.add_parser("report", help="render results.json to HTML (optionally against another run)")

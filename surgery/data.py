@@ -60,6 +60,16 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring")
 
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``; a seed torch cannot take is bad input, not an overflow."""
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise SurgeryInputError(f"data: seed {seed} (data.split_seed, or the case's seed) is out of range for "
+                                "torch's random generator; expected an integer from -2**63 to 2**64 - 1")
+    return torch.Generator().manual_seed(seed)
+
 
 def make_shapes(n: int, size: int, *, seed: int, background: float = 0.0, color_shift: float = 0.0,
                 noise: float = 0.0, blur: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +78,7 @@ def make_shapes(n: int, size: int, *, seed: int, background: float = 0.0, color_
     Domain knobs: ``background`` brightness, ``color_shift`` (rotates the foreground colour towards
     red (+) or blue (-)), Gaussian ``noise`` std, Gaussian ``blur`` sigma in pixels.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed)
     labels = torch.randint(len(SHAPE_CLASSES), (n,), generator=g)
     radius = (0.18 + 0.14 * torch.rand(n, generator=g)) * size
     centre = size / 2 + (torch.rand(n, 2, generator=g) - 0.5) * (size - 2 * radius[:, None]).clamp(min=0)
@@ -157,12 +167,13 @@ def load_images(spec, *, image_size: int, channels: int, seed: int = 0) -> tuple
 
 def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction: float = 0.2) -> Split:
     """The dataset normalised to about [-1, 1] and split train/test by a permutation drawn from ``seed``."""
+    generator = seeded_generator(seed)  # before any work: a seed out of range is bad input
     images, labels = load_images(spec, image_size=image_size, channels=channels, seed=seed)
     n = len(images)
     n_test = max(1, int(round(n * test_fraction)))
     if n - n_test < 1:
         raise SurgeryInputError(f"data: dataset {spec.name!r} has {n} samples; too few to split train/test")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=generator)
     x = (images - 0.5) / 0.5
     test, train = order[:n_test], order[n_test:]
     num_classes = int(labels.max()) + 1

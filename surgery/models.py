@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import pickle
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from surgery.errors import SurgeryInputError
+from surgery.errors import SurgeryInputError, first_line
 
 PREFIXES = ("module.", "_orig_mod.")
 
@@ -60,6 +61,41 @@ def validate_model_ref(ref: str) -> None:
             raise ValueError(f"unknown zoo model {name!r}{hint} expected one of: {', '.join(ZOO)}")
     elif not all(part.isidentifier() for part in kind.split(".")) or not name.isidentifier():
         raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
+    else:
+        resolve_factory(ref)
+
+
+def resolve_factory(ref: str) -> Any:
+    """The class or function a ``package.module:factory`` ref names, refused (ValueError) unless safe to call.
+
+    A case file is code (see README, Trust model), yet a ref may not reach what no model factory is:
+    a module of the standard library or ``builtins`` and private names are refused before anything is
+    imported; otherwise the named module is imported (only it and its parents) and the factory must be a
+    class or a function defined in that very module, not one it re-exports. Nothing is called.
+    """
+    module_name, _, name = ref.partition(":")
+    parts = module_name.split(".")
+    private = next((part for part in [*parts, name] if part.startswith("_")), None)
+    if private is not None:
+        raise ValueError(f"model {ref!r}: {private!r} is a private name; expected a public "
+                         "package.module:factory")
+    if parts[0] in sys.stdlib_module_names or parts[0] in sys.builtin_module_names:
+        raise ValueError(f"model {ref!r}: {parts[0]!r} is a module of the standard library, not a model factory; "
+                         "expected a package.module:factory of your own")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module's own code raised on import
+        raise ValueError(f"model {ref!r}: cannot import {module_name!r} ({first_line(exc)})") from None
+    factory = module.__dict__.get(name)
+    if factory is None:
+        raise ValueError(f"model {ref!r}: cannot import {name!r} from {module_name!r}: no such name")
+    if not (inspect.isclass(factory) or inspect.isfunction(factory)):
+        raise ValueError(f"model {ref!r}: {name} is a {type(factory).__name__}, expected a factory "
+                         f"(a class or function defined in {module_name})")
+    if getattr(factory, "__module__", None) != module_name:
+        raise ValueError(f"model {ref!r}: {name} is defined in {getattr(factory, '__module__', None)!r}, "
+                         f"not in {module_name!r}; expected a factory defined in the module named")
+    return factory
 
 
 def clean_key(key: str) -> str:
@@ -206,14 +242,9 @@ def build_architecture(ref: str, *, num_classes: int | None = None, in_chans: in
         return timm.create_model(name, pretrained=False, **kwargs)
     if kind == "zoo":
         raise SurgeryInputError(f"{ref}: zoo models are trained weights; use build_model")
-    try:
-        factory = getattr(importlib.import_module(kind), name)
-    except (ImportError, AttributeError) as exc:
-        raise SurgeryInputError(f"model {ref!r}: cannot import ({exc})") from None
+    factory = resolve_factory(ref)  # validate_model_ref above has vetted it: this only looks it up again
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    if not callable(factory):
-        raise SurgeryInputError(f"model {ref!r}: {name} is a {type(factory).__name__}, expected a factory function")
     try:  # pass only the keywords the factory takes: a no-argument factory is a fixed architecture
         params = inspect.signature(factory).parameters.values()
         if not any(p.kind is p.VAR_KEYWORD for p in params):
@@ -225,7 +256,8 @@ def build_architecture(ref: str, *, num_classes: int | None = None, in_chans: in
     except Exception as exc:
         raise SurgeryInputError(f"model {ref!r}: the factory raised {exc.__class__.__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise SurgeryInputError(f"model {ref!r}: factory returned {type(model).__name__}, expected an nn.Module")
+        raise SurgeryInputError(f"model {ref!r}: the factory returned a value of type {type(model).__name__}, "
+                                "expected an nn.Module")
     return model
 
 

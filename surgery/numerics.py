@@ -6,8 +6,8 @@ documented default instead of "all cores", and writes what it ran under into ``r
 (``provenance``): the CPU capability, the threads, the deterministic flags and the versions.
 
 The thread count comes from, in order: an explicit argument (``--threads``, ``--surgery-threads``,
-``surgery.run(threads=...)``), the ``SURGERY_THREADS`` environment variable, then
-:data:`DEFAULT_THREADS`. ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``) must be set in the
+``surgery.run(threads=...)``), the ``SURGERY_THREADS`` environment variable, cores / workers in a
+pytest-xdist worker (so workers never oversubscribe the cores), then :data:`DEFAULT_THREADS`. ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``) must be set in the
 environment before torch is imported; it is recorded, not set, here.
 """
 
@@ -33,6 +33,9 @@ def requested_threads(threads: int | None = None) -> int:
                 threads = int(raw)
             except ValueError:
                 raise SurgeryInputError(f"{THREADS_ENV}={raw!r}: expected a positive integer") from None
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if threads is None and workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
     threads = DEFAULT_THREADS if threads is None else threads
     if threads < 1:
         raise SurgeryInputError(f"threads: got {threads}; expected a positive integer")

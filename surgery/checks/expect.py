@@ -89,6 +89,7 @@ class Judge:
                  aggregate_by: Aggregate, where: str, details: dict[str, Any] | None = None,
                  strict: bool = False) -> ExpectationResult:
         threshold = resolve_threshold(raw, self.seeds)
+        details = {**(details or {}), "rule": {"direction": direction, "aggregate": aggregate_by}}
         cal = self.record.items.get(name) if self.record is not None else None
         calibration = None
         if cal is not None:
@@ -98,7 +99,8 @@ class Judge:
                            "aggregate": aggregate_by, "direction": direction,
                            "bound": prediction_bound(cal.calibrated(), alpha=alpha, k=self.seeds,
                                                      direction=direction, aggregate=aggregate_by),
-                           "form": "calibrated" if isinstance(raw, dict) else "claim"}
+                           "form": "calibrated" if isinstance(raw, dict) else "claim",
+                           "samples": [v for runs in cal.samples.values() for v in runs.values() if v is not None]}
         if threshold is None:
             why = ("threshold not calibrated yet (run `surgery calibrate --write`)" if raw == CALIBRATE else
                    f"calibrated for {min(raw)} or more seeds only, this run has {self.seeds}")

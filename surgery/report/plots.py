@@ -411,3 +411,45 @@ def compare_drift(runs: dict[str, Sequence[dict[str, Any]]], threshold: float | 
     ax.set_title("Drift per layer, A against B", loc="left")
     _legend_on_top(fig, 4)
     return _render(fig)
+
+
+STATUS_COLORS = {"passed": "#1a7f37", "failed": "#cf222e", "undecided": "#8c959f"}
+
+
+@_styled
+def calibration_bands(rows: Sequence[dict[str, Any]]) -> str | None:
+    """Each calibrated expectation on its own strip: the calibration runs (dots), mean ± sd (band), the
+    threshold this run was held to (dashed) and this run's observed figure (diamond, coloured by outcome)."""
+    rows = [r for r in rows if r.get("mean") is not None and r.get("std") is not None]
+    if not rows:
+        return None
+    fig = Figure(figsize=(6.4, 0.55 * len(rows) + 0.5), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for ax, row in zip(axes, rows):
+        mean, std = float(row["mean"]), float(row["std"])
+        samples = _finite(row.get("samples") or [])
+        ax.axvspan(mean - std, mean + std, color="#c6dbef", alpha=0.8, linewidth=0)
+        ax.axvline(mean, color="#4575b4", linewidth=0.8)
+        if samples.size:
+            jitter = np.linspace(-0.25, 0.25, samples.size)
+            ax.scatter(samples, jitter, s=6, color="#636363", alpha=0.7, linewidths=0)
+        threshold = _num(row.get("threshold"))
+        if threshold is not None:
+            ax.axvline(threshold, color="#b2182b", linestyle="--", linewidth=1.0)
+        observed = _num(row.get("observed"))
+        if observed is not None:
+            ax.scatter([observed], [0], marker="D", s=28, zorder=3,
+                       color=STATUS_COLORS.get(row.get("status", ""), "#000000"))
+        ax.set_ylim(-0.6, 0.6)
+        ax.set_yticks([])
+        ax.grid(False)
+        ax.set_title(str(row["name"]), loc="left", fontsize=7, pad=2)
+    return _render(fig)
+
+
+def _num(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -189,8 +189,21 @@ def _details_text(details: Any) -> str:
 
 
 def _expectation_rows(result: CaseResult) -> list[dict[str, Any]]:
-    return [{"name": e.name, "passed": bool(e.passed), "observed": e.observed, "threshold": e.threshold,
-             "message": e.message, "details": _details_text(e.details)} for e in result.expectations]
+    return [{"name": e.name, "passed": bool(e.passed), "status": e.status or ("passed" if e.passed else "failed"),
+             "observed": e.observed, "threshold": e.threshold, "message": e.message,
+             "details": _details_text(e.details)} for e in result.expectations]
+
+
+def _calibration_rows(result: CaseResult) -> list[dict[str, Any]]:
+    """The calibrated expectations, for the band plot: distribution, threshold, observed, outcome."""
+    rows = []
+    for e in result.expectations:
+        cal = _dict(e.calibration)
+        if cal:
+            rows.append({"name": e.name, "mean": cal.get("mean"), "std": cal.get("std"),
+                         "samples": _list(cal.get("samples")), "threshold": e.threshold, "observed": e.observed,
+                         "status": e.status})
+    return rows
 
 
 def _glance(result: CaseResult) -> list[dict[str, str]]:
@@ -306,12 +319,14 @@ def case_view(result: CaseResult) -> dict[str, Any]:
     hists, hist_seed = _histogram_plots(result)
     acc_source, acc_baseline = _agg(result, "source"), _agg(result, "baseline")
     held = sum(1 for e in result.expectations if e.passed)
+    undecided = sum(1 for e in result.expectations if e.status == "undecided")
     n_seeds = len({r.get("seed") for r in act_rows}) or 1
     coverage_rows = [{k: r.get(k) for k in COVERAGE_COLUMNS}
                      for r in _list(result.tables.get("coverage")) if isinstance(r, dict)]
     return {
         "case": result.case, "path": result.path, "description": result.description, "error": result.error,
-        "verdict": _verdict(result), "held": held, "total": len(result.expectations),
+        "verdict": _verdict(result), "held": held, "undecided": undecided, "total": len(result.expectations),
+        "calibration": result.calibration, "calibration_notes": list(result.calibration_notes),
         "expectations": _expectation_rows(result), "glance": _glance(result),
         "per_seed": _per_seed_rows(result),
         "plots": {
@@ -321,6 +336,7 @@ def case_view(result: CaseResult) -> dict[str, Any]:
                 _curve_runs(result), source=_num(acc_source.get("mean")) if acc_source else None,
                 baseline=_num(acc_baseline.get("mean")) if acc_baseline else None)),
             "coverage": _svg(plots.coverage_map(coverage_rows)),
+            "calibration": _svg(plots.calibration_bands(_calibration_rows(result))),
         },
         "has_activations": bool(act_rows), "drift_max": drift_max, "dead_max": dead_max,
         "histograms": hists, "histogram_seed": hist_seed,

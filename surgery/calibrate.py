@@ -1,0 +1,282 @@
+"""``surgery calibrate``: run a case over many seeds and numeric profiles, and derive its thresholds.
+
+For each case, every profile (an environment: thread count, CPU instruction set, a zoo rebuilt
+under other numerics) runs in its own subprocess, because ``ATEN_CPU_CAPABILITY`` must be set
+before torch loads. Each run of one seed yields every expectation's figure; :mod:`surgery.bounds`
+turns the figures into, per expectation and per seed count k (1 for CI, all of the case's seeds for
+the nightly run), a prediction bound at false-alarm rate alpha. The record
+(:mod:`surgery.calibration`) is written beside the case; ``--write`` also puts the bounds into the
+case file's calibrated thresholds (``{1: …, 3: …}`` or the ``calibrate`` placeholder), keeping its
+comments and layout. Thresholds written as plain numbers are claims: they are kept, and the record
+says whether the seeds can decide them.
+
+Example::
+
+    surgery calibrate cases/transplant --seeds 10 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from surgery._io import write_atomic
+from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
+from surgery.calibration import (CalibrationRecord, ItemCalibration, experiment_hash, record_path, save_record,
+                                 yaml_path)
+from surgery.case import CALIBRATE, Case, load_case
+from surgery.errors import SurgeryInputError
+
+DEFAULT_ALPHA = 0.001
+DEFAULT_SEEDS = 10
+
+# Each profile is an environment for the subprocess that runs the seeds. ``{cache}`` is the zoo cache.
+PROFILES: dict[str, dict[str, str]] = {
+    "native": {},
+    "threads1": {"SURGERY_THREADS": "1"},
+    "isa-default": {"ATEN_CPU_CAPABILITY": "default"},
+    "isa-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    # A zoo trained again with one thread, in a cache of its own: how much the source models move.
+    "zoo-threads1": {"SURGERY_THREADS": "1", "SURGERY_CACHE": "{cache}/perturbed-zoo-threads1"},
+}
+DEFAULT_PROFILES = ("native", "threads1", "isa-default", "zoo-threads1")
+
+
+def profile_env(name: str) -> dict[str, str]:
+    """The environment of a profile, on top of this process's."""
+    from surgery.zoo import cache_dir
+
+    if name not in PROFILES:
+        raise SurgeryInputError(f"--profiles: unknown profile {name!r}; expected some of: {', '.join(PROFILES)}")
+    return {k: v.format(cache=cache_dir()) for k, v in PROFILES[name].items()}
+
+
+def calibration_seeds(case: Case, count: int) -> list[int]:
+    """The case's seeds, then fresh ones (the next integers not listed), ``count`` in all."""
+    seeds = list(dict.fromkeys(case.seed))[:count]
+    candidate = 0
+    while len(seeds) < count:
+        if candidate not in seeds:
+            seeds.append(candidate)
+        candidate += 1
+    return seeds
+
+
+# ----------------------------------------------------------------------------- one profile, in a subprocess
+
+
+def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
+    """Run ``seeds`` of a case in this process; return each expectation's figure per seed, and provenance."""
+    from surgery.checks.expect import evaluate_expectations
+    from surgery.runner import RunOptions, run_case
+
+    case = load_case(case_path)
+    result = run_case(case, RunOptions(seeds=seeds, progress=False, calibrating=True))
+    figures: dict[str, dict[str, float | None]] = {}
+    rules: dict[str, dict[str, str]] = {}
+    for seed_figures in result.per_seed:
+        for item in evaluate_expectations(case, [seed_figures])[0]:
+            if item.name == "finite":
+                continue
+            figures.setdefault(item.name, {})[str(seed_figures["seed"])] = item.observed
+            rules[item.name] = item.details["rule"]
+    keep = ("cpu_capability", "aten_cpu_capability_env", "threads", "torch", "cudnn", "device_type", "weights",
+            "machine", "python")
+    return {"figures": figures, "rules": rules, "provenance": {k: result.provenance.get(k) for k in keep}}
+
+
+def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+    """Run a profile's seeds in ``jobs`` subprocesses; merge their figures."""
+    # NOTE: idle OpenMP threads sleep instead of spinning, so a 2-thread profile does not collapse when
+    # something else runs beside it. This changes how threads wait, not which sums they compute.
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **profile_env(profile)}
+    for key in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
+        env.pop(key, None)
+    chunks = [seeds[i::jobs] for i in range(jobs) if seeds[i::jobs]]
+    with tempfile.TemporaryDirectory(prefix="surgery-calibrate-") as tmp:
+        procs = []
+        for i, chunk in enumerate(chunks):
+            out = Path(tmp) / f"{i}.json"
+            cmd = [sys.executable, "-m", "surgery.calibrate", "--worker", case_path, "--worker-seeds",
+                   ",".join(map(str, chunk)), "--worker-out", str(out)]
+            procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           text=True), out, chunk))
+        merged: dict[str, Any] = {"figures": {}, "rules": {}, "provenance": None}
+        for proc, out, chunk in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                last = (err.strip().splitlines() or ["no output"])[-1]
+                raise SurgeryInputError(f"{case_path}: calibration profile {profile!r}, seeds {chunk}: {last}")
+            part = json.loads(out.read_text(encoding="utf-8"))
+            for item, per_seed in part["figures"].items():
+                merged["figures"].setdefault(item, {}).update(per_seed)
+            merged["rules"].update(part["rules"])
+            merged["provenance"] = merged["provenance"] or part["provenance"]
+    return merged
+
+
+# ----------------------------------------------------------------------------- deriving thresholds
+
+
+def summarise(samples: dict[str, dict[str, float | None]], rule: dict[str, str]) -> ItemCalibration | None:
+    """Mean and spread of an item's figures over every run; None when fewer than two seeds gave one."""
+    values = [v for per_seed in samples.values() for v in per_seed.values() if v is not None and math.isfinite(v)]
+    seeds = {s for per_seed in samples.values() for s, v in per_seed.items() if v is not None and math.isfinite(v)}
+    if len(seeds) < 2:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return ItemCalibration(direction=rule["direction"], aggregate=rule["aggregate"], samples=samples, mean=mean,
+                           std=std, seeds=len(seeds), runs=len(values))
+
+
+def current_threshold(case: Case, item: str) -> Any:
+    """The threshold as the case file writes it (number, mapping or placeholder)."""
+    section, _, field = item.partition(".")
+    spec = getattr(case.expect, section)
+    return spec.beats_baseline.margin if field == "beats_baseline" else getattr(spec, field)
+
+
+def derive(case: Case, cal: ItemCalibration, item: str, alpha: float) -> dict[str, Any]:
+    """Per seed count k: the calibrated bound, and for a claim whether k seeds decide it."""
+    calibrated: Calibrated = cal.calibrated()
+    counts = sorted({1, len(case.seed)})
+    raw = current_threshold(case, item)
+    out: dict[str, Any] = {"form": "claim" if isinstance(raw, float) else "calibrated", "bounds": {}}
+    for k in counts:
+        bound = prediction_bound(calibrated, alpha=alpha, k=k, direction=cal.direction, aggregate=cal.aggregate)
+        out["bounds"][str(k)] = rounded_bound(bound, cal.direction)
+    if isinstance(raw, float):
+        out["claim"] = raw
+        out["decision"] = {str(k): decide(calibrated, raw, alpha=alpha, k=k, direction=cal.direction,
+                                          aggregate=cal.aggregate) for k in counts}
+        out["seeds_to_decide"] = seeds_to_decide(calibrated, raw, alpha=alpha, direction=cal.direction,
+                                                 aggregate=cal.aggregate)
+    return out
+
+
+# ----------------------------------------------------------------------------- writing the case file
+
+
+def write_thresholds(case: Case, thresholds: dict[str, dict[str, Any]]) -> list[str]:
+    """Put calibrated bounds into the case file, keeping comments and layout; return the fields changed."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    path = Path(case.path)
+    yaml = YAML()  # round-trip: comments, key order, quoting and flow style survive
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    document = yaml.load(path.read_text(encoding="utf-8"))
+    changed = []
+    for item, derived in thresholds.items():
+        if derived["form"] == "claim":
+            continue
+        keys = yaml_path(item)
+        node = document
+        for key in keys[:-1]:
+            node = node[key]
+        value = CommentedMap((int(k), v) for k, v in derived["bounds"].items())
+        value.fa.set_flow_style()
+        node[keys[-1]] = value
+        changed.append(".".join(keys))
+    if changed:
+        def dump(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                yaml.dump(document, fh)
+        write_atomic(path, dump)
+    return changed
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def calibrate_case(case_path: str | Path, *, seeds: int = DEFAULT_SEEDS, perturbed_seeds: int | None = None,
+                   profiles: tuple[str, ...] = DEFAULT_PROFILES, alpha: float = DEFAULT_ALPHA, write: bool = False,
+                   log: Callable[[str], None] = print) -> CalibrationRecord:
+    """Calibrate one case file: run it, derive its thresholds, write its record (and the case with ``write``)."""
+    from surgery.numerics import requested_threads
+
+    case = load_case(case_path)
+    if seeds < 2:
+        raise SurgeryInputError("--seeds: a calibration needs at least 2 seeds")
+    all_seeds = calibration_seeds(case, seeds)
+    samples: dict[str, dict[str, dict[str, float | None]]] = {}
+    rules: dict[str, dict[str, str]] = {}
+    provenance: dict[str, dict[str, Any]] = {}
+    cores = os.cpu_count() or 1
+    for profile in profiles:
+        env = profile_env(profile)
+        threads = requested_threads(int(env["SURGERY_THREADS"]) if "SURGERY_THREADS" in env else None)
+        chosen = all_seeds if profile == profiles[0] else all_seeds[: perturbed_seeds or seeds]
+        jobs = max(1, min(len(chosen), cores // threads))
+        start = time.perf_counter()
+        merged = _run_profile(str(case.path), profile, chosen, jobs, log)
+        log(f"{case.name}: profile {profile}: {len(chosen)} seeds in {time.perf_counter() - start:.0f}s "
+            f"({jobs} process{'es' if jobs > 1 else ''} × {threads} thread{'s' if threads > 1 else ''})")
+        provenance[profile] = {**merged["provenance"], "env": env, "seeds": chosen}
+        rules.update(merged["rules"])
+        for item, per_seed in merged["figures"].items():
+            samples.setdefault(item, {})[profile] = per_seed
+    record = CalibrationRecord(case=case.name, experiment_hash=experiment_hash(case), alpha=alpha, seeds=all_seeds,
+                               profiles=provenance,
+                               created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    for item, per_profile in samples.items():
+        cal = summarise(per_profile, rules[item])
+        if cal is None:
+            log(f"{case.name}: {item}: no figure from two seeds or more; not calibrated")
+            continue
+        record.items[item] = cal
+        record.thresholds[item] = derive(case, cal, item, alpha)
+    save_record(record, record_path(case.path))
+    if write:
+        changed = write_thresholds(case, record.thresholds)
+        if changed:
+            log(f"{case.path}: wrote {', '.join(changed)}")
+    log(format_table(record))
+    return record
+
+
+def format_table(record: CalibrationRecord) -> str:
+    """A Markdown table of a record: per expectation, the distribution, the bounds and claims' decisions."""
+    lines = [f"{record.case} (alpha = {record.alpha:g}; seeds {record.seeds}; profiles {', '.join(record.profiles)})",
+             "| expectation | calibrated mean ± sd | runs | thresholds by seed count | claim |",
+             "|---|---|---|---|---|"]
+    for item, derived in record.thresholds.items():
+        cal = record.items[item]
+        bounds = ", ".join(f"{k}: {v:g}" for k, v in derived["bounds"].items())
+        claim = ""
+        if derived["form"] == "claim":
+            decisions = ", ".join(f"{k} seed{'s' if k != '1' else ''} {v}" for k, v in derived["decision"].items())
+            needed = derived["seeds_to_decide"]
+            claim = (f"{derived['claim']:g}: {decisions}"
+                     + (f"; {needed} seeds decide it" if needed and "undecided" in decisions else "")
+                     + ("; seeds alone cannot decide it" if needed is None else ""))
+        lines.append(f"| {item} | {cal.mean:.4g} ± {cal.std:.2g} | {cal.runs} | {bounds} | {claim} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The subprocess entry point of one profile (``python -m surgery.calibrate --worker``)."""
+    parser = argparse.ArgumentParser(prog="python -m surgery.calibrate")
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--worker-seeds", required=True)
+    parser.add_argument("--worker-out", required=True)
+    args = parser.parse_args(argv)
+    out = figures_of_run(args.worker, [int(s) for s in args.worker_seeds.split(",")])
+    Path(args.worker_out).write_text(json.dumps(out), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
