@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-gpu zoo clean
+.PHONY: install test demo bench bench-gpu zoo perturb calibrate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ demo: install
 
 zoo: install
 	$(BIN)/surgery zoo build
+
+# The CI seed of every case under native numerics, 1 thread, ATEN_CPU_CAPABILITY=default and a zoo rebuilt
+# with 1 thread in a fresh cache; prints a table; exit 1 if any expectation failed anywhere.
+perturb: install
+	$(BIN)/python -m surgery.perturb cases --report reports/perturb
+
+# Recalibrate every case (about an hour on 2 cores): records beside the cases, thresholds written back.
+calibrate: install
+	$(BIN)/surgery calibrate cases --seeds 8 --perturbed-seeds 4 \
+		--profiles native,threads1,isa-default,isa-avx2,zoo-threads1 --write
 
 # Benchmarks: results saved as JSON under .benchmarks/; compare two nights with
 #   pytest benchmarks --benchmark-compare --benchmark-compare-fail=mean:10%

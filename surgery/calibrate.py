@@ -33,7 +33,7 @@ from surgery._io import write_atomic
 from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
 from surgery.calibration import (CalibrationRecord, ItemCalibration, experiment_hash, record_path, save_record,
                                  yaml_path)
-from surgery.case import CALIBRATE, Case, load_case
+from surgery.case import Case, load_case, threshold_range
 from surgery.errors import SurgeryInputError
 
 DEFAULT_ALPHA = 0.001
@@ -140,11 +140,16 @@ def summarise(samples: dict[str, dict[str, float | None]], rule: dict[str, str])
                            std=std, seeds=len(seeds), runs=len(values))
 
 
-def current_threshold(case: Case, item: str) -> Any:
-    """The threshold as the case file writes it (number, mapping or placeholder)."""
+def _spec_and_field(case: Case, item: str) -> tuple[Any, str]:
     section, _, field = item.partition(".")
     spec = getattr(case.expect, section)
-    return spec.beats_baseline.margin if field == "beats_baseline" else getattr(spec, field)
+    return (spec.beats_baseline, "margin") if field == "beats_baseline" else (spec, field)
+
+
+def current_threshold(case: Case, item: str) -> Any:
+    """The threshold as the case file writes it (number, mapping or placeholder)."""
+    spec, field = _spec_and_field(case, item)
+    return getattr(spec, field)
 
 
 def derive(case: Case, cal: ItemCalibration, item: str, alpha: float) -> dict[str, Any]:
@@ -152,10 +157,14 @@ def derive(case: Case, cal: ItemCalibration, item: str, alpha: float) -> dict[st
     calibrated: Calibrated = cal.calibrated()
     counts = sorted({1, len(case.seed)})
     raw = current_threshold(case, item)
-    out: dict[str, Any] = {"form": "claim" if isinstance(raw, float) else "calibrated", "bounds": {}}
+    legal = threshold_range(*_spec_and_field(case, item))
+    out: dict[str, Any] = {"form": "claim" if isinstance(raw, float) else "calibrated", "bounds": {}, "vacuous": []}
     for k in counts:
         bound = prediction_bound(calibrated, alpha=alpha, k=k, direction=cal.direction, aggregate=cal.aggregate)
-        out["bounds"][str(k)] = rounded_bound(bound, cal.direction)
+        clipped = legal.clip(rounded_bound(bound, cal.direction))
+        out["bounds"][str(k)] = clipped
+        if clipped != rounded_bound(bound, cal.direction):  # the bound lies outside what the figure can be
+            out["vacuous"].append(str(k))
     if isinstance(raw, float):
         out["claim"] = raw
         out["decision"] = {str(k): decide(calibrated, raw, alpha=alpha, k=k, direction=cal.direction,
@@ -201,9 +210,13 @@ def write_thresholds(case: Case, thresholds: dict[str, dict[str, Any]]) -> list[
 # ----------------------------------------------------------------------------- the command
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
 def calibrate_case(case_path: str | Path, *, seeds: int = DEFAULT_SEEDS, perturbed_seeds: int | None = None,
                    profiles: tuple[str, ...] = DEFAULT_PROFILES, alpha: float = DEFAULT_ALPHA, write: bool = False,
-                   log: Callable[[str], None] = print) -> CalibrationRecord:
+                   log: Callable[[str], None] = _log) -> CalibrationRecord:
     """Calibrate one case file: run it, derive its thresholds, write its record (and the case with ``write``)."""
     from surgery.numerics import requested_threads
 
@@ -254,7 +267,8 @@ def format_table(record: CalibrationRecord) -> str:
              "|---|---|---|---|---|"]
     for item, derived in record.thresholds.items():
         cal = record.items[item]
-        bounds = ", ".join(f"{k}: {v:g}" for k, v in derived["bounds"].items())
+        bounds = ", ".join(f"{k}: {v:g}{' (vacuous)' if k in derived.get('vacuous', []) else ''}"
+                           for k, v in derived["bounds"].items())
         claim = ""
         if derived["form"] == "claim":
             decisions = ", ".join(f"{k} seed{'s' if k != '1' else ''} {v}" for k, v in derived["decision"].items())

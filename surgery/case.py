@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 import math
-from typing import Annotated, Any, Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator,
@@ -166,6 +167,32 @@ Threshold = Union[float, dict[int, float], str]
 """
 
 
+@dataclass(frozen=True)
+class ThresholdRange:
+    """The numbers a threshold field accepts (annotation metadata; calibration clips its bounds to it)."""
+
+    lo: float | None
+    hi: float | None
+
+    def clip(self, value: float) -> float:
+        """``value`` moved into the range."""
+        if self.lo is not None and value < self.lo:
+            return self.lo
+        return self.hi if self.hi is not None and value > self.hi else value
+
+
+def threshold_range(spec: BaseModel, field: str) -> ThresholdRange:
+    """The range of a threshold field of an ``expect`` section (unbounded when it declares none)."""
+    info = type(spec).model_fields[field]
+    found = [m for m in info.metadata if isinstance(m, ThresholdRange)]
+    pending = [info.annotation]
+    while pending and not found:  # ``Annotated[...] | None`` keeps its metadata inside the union
+        hint = pending.pop()
+        found = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, ThresholdRange)]
+        pending += list(get_args(hint))
+    return found[0] if found else ThresholdRange(None, None)
+
+
 def _threshold(lo: float | None = None, hi: float | None = None) -> Any:
     """The annotated type of a threshold field whose numbers must lie in [lo, hi]."""
     span = f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else \
@@ -195,7 +222,8 @@ def _threshold(lo: float | None = None, hi: float | None = None) -> Any:
         raise ValueError(f"got {value!r}; expected a number {span}, a mapping from seed count to such a "
                          f"number (e.g. {{1: 0.88, 3: 0.9}}), or {CALIBRATE!r}")
 
-    return Annotated[Threshold, PlainValidator(check)]
+    # Typed Any for pydantic: the validator above is the whole check, and serialisation passes values through.
+    return Annotated[Any, PlainValidator(check), ThresholdRange(lo, hi)]
 
 
 UnitThreshold = _threshold(0.0, 1.0)

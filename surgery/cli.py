@@ -147,7 +147,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             continue
         shapes = ", ".join(f"{p}={list(t.shape)}" for p, t in module.named_parameters(recurse=False))
         print(f"{name:<40} {type(module).__name__:<18} {shapes}")
-    print(f"# graph nodes usable by bridge (surgery.op: bridge, nodes: [...])")
+    print("# graph nodes usable by bridge (surgery.op: bridge, nodes: [...])")
     for node in list_feature_nodes(model):
         print(node)
     return EXIT_OK

@@ -42,7 +42,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -57,7 +56,6 @@ from surgery.checks.accuracy import aggregate, recovery
 from surgery.checks.expect import (at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row,
                                    worst_drift_row)
 from surgery.data import Split, load_split
-from surgery.errors import SurgeryInputError
 from surgery.finetune import predict, resolve_device, to_device
 from surgery.models import build_model, load_state_dict_file, load_weights
 from surgery._io import file_sha256, strict_json, write_atomic

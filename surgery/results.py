@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import json
 import platform
 import subprocess
@@ -75,6 +74,12 @@ class CaseResult:
     def undecided(self) -> list[ExpectationResult]:
         """The claims the seeds run could not decide."""
         return [e for e in self.expectations if e.undecided]
+
+    def _repr_html_(self) -> str:
+        """The report page, for a notebook cell (Jupyter renders it inline)."""
+        from surgery.report.html import case_html  # matplotlib and jinja2 only when a notebook asks
+
+        return case_html(self)
 
     def expectation(self, name: str) -> ExpectationResult | None:
         return next((e for e in self.expectations if e.name == name), None)

@@ -20,90 +20,14 @@ Usage::
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from jinja2 import Environment, PackageLoader, StrictUndefined
-from markupsafe import Markup
-
-from surgery.report import plots
-from surgery.results import CaseResult, load_results, safe_name, write_results
 from surgery._io import write_atomic
-
-# Figures shown on the page, the index and the comparison: key, label, kind (pct | ratio | sec | num).
-FIGURES = [
-    ("coverage.tensors", "coverage (tensors)", "pct"),
-    ("coverage.elements", "coverage (elements)", "pct"),
-    ("accuracy.source", "source accuracy", "pct"),
-    ("accuracy.before", "before fine-tune", "pct"),
-    ("accuracy.after", "after fine-tune", "pct"),
-    ("accuracy.baseline", "baseline (random init)", "pct"),
-    ("accuracy.recovery", "recovery (after / source)", "ratio"),
-    ("accuracy.bn_gain", "AdaBN gain", "pct"),
-    ("drift.surgery", "worst drift after surgery", "num"),
-    ("drift.finetune", "worst drift after fine-tune", "num"),
-    ("seconds", "time", "sec"),
-]
-PROVENANCE_ORDER = ["git_commit", "case_hash", "surgery", "torch", "torchvision", "timm", "python", "machine",
-                    "device", "cuda", "seeds", "created"]
-COVERAGE_COLUMNS = ["layer", "numel", *plots.METHODS, "elements_covered", "reason"]
-DETAILS_LIMIT = 4000  # characters of an expectation's details shown on the page
-
-
-# ---------------------------------------------------------------------------------------------
-# formatting
-
-
-def _num(value: Any) -> float | None:
-    """A float, or ``None`` for anything that is not a number (NaN stays NaN)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def fmt(value: Any, kind: str = "num") -> str:
-    """How a figure is shown: ``pct`` 84.96%, ``ratio`` 2.675, ``sec`` 64.8 s, ``num`` 4 significant digits."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    x = _num(value)
-    if x is None:
-        return str(value)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if kind == "pct":
-        return f"{100 * x:.2f}%"
-    if kind == "sec":
-        return f"{x:.1f} s" if x < 600 else f"{x / 60:.1f} min"
-    if kind == "ratio":
-        return f"{x:.3f}"
-    if kind == "int":
-        return f"{x:.0f}"
-    return f"{x:.4g}"
-
-
-@functools.lru_cache(maxsize=1)
-def _env() -> Environment:
-    env = Environment(loader=PackageLoader("surgery.report", "templates"), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = fmt
-    env.globals.update(stage_colors=plots.STAGE_COLORS, stage_labels=plots.STAGE_LABELS,
-                       method_colors=plots.METHOD_COLORS)
-    return env
-
-
-def _render_page(template: str, **context: Any) -> str:
-    return _env().get_template(template).render(**context)
+from surgery.report.html import case_html, compare_html, figures, render_page, verdict_of
+from surgery.results import CaseResult, load_results, safe_name, write_results
 
 
 def _write_page(path: Path, page: str) -> Path:
@@ -112,336 +36,13 @@ def _write_page(path: Path, page: str) -> Path:
     return path
 
 
-def _svg(text: str | None) -> Markup | None:
-    # The only markup marked safe: SVG written by matplotlib, which escapes the text it draws.
-    return Markup(text) if text else None
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a result defensively (results of failed runs miss sections)
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _agg(result: CaseResult, name: str) -> dict[str, Any] | None:
-    agg = _dict(result.metrics.get("accuracy")).get(name)
-    return agg if isinstance(agg, dict) else None
-
-
-def _activation_rows(result: CaseResult) -> list[dict[str, Any]]:
-    rows = _list(result.tables.get("activations"))
-    if not rows:
-        rows = [dict(r, seed=s.get("seed")) for s in _list(result.per_seed) if isinstance(s, dict)
-                for r in _list(s.get("activations")) if isinstance(r, dict)]
-    return [r for r in rows if isinstance(r, dict)]
-
-
-def _worst_drift(rows: list[dict[str, Any]], stage: str) -> float | None:
-    values = [_num(r.get("w1_norm")) for r in rows if r.get("stage") == stage]
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return math.nan if any(math.isnan(v) for v in values) else max(values)
-
-
-def figures(result: CaseResult) -> dict[str, float | None]:
-    """The key figures of a result, by the keys of :data:`FIGURES` (``None`` when absent)."""
-    coverage = _dict(result.metrics.get("coverage"))
-    out: dict[str, float | None] = {"coverage.tensors": _num(coverage.get("tensors")),
-                                    "coverage.elements": _num(coverage.get("elements"))}
-    for name in ("source", "before", "after", "baseline", "recovery", "bn_gain"):
-        agg = _agg(result, name)
-        out[f"accuracy.{name}"] = _num(agg.get("mean")) if agg else None
-    rows = _activation_rows(result)
-    out["drift.surgery"] = _worst_drift(rows, "surgery")
-    out["drift.finetune"] = _worst_drift(rows, "finetune")
-    out["seconds"] = _num(result.seconds)
-    return out
-
-
-def _threshold(result: CaseResult, name: str) -> float | None:
-    exp = result.expectation(name)
-    return _num(exp.threshold) if exp is not None else None
-
-
-def _verdict(result: CaseResult) -> str:
-    return "error" if result.error else ("pass" if result.passed else "fail")
-
-
-def _details_text(details: Any) -> str:
-    if not details:
-        return ""
-    try:
-        text = json.dumps(details, indent=1, default=str, allow_nan=True)
-    except (TypeError, ValueError):
-        text = repr(details)
-    return text if len(text) <= DETAILS_LIMIT else text[:DETAILS_LIMIT] + "\n… (truncated)"
-
-
-# ---------------------------------------------------------------------------------------------
-# page models
-
-
-def _expectation_rows(result: CaseResult) -> list[dict[str, Any]]:
-    return [{"name": e.name, "passed": bool(e.passed), "status": e.status or ("passed" if e.passed else "failed"),
-             "observed": e.observed, "threshold": e.threshold, "message": e.message,
-             "details": _details_text(e.details)} for e in result.expectations]
-
-
-def _calibration_rows(result: CaseResult) -> list[dict[str, Any]]:
-    """The calibrated expectations, for the band plot: distribution, threshold, observed, outcome."""
-    rows = []
-    for e in result.expectations:
-        cal = _dict(e.calibration)
-        if cal:
-            rows.append({"name": e.name, "mean": cal.get("mean"), "std": cal.get("std"),
-                         "samples": _list(cal.get("samples")), "threshold": e.threshold, "observed": e.observed,
-                         "status": e.status})
-    return rows
-
-
-def _glance(result: CaseResult) -> list[dict[str, str]]:
-    """The story at a glance: one card per figure that the run produced."""
-    figs, cards = figures(result), []
-    n_seeds = len(result.seeds) or len(_list(result.per_seed))
-
-    def spread(name: str) -> str:
-        agg = _agg(result, name)
-        if not agg or (agg.get("n") or 1) <= 1:
-            return ""
-        return f"± {fmt(agg.get('std'), 'pct')} · worst {fmt(agg.get('worst'), 'pct')} · {agg.get('n')} seeds"
-
-    if figs["coverage.tensors"] is not None:
-        cards.append({"label": "coverage", "value": fmt(figs["coverage.tensors"], "pct"),
-                      "sub": f"of tensors · {fmt(figs['coverage.elements'], 'pct')} of elements"})
-    for name, label in (("source", "source accuracy"), ("before", "after surgery"), ("after", "after fine-tune"),
-                        ("baseline", "baseline")):
-        if figs[f"accuracy.{name}"] is not None:
-            sub = spread(name) or {"source": "source model on the target data", "before": "before fine-tune",
-                                   "after": "the patient, fine-tuned", "baseline": "random init, same budget"}[name]
-            cards.append({"label": label, "value": fmt(figs[f"accuracy.{name}"], "pct"), "sub": sub})
-    if figs["accuracy.recovery"] is not None:
-        cards.append({"label": "recovery", "value": fmt(figs["accuracy.recovery"], "ratio"),
-                      "sub": "after / source accuracy"})
-    if figs["accuracy.bn_gain"] is not None:
-        before, after = _agg(result, "bn_before"), _agg(result, "bn_after")
-        shift = f"{fmt(before and before.get('mean'), 'pct')} → {fmt(after and after.get('mean'), 'pct')}"
-        cards.append({"label": "AdaBN gain", "value": fmt(figs["accuracy.bn_gain"], "pct"), "sub": shift})
-    for stage, label in (("surgery", "worst drift, surgery"), ("finetune", "worst drift, fine-tune")):
-        if figs[f"drift.{stage}"] is not None:
-            cards.append({"label": label, "value": fmt(figs[f"drift.{stage}"]), "sub": "normalised W1"})
-    cards.append({"label": "time", "value": fmt(figs["seconds"], "sec"),
-                  "sub": f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"})
-    return cards
-
-
-def _per_seed_rows(result: CaseResult) -> list[dict[str, Any]]:
-    rows = []
-    for s in _list(result.per_seed):
-        if not isinstance(s, dict):
-            continue
-        acc, ft = _dict(s.get("accuracy")), _dict(s.get("finetune"))
-        rows.append({"seed": s.get("seed"), "source": acc.get("source"), "before": acc.get("before"),
-                     "after": acc.get("after"), "baseline": acc.get("baseline"), "recovery": acc.get("recovery"),
-                     "finite": s.get("finite"), "steps": ft.get("steps_done"),
-                     "nonfinite_step": ft.get("nonfinite_step"), "seconds": ft.get("seconds"),
-                     "throughput": ft.get("samples_per_second")})
-    return rows
-
-
-def _record_view(result: CaseResult) -> dict[str, Any]:
-    record = _dict(result.record)
-    tensors = [t for t in _list(record.get("tensors")) if isinstance(t, dict)]
-
-    def shape(value: Any) -> str:
-        return "×".join(str(d) for d in value) if isinstance(value, list) else "—"
-
-    def row(t: dict[str, Any]) -> dict[str, Any]:
-        return {"key": t.get("target_key"), "shape": shape(t.get("shape")), "method": t.get("method"),
-                "source_key": t.get("source_key") or "—", "source_shape": shape(t.get("source_shape")),
-                "reason": t.get("reason") or ""}
-
-    by_method = {m: sum(1 for t in tensors if t.get("method") == m) for m in plots.METHODS}
-    notes = {str(k): (json.dumps(v, default=str) if isinstance(v, (list, dict)) else v)
-             for k, v in _dict(record.get("notes")).items()}
-    return {"op": record.get("op"), "n_tensors": len(tensors), "by_method": by_method,
-            "fresh": [row(t) for t in tensors if t.get("method") == "fresh"],
-            "changed": [row(t) for t in tensors if t.get("method") in ("sliced", "adapted")],
-            "notes": notes}
-
-
-def _activation_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ["seed", "layer", "reference_layer", "stage", "w1_norm", "ks", "psi", "ref_mean", "ref_std", "mean", "std",
-            "min", "max", "near_zero_frac", "dead_channel_frac", "ref_dead_channel_frac", "nonfinite"]
-    return [{k: r.get(k) for k in keys} for r in rows]
-
-
-def _histogram_plots(result: CaseResult) -> tuple[list[dict[str, Any]], Any]:
-    """Histograms of the first seed that has them, one small SVG per layer."""
-    for s in _list(result.per_seed):
-        hists = _dict(_dict(s).get("histograms"))
-        if hists:
-            out = []
-            for layer, hist in hists.items():
-                svg = plots.histogram(_dict(hist), str(layer))
-                out.append({"layer": str(layer), "svg": _svg(svg)})
-            return out, s.get("seed")
-    return [], None
-
-
-def _curve_runs(result: CaseResult, *, label_prefix: str = "", style: str = "-") -> list[dict[str, Any]]:
-    runs = []
-    for s in _list(result.per_seed):
-        s = _dict(s)
-        ft = _dict(s.get("finetune"))
-        runs.append({"label": f"{label_prefix}seed {s.get('seed')}", "curve": _list(ft.get("curve")),
-                     "baseline_curve": _list(s.get("baseline_curve")), "nonfinite_step": ft.get("nonfinite_step"),
-                     "style": style})
-    return runs
-
-
-def _provenance_items(prov: dict[str, Any]) -> list[tuple[str, Any]]:
-    keys = [k for k in PROVENANCE_ORDER if k in prov] + sorted(k for k in prov if k not in PROVENANCE_ORDER)
-    return [(k, ", ".join(map(str, prov[k])) if isinstance(prov[k], list) else prov[k]) for k in keys]
-
-
-def case_view(result: CaseResult) -> dict[str, Any]:
-    """Everything the case template shows, computed from ``result`` (strings still unescaped)."""
-    act_rows = _activation_rows(result)
-    drift_max = _threshold(result, "activations.drift_max") or _threshold(result, "gate.drift_max")
-    dead_max = _threshold(result, "activations.dead_max") or _threshold(result, "gate.dead_max")
-    hists, hist_seed = _histogram_plots(result)
-    acc_source, acc_baseline = _agg(result, "source"), _agg(result, "baseline")
-    held = sum(1 for e in result.expectations if e.passed)
-    undecided = sum(1 for e in result.expectations if e.status == "undecided")
-    n_seeds = len({r.get("seed") for r in act_rows}) or 1
-    coverage_rows = [{k: r.get(k) for k in COVERAGE_COLUMNS}
-                     for r in _list(result.tables.get("coverage")) if isinstance(r, dict)]
-    return {
-        "case": result.case, "path": result.path, "description": result.description, "error": result.error,
-        "verdict": _verdict(result), "held": held, "undecided": undecided, "total": len(result.expectations),
-        "calibration": result.calibration, "calibration_notes": list(result.calibration_notes),
-        "expectations": _expectation_rows(result), "glance": _glance(result),
-        "per_seed": _per_seed_rows(result),
-        "plots": {
-            "drift": _svg(plots.drift(act_rows, drift_max, seeds=n_seeds)),
-            "dead": _svg(plots.dead_channels(act_rows, dead_max)),
-            "curve": _svg(plots.finetune_curve(
-                _curve_runs(result), source=_num(acc_source.get("mean")) if acc_source else None,
-                baseline=_num(acc_baseline.get("mean")) if acc_baseline else None)),
-            "coverage": _svg(plots.coverage_map(coverage_rows)),
-            "calibration": _svg(plots.calibration_bands(_calibration_rows(result))),
-        },
-        "has_activations": bool(act_rows), "drift_max": drift_max, "dead_max": dead_max,
-        "histograms": hists, "histogram_seed": hist_seed,
-        "activations": _activation_table(act_rows),
-        "coverage": coverage_rows, "record": _record_view(result),
-        "provenance": _provenance_items(_dict(result.provenance)),
-        "schema_version": result.schema_version,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# comparison
-
-
-def _shown_differently(a: Any, b: Any, kind: str) -> bool:
-    """A figure moved when it reads differently on the page (the precision the reader sees)."""
-    return fmt(a, kind) != fmt(b, kind)
-
-
-def compare_view(a: CaseResult, b: CaseResult) -> dict[str, Any]:
-    """Two runs side by side: expectations that flipped, figures that moved, provenance that differs."""
-    exp_a = {e.name: e for e in a.expectations}
-    exp_b = {e.name: e for e in b.expectations}
-    expectations = []
-    for name in list(dict.fromkeys([*exp_a, *exp_b])):
-        ea, eb = exp_a.get(name), exp_b.get(name)
-        if ea is None or eb is None:
-            change = "only in A" if eb is None else "only in B"
-        elif ea.passed != eb.passed:
-            change = "fixed" if eb.passed else "broke"
-        else:
-            change = "moved" if _shown_differently(ea.observed, eb.observed, "num") else ""
-        expectations.append({"name": name, "change": change,
-                             "a": None if ea is None else {"passed": ea.passed, "observed": ea.observed,
-                                                           "threshold": ea.threshold, "message": ea.message},
-                             "b": None if eb is None else {"passed": eb.passed, "observed": eb.observed,
-                                                           "threshold": eb.threshold, "message": eb.message}})
-    fa, fb = figures(a), figures(b)
-    moved = []
-    for key, label, kind in FIGURES:
-        va, vb = fa.get(key), fb.get(key)
-        if va is None and vb is None:
-            continue
-        delta = None if va is None or vb is None else vb - va
-        changed = _shown_differently(va, vb, kind) and key != "seconds"
-        moved.append({"key": key, "label": label, "kind": kind, "a": va, "b": vb, "changed": changed,
-                      "delta": delta, "delta_text": _delta_text(delta, kind)})
-    pa, pb = _dict(a.provenance), _dict(b.provenance)
-    prov = []
-    extra = sorted((set(pa) | set(pb)) - set(PROVENANCE_ORDER))
-    for key in [k for k in PROVENANCE_ORDER if k in pa or k in pb] + extra:
-        prov.append({"key": key, "a": pa.get(key), "b": pb.get(key), "changed": pa.get(key) != pb.get(key),
-                     "expected": key == "created"})
-    rec_a, rec_b = _record_view(a), _record_view(b)
-    methods = [{"method": m, "a": rec_a["by_method"][m], "b": rec_b["by_method"][m],
-                "changed": rec_a["by_method"][m] != rec_b["by_method"][m]} for m in plots.METHODS]
-    drift_max = _threshold(b, "activations.drift_max") or _threshold(a, "activations.drift_max")
-    src = _agg(b, "source") or _agg(a, "source")
-    runs = _curve_runs(a, label_prefix="A ", style="-") + _curve_runs(b, label_prefix="B ", style="--")
-    flipped = [e["name"] for e in expectations if e["change"] in ("fixed", "broke")]
-    summary = {"flipped": flipped, "only": [e["name"] for e in expectations if e["change"].startswith("only")],
-               "moved": [m["label"] for m in moved if m["changed"]],
-               "provenance": [p["key"] for p in prov if p["changed"] and not p["expected"]],
-               "coverage": [m["method"] for m in methods if m["changed"]]}
-    return {
-        "a": _run_header(a), "b": _run_header(b), "same_case": a.case == b.case,
-        "expectations": expectations, "figures": moved, "provenance": prov, "methods": methods,
-        "summary": summary, "changes": sum(len(v) for v in summary.values()),
-        "plots": {
-            "curve": _svg(plots.finetune_curve(runs, source=_num(src.get("mean")) if src else None)),
-            "drift": _svg(plots.compare_drift({"A": _activation_rows(a), "B": _activation_rows(b)}, drift_max)),
-        },
-    }
-
-
-def _delta_text(delta: float | None, kind: str) -> str:
-    if delta is None or math.isnan(delta):
-        return ""
-    if kind == "pct":
-        return f"{100 * delta:+.2f} pt"
-    if kind == "sec":
-        return f"{delta:+.1f} s"
-    return f"{delta:+.4g}"
-
-
-def _run_header(result: CaseResult) -> dict[str, Any]:
-    prov = _dict(result.provenance)
-    return {"case": result.case, "path": result.path, "verdict": _verdict(result), "error": result.error,
-            "held": sum(1 for e in result.expectations if e.passed), "total": len(result.expectations),
-            "created": prov.get("created"), "commit": prov.get("git_commit"), "case_hash": prov.get("case_hash"),
-            "description": result.description}
-
-
 # ---------------------------------------------------------------------------------------------
 # public API
 
 
 def render_report(result: CaseResult, out: Path, *, compare: CaseResult | None = None) -> Path:
     """Render one result to ``out`` (HTML), or ``result`` (A) and ``compare`` (B) side by side."""
-    with plots.id_scope():
-        if compare is None:
-            page = _render_page("case.html.j2", v=case_view(result), title=f"{result.case} · surgery report")
-        else:
-            page = _render_page("compare.html.j2", v=compare_view(result, compare),
-                                title=f"{result.case} vs {compare.case} · surgery comparison")
+    page = case_html(result) if compare is None else compare_html(result, compare)
     return _write_page(Path(out), page)
 
 
@@ -456,7 +57,7 @@ def _index_row(result: CaseResult, folder: Path) -> dict[str, Any]:
     figs = figures(result)
     drifts = [v for v in (figs["drift.surgery"], figs["drift.finetune"]) if v is not None]
     has_report = (folder / "report.html").is_file()
-    return {"case": result.case, "description": result.description, "verdict": _verdict(result),
+    return {"case": result.case, "description": result.description, "verdict": verdict_of(result),
             "href": f"{quote(folder.name)}/report.html" if has_report else f"{quote(folder.name)}/results.json",
             "has_report": has_report, "held": sum(1 for e in result.expectations if e.passed),
             "total": len(result.expectations), "failed": [e.name for e in result.expectations if not e.passed],
@@ -476,7 +77,7 @@ def write_index(report_dir: Path) -> Path:
             where = f"{path.parent.name}/results.json"
             notes.append(f"{where} skipped: {exc.__class__.__name__}: {str(exc).replace(str(path) + ': ', '')}")
     passed = sum(1 for r in rows if r["verdict"] == "pass")
-    page = _render_page("index.html.j2", rows=rows, notes=notes, passed=passed, title="surgery reports",
+    page = render_page("index.html.j2", rows=rows, notes=notes, passed=passed, title="surgery reports",
                         report_dir=str(report_dir))
     return _write_page(report_dir / "index.html", page)
 

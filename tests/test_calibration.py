@@ -1,0 +1,249 @@
+"""Calibrated verdicts: the bounds' coverage by simulation, claims decided or undecided, threshold forms,
+and ``surgery calibrate`` end to end on a tiny real model (record, ``--write``, a run that uses both).
+
+The tiny case: the zoo's stem trainer (a 7×7 conv and a small body), random init, transplanted exactly
+into itself and fine-tuned 4 steps on 300 UCI digits at 16 px: about a second per seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from surgery import cli
+from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
+from surgery.calibration import experiment_hash, load_record, record_path
+from surgery.case import load_case, parse_case
+from surgery.checks.expect import resolve_threshold
+from surgery.errors import SurgeryInputError
+from surgery.numerics import pin_numerics
+
+# ----------------------------------------------------------------------------- the mathematics
+
+
+def _miss_rate(alpha: float, k: int, aggregate: str, n: int = 8, trials: int = 40_000) -> float:
+    """How often the k-seed aggregate of fresh normal draws falls below the bound computed from n draws."""
+    rng = np.random.default_rng(1234)
+    calib = rng.normal(0.8, 0.05, size=(trials, n))
+    mean, std = calib.mean(axis=1), calib.std(axis=1, ddof=1)
+    future = rng.normal(0.8, 0.05, size=(trials, k))
+    observed = future.mean(axis=1) if aggregate == "mean" else future.min(axis=1)
+    bounds = np.array([prediction_bound(Calibrated(m, s, n, n), alpha=alpha, k=k, aggregate=aggregate)
+                       for m, s in zip(mean[:2000], std[:2000])])
+    # The bound is m - c * s with c fixed by (alpha, n, k): compute c once, apply to every trial.
+    c = (mean[:2000] - bounds) / std[:2000]
+    assert np.allclose(c, c[0])
+    return float(np.mean(observed < mean - c[0] * std))
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.01])
+@pytest.mark.parametrize("k,aggregate", [(1, "mean"), (3, "mean"), (3, "worst")])
+def test_prediction_bound_covers_at_the_stated_rate(alpha, k, aggregate):
+    trials = 40_000
+    miss = _miss_rate(alpha, k, aggregate, trials=trials)
+    slack = 4 * math.sqrt(alpha * (1 - alpha) / trials)
+    if aggregate == "mean":  # exact under normality
+        assert abs(miss - alpha) < slack, (miss, alpha)
+    else:  # the k seeds share one estimate of m and s, so per-seed alpha_1 is a little conservative
+        assert 0.7 * alpha < miss < alpha + slack, (miss, alpha)
+
+
+def test_bound_tightens_with_seeds_for_a_mean_and_loosens_for_the_worst():
+    c = Calibrated(mean=0.9, std=0.02, seeds=10, runs=30)
+    one, three = (prediction_bound(c, alpha=0.001, k=k) for k in (1, 3))
+    worst3 = prediction_bound(c, alpha=0.001, k=3, aggregate="worst")
+    assert one < three < 0.9 and worst3 < one
+    t = stats.t.ppf(0.999, 9)
+    assert math.isclose(one, 0.9 - t * 0.02 * math.sqrt(1 + 1 / 10))
+    assert prediction_bound(c, alpha=0.001, direction="upper") == pytest.approx(0.9 + (0.9 - one))
+
+
+def test_a_claim_inside_the_spread_is_undecided_and_more_seeds_decide_it():
+    c = Calibrated(mean=0.107, std=0.07, seeds=30, runs=90)
+    assert decide(c, 0.03, alpha=0.001, k=1) == "undecided"
+    needed = seeds_to_decide(c, 0.03, alpha=0.001)
+    assert needed is not None and needed > 1
+    assert decide(c, 0.03, alpha=0.001, k=needed) == "holds"
+    assert decide(c, 0.03, alpha=0.001, k=needed - 1) == "undecided"
+    assert decide(c, 0.5, alpha=0.001, k=1) == "fails"
+    # With too few calibration seeds, no number of run seeds decides it: the estimate itself is too loose.
+    assert seeds_to_decide(Calibrated(mean=0.107, std=0.07, seeds=3, runs=9), 0.03, alpha=0.001) is None
+    # A figure without spread (coverage) is decided by any seed count.
+    assert decide(Calibrated(1.0, 0.0, 5, 15), 0.99, alpha=0.001, k=1) == "holds"
+
+
+def test_rounding_never_tightens_a_bound():
+    assert rounded_bound(0.8849, "lower") == 0.884
+    assert rounded_bound(0.1231, "upper") == 0.124
+    assert rounded_bound(0.884, "lower") == 0.884
+
+
+def test_a_run_uses_the_entry_of_the_largest_seed_count_not_above_its_own():
+    thresholds = {1: 0.8, 3: 0.85}
+    assert resolve_threshold(thresholds, 1) == 0.8
+    assert resolve_threshold(thresholds, 2) == 0.8
+    assert resolve_threshold(thresholds, 5) == 0.85
+    assert resolve_threshold({3: 0.85}, 1) is None
+    assert resolve_threshold(0.7, 4) == 0.7
+    assert resolve_threshold("calibrate", 1) is None
+
+
+# ----------------------------------------------------------------------------- threshold forms in a case file
+
+CASE = """\
+name: tiny-calibrated
+seed: [0, 1]
+device: cpu
+data: {{train: {{name: digits, limit: 300}}, image_size: 16, split_seed: 0}}
+source: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+surgery:
+  op: transplant
+  target: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+  strategy: exact
+finetune: {{steps: {steps}, batch_size: 16, eval_every: 4, optimizer: {{name: adamw, lr: 3.0e-3}}}}
+expect:
+  coverage: {{tensors_min: 1.0}}   # a claim: a structural fact
+  accuracy:
+    after_min: {after_min}   # the threshold calibration derives
+"""
+
+
+@pytest.mark.parametrize("value,fragment", [
+    ("1.5", "got 1.5; expected a number in [0, 1]"),
+    ("{0: 0.5}", "key 0: expected a seed count >= 1"),
+    ("{1: 2}", "got 2 for 1 seed(s)"),
+    ("{}", "empty mapping"),
+    ("calibrated", "or 'calibrate'"),
+    (".nan", "got nan"),
+])
+def test_bad_thresholds_name_file_line_and_field(value, fragment):
+    with pytest.raises(SurgeryInputError) as info:
+        parse_case(CASE.format(steps=4, after_min=value), "t.yaml")
+    message = str(info.value)
+    assert message.startswith("t.yaml:14: expect.accuracy.after_min:") and fragment in message, message
+
+
+def test_experiment_hash_ignores_thresholds_but_not_the_experiment():
+    a = parse_case(CASE.format(steps=4, after_min="0.5"))
+    b = parse_case(CASE.format(steps=4, after_min="{1: 0.2, 2: 0.3}"))
+    c = parse_case(CASE.format(steps=5, after_min="0.5"))
+    assert experiment_hash(a) == experiment_hash(b) != experiment_hash(c)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """A tiny case with a placeholder, calibrated with 3 seeds × native + 1 thread (2 seeds), written back."""
+    case = tmp_path_factory.mktemp("calibrated") / "tiny.yaml"
+    case.write_text(CASE.format(steps=4, after_min="calibrate"))
+    rc, out, err = _cli("calibrate", str(case), "--seeds", "3", "--perturbed-seeds", "2",
+                        "--profiles", "native,threads1", "--alpha", "0.01", "--write")
+    assert rc == 0, out + err
+    return case
+
+
+def test_calibrate_writes_a_record_and_the_thresholds_keeping_comments(calibrated):
+    record = load_record(record_path(calibrated))
+    case = load_case(calibrated)
+    assert record.experiment_hash == experiment_hash(case)
+    assert record.seeds == [0, 1, 2] and set(record.profiles) == {"native", "threads1"}
+    after = record.items["accuracy.after_min"]
+    assert set(after.samples) == {"native", "threads1"} and set(after.samples["threads1"]) == {"0", "1"}
+    assert after.runs == 5 and after.seeds == 3
+    assert record.profiles["threads1"]["threads"] == 1 and record.profiles["native"]["threads"] == 2
+    # The placeholder became the bounds for 1 seed and for the case's 2 seeds; the comment survived.
+    text = calibrated.read_text()
+    assert "# the threshold calibration derives" in text and "# a claim: a structural fact" in text
+    written = case.expect.accuracy.after_min
+    assert isinstance(written, dict) and set(written) == {1, 2}
+    assert written[1] == pytest.approx(record.thresholds["accuracy.after_min"]["bounds"]["1"])
+    assert written[1] <= after.mean
+    # The coverage claim is a structural fact: no spread, decided for every seed count.
+    assert record.thresholds["coverage.tensors_min"]["decision"] == {"1": "holds", "2": "holds"}
+
+
+def test_a_run_shows_the_calibrated_distribution_in_its_messages(calibrated, tmp_path):
+    rc, out, err = _cli("run", str(calibrated), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
+    assert rc == 0, out + err
+    results = json.loads(next((tmp_path / "r").glob("*/results.json")).read_text())
+    after = next(e for e in results["expectations"] if e["name"] == "accuracy.after_min")
+    assert "calibrated" in after["message"] and "3 seeds × 2 numeric profiles" in after["message"]
+    assert after["calibration"]["k"] == 1 and after["status"] == "passed"
+    assert results["calibration"].startswith("calibrated at alpha = 0.01")
+    prov = results["provenance"]
+    assert prov["threads"] == 2 and prov["cpu_capability"] and "deterministic_algorithms" in prov
+    assert "<svg" in (tmp_path / "r" / "tiny-calibrated" / "report.html").read_text()
+
+
+def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_the_cli(calibrated, tmp_path):
+    record = load_record(record_path(calibrated))
+    mean = record.items["accuracy.after_min"].mean
+    assert record.items["accuracy.after_min"].std > 0
+    claim = tmp_path / "cases" / "claim.yaml"
+    claim.parent.mkdir()
+    text = calibrated.read_text()
+    start = text.index("after_min:")
+    claim.write_text(text[:start] + f"after_min: {mean:.6f}\n")   # a claim right at the calibrated mean
+    record_path(claim).write_text(record_path(calibrated).read_text())
+
+    rc, out, _ = _cli("run", str(claim), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
+    assert rc == 0 and "1 undecided" in out and "undecided at α = 0.01 with 1 seed" in out, out
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(claim), "-rs", "-q", "--surgery-seeds", "1",
+                           "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SKIPPED" in proc.stdout and "undecided at α = 0.01" in proc.stdout, proc.stdout
+    assert "1 skipped" in proc.stdout and "passed" in proc.stdout
+
+
+def test_a_changed_experiment_makes_the_record_stale(calibrated, tmp_path):
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(calibrated.read_text().replace("steps: 4", "steps: 3"))
+    record_path(changed).write_text(record_path(calibrated).read_text())
+    rc, out, err = _cli("run", str(changed), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
+    assert rc == 0, out + err
+    results = json.loads(next((tmp_path / "r").glob("*/results.json")).read_text())
+    assert "stale" in results["calibration"]
+    assert all(e["calibration"] is None for e in results["expectations"])
+
+
+def test_an_uncalibrated_placeholder_is_bad_input_at_its_line(tmp_path):
+    case = tmp_path / "new.yaml"
+    case.write_text(CASE.format(steps=4, after_min="calibrate"))
+    rc, out, err = _cli("run", str(case), "--report", str(tmp_path / "r"), "--quiet")
+    assert rc == 2 and not (tmp_path / "r").exists()
+    assert err.strip().splitlines() == [
+        f"surgery: error: {case}:14: expect.accuracy.after_min: the placeholder 'calibrate' is not a threshold "
+        f"yet; run `surgery calibrate {case} --write` first"]
+
+
+def test_threads_are_pinned_and_recorded(tmp_path, monkeypatch):
+    case = tmp_path / "threads.yaml"
+    case.write_text(CASE.format(steps=2, after_min="0.0"))
+    monkeypatch.setenv("SURGERY_THREADS", "1")
+    rc, out, err = _cli("run", str(case), "--report", str(tmp_path / "r"), "--quiet")
+    assert rc == 0, out + err
+    assert json.loads((tmp_path / "r" / "tiny-calibrated" / "results.json").read_text())["provenance"]["threads"] == 1
+    monkeypatch.setenv("SURGERY_THREADS", "zero")
+    rc, _, err = _cli("run", str(case), "--report", str(tmp_path / "r2"), "--quiet")
+    assert rc == 2 and "SURGERY_THREADS='zero': expected a positive integer" in err
+    monkeypatch.delenv("SURGERY_THREADS")
+    pin_numerics()  # the rest of the session runs with the project's profile again
