@@ -23,7 +23,7 @@ finished model, on the test split of the case's first seed:
 Coverage, ``before_min``, ``source_min``, ``beats_baseline`` and ``bn_recalibration`` describe a
 surgery or a fine-tune, not a finished model, and are not checked here. The source (built from the
 case, a zoo model included) is needed for the patient's architecture and as the reference.
-NOTE: the gate evaluates on the test split drawn with the case's first seed; a checkpoint trained
+NOTE: the gate evaluates on the test split a run of the case's first seed uses (``data.split_seed`` honoured); a checkpoint trained
 on all of the case's data is scored on images it has seen.
 
 The verdict is written under ``report_dir`` only: the case's report (``write_case_report``)
@@ -55,12 +55,13 @@ from surgery.case import Case
 from surgery.checks.accuracy import aggregate, recovery
 from surgery.checks.expect import (at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row,
                                    worst_drift_row)
-from surgery.data import Split, load_split
-from surgery.finetune import predict, resolve_device, to_device
-from surgery.models import build_model, load_state_dict_file, load_weights
+from surgery.data import Split
+from surgery.finetune import predict, to_device
+from surgery.models import load_state_dict_file, load_weights
 from surgery._io import file_sha256, strict_json, write_atomic
 from surgery.results import CaseResult, ExpectationResult, provenance
-from surgery.runner import FORWARD_ERRORS, _probe_set, _Probes, forward_error, perform_surgery
+from surgery.prepare import (FORWARD_ERRORS, Probes, build, device_for, forward_error, load_data, perform_surgery,
+                             probe_inputs)
 
 __all__ = ["GATE_FILE", "run_gate", "write_verdict", "file_sha256", "bn_stats_rows", "nonfinite_weights",
            "nonfinite_outputs"]
@@ -244,17 +245,16 @@ def run_gate(checkpoint: Path, case: Case, *, report_dir: Path, device: str | No
     """
     start = time.perf_counter()
     checkpoint, report_dir = Path(checkpoint), Path(report_dir)
-    dev = resolve_device(device or case.device)
+    dev = device_for(case, device)
     # Load first: a bad or unsafe file is refused before any model is built (weights only, no code runs).
     state = load_state_dict_file(checkpoint)
     digest = file_sha256(checkpoint)
     seed = case.seed[0]
 
     torch.manual_seed(seed)
-    data = case.data
-    split = load_split(data.train, image_size=data.image_size, channels=data.channels, seed=seed,
-                       test_fraction=data.test_fraction)
-    source = to_device(build_model(case.source, num_classes=split.num_classes, in_chans=data.channels).eval(), dev)
+    split = load_data(case, seed)  # the split a run of this seed trains and tests on (data.split_seed honoured)
+    source = to_device(build(case, case.source, "source", num_classes=split.num_classes,
+                             in_chans=case.data.channels).eval(), dev)
     source_logits = _logits(source, split, dev, f"source {case.source.model}")
     # The patient's architecture exactly as a run of the case builds it. The ops run on the CPU (their
     # example inputs are CPU tensors) and never modify the source.
@@ -280,7 +280,7 @@ def run_gate(checkpoint: Path, case: Case, *, report_dir: Path, device: str | No
     rows: list[dict[str, Any]] = []
     histograms: dict[str, Any] = {}
     if case.expect.activations is not None:
-        probes = _Probes(case, source, patient, _probe_set(case, split, seed), dev, seed)
+        probes = Probes(case, source, patient, probe_inputs(case, split, seed), dev, seed)
         probes.probe(STAGE, patient)
         rows, histograms = probes.rows(), probes.histograms()
 

@@ -71,7 +71,8 @@ def resolve_factory(ref: str) -> Any:
     A case file is code (see README, Trust model), yet a ref may not reach what no model factory is:
     a module of the standard library or ``builtins`` and private names are refused before anything is
     imported; otherwise the named module is imported (only it and its parents) and the factory must be a
-    class or a function defined in that very module, not one it re-exports. Nothing is called.
+    class or a function defined in that module or one of its submodules, not one it imports from
+    elsewhere. Nothing is called.
     """
     module_name, _, name = ref.partition(":")
     parts = module_name.split(".")
@@ -92,9 +93,13 @@ def resolve_factory(ref: str) -> Any:
     if not (inspect.isclass(factory) or inspect.isfunction(factory)):
         raise ValueError(f"model {ref!r}: {name} is a {type(factory).__name__}, expected a factory "
                          f"(a class or function defined in {module_name})")
-    if getattr(factory, "__module__", None) != module_name:
-        raise ValueError(f"model {ref!r}: {name} is defined in {getattr(factory, '__module__', None)!r}, "
-                         f"not in {module_name!r}; expected a factory defined in the module named")
+    # NOTE: a package's public re-export of its own code counts (torch.nn:Identity lives in
+    # torch.nn.modules.linear, torchvision.models:resnet18 in torchvision.models.resnet); an import
+    # from elsewhere (a module re-exporting os.system) does not.
+    defined_in = getattr(factory, "__module__", None) or ""
+    if defined_in != module_name and not defined_in.startswith(module_name + "."):
+        raise ValueError(f"model {ref!r}: {name} is defined in {defined_in!r}, not in {module_name!r} or "
+                         f"its submodules; expected a factory defined in the package named")
     return factory
 
 

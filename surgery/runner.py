@@ -24,12 +24,15 @@ from surgery.checks.accuracy import recovery
 from surgery.checks.coverage import coverage_summary, coverage_table
 from surgery.calibration import CaseCalibration, case_calibration
 from surgery.checks.expect import evaluate_expectations, uncalibrated_fields
-from surgery.data import Split, load_split
+from surgery.data import Split
 from surgery.errors import SurgeryInputError
-from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, resolve_device, to_device
-from surgery.models import build_architecture, build_model
+from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_device
+from surgery.models import build_architecture
 from surgery.numerics import numeric_profile, pin_numerics
+from surgery.ops.activation import activation_swap
 from surgery.ops.record import SurgeryRecord
+from surgery.prepare import (Probes, architecture_ref, build, build_source, check_forward, device_for, load_data,
+                             model_spec, perform_surgery, probe_inputs)
 from surgery._io import file_sha256
 from surgery.results import CaseResult, provenance
 from surgery.zoo import ZOO, zoo_path
@@ -47,85 +50,22 @@ class RunOptions:
     calibrating: bool = False      # thresholds may still be the ``calibrate`` placeholder
 
 
-def _example(split: Split) -> torch.Tensor:
-    return split.test_x[:2]
-
-
-# What a forward on inputs of the wrong size raises: torch a RuntimeError, timm often an AssertionError.
-FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
-
-
-def forward_error(what: str, split: Split, exc: BaseException) -> SurgeryInputError:
-    """The one-line bad-input error for a model whose forward fails on the case's images."""
-    first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
-    return SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
-                             f"(is data.image_size too small for this architecture?): {first}")
-
-
-def _check_forward(model: nn.Module, split: Split, what: str) -> int:
-    """One eval forward on two test images; returns the output width. Too-small inputs are bad input."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(_example(split).to(next(model.parameters()).device))
-    except FORWARD_ERRORS as exc:
-        raise forward_error(what, split, exc) from None
-    return int(out.shape[-1])
-
-
-def _architecture_ref(spec: ModelSpec) -> str:
-    """The architecture behind a model spec (a zoo model's recipe arch)."""
-    kind, _, name = spec.model.partition(":")
-    if kind == "zoo":
-        from surgery.zoo import ZOO
-
-        return ZOO[name].arch
-    return spec.model
-
-
-def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Module, SurgeryRecord]:
-    """Apply the case's operation to ``source``; return the patient and the record."""
-    op = case.surgery
-    example = _example(split)
-    if isinstance(op, TransplantSpec):
-        from surgery.ops.transplant import transplant
-
-        target = build_model(op.target, num_classes=split.num_classes, in_chans=case.data.channels)
-        return transplant(source, target, op.strategy, adapt_input=op.adapt_input)
-    if isinstance(op, ActivationSwapSpec):
-        from surgery.ops.activation import activation_swap
-
-        return activation_swap(source, op.from_, op.to, example_input=example)
-    if isinstance(op, GraftSpec):
-        from surgery.ops.graft import graft
-
-        donor = build_model(op.donor, in_chans=case.data.channels)
-        return graft(source, donor, op.path, example_input=example)
-    if isinstance(op, BridgeSpec):
-        from surgery.ops.bridge import bridge
-
-        return bridge(source, op.nodes, op.head, op.num_classes or split.num_classes, example_input=example,
-                      hidden=op.hidden, depth=op.depth, num_heads=op.num_heads)
-    raise SurgeryInputError(f"surgery.op: unknown op {getattr(op, 'op', op)!r}")
-
-
 def baseline_model(case: Case, split: Split) -> nn.Module:
     """The patient's architecture from random init (or ``beats_baseline.model``), for the same budget."""
     spec = case.expect.accuracy.beats_baseline
     op = case.surgery
     if spec.model is not None:
-        return build_model(spec.model, num_classes=split.num_classes, in_chans=case.data.channels)
+        return build(case, spec.model, "expect.accuracy.beats_baseline.model", num_classes=split.num_classes,
+                     in_chans=case.data.channels)
     if isinstance(op, TransplantSpec):
-        ref = _architecture_ref(op.target)
+        ref = architecture_ref(op.target)
     elif isinstance(op, BridgeSpec):
-        raise SurgeryInputError("expect.accuracy.beats_baseline.model: a bridge needs the baseline model to "
-                                "train from scratch, e.g. {model: torchvision:resnet18}")
+        raise SurgeryInputError(f"{case.where('expect.accuracy.beats_baseline')}: a bridge needs the baseline "
+                                "model to train from scratch, e.g. {model: torchvision:resnet18}")
     else:
-        ref = _architecture_ref(case.source)
+        ref = architecture_ref(case.source)
     model = build_architecture(ref, num_classes=split.num_classes, in_chans=case.data.channels)
     if isinstance(op, ActivationSwapSpec):
-        from surgery.ops.activation import activation_swap
-
         model, _ = activation_swap(model, op.from_, op.to)
     return model
 
@@ -140,76 +80,13 @@ def _finetune_groups(case: Case) -> list[ParamGroupSpec]:
     return groups
 
 
-def _probe_set(case: Case, split: Split, seed: int) -> torch.Tensor:
-    if case.data.probe is None:
-        return split.test_x[: case.data.probe_size]
-    probe = load_split(case.data.probe, image_size=case.data.image_size, channels=case.data.channels, seed=seed,
-                       test_fraction=case.data.test_fraction)
-    return probe.test_x[: case.data.probe_size]
-
-
-class _Probes:
-    """Activation probes of the reference and the patient at each stage, on shared histogram edges."""
-
-    def __init__(self, case: Case, reference: nn.Module, patient: nn.Module, probe_x: torch.Tensor,
-                 device: torch.device, seed: int):
-        from surgery.checks.activations import probe_activations, resolve_layers
-
-        spec = case.expect.activations
-        self.layers = resolve_layers(patient, spec.layers)
-        self.ref_layers = resolve_layers(reference, spec.reference_layers or spec.layers)
-        if len(self.layers) != len(self.ref_layers):
-            raise SurgeryInputError(
-                f"expect.activations: {len(self.layers)} patient layers {self.layers[:4]} but "
-                f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them")
-        self.x, self.device, self.seed = probe_x, device, seed
-        self.reference = probe_activations(reference, probe_x, self.ref_layers, device=device, seed=seed)
-        self.stages: dict[str, dict] = {}
-
-    def probe(self, stage: str, model: nn.Module) -> None:
-        from surgery.checks.activations import probe_activations
-
-        edges = {p: self.reference[r].hist_edges for p, r in zip(self.layers, self.ref_layers)}
-        self.stages[stage] = probe_activations(model, self.x, self.layers, device=self.device, edges=edges,
-                                               seed=self.seed)
-
-    def rows(self) -> list[dict[str, Any]]:
-        """Per layer and stage: drift against the reference, moments, dead channels, histogram."""
-        from surgery.checks.activations import drift
-
-        rows = []
-        for pat_name, ref_name in zip(self.layers, self.ref_layers):
-            ref = self.reference[ref_name]
-            for stage, stats in self.stages.items():
-                pat = stats[pat_name]
-                d = drift(ref, pat)
-                rows.append({"layer": pat_name, "reference_layer": ref_name, "stage": stage,
-                             "w1_norm": d["wasserstein_norm"], "ks": d["ks"], "psi": d["psi"],
-                             "ref_mean": ref.mean, "ref_std": ref.std, "mean": pat.mean, "std": pat.std,
-                             "min": pat.min, "max": pat.max, "near_zero_frac": pat.near_zero_frac,
-                             "dead_channel_frac": pat.dead_channel_frac, "ref_dead_channel_frac": ref.dead_channel_frac,
-                             "nonfinite": pat.nonfinite})
-        return rows
-
-    def histograms(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for pat_name, ref_name in zip(self.layers, self.ref_layers):
-            ref = self.reference[ref_name]
-            out[pat_name] = {"edges": ref.hist_edges.tolist(), "reference": ref.hist_counts.tolist(),
-                             **{stage: stats[pat_name].hist_counts.tolist() for stage, stats in self.stages.items()}}
-        return out
-
-
 def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
     """Everything one seed of a case produces (accuracies, curves, record, probes)."""
     torch.manual_seed(seed)
-    data = case.data
-    split = load_split(data.train, image_size=data.image_size, channels=data.channels,
-                       seed=seed if data.split_seed is None else data.split_seed, test_fraction=data.test_fraction)
-    source = build_model(case.source, num_classes=split.num_classes, in_chans=data.channels).eval()
-    source_width = _check_forward(source, split, f"source {case.source.model}")
+    split = load_data(case, seed)
+    source, source_width = build_source(case, split)
     patient, record = perform_surgery(case, source, split)
-    _check_forward(patient, split, "patient after surgery")
+    check_forward(case, patient, split, "patient after surgery")
     source, patient = to_device(source, device), to_device(patient, device)
 
     acc: dict[str, float | None] = {}
@@ -219,7 +96,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
 
     probes = None
     if case.expect.activations is not None:
-        probes = _Probes(case, source, patient, _probe_set(case, split, seed), device, seed)
+        probes = Probes(case, source, patient, probe_inputs(case, split, seed), device, seed)
         probes.probe("surgery", patient)
 
     if case.expect.bn_recalibration is not None:
@@ -236,7 +113,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     spec = case.finetune.model_copy(update={"groups": _finetune_groups(case)})
     distill = case.surgery.distill if isinstance(case.surgery, BridgeSpec) else None
     if distill is not None and source_width != split.num_classes:
-        raise SurgeryInputError(f"surgery.distill: the source has {source_width} outputs, the data "
+        raise SurgeryInputError(f"{case.where('surgery.distill')}: the source has {source_width} outputs, the data "
                                 f"{split.num_classes} classes; distillation needs them equal")
     run = finetune(patient, split.train_x, split.train_y, split.test_x, split.test_y, spec, seed=seed,
                    device=device, teacher=source if distill else None, distill=distill,
@@ -299,7 +176,8 @@ def _model_specs(case: Case) -> list[ModelSpec]:
 
 def weight_digests(case: Case) -> dict[str, str]:
     """SHA-256 of every weight file the case reads (zoo models included), by file path."""
-    return {str(path): file_sha256(path) for spec in _model_specs(case) for path in weight_files(spec)}
+    return {str(path): file_sha256(path) for spec in _model_specs(case)
+            for path in weight_files(model_spec(case, spec))}
 
 
 def calibration_notes(calibration: CaseCalibration, run_provenance: dict[str, Any]) -> list[str]:
@@ -330,7 +208,7 @@ def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
             raise SurgeryInputError(f"{case.where(missing[0])}: the placeholder 'calibrate' is not a threshold yet; "
                                     f"run `surgery calibrate {case.path} --write` first")
     threads = pin_numerics(options.threads)
-    device = resolve_device(options.device or case.device)
+    device = device_for(case, options.device)
     seeds = list(options.seeds) if options.seeds else list(case.seed)
     seeds = seeds[: options.max_seeds] if options.max_seeds else seeds
     calibration = case_calibration(case)

@@ -12,7 +12,7 @@ from surgery.cli import main
 from surgery.data import load_split
 from surgery.finetune import finetune, resolve_device
 from surgery.models import build_model
-from surgery.runner import perform_surgery
+from surgery.prepare import perform_surgery
 
 GRAFT = """\
 name: graft-mismatch

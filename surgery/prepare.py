@@ -1,0 +1,216 @@
+"""What a run and a gate share: the case's data split, source, patient and probe set, with located errors.
+
+``surgery run`` and ``surgery gate`` build the same things from a case and a seed: the train/test
+split (``data.split_seed`` when set, else the seed), the source model, the patient the surgery
+makes, the probe set. Both call these functions, so they cannot drift apart.
+
+Every input error found while building them — a forward that fails at this image size, a missing
+checkpoint, a graft path or probed layer that does not exist, a device that is not there, a
+missing imagefolder root — names the case file, the line and the field that caused it
+(``cases/x.yaml:7: surgery.path: …``). Relative paths in a case (checkpoints, imagefolder roots)
+resolve against the case file's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from surgery.case import (ActivationSwapSpec, BridgeSpec, Case, DatasetSpec, GraftSpec, ModelSpec,
+                          TransplantSpec)
+from surgery.checks.activations import drift, probe_activations, resolve_layers
+from surgery.data import Split, load_split
+from surgery.errors import SurgeryInputError
+from surgery.finetune import resolve_device
+from surgery.models import build_model
+from surgery.ops.activation import activation_swap
+from surgery.ops.bridge import bridge
+from surgery.ops.graft import graft
+from surgery.ops.record import SurgeryRecord
+from surgery.ops.transplant import transplant
+from surgery.zoo import ZOO
+
+
+@contextlib.contextmanager
+def blame(case: Case, field: str) -> Iterator[None]:
+    """Re-raise an input error from the block as ``FILE:LINE: field: message`` (once: located ones pass)."""
+    try:
+        yield
+    except SurgeryInputError as exc:
+        if case.path != "<memory>" and str(exc).startswith(f"{case.path}:"):
+            raise
+        raise SurgeryInputError(f"{case.where(field)}: {exc}") from None
+
+
+def _relative_to_case(case: Case, value: str | None) -> str | None:
+    if not value or case.path == "<memory>" or Path(value).expanduser().is_absolute():
+        return value
+    return str(Path(case.path).parent / Path(value).expanduser())
+
+
+def model_spec(case: Case, spec: ModelSpec) -> ModelSpec:
+    """``spec`` with a relative checkpoint path resolved against the case file's folder."""
+    resolved = _relative_to_case(case, spec.checkpoint)
+    return spec if resolved == spec.checkpoint else spec.model_copy(update={"checkpoint": resolved})
+
+
+def dataset_spec(case: Case, spec: DatasetSpec) -> DatasetSpec:
+    """``spec`` with a relative imagefolder root resolved against the case file's folder."""
+    resolved = _relative_to_case(case, spec.root)
+    return spec if resolved == spec.root else spec.model_copy(update={"root": resolved})
+
+
+def model_field(prefix: str, spec: ModelSpec) -> str:
+    """The field to blame when building ``spec`` fails: its checkpoint when it has one, else its model."""
+    return f"{prefix}.checkpoint" if spec.checkpoint else f"{prefix}.model"
+
+
+def build(case: Case, spec: ModelSpec, field: str, **defaults: Any) -> nn.Module:
+    """Build a model spec of the case (relative checkpoint resolved), blaming ``field`` on failure."""
+    with blame(case, model_field(field, spec)):
+        return build_model(model_spec(case, spec), **defaults)
+
+
+def device_for(case: Case, override: str | None) -> torch.device:
+    """The device a run uses: the override (CLI, plugin) or the case's ``device`` field."""
+    if override:
+        try:
+            return resolve_device(override)
+        except SurgeryInputError as exc:
+            raise SurgeryInputError(f"--device: {exc}") from None
+    with blame(case, "device"):
+        return resolve_device(case.device)
+
+
+def load_data(case: Case, seed: int) -> Split:
+    """The train/test split of ``seed`` (or of ``data.split_seed`` when the case fixes it)."""
+    data = case.data
+    field = "data.train.root" if data.train.name == "imagefolder" else "data.train"
+    with blame(case, field):
+        return load_split(dataset_spec(case, data.train), image_size=data.image_size, channels=data.channels,
+                          seed=seed if data.split_seed is None else data.split_seed,
+                          test_fraction=data.test_fraction)
+
+
+def probe_inputs(case: Case, split: Split, seed: int) -> torch.Tensor:
+    """The probe set: ``data.probe``'s test split, or the train data's test split, ``probe_size`` images."""
+    data = case.data
+    if data.probe is None:
+        return split.test_x[: data.probe_size]
+    field = "data.probe.root" if data.probe.name == "imagefolder" else "data.probe"
+    with blame(case, field):
+        probe = load_split(dataset_spec(case, data.probe), image_size=data.image_size, channels=data.channels,
+                           seed=seed, test_fraction=data.test_fraction)
+    return probe.test_x[: data.probe_size]
+
+
+def build_source(case: Case, split: Split) -> tuple[nn.Module, int]:
+    """The source model in eval mode, and the width of its output on the case's images."""
+    source = build(case, case.source, "source", num_classes=split.num_classes, in_chans=case.data.channels).eval()
+    return source, check_forward(case, source, split, f"source {case.source.model}")
+
+
+def example_inputs(split: Split) -> torch.Tensor:
+    return split.test_x[:2]
+
+
+# What a forward on inputs of the wrong size raises: torch a RuntimeError, timm often an AssertionError.
+FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
+
+
+def forward_error(what: str, split: Split, exc: BaseException) -> SurgeryInputError:
+    """The one-line bad-input error for a model whose forward fails on the case's images."""
+    first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+    return SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
+                             f"(is data.image_size too small for this architecture?): {first}")
+
+
+def check_forward(case: Case, model: nn.Module, split: Split, what: str) -> int:
+    """One eval forward on two test images; returns the output width. Too-small inputs are bad input."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example_inputs(split).to(next(model.parameters()).device))
+    except FORWARD_ERRORS as exc:
+        raise SurgeryInputError(f"{case.where('data.image_size')}: {forward_error(what, split, exc)}") from None
+    return int(out.shape[-1])
+
+
+def architecture_ref(spec: ModelSpec) -> str:
+    """The architecture behind a model spec (a zoo model's recipe arch)."""
+    kind, _, name = spec.model.partition(":")
+    return ZOO[name].arch if kind == "zoo" else spec.model
+
+
+def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Module, SurgeryRecord]:
+    """Apply the case's operation to ``source``; return the patient and the record."""
+    op = case.surgery
+    example = example_inputs(split)
+    if isinstance(op, TransplantSpec):
+        target = build(case, op.target, "surgery.target", num_classes=split.num_classes, in_chans=case.data.channels)
+        with blame(case, "surgery.strategy"):
+            return transplant(source, target, op.strategy, adapt_input=op.adapt_input)
+    if isinstance(op, ActivationSwapSpec):
+        with blame(case, "surgery.from"):
+            return activation_swap(source, op.from_, op.to, example_input=example)
+    if isinstance(op, GraftSpec):
+        donor = build(case, op.donor, "surgery.donor", in_chans=case.data.channels)
+        with blame(case, "surgery.path"):
+            return graft(source, donor, op.path, example_input=example)
+    if isinstance(op, BridgeSpec):
+        with blame(case, "surgery.nodes"):
+            return bridge(source, op.nodes, op.head, op.num_classes or split.num_classes, example_input=example,
+                          hidden=op.hidden, depth=op.depth, num_heads=op.num_heads)
+    raise SurgeryInputError(f"surgery.op: unknown op {getattr(op, 'op', op)!r}")
+
+
+class Probes:
+    """Activation probes of the reference and the patient at each stage, on shared histogram edges."""
+
+    def __init__(self, case: Case, reference: nn.Module, patient: nn.Module, probe_x: torch.Tensor,
+                 device: torch.device, seed: int):
+        spec = case.expect.activations
+        with blame(case, "expect.activations.layers"):
+            self.layers = resolve_layers(patient, spec.layers)
+        with blame(case, "expect.activations.reference_layers" if spec.reference_layers else "expect.activations.layers"):
+            self.ref_layers = resolve_layers(reference, spec.reference_layers or spec.layers)
+        if len(self.layers) != len(self.ref_layers):
+            raise SurgeryInputError(
+                f"{case.where('expect.activations.layers')}: {len(self.layers)} patient layers {self.layers[:4]} but "
+                f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them")
+        self.x, self.device, self.seed = probe_x, device, seed
+        self.reference = probe_activations(reference, probe_x, self.ref_layers, device=device, seed=seed)
+        self.stages: dict[str, dict] = {}
+
+    def probe(self, stage: str, model: nn.Module) -> None:
+        edges = {p: self.reference[r].hist_edges for p, r in zip(self.layers, self.ref_layers)}
+        self.stages[stage] = probe_activations(model, self.x, self.layers, device=self.device, edges=edges,
+                                               seed=self.seed)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per layer and stage: drift against the reference, moments, dead channels, histogram."""
+        rows = []
+        for pat_name, ref_name in zip(self.layers, self.ref_layers):
+            ref = self.reference[ref_name]
+            for stage, stats in self.stages.items():
+                pat = stats[pat_name]
+                d = drift(ref, pat)
+                rows.append({"layer": pat_name, "reference_layer": ref_name, "stage": stage,
+                             "w1_norm": d["wasserstein_norm"], "ks": d["ks"], "psi": d["psi"],
+                             "ref_mean": ref.mean, "ref_std": ref.std, "mean": pat.mean, "std": pat.std,
+                             "min": pat.min, "max": pat.max, "near_zero_frac": pat.near_zero_frac,
+                             "dead_channel_frac": pat.dead_channel_frac, "ref_dead_channel_frac": ref.dead_channel_frac,
+                             "nonfinite": pat.nonfinite})
+        return rows
+
+    def histograms(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for pat_name, ref_name in zip(self.layers, self.ref_layers):
+            ref = self.reference[ref_name]
+            out[pat_name] = {"edges": ref.hist_edges.tolist(), "reference": ref.hist_counts.tolist(),
+                             **{stage: stats[pat_name].hist_counts.tolist() for stage, stats in self.stages.items()}}
+        return out
