@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ("pytester",)  # in-process pytest runs for the plugin's own tests
+
 
 def pytest_configure(config: pytest.Config) -> None:
     from surgery.numerics import pin_numerics

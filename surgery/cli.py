@@ -7,6 +7,7 @@ Exit codes: 0 every expectation holds, 1 an expectation failed, 2 bad input (one
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,16 @@ from typing import Sequence
 
 from surgery.errors import SurgeryInputError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class ExitCode(enum.IntEnum):
+    """The exit codes of every ``surgery`` command."""
+
+    OK = 0             # every expectation held (undecided claims listed, not counted as held)
+    FAILED = 1         # an expectation failed
+    BAD_INPUT = 2      # a case, model, checkpoint, data or device that cannot be used: one line on stderr
+    INTERNAL = 3       # a bug, or the environment failing (disk full ...)
+    INTERRUPTED = 130  # Ctrl-C
 
 
 def _print_result(result, report: Path | None) -> None:
@@ -56,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ran += 1
     if ran:
         print(f"index: {write_index(Path(args.report))}")
-    return EXIT_BAD_INPUT if bad else EXIT_FAILED if failed else EXIT_OK
+    return ExitCode.BAD_INPUT if bad else ExitCode.FAILED if failed else ExitCode.OK
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -74,7 +84,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for path in paths:
         calibrate_case(path, seeds=args.seeds, perturbed_seeds=args.perturbed_seeds, profiles=profiles,
                        alpha=args.alpha, write=args.write)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -87,7 +97,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     pin_numerics(args.threads)
     verdict = run_gate(Path(args.checkpoint), case, report_dir=Path(args.report), device=args.device)
     _print_result(verdict, Path(args.report))
-    return EXIT_OK if verdict.passed else EXIT_FAILED
+    return ExitCode.OK if verdict.passed else ExitCode.FAILED
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -100,7 +110,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "compare.html" if other else "report.html")
     render_report(result, out, compare=other)
     print(out)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -109,7 +119,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if not Path(args.report_dir).is_dir():
         raise SurgeryInputError(f"{args.report_dir}: no such report directory")
     print(summary_table(Path(args.report_dir)))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
@@ -121,14 +131,14 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             path = zoo.build(name, progress=None)
             meta = zoo.metadata(name)
             print(f"{name}: test accuracy {meta['test_accuracy']:.4f} ({path})")
-        return EXIT_OK
+        return ExitCode.OK
     rows = zoo.status()
     print(f"{'name':<18} {'architecture':<22} {'dataset':<9} {'test acc':>8}  cached")
     for r in rows:
         acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
         print(f"{r['name']:<18} {r['arch']:<22} {r['dataset']:<9} {acc:>8}  {'yes' if r['cached'] else 'no'}")
     print(f"cache: {zoo.cache_dir()}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -150,7 +160,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("# graph nodes usable by bridge (surgery.op: bridge, nodes: [...])")
     for node in list_feature_nodes(model):
         print(node)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,16 +228,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SurgeryInputError as exc:
         print(f"surgery: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     except Exception as exc:  # a bug or an environment failure (disk full …): never exit 1, which means "failed"
         if os.environ.get("SURGERY_DEBUG"):
             raise
         print(f"surgery: internal error: {exc.__class__.__name__}: {exc} (set SURGERY_DEBUG=1 for the traceback)",
               file=sys.stderr)
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
 
 
 if __name__ == "__main__":

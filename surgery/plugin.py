@@ -6,6 +6,7 @@ observed value, threshold, where — not a traceback. Registered through the ``p
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,44 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="torch threads per process (default: $SURGERY_THREADS, else 2; under xdist cores / workers)")
 
 
+class TerminalLines(logging.Handler):
+    """Shows log records (the zoo's "training …" lines) in pytest's terminal, between the dots."""
+
+    def __init__(self, reporter: Any):
+        super().__init__(logging.INFO)
+        self.reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reporter.ensure_newline()
+        self.reporter.write_line(self.format(record))
+
+
+ZOO_LINES = pytest.StashKey[TerminalLines]()
+CASE = pytest.StashKey[Any]()      # a case file's parsed Case, or the SurgeryInputError its parsing raised
+OUTCOME = pytest.StashKey[Any]()   # a case file's run: its CaseResult or the SurgeryInputError it raised
+ZOO_LOGGER = "surgery.zoo"
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has registered its terminal reporter
 def pytest_configure(config: pytest.Config) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # not in xdist workers, whose output pytest does not show
+        handler = TerminalLines(reporter)
+        logger = logging.getLogger(ZOO_LOGGER)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        config.stash[ZOO_LINES] = handler
     config.addinivalue_line("markers", "slow: long-running case")
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
     # Items of one case share one run: keep a file's items on one xdist worker.
     if getattr(config.option, "dist", "no") == "load":
         config.option.dist = "loadfile"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    handler = config.stash.get(ZOO_LINES, None)
+    if handler is not None:
+        logging.getLogger(ZOO_LOGGER).removeHandler(handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -78,9 +111,9 @@ class CaseFile(pytest.File):
         from surgery.checks.expect import expectation_names
 
         try:
-            self.case = load_case(self.path)
+            self.stash[CASE] = load_case(self.path)
         except SurgeryInputError as exc:
-            self.case, self.load_error = None, exc
+            self.stash[CASE] = exc
             yield CaseItem.from_parent(self, name="case", expectation="case")
             return
         for name in expectation_names(self.case):
@@ -89,9 +122,15 @@ class CaseFile(pytest.File):
                 item.add_marker(marker)
             yield item
 
+    @property
+    def case(self) -> Any:
+        """The parsed case, or None when the file is bad input."""
+        found = self.stash.get(CASE, None)
+        return None if isinstance(found, SurgeryInputError) else found
+
     def result(self):
         """The cached run of this case (run on first use; a bad-input error is cached too)."""
-        if not hasattr(self, "_outcome"):
+        if OUTCOME not in self.stash:
             from surgery.runner import RunOptions, run_case
 
             config = self.config
@@ -99,16 +138,16 @@ class CaseFile(pytest.File):
                                  max_seeds=config.getoption("surgery_seeds"), progress=False,
                                  threads=config.getoption("surgery_threads"))
             try:
-                self._outcome: Any = run_case(self.case, options)
+                self.stash[OUTCOME] = run_case(self.case, options)
             except SurgeryInputError as exc:
-                self._outcome = exc
+                self.stash[OUTCOME] = exc
             else:
                 report_dir = config.getoption("surgery_report")
                 if report_dir:
                     from surgery.report.render import write_case_report
 
-                    write_case_report(self._outcome, Path(report_dir))
-        return self._outcome
+                    write_case_report(self.stash[OUTCOME], Path(report_dir))
+        return self.stash[OUTCOME]
 
 
 class CaseItem(pytest.Item):
@@ -121,7 +160,7 @@ class CaseItem(pytest.Item):
     def runtest(self) -> None:
         parent: CaseFile = self.parent
         if parent.case is None:
-            raise parent.load_error
+            raise parent.stash[CASE]
         outcome = parent.result()
         if isinstance(outcome, SurgeryInputError):
             raise outcome

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,8 @@ import torch.nn as nn
 
 from surgery._io import write_atomic
 from surgery.errors import SurgeryInputError
+
+log = logging.getLogger(__name__)  # one line per model trained; the pytest plugin shows them in the terminal
 
 ZOO_FORMAT = 1  # bump when training code changes what a recipe produces
 
@@ -140,7 +144,11 @@ def build(name: str, *, device: torch.device | str = "cpu", progress: bool | Non
     with FileLock(str(path) + ".lock"):
         if path.is_file():  # another worker built it while we waited
             return path
+        log.info("zoo: training %s (%s on %s, %d steps; cached for later runs)", name, recipe.arch, recipe.dataset,
+                 recipe.steps)
+        start = time.perf_counter()
         model, accuracy = train_recipe(recipe, device=torch.device(device), progress=progress)
+        log.info("zoo: %s trained in %.0f s, test accuracy %.4f", name, time.perf_counter() - start, accuracy)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         meta = {"recipe": json.dumps(asdict(recipe)), "test_accuracy": f"{accuracy:.6f}",
                 "torch": torch.__version__}

@@ -216,3 +216,21 @@ def test_two_processes_build_once(small_zoo, tmp_path):
     assert not _leftovers(small_zoo)
     assert load_state_dict_file(path)["weight"].shape == (64, 3, 7, 7)
     assert 0.0 <= zoo.metadata(NAME)["test_accuracy"] <= 1.0
+
+
+def test_pytest_shows_one_line_per_zoo_model_trained(small_zoo, pytester):
+    """A case whose zoo model is not cached yet: pytest prints what it trains, and how long it took."""
+    cases = pytester.mkdir("cases")
+    (cases / "graft.yaml").write_text("""\
+name: zoo-progress
+device: cpu
+data: {train: {name: digits, limit: 100}, image_size: 16, split_seed: 0}
+source: {model: "surgery.zoo:stem_trainer", num_classes: 10}
+surgery: {op: graft, donor: {model: "zoo:mnist-stem"}, path: conv1}
+finetune: {steps: 1, batch_size: 8}
+expect: {coverage: {tensors_min: 0.0}}
+""")
+    result = pytester.runpytest_inprocess(str(cases), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*zoo: training mnist-stem (surgery.zoo:stem_trainer on mnist5k, 3 steps*",
+                                 "*zoo: mnist-stem trained in * s, test accuracy *"])
