@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 from collections import Counter
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
 from surgery.errors import SurgeryInputError, first_line
@@ -167,12 +169,8 @@ def tracer_leaves() -> tuple[list[type], list[Callable]]:
         functions += [f for f in get_notrace_functions() if callable(f)]
     except ImportError:
         pass
-    try:
-        from torchvision.models.feature_extraction import _get_leaf_modules_for_ops
-
-        leaves += list(_get_leaf_modules_for_ops())
-    except ImportError:
-        pass
+    # torchvision.ops' modules are leaves, as torchvision's own feature extraction treats them.
+    leaves += [obj for _, obj in inspect.getmembers(torchvision.ops) if inspect.isclass(obj) and issubclass(obj, nn.Module)]
     return leaves, functions
 
 

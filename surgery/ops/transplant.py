@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
-from timm.models._manipulate import adapt_input_conv
+from timm.models import adapt_input_conv  # the public export of timm.models._manipulate
 from torch import Tensor, nn
 
 from surgery.errors import SurgeryInputError
