@@ -276,7 +276,8 @@ def format_table(record: CalibrationRecord) -> str:
             claim = (f"{derived['claim']:g}: {decisions}"
                      + (f"; {needed} seeds decide it" if needed and "undecided" in decisions else "")
                      + ("; seeds alone cannot decide it" if needed is None else ""))
-        lines.append(f"| {item} | {cal.mean:.4g} ± {cal.std:.2g} | {cal.runs} | {bounds} | {claim} |")
+        spread = cal.std if cal.std > 1e-12 * max(1.0, abs(cal.mean)) else 0.0  # float noise of a constant
+        lines.append(f"| {item} | {cal.mean:.4g} ± {spread:.2g} | {cal.runs} | {bounds} | {claim} |")
     return "\n".join(lines)
 
 

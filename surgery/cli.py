@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from surgery.calibrate import calibrate_case
+    from surgery.calibrate import calibrate_case, format_table
+    from surgery.calibration import load_record, record_path
     from surgery.case import find_cases, load_case
 
     paths = find_cases(args.cases)
@@ -78,6 +79,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
     for path in paths:
         load_case(path)  # every file is validated before anything runs
+    if args.show:
+        for path in paths:
+            record_file = record_path(path)
+            if not record_file.is_file():
+                raise SurgeryInputError(f"{path}: no calibration record ({record_file}); run without --show first")
+            print(format_table(load_record(record_file)) + "\n")
+        return ExitCode.OK
     if not 0 < args.alpha < 1:
         raise SurgeryInputError(f"--alpha: got {args.alpha}; expected a false-alarm rate in (0, 1), e.g. 0.001")
     profiles = tuple(p.strip() for p in args.profiles.split(",") if p.strip())
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--alpha", type=float, default=0.001, help="false-alarm rate per expectation (default 0.001)")
     cal.add_argument("--write", action="store_true",
                      help="also write the calibrated thresholds into the case files (comments kept)")
+    cal.add_argument("--show", action="store_true", help="print the existing records' tables; run nothing")
     cal.set_defaults(func=cmd_calibrate)
 
     gate = sub.add_parser("gate", help="check a finished checkpoint against a case before release")
