@@ -31,11 +31,11 @@ from surgery.case import Case, ModelSpec, SurgerySpec
 from surgery.checks.activations import LayerStats, probe_activations
 from surgery.errors import SurgeryInputError
 from surgery.gate import run_gate
-from surgery.models import build_model
+from surgery.builder import build_model
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
 from surgery.runner import RunOptions, run_case
-from surgery.zoo import ZOO
+from surgery.recipes import ZOO
 
 
 def run(case: Case, *, device: str | None = None, seeds: int | Sequence[int] | None = None,

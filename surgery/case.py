@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from surgery.errors import SurgeryInputError
+from surgery.model_refs import validate_model_ref
 
 DATASETS = ("mnist5k", "digits", "shapes", "imagefolder")
 
@@ -274,8 +275,6 @@ class ModelSpec(Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, ref: str) -> str:
-        from surgery.models import validate_model_ref
-
         validate_model_ref(ref)
         return ref
 

@@ -151,7 +151,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from surgery.case import ModelSpec
-    from surgery.models import build_model
+    from surgery.builder import build_model
     from surgery.ops.bridge import list_feature_nodes
 
     try:

@@ -7,100 +7,19 @@ local cache only; nothing is downloaded.
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import inspect
-import os
 import pickle
-import sys
 import warnings
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from surgery.errors import SurgeryInputError, first_line
+from surgery.errors import SurgeryInputError
+from surgery.model_refs import resolve_factory, validate_model_ref
 
 PREFIXES = ("module.", "_orig_mod.")
-
-
-@lru_cache(maxsize=1)
-def _torchvision_names() -> frozenset[str]:
-    import torchvision
-
-    return frozenset(torchvision.models.list_models())
-
-
-def _suggest(name: str, known: Any) -> str:
-    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(close)}?" if close else ""
-
-
-def validate_model_ref(ref: str) -> None:
-    """Raise ValueError (for the case schema) when ``ref`` names no model this harness can build."""
-    kind, sep, name = ref.partition(":")
-    if not sep or not name:
-        raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
-    if kind == "torchvision":
-        if name not in _torchvision_names():
-            hint = _suggest(name, _torchvision_names()) or "; expected a name in torchvision.models.list_models()"
-            raise ValueError(f"unknown torchvision model {name!r}{hint}")
-    elif kind == "timm":
-        import timm
-
-        if not timm.is_model(name):
-            hint = _suggest(name, timm.list_models()) or "; expected a name in timm.list_models()"
-            raise ValueError(f"unknown timm model {name!r}{hint}")
-    elif kind == "zoo":
-        from surgery.zoo import ZOO
-
-        if name not in ZOO:
-            hint = _suggest(name, ZOO) or ";"
-            raise ValueError(f"unknown zoo model {name!r}{hint} expected one of: {', '.join(ZOO)}")
-    elif not all(part.isidentifier() for part in kind.split(".")) or not name.isidentifier():
-        raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
-    else:
-        resolve_factory(ref)
-
-
-def resolve_factory(ref: str) -> Any:
-    """The class or function a ``package.module:factory`` ref names, refused (ValueError) unless safe to call.
-
-    A case file is code (see README, Trust model), yet a ref may not reach what no model factory is:
-    a module of the standard library or ``builtins`` and private names are refused before anything is
-    imported; otherwise the named module is imported (only it and its parents) and the factory must be a
-    class or a function defined in that module or one of its submodules, not one it imports from
-    elsewhere. Nothing is called.
-    """
-    module_name, _, name = ref.partition(":")
-    parts = module_name.split(".")
-    private = next((part for part in [*parts, name] if part.startswith("_")), None)
-    if private is not None:
-        raise ValueError(f"model {ref!r}: {private!r} is a private name; expected a public "
-                         "package.module:factory")
-    if parts[0] in sys.stdlib_module_names or parts[0] in sys.builtin_module_names:
-        raise ValueError(f"model {ref!r}: {parts[0]!r} is a module of the standard library, not a model factory; "
-                         "expected a package.module:factory of your own")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module's own code raised on import
-        raise ValueError(f"model {ref!r}: cannot import {module_name!r} ({first_line(exc)})") from None
-    factory = module.__dict__.get(name)
-    if factory is None:
-        raise ValueError(f"model {ref!r}: cannot import {name!r} from {module_name!r}: no such name")
-    if not (inspect.isclass(factory) or inspect.isfunction(factory)):
-        raise ValueError(f"model {ref!r}: {name} is a {type(factory).__name__}, expected a factory "
-                         f"(a class or function defined in {module_name})")
-    # NOTE: a package's public re-export of its own code counts (torch.nn:Identity lives in
-    # torch.nn.modules.linear, torchvision.models:resnet18 in torchvision.models.resnet); an import
-    # from elsewhere (a module re-exporting os.system) does not.
-    defined_in = getattr(factory, "__module__", None) or ""
-    if defined_in != module_name and not defined_in.startswith(module_name + "."):
-        raise ValueError(f"model {ref!r}: {name} is defined in {defined_in!r}, not in {module_name!r} or "
-                         f"its submodules; expected a factory defined in the package named")
-    return factory
 
 
 def clean_key(key: str) -> str:
@@ -207,21 +126,6 @@ def _set_in_chans(model: nn.Module, in_chans: int) -> None:
             return
 
 
-def _hub_file(url: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def _pretrained_torchvision(name: str) -> dict[str, torch.Tensor]:
-    import torchvision
-
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    path = _hub_file(weights.url)
-    if not path.is_file():
-        raise SurgeryInputError(f"torchvision:{name} pretrained weights are not in the local cache ({path}); "
-                                "surgery never downloads: put the file there or use 'checkpoint:'")
-    return load_state_dict_file(path)
-
-
 def build_architecture(ref: str, *, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
     """A randomly initialised model for ``torchvision:`` / ``timm:`` / ``package.module:factory`` refs."""
     try:
@@ -264,37 +168,3 @@ def build_architecture(ref: str, *, num_classes: int | None = None, in_chans: in
         raise SurgeryInputError(f"model {ref!r}: the factory returned a value of type {type(model).__name__}, "
                                 "expected an nn.Module")
     return model
-
-
-def build_model(spec, *, device: torch.device | str = "cpu", num_classes: int | None = None,
-                in_chans: int | None = None) -> nn.Module:
-    """Build the model a case's ``ModelSpec`` describes, with its checkpoint or cached weights loaded.
-
-    ``num_classes`` / ``in_chans`` are defaults the spec's own fields override.
-    """
-    num_classes = spec.num_classes or num_classes
-    in_chans = spec.in_chans or in_chans
-    kind, _, name = spec.model.partition(":")
-    if kind == "zoo":
-        from surgery.zoo import load_zoo_model
-
-        model = load_zoo_model(name, device="cpu")
-    else:
-        model = build_architecture(spec.model, num_classes=num_classes, in_chans=in_chans)
-        if spec.pretrained:
-            if kind == "torchvision":
-                load_weights(model, _pretrained_torchvision(name), origin=f"{spec.model} pretrained")
-            elif kind == "timm":
-                cfg = getattr(model, "pretrained_cfg", {}) or {}
-                url = cfg.get("url") or ""
-                path = _hub_file(url) if url else Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.safetensors"
-                if not path.is_file():
-                    raise SurgeryInputError(f"{spec.model} pretrained weights are not in the local cache ({path}); "
-                                            "surgery never downloads: put the file there or use 'checkpoint:'")
-                load_weights(model, load_state_dict_file(path), origin=str(path))
-            else:
-                raise SurgeryInputError(f"{spec.model}: 'pretrained' applies to torchvision: and timm: models only")
-    if spec.checkpoint:
-        load_weights(model, load_state_dict_file(spec.checkpoint), origin=f"checkpoint {spec.checkpoint}")
-    return model.to(device)
-

@@ -26,13 +26,13 @@ from surgery.checks.activations import drift, probe_activations, resolve_layers
 from surgery.data import Split, load_split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import resolve_device
-from surgery.models import build_model
+from surgery.builder import build_model
 from surgery.ops.activation import activation_swap
 from surgery.ops.bridge import bridge
 from surgery.ops.graft import graft
 from surgery.ops.record import SurgeryRecord
 from surgery.ops.transplant import transplant
-from surgery.zoo import ZOO
+from surgery.recipes import ZOO
 
 
 @contextlib.contextmanager

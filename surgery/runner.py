@@ -8,15 +8,12 @@ data in the result, never an exception.
 from __future__ import annotations
 
 import copy
-import os
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from surgery.case import (ActivationSwapSpec, BridgeSpec, Case, GraftSpec, ModelSpec, ParamGroupSpec,
                           TransplantSpec)
@@ -27,6 +24,7 @@ from surgery.checks.expect import evaluate_expectations, uncalibrated_fields
 from surgery.data import Split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_device
+from surgery.builder import weight_files
 from surgery.models import build_architecture
 from surgery.numerics import numeric_profile, pin_numerics
 from surgery.ops.activation import activation_swap
@@ -35,7 +33,6 @@ from surgery.prepare import (Probes, architecture_ref, build, build_source, chec
                              model_spec, perform_surgery, probe_inputs)
 from surgery._io import file_sha256
 from surgery.results import CaseResult, provenance
-from surgery.zoo import ZOO, zoo_path
 
 
 @dataclass
@@ -144,20 +141,6 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         out["activations"] = probes.rows()
         out["histograms"] = probes.histograms()
     return out
-
-
-def weight_files(spec: ModelSpec) -> list[Path]:
-    """The weight files building ``spec`` reads (zoo file, checkpoint, cached pretrained weights) that exist."""
-    kind, _, name = spec.model.partition(":")
-    files: list[Path] = []
-    if kind == "zoo":
-        files.append(zoo_path(ZOO[name]))
-    elif spec.pretrained and kind == "torchvision":
-        files.append(Path(torch.hub.get_dir()) / "checkpoints" /
-                     os.path.basename(torchvision.models.get_model_weights(name).DEFAULT.url))
-    if spec.checkpoint:
-        files.append(Path(spec.checkpoint))
-    return [f for f in files if f.is_file()]
 
 
 def _model_specs(case: Case) -> list[ModelSpec]:

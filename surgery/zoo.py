@@ -8,56 +8,27 @@ pytest-xdist workers build a model once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from surgery._io import write_atomic
+from surgery.case import DatasetSpec, FinetuneSpec, OptimizerSpec, ScheduleSpec
+from surgery.data import load_split
+from surgery.finetune import evaluate, finetune, to_device
+from surgery.model_refs import validate_model_ref
+from surgery.models import build_architecture, load_state_dict_file, load_weights
+from surgery.recipes import ZOO, Recipe
 from surgery.errors import SurgeryInputError
 
 log = logging.getLogger(__name__)  # one line per model trained; the pytest plugin shows them in the terminal
-
-ZOO_FORMAT = 1  # bump when training code changes what a recipe produces
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one zoo model is trained. Its hash names the cached file."""
-
-    name: str
-    arch: str
-    dataset: str
-    kind: Literal["classifier", "stem"] = "classifier"
-    image_size: int = 32
-    channels: int = 3
-    num_classes: int = 10
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 2e-3
-    seed: int = 0
-
-    def key(self) -> str:
-        blob = json.dumps({**asdict(self), "format": ZOO_FORMAT}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-ZOO: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("mnist-resnet18", "torchvision:resnet18", "mnist5k", steps=300),
-    Recipe("mnist-resnet50", "torchvision:resnet50", "mnist5k", steps=250),
-    Recipe("mnist-mobilenetv3", "timm:mobilenetv3_small_100", "mnist5k", steps=500, lr=5e-3),
-    Recipe("shapes-resnet18", "torchvision:resnet18", "shapes", num_classes=5, steps=200),
-    # A ResNet stem (3→64, 7×7, stride 2) trained inside a small net on MNIST: the graft donor.
-    Recipe("mnist-stem", "surgery.zoo:stem_trainer", "mnist5k", kind="stem", steps=200),
-]}
-
 
 class StemTrainer(nn.Module):
     """A ResNet-style stem conv with a small body and head, to train the stem alone."""
@@ -96,8 +67,6 @@ def zoo_path(recipe: Recipe) -> Path:
 
 def _recipe(name: str) -> Recipe:
     if name not in ZOO:
-        from surgery.models import validate_model_ref
-
         try:
             validate_model_ref(f"zoo:{name}")
         except ValueError as exc:  # the same message as in a case file, with a suggestion
@@ -106,17 +75,11 @@ def _recipe(name: str) -> Recipe:
 
 
 def _architecture(recipe: Recipe) -> nn.Module:
-    from surgery.models import build_architecture
-
     return build_architecture(recipe.arch, num_classes=recipe.num_classes)
 
 
 def train_recipe(recipe: Recipe, *, device: torch.device, progress: bool | None = None) -> tuple[nn.Module, float]:
     """Train a recipe from scratch; return the trained model (a Conv2d for stems) and its test accuracy."""
-    from surgery.case import DatasetSpec, FinetuneSpec, OptimizerSpec, ScheduleSpec
-    from surgery.data import load_split
-    from surgery.finetune import evaluate, finetune, to_device
-
     split = load_split(DatasetSpec(name=recipe.dataset), image_size=recipe.image_size, channels=recipe.channels,
                        seed=recipe.seed)
     torch.manual_seed(recipe.seed)
@@ -176,8 +139,6 @@ def metadata(name: str) -> dict[str, Any] | None:
 
 def load_zoo_model(name: str, *, device: torch.device | str = "cpu", progress: bool | None = None) -> nn.Module:
     """The trained zoo model (built on first use), in eval mode."""
-    from surgery.models import load_state_dict_file, load_weights
-
     recipe = _recipe(name)
     path = build(name, device=device, progress=progress)
     model = make_stem(recipe.channels) if recipe.kind == "stem" else _architecture(recipe)

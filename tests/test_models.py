@@ -12,8 +12,9 @@ from torch import nn
 
 from surgery.case import ModelSpec
 from surgery.errors import SurgeryInputError
-from surgery.models import (build_architecture, build_model, clean_key, clean_prefixes, load_state_dict_file,
-                            load_weights, validate_model_ref)
+from surgery.builder import build_model
+from surgery.model_refs import validate_model_ref
+from surgery.models import build_architecture, clean_key, clean_prefixes, load_state_dict_file, load_weights
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 

@@ -11,7 +11,7 @@ from surgery.case import parse_case
 from surgery.cli import main
 from surgery.data import load_split
 from surgery.finetune import finetune, resolve_device
-from surgery.models import build_model
+from surgery.builder import build_model
 from surgery.prepare import perform_surgery
 
 GRAFT = """\

@@ -1,0 +1,76 @@
+"""Building the model a case's ``ModelSpec`` describes: policy (which weights, from where) over the mechanics
+of :mod:`surgery.models` (architectures, checkpoints) and :mod:`surgery.zoo` (trained, cached sources).
+
+Weights come from a ``zoo:`` model (trained here and cached), a checkpoint (weights only), or timm's and
+torchvision's pretrained files in the local cache; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from surgery.errors import SurgeryInputError
+from surgery.models import build_architecture, load_state_dict_file, load_weights
+from surgery.zoo import ZOO, load_zoo_model, zoo_path
+
+
+def _hub_file(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _pretrained_torchvision(name: str) -> dict[str, torch.Tensor]:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    path = _hub_file(weights.url)
+    if not path.is_file():
+        raise SurgeryInputError(f"torchvision:{name} pretrained weights are not in the local cache ({path}); "
+                                "surgery never downloads: put the file there or use 'checkpoint:'")
+    return load_state_dict_file(path)
+
+
+def build_model(spec, *, device: torch.device | str = "cpu", num_classes: int | None = None,
+                in_chans: int | None = None) -> nn.Module:
+    """Build the model a case's ``ModelSpec`` describes, with its checkpoint or cached weights loaded.
+
+    ``num_classes`` / ``in_chans`` are defaults the spec's own fields override.
+    """
+    num_classes = spec.num_classes or num_classes
+    in_chans = spec.in_chans or in_chans
+    kind, _, name = spec.model.partition(":")
+    if kind == "zoo":
+        model = load_zoo_model(name, device="cpu")
+    else:
+        model = build_architecture(spec.model, num_classes=num_classes, in_chans=in_chans)
+        if spec.pretrained:
+            if kind == "torchvision":
+                load_weights(model, _pretrained_torchvision(name), origin=f"{spec.model} pretrained")
+            elif kind == "timm":
+                cfg = getattr(model, "pretrained_cfg", {}) or {}
+                url = cfg.get("url") or ""
+                path = _hub_file(url) if url else Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.safetensors"
+                if not path.is_file():
+                    raise SurgeryInputError(f"{spec.model} pretrained weights are not in the local cache ({path}); "
+                                            "surgery never downloads: put the file there or use 'checkpoint:'")
+                load_weights(model, load_state_dict_file(path), origin=str(path))
+            else:
+                raise SurgeryInputError(f"{spec.model}: 'pretrained' applies to torchvision: and timm: models only")
+    if spec.checkpoint:
+        load_weights(model, load_state_dict_file(spec.checkpoint), origin=f"checkpoint {spec.checkpoint}")
+    return model.to(device)
+
+
+def weight_files(spec) -> list[Path]:
+    """The weight files building ``spec`` reads (zoo file, checkpoint, cached pretrained weights) that exist."""
+    kind, _, name = spec.model.partition(":")
+    files: list[Path] = []
+    if kind == "zoo":
+        files.append(zoo_path(ZOO[name]))
+    elif spec.pretrained and kind == "torchvision":
+        files.append(_hub_file(torchvision.models.get_model_weights(name).DEFAULT.url))
+    if spec.checkpoint:
+        files.append(Path(spec.checkpoint))
+    return [f for f in files if f.is_file()]

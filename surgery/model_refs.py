@@ -1,0 +1,91 @@
+"""Model references as a case file writes them: ``torchvision:NAME``, ``timm:NAME``, ``zoo:NAME``,
+``package.module:factory``. Validating one imports no torch of ours (torchvision or timm only when the
+reference names them); building one is :mod:`surgery.builder`'s job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import sys
+from functools import lru_cache
+from typing import Any
+
+from surgery.errors import first_line
+from surgery.recipes import ZOO
+
+
+@lru_cache(maxsize=1)
+def _torchvision_names() -> frozenset[str]:
+    import torchvision
+
+    return frozenset(torchvision.models.list_models())
+
+
+def _suggest(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def validate_model_ref(ref: str) -> None:
+    """Raise ValueError (for the case schema) when ``ref`` names no model this harness can build."""
+    kind, sep, name = ref.partition(":")
+    if not sep or not name:
+        raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
+    if kind == "torchvision":
+        if name not in _torchvision_names():
+            hint = _suggest(name, _torchvision_names()) or "; expected a name in torchvision.models.list_models()"
+            raise ValueError(f"unknown torchvision model {name!r}{hint}")
+    elif kind == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            hint = _suggest(name, timm.list_models()) or "; expected a name in timm.list_models()"
+            raise ValueError(f"unknown timm model {name!r}{hint}")
+    elif kind == "zoo":
+        if name not in ZOO:
+            hint = _suggest(name, ZOO) or ";"
+            raise ValueError(f"unknown zoo model {name!r}{hint} expected one of: {', '.join(ZOO)}")
+    elif not all(part.isidentifier() for part in kind.split(".")) or not name.isidentifier():
+        raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
+    else:
+        resolve_factory(ref)
+
+
+def resolve_factory(ref: str) -> Any:
+    """The class or function a ``package.module:factory`` ref names, refused (ValueError) unless safe to call.
+
+    A case file is code (see README, Trust model), yet a ref may not reach what no model factory is:
+    a module of the standard library or ``builtins`` and private names are refused before anything is
+    imported; otherwise the named module is imported (only it and its parents) and the factory must be a
+    class or a function defined in that module or one of its submodules, not one it imports from
+    elsewhere. Nothing is called.
+    """
+    module_name, _, name = ref.partition(":")
+    parts = module_name.split(".")
+    private = next((part for part in [*parts, name] if part.startswith("_")), None)
+    if private is not None:
+        raise ValueError(f"model {ref!r}: {private!r} is a private name; expected a public "
+                         "package.module:factory")
+    if parts[0] in sys.stdlib_module_names or parts[0] in sys.builtin_module_names:
+        raise ValueError(f"model {ref!r}: {parts[0]!r} is a module of the standard library, not a model factory; "
+                         "expected a package.module:factory of your own")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module's own code raised on import
+        raise ValueError(f"model {ref!r}: cannot import {module_name!r} ({first_line(exc)})") from None
+    factory = module.__dict__.get(name)
+    if factory is None:
+        raise ValueError(f"model {ref!r}: cannot import {name!r} from {module_name!r}: no such name")
+    if not (inspect.isclass(factory) or inspect.isfunction(factory)):
+        raise ValueError(f"model {ref!r}: {name} is a {type(factory).__name__}, expected a factory "
+                         f"(a class or function defined in {module_name})")
+    # NOTE: a package's public re-export of its own code counts (torch.nn:Identity lives in
+    # torch.nn.modules.linear, torchvision.models:resnet18 in torchvision.models.resnet); an import
+    # from elsewhere (a module re-exporting os.system) does not.
+    defined_in = getattr(factory, "__module__", None) or ""
+    if defined_in != module_name and not defined_in.startswith(module_name + "."):
+        raise ValueError(f"model {ref!r}: {name} is defined in {defined_in!r}, not in {module_name!r} or "
+                         f"its submodules; expected a factory defined in the package named")
+    return factory
