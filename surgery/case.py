@@ -299,7 +299,7 @@ class ActivationSwapSpec(Strict):
 
 class GraftPolicy(Strict):
     freeze: bool = False
-    lr_scale: float = Field(1.0, ge=0)
+    lr_scale: float = Field(1.0, ge=0, le=1000)
     unfreeze_at: int | None = Field(None, ge=0, description="step at which a frozen graft starts training")
 
 
@@ -331,8 +331,8 @@ SurgerySpec = Annotated[Union[TransplantSpec, ActivationSwapSpec, GraftSpec, Bri
 
 class OptimizerSpec(Strict):
     name: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
@@ -344,13 +344,13 @@ class ScheduleSpec(Strict):
 class ParamGroupSpec(Strict):
     params: str = Field(description="glob over parameter names, e.g. 'conv1.*' or 'layer4.*'")
     freeze: bool = False
-    lr_scale: float = Field(1.0, ge=0)
+    lr_scale: float = Field(1.0, ge=0, le=1000)
     unfreeze_at: int | None = Field(None, ge=0)
 
 
 class FinetuneSpec(Strict):
     steps: int = Field(100, ge=0)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, ge=2, description="at least 2: BatchNorm cannot train on one example")
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     eval_every: int = Field(25, gt=0)

@@ -108,6 +108,24 @@ def probe_inputs(case: Case, split: Split, seed: int) -> torch.Tensor:
     return probe.test_x[: data.probe_size]
 
 
+def classes_field(case: Case) -> str:
+    """The case field that sets how many classes the patient's head outputs."""
+    op = case.surgery
+    if isinstance(op, TransplantSpec):
+        return "surgery.target.num_classes"
+    return "surgery.num_classes" if isinstance(op, BridgeSpec) else "source.num_classes"
+
+
+def check_patient(case: Case, patient: nn.Module, split: Split) -> int:
+    """The patient's forward on the case's images; fewer outputs than the data's classes is bad input."""
+    width = check_forward(case, patient, split, "patient after surgery")
+    if width < split.num_classes:
+        raise SurgeryInputError(f"{case.where(classes_field(case))}: the patient outputs {width} values but "
+                                f"{split.name} has {split.num_classes} classes; expected at least "
+                                f"{split.num_classes} outputs")
+    return width
+
+
 def build_source(case: Case, split: Split) -> tuple[nn.Module, int]:
     """The source model in eval mode, and the width of its output on the case's images."""
     source = build(case, case.source, "source", num_classes=split.num_classes, in_chans=case.data.channels).eval()

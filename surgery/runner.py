@@ -29,7 +29,7 @@ from surgery.models import build_architecture
 from surgery.numerics import numeric_profile, pin_numerics
 from surgery.ops.activation import activation_swap
 from surgery.ops.record import SurgeryRecord
-from surgery.prepare import (Probes, architecture_ref, build, build_source, check_forward, device_for, load_data,
+from surgery.prepare import (Probes, architecture_ref, build, build_source, check_patient, device_for, load_data,
                              model_spec, perform_surgery, probe_inputs)
 from surgery._io import file_sha256
 from surgery.results import CaseResult, provenance
@@ -83,7 +83,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     split = load_data(case, seed)
     source, source_width = build_source(case, split)
     patient, record = perform_surgery(case, source, split)
-    check_forward(case, patient, split, "patient after surgery")
+    check_patient(case, patient, split)
     source, patient = to_device(source, device), to_device(patient, device)
 
     acc: dict[str, float | None] = {}

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Union
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from surgery import cli
@@ -144,7 +144,6 @@ NAMES = ["no_such_name", "zoo:no-such-model", "torchvision:no_such_net", "timm:n
          "no_such_pkg.nets:net", "os:system", "layer9", "Softmax", "../../outside", "<b>x</b>", "cuda:7", "\u00e9",
          "calibrate"]
 HUGE = 2000
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -237,24 +236,6 @@ def check_run(run: Run) -> None:
         assert not written, f"exit 2 but {len(written)} path(s) written under --report, e.g. {written[:3]}"
 
 
-def known_bug(mutation: Mutation) -> str | None:
-    """The xfail'd regression test below that a mutation would only find again, if any.
-
-    The fuzz skips these so that it keeps looking for new problems; when a bug is fixed, its strict
-    xfail test passes, fails as XPASS, and its line here should go.
-    """
-    key, value = mutation.path[-1], mutation.value
-    finite = isinstance(value, (int, float)) and math.isfinite(value)
-    number = finite and value == int(value)
-    if key == "batch_size" and number and value == 1:
-        return "test_known_batch_of_one"
-    if key == "num_classes" and number and 0 < value < 10:  # fewer outputs than the data's 10 classes
-        return "test_known_fewer_outputs_than_classes"
-    if key in ("lr", "lr_scale") and finite and value > FLOAT32_MAX:
-        return "test_known_learning_rate_beyond_float32"
-    return None
-
-
 def fuzz_one(doc: dict[str, Any], mutation: Mutation) -> Run:
     """Mutate, keep within budget, check no zoo model is named, run and check the contract."""
     mutated = within_budget(mutation.apply(doc))
@@ -308,7 +289,6 @@ def test_fuzzed_case_exits_0_1_or_2_with_one_line(quick_docs: dict[str, dict[str
     name = data.draw(st.sampled_from(sorted(quick_docs)), label="case")
     doc = quick_docs[name]
     mutation = data.draw(mutations(doc), label="mutation")
-    assume(known_bug(mutation) is None)
     fuzz_one(doc, mutation)
 
 
@@ -323,20 +303,12 @@ def test_split_seed_beyond_torch_range_is_bad_input(quick_docs: dict[str, dict[s
     assert run.rc == 2 and "data: seed 18446744073709551616" in run.err and "out of range" in run.err
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "finetune.batch_size: 1 trains BatchNorm on one sample: torch raises ValueError 'Expected more than 1 value "
-    "per channel when training' from surgery/finetune.py, exit 3; the fix belongs in the schema "
-    "(batch_size >= 2) or runner/finetune, owned elsewhere"))
 def test_known_batch_of_one(quick_docs: dict[str, dict[str, Any]]):
     """A batch of one sample through a ResNet's BatchNorm in train mode."""
     fuzz_one(quick_docs["transplant/resnet50-to-resnet18-order.yaml"],
              Mutation("number", ("finetune", "batch_size"), 1))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a patient with fewer outputs than the data has classes (num_classes: true, i.e. 1, or 7 on 10 digit classes) "
-    "reaches F.cross_entropy in surgery/finetune.py: IndexError 'Target 9 is out of bounds', exit 3; the fix "
-    "belongs in runner.py (check the patient's output width against the data's classes), owned elsewhere"))
 @pytest.mark.parametrize("case, path, value", [
     ("transplant/resnet50-to-resnet18-exact.yaml", ("surgery", "target", "num_classes"), True),
     ("swap/resnet50-relu-to-silu.yaml", ("source", "num_classes"), 7),
@@ -348,11 +320,6 @@ def test_known_fewer_outputs_than_classes(quick_docs: dict[str, dict[str, Any]],
     fuzz_one(quick_docs[case], Mutation("number", path, value))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a learning rate beyond float32 (finetune.optimizer.lr: 1.0e+300, or a graft's policy.lr_scale: 1.0e+300) makes "
-    "torch's optimizer step raise RuntimeError 'value cannot be converted to type float without overflow' in "
-    "surgery/finetune.py, exit 3; the fix belongs in the schema (a finite upper bound) or finetune.py, owned "
-    "elsewhere"))
 @pytest.mark.parametrize("case, path", [
     ("transplant/resnet50-to-resnet18-exact.yaml", ("finetune", "optimizer", "lr")),
     ("graft/mnist-stem-into-resnet18-lr-scale.yaml", ("surgery", "policy", "lr_scale")),

@@ -263,10 +263,12 @@ def test_factory_without_those_keywords():
 @pytest.mark.parametrize("ref, fragment", [("nosuchpkg.models:net", "cannot import"),
                                            ("surgery.zoo:no_such_factory", "cannot import"),
                                            ("surgery.zoo:ZOO", "expected a factory"),
-                                           ("os:getcwd", "expected an nn.Module")])
+                                           ("surgery.recipes:asdict", "not in 'surgery.recipes'"),
+                                           ("os:getcwd", "standard library")])
 def test_bad_factory_refs(ref, fragment):
+    """Refused when the architecture is built (a case file refuses them earlier, at parse time)."""
     with pytest.raises(SurgeryInputError) as info:
-        build_model(ModelSpec(model=ref, num_classes=3))
+        build_architecture(ref, num_classes=3)
     message = _one_line(info)
     assert ref in message and fragment in message
 

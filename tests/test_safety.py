@@ -26,7 +26,9 @@ from torch import nn
 from surgery import cli
 from surgery.case import ModelSpec, parse_case
 from surgery.errors import SurgeryInputError
-from surgery.models import build_architecture, build_model, validate_model_ref
+from surgery.builder import build_model
+from surgery.model_refs import validate_model_ref
+from surgery.models import build_architecture
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -221,7 +223,7 @@ def test_a_missing_name_does_not_run_the_module_getattr(package):
 
 @pytest.mark.parametrize("ref, fragment", [
     ("surgery.models:Path", "Path is defined in 'pathlib', not in 'surgery.models'"),  # a re-exported class
-    ("surgery.models:lru_cache", "lru_cache is defined in 'functools', not in 'surgery.models'"),
+    ("surgery.model_refs:lru_cache", "lru_cache is defined in 'functools', not in 'surgery.model_refs'"),
     ("surgery.zoo:ZOO", "ZOO is a dict, expected a factory"),
     ("surgery.models:PREFIXES", "PREFIXES is a tuple, expected a factory"),
     ("surgery.zoo:no_such_factory", "cannot import 'no_such_factory' from 'surgery.zoo'"),
