@@ -31,9 +31,9 @@ from typing import Any, Callable
 
 from surgery._io import write_atomic
 from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
-from surgery.calibration import (CalibrationRecord, ItemCalibration, experiment_hash, record_path, save_record,
+from surgery.calibration import (CalibrationRecord, ItemCalibration, record_path, save_record,
                                  yaml_path)
-from surgery.case import Case, load_case, threshold_range
+from surgery.case import Case, experiment_hash, load_case, threshold_range
 from surgery.errors import SurgeryInputError
 
 DEFAULT_ALPHA = 0.001

@@ -13,7 +13,6 @@ valid; changing the data, the models, the surgery, the fine-tune or what is prob
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 
 from surgery._io import write_json
 from surgery.bounds import Aggregate, Calibrated, Direction
-from surgery.case import Case
 from surgery.errors import SurgeryInputError
 
 RECORD_SCHEMA = 1
@@ -33,24 +31,6 @@ THRESHOLD_NAMES = ("margin",)
 def is_threshold_key(key: str) -> bool:
     """Whether an ``expect`` field holds a threshold (``*_min``, ``*_max``, ``margin``)."""
     return key.endswith(THRESHOLD_SUFFIXES) or key in THRESHOLD_NAMES
-
-
-def _without_thresholds(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_thresholds(v) for k, v in value.items() if not is_threshold_key(str(k))}
-    if isinstance(value, list):
-        return [_without_thresholds(v) for v in value]
-    return value
-
-
-def experiment_hash(case: Case) -> str:
-    """A hash of what the figures depend on: the case without name, description, seeds, markers, thresholds."""
-    data = case.model_dump(mode="json", by_alias=True)
-    for key in ("name", "description", "seed", "markers", "device"):
-        data.pop(key, None)
-    data["expect"] = _without_thresholds(data["expect"])
-    blob = json.dumps(data, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def record_path(case_path: str | Path) -> Path:
@@ -141,37 +121,3 @@ def save_record(record: CalibrationRecord, path: str | Path) -> Path:
     """Write the record atomically (strict JSON); return its path."""
     write_json(Path(path), record.to_dict())
     return Path(path)
-
-
-@dataclass
-class CaseCalibration:
-    """The calibration a run of a case uses: the record, and whether it still fits the case."""
-
-    record: CalibrationRecord | None
-    path: Path | None
-    fresh: bool
-
-    @property
-    def usable(self) -> CalibrationRecord | None:
-        """The record when it belongs to this experiment, else None."""
-        return self.record if self.fresh else None
-
-    def status(self) -> str:
-        """One line for the report: calibrated, stale or missing."""
-        if self.record is None:
-            return "not calibrated: thresholds are used as written (run `surgery calibrate`)"
-        if not self.fresh:
-            return (f"calibration record {self.path} is stale (the case changed since); thresholds are used as "
-                    "written and claims are not judged for decidability (re-run `surgery calibrate`)")
-        return f"calibrated at alpha = {self.record.alpha:g} over seeds {self.record.seeds} ({self.path})"
-
-
-def case_calibration(case: Case) -> CaseCalibration:
-    """The record beside ``case``'s file, if any, and whether it is fresh."""
-    if case.path == "<memory>":
-        return CaseCalibration(None, None, False)
-    path = record_path(case.path)
-    if not path.is_file():
-        return CaseCalibration(None, path, False)
-    record = load_record(path)
-    return CaseCalibration(record, path, record.experiment_hash == experiment_hash(case))

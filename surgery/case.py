@@ -7,20 +7,28 @@ Every error in a case file becomes one :class:`SurgeryInputError` line of the fo
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-import math
+import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union, get_args
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator,
-                      model_validator)
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from surgery.calibration import CalibrationRecord, is_threshold_key, load_record, record_path
+from surgery.checks import CHECKS  # importing the package registers the built-in checks
 from surgery.errors import SurgeryInputError
-from surgery.model_refs import validate_model_ref
+from surgery.spec import (CALIBRATE, DATASETS, DatasetSpec, DataSpec, DistillSpec, FinetuneSpec, ModelSpec,
+                          OptimizerSpec, ParamGroupSpec, ScheduleSpec, Strict, Threshold, ThresholdRange,
+                          UnitThreshold, threshold, threshold_range)
 
-DATASETS = ("mnist5k", "digits", "shapes", "imagefolder")
+__all__ = ["Case", "parse_case", "load_case", "find_cases", "experiment_hash", "case_calibration", "CALIBRATE",
+           "DATASETS", "DatasetSpec", "DataSpec", "DistillSpec", "FinetuneSpec", "ModelSpec", "OptimizerSpec",
+           "ParamGroupSpec", "ScheduleSpec", "Strict", "Threshold", "ThresholdRange", "UnitThreshold", "threshold",
+           "threshold_range", "SurgerySpec", "TransplantSpec", "ActivationSwapSpec", "GraftSpec", "GraftPolicy",
+           "BridgeSpec", "CaseCalibration", "expectations_model"]
 
 
 # --------------------------------------------------------------------------- YAML with marks
@@ -137,148 +145,6 @@ def _dotted(path: Path_) -> str:
 # --------------------------------------------------------------------------- schema
 
 
-class Strict(BaseModel):
-    """Base for every case-file section: unknown keys are errors that list the known ones."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            allowed = [f.alias or n for n, f in cls.model_fields.items() if not f.exclude]
-            for key in data:
-                if key not in allowed:
-                    raise PydanticCustomError("unknown_key", "unknown key {shown}; expected one of: {allowed}",
-                                              {"key": key, "shown": repr(key), "allowed": ", ".join(allowed)})
-        return data
-
-
-# --------------------------------------------------------------------------- thresholds
-
-CALIBRATE = "calibrate"
-Threshold = Union[float, dict[int, float], str]
-"""A threshold in a case file, in one of three forms:
-
-- a number: a *claim* the case asserts (kept as written; calibration says whether the seeds a run
-  uses can decide it, and an undecided claim is reported as undecided, never as passed);
-- a mapping from seed count to number, ``{1: 0.884, 3: 0.902}``: a *calibrated* threshold, written
-  by ``surgery calibrate --write``; a run of k seeds uses the entry of the largest count <= k;
-- the word ``calibrate``: a placeholder for a threshold ``surgery calibrate --write`` will fill in.
-"""
-
-
-@dataclass(frozen=True)
-class ThresholdRange:
-    """The numbers a threshold field accepts (annotation metadata; calibration clips its bounds to it)."""
-
-    lo: float | None
-    hi: float | None
-
-    def clip(self, value: float) -> float:
-        """``value`` moved into the range."""
-        if self.lo is not None and value < self.lo:
-            return self.lo
-        return self.hi if self.hi is not None and value > self.hi else value
-
-
-def threshold_range(spec: BaseModel, field: str) -> ThresholdRange:
-    """The range of a threshold field of an ``expect`` section (unbounded when it declares none)."""
-    info = type(spec).model_fields[field]
-    found = [m for m in info.metadata if isinstance(m, ThresholdRange)]
-    pending = [info.annotation]
-    while pending and not found:  # ``Annotated[...] | None`` keeps its metadata inside the union
-        hint = pending.pop()
-        found = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, ThresholdRange)]
-        pending += list(get_args(hint))
-    return found[0] if found else ThresholdRange(None, None)
-
-
-def _threshold(lo: float | None = None, hi: float | None = None) -> Any:
-    """The annotated type of a threshold field whose numbers must lie in [lo, hi]."""
-    span = f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else \
-        f">= {lo:g}" if lo is not None else "a finite number"
-
-    def number(value: Any, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"got {value!r}{where}; expected a number {span}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ValueError(f"got {value!r}{where}; expected a number {span}")
-        return float(value)
-
-    def check(value: Any) -> Threshold:
-        if value == CALIBRATE:
-            return CALIBRATE
-        if isinstance(value, dict):
-            if not value:
-                raise ValueError("empty mapping; expected seed counts to thresholds, e.g. {1: 0.88, 3: 0.9}")
-            out = {}
-            for key, item in value.items():
-                if isinstance(key, bool) or not isinstance(key, int) or key < 1:
-                    raise ValueError(f"key {key!r}: expected a seed count >= 1, e.g. {{1: 0.88, 3: 0.9}}")
-                out[key] = number(item, f" for {key} seed(s)")
-            return dict(sorted(out.items()))
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return number(value, "")
-        raise ValueError(f"got {value!r}; expected a number {span}, a mapping from seed count to such a "
-                         f"number (e.g. {{1: 0.88, 3: 0.9}}), or {CALIBRATE!r}")
-
-    # Typed Any for pydantic: the validator above is the whole check, and serialisation passes values through.
-    return Annotated[Any, PlainValidator(check), ThresholdRange(lo, hi)]
-
-
-UnitThreshold = _threshold(0.0, 1.0)
-
-
-class DatasetSpec(Strict):
-    """One dataset. A bare string (``digits``) is shorthand for ``{name: digits}``."""
-
-    name: Literal["mnist5k", "digits", "shapes", "imagefolder"]
-    root: str | None = Field(None, description="imagefolder: directory of class folders")
-    limit: int | None = Field(None, gt=0, description="use at most this many samples")
-    size: int = Field(3000, gt=0, description="shapes: number of images generated")
-    background: float = Field(0.0, ge=0, le=1, description="shapes: background brightness")
-    color_shift: float = Field(0.0, ge=-1, le=1, description="shapes: shift of the foreground hue")
-    noise: float = Field(0.0, ge=0, description="shapes: std of added Gaussian noise")
-    blur: float = Field(0.0, ge=0, description="shapes: sigma of a Gaussian blur, in pixels")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
-
-    @model_validator(mode="after")
-    def _root_for_imagefolder(self) -> "DatasetSpec":
-        if self.name == "imagefolder" and not self.root:
-            raise ValueError("imagefolder needs 'root': a directory with one folder per class")
-        return self
-
-
-class DataSpec(Strict):
-    train: DatasetSpec
-    probe: DatasetSpec | None = Field(None, description="probe set for activations; default: train's test split")
-    image_size: int = Field(32, ge=8, le=512)
-    channels: Literal[1, 3] = 3
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int | None = Field(None, description="fixed train/test split (default: the run's seed); "
-                                   "set 0 on mnist5k to keep the zoo's own test split unseen")
-    probe_size: int = Field(256, gt=0, description="samples probed for activation statistics")
-
-
-class ModelSpec(Strict):
-    model: str = Field(description="torchvision:NAME | timm:NAME | zoo:NAME | package.module:factory")
-    num_classes: int | None = Field(None, gt=0)
-    in_chans: int | None = Field(None, gt=0)
-    checkpoint: str | None = Field(None, description=".pt/.pth (weights_only) or .safetensors")
-    pretrained: bool = Field(False, description="timm/torchvision weights from the local cache only")
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, ref: str) -> str:
-        validate_model_ref(ref)
-        return ref
-
-
 class TransplantSpec(Strict):
     op: Literal["transplant"]
     target: ModelSpec
@@ -299,7 +165,7 @@ class ActivationSwapSpec(Strict):
 
 class GraftPolicy(Strict):
     freeze: bool = False
-    lr_scale: float = Field(1.0, ge=0, le=1000)
+    lr_scale: float = Field(1.0, ge=0, le=1e6)
     unfreeze_at: int | None = Field(None, ge=0, description="step at which a frozen graft starts training")
 
 
@@ -308,11 +174,6 @@ class GraftSpec(Strict):
     donor: ModelSpec
     path: str
     policy: GraftPolicy = GraftPolicy()
-
-
-class DistillSpec(Strict):
-    temperature: float = Field(2.0, gt=0)
-    weight: float = Field(0.5, ge=0, le=1)
 
 
 class BridgeSpec(Strict):
@@ -329,78 +190,25 @@ class BridgeSpec(Strict):
 SurgerySpec = Annotated[Union[TransplantSpec, ActivationSwapSpec, GraftSpec, BridgeSpec], Field(discriminator="op")]
 
 
-class OptimizerSpec(Strict):
-    name: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
-    weight_decay: float = Field(0.0, ge=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
+@lru_cache(maxsize=None)
+def _models(keys: tuple[str, ...]) -> tuple[type[Strict], type["Case"]]:
+    expectations = create_model("Expectations", __base__=Strict, __doc__="The ``expect`` section: one entry per "
+                                "registered check (surgery.checks), plus ``finite``.",
+                                **{key: (CHECKS[key].spec | None, None) for key in keys},
+                                finite=(bool, Field(True, description="no NaN/inf in the loss or the weights")))
+    case = create_model("Case", __base__=Case, expect=(expectations, ...))
+    return expectations, case
 
 
-class ScheduleSpec(Strict):
-    name: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-
-
-class ParamGroupSpec(Strict):
-    params: str = Field(description="glob over parameter names, e.g. 'conv1.*' or 'layer4.*'")
-    freeze: bool = False
-    lr_scale: float = Field(1.0, ge=0, le=1000)
-    unfreeze_at: int | None = Field(None, ge=0)
-
-
-class FinetuneSpec(Strict):
-    steps: int = Field(100, ge=0)
-    batch_size: int = Field(64, ge=2, description="at least 2: BatchNorm cannot train on one example")
-    optimizer: OptimizerSpec = OptimizerSpec()
-    schedule: ScheduleSpec = ScheduleSpec()
-    eval_every: int = Field(25, gt=0)
-    clip_grad: float | None = Field(None, gt=0)
-    groups: list[ParamGroupSpec] = []
-    bn_recalibrate: bool = Field(False, description="AdaBN on the train split before the first step")
-
-
-class CoverageExpect(Strict):
-    tensors_min: UnitThreshold | None = None
-    elements_min: UnitThreshold | None = None
-    tensors_max: UnitThreshold | None = Field(None, description="for baselines expected to cover little")
-
-
-class BeatsBaseline(Strict):
-    margin: _threshold(-1.0, 1.0) = Field(0.0, description="after must exceed the baseline by at least this much")
-    model: ModelSpec | None = Field(None, description="baseline model; default: the patient's architecture")
-
-
-class AccuracyExpect(Strict):
-    source_min: UnitThreshold | None = None
-    before_min: UnitThreshold | None = None
-    after_min: UnitThreshold | None = None
-    recovery_min: _threshold(0.0) | None = None
-    beats_baseline: BeatsBaseline | None = None
-    aggregate: Literal["mean", "worst"] = "mean"
-
-
-class ActivationsExpect(Strict):
-    layers: list[str] = Field(min_length=1, description="module names or globs of the patient")
-    reference_layers: list[str] | None = Field(None, description="the reference's names, if they differ")
-    drift_max: _threshold(0.0) | None = Field(None, description="normalised W1; Evidently's default is 0.1")
-    dead_max: UnitThreshold | None = None
-    at: Literal["surgery", "finetune"] = Field("surgery", description="which patient drift_max applies to")
-
-
-class BnRecalibrationExpect(Strict):
-    gain_min: _threshold(-1.0, 1.0) = 0.0
-    batches: int = Field(20, gt=0)
-
-
-class Expectations(Strict):
-    coverage: CoverageExpect | None = None
-    accuracy: AccuracyExpect | None = None
-    activations: ActivationsExpect | None = None
-    bn_recalibration: BnRecalibrationExpect | None = None
-    finite: bool = True
+def expectations_model() -> type[Strict]:
+    """The ``expect`` section's model, built from the checks registered now."""
+    return _models(tuple(CHECKS))[0]
 
 
 class Case(Strict):
+    """A case file. Its ``expect`` section's fields come from the registered checks (see :func:`parse_case`)."""
+
+
     name: str = Field(min_length=1)
     description: str = ""
     seed: list[Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]] = Field(
@@ -411,7 +219,8 @@ class Case(Strict):
     source: ModelSpec
     surgery: SurgerySpec
     finetune: FinetuneSpec = FinetuneSpec()
-    expect: Expectations
+    if TYPE_CHECKING:  # set by the subclass parse_case builds from the registered checks
+        expect: Any
 
     # set by load_case, not by the file
     path: str = Field("<memory>", exclude=True)
@@ -498,7 +307,7 @@ def parse_case(text: str, filename: str = "<memory>") -> Case:
     if not isinstance(data, dict):
         raise SurgeryInputError(f"{filename}:1: <top>: expected a mapping with name, data, source, surgery, expect")
     try:
-        case = Case.model_validate(data)
+        case = _models(tuple(CHECKS))[1].model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         line, field = _error_line(err, data, lines)
@@ -530,3 +339,58 @@ def find_cases(paths: list[str | Path]) -> list[Path]:
         else:
             raise SurgeryInputError(f"{p}: no such case file or directory")
     return found
+
+
+# --------------------------------------------------------------------------- calibration of a case
+
+
+def _without_thresholds(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_thresholds(v) for k, v in value.items() if not is_threshold_key(str(k))}
+    if isinstance(value, list):
+        return [_without_thresholds(v) for v in value]
+    return value
+
+
+def experiment_hash(case: Case) -> str:
+    """A hash of what the figures depend on: the case without name, description, seeds, markers, thresholds."""
+    data = case.model_dump(mode="json", by_alias=True)
+    for key in ("name", "description", "seed", "markers", "device"):
+        data.pop(key, None)
+    data["expect"] = _without_thresholds(data["expect"])
+    blob = json.dumps(data, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CaseCalibration:
+    """The calibration a run of a case uses: the record, and whether it still fits the case."""
+
+    record: CalibrationRecord | None
+    path: Path | None
+    fresh: bool
+
+    @property
+    def usable(self) -> CalibrationRecord | None:
+        """The record when it belongs to this experiment, else None."""
+        return self.record if self.fresh else None
+
+    def status(self) -> str:
+        """One line for the report: calibrated, stale or missing."""
+        if self.record is None:
+            return "not calibrated: thresholds are used as written (run `surgery calibrate`)"
+        if not self.fresh:
+            return (f"calibration record {self.path} is stale (the case changed since); thresholds are used as "
+                    "written and claims are not judged for decidability (re-run `surgery calibrate`)")
+        return f"calibrated at alpha = {self.record.alpha:g} over seeds {self.record.seeds} ({self.path})"
+
+
+def case_calibration(case: Case) -> CaseCalibration:
+    """The record beside ``case``'s file, if any, and whether it is fresh."""
+    if case.path == "<memory>":
+        return CaseCalibration(None, None, False)
+    path = record_path(case.path)
+    if not path.is_file():
+        return CaseCalibration(None, path, False)
+    record = load_record(path)
+    return CaseCalibration(record, path, record.experiment_hash == experiment_hash(case))

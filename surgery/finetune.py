@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from surgery.case import DistillSpec, FinetuneSpec, ParamGroupSpec
+from surgery.spec import DistillSpec, FinetuneSpec, ParamGroupSpec
 from surgery.errors import SurgeryInputError
 
 

@@ -53,7 +53,7 @@ import torch.nn as nn
 
 from surgery.case import Case
 from surgery.checks.accuracy import aggregate, recovery
-from surgery.checks.expect import (at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row,
+from surgery.checks.base import (at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row,
                                    worst_drift_row)
 from surgery.data import Split
 from surgery.finetune import predict, to_device

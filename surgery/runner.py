@@ -7,7 +7,6 @@ data in the result, never an exception.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +14,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery.case import (ActivationSwapSpec, BridgeSpec, Case, GraftSpec, ModelSpec, ParamGroupSpec,
-                          TransplantSpec)
+from surgery.case import (ActivationSwapSpec, BridgeSpec, Case, CaseCalibration, GraftSpec, ModelSpec,
+                          ParamGroupSpec, TransplantSpec, case_calibration)
 from surgery.checks.accuracy import recovery
 from surgery.checks.coverage import coverage_summary, coverage_table
-from surgery.calibration import CaseCalibration, case_calibration
-from surgery.checks.expect import evaluate_expectations, uncalibrated_fields
+from surgery.checks.base import SeedContext
+from surgery.checks.expect import declared_checks, evaluate_expectations, uncalibrated_fields
 from surgery.data import Split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_device
@@ -96,14 +95,14 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         probes = Probes(case, source, patient, probe_inputs(case, split, seed), device, seed)
         probes.probe("surgery", patient)
 
-    if case.expect.bn_recalibration is not None:
-        calibrated = copy.deepcopy(patient)
-        recalibrate_bn(calibrated, split.train_x, device=device, batches=case.expect.bn_recalibration.batches,
-                       batch_size=case.finetune.batch_size, seed=seed)
-        acc["bn_before"] = acc["before"]
-        acc["bn_after"] = evaluate(calibrated, split.test_x, split.test_y, device=device)
-        acc["bn_gain"] = acc["bn_after"] - acc["bn_before"]
-        del calibrated
+    # Checks that measure something of their own do it now (on copies: the patient is theirs to read only).
+    context = SeedContext(case=case, seed=seed, split=split, source=source, patient=patient, device=device,
+                          accuracy=acc)
+    check_figures: dict[str, dict[str, Any]] = {}
+    for check, check_spec in declared_checks(case):
+        figures = check.after_surgery(check_spec, context)
+        if figures:
+            check_figures[check.key] = dict(figures)
     if case.finetune.bn_recalibrate:
         recalibrate_bn(patient, split.train_x, device=device, batch_size=case.finetune.batch_size, seed=seed)
 
@@ -120,6 +119,10 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     finite = run.finite and all_finite(patient)
     if probes is not None:
         probes.probe("finetune", patient)
+    for check, check_spec in declared_checks(case):
+        figures = check.after_finetune(check_spec, context)
+        if figures:
+            check_figures.setdefault(check.key, {}).update(figures)
 
     baseline_curve = None
     if case.expect.accuracy is not None and case.expect.accuracy.beats_baseline is not None:
@@ -137,6 +140,8 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         "coverage": coverage_summary(record), "data": {"name": split.name, "train": len(split.train_x),
                                                        "test": len(split.test_x), "classes": split.num_classes},
     }
+    if check_figures:
+        out["checks"] = check_figures
     if probes is not None:
         out["activations"] = probes.rows()
         out["histograms"] = probes.histograms()

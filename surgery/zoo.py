@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from surgery._io import write_atomic
-from surgery.case import DatasetSpec, FinetuneSpec, OptimizerSpec, ScheduleSpec
+from surgery.spec import DatasetSpec, FinetuneSpec, OptimizerSpec, ScheduleSpec
 from surgery.data import load_split
 from surgery.finetune import evaluate, finetune, to_device
 from surgery.model_refs import validate_model_ref

@@ -21,9 +21,9 @@ from scipy import stats
 
 from surgery import cli
 from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
-from surgery.calibration import experiment_hash, load_record, record_path
-from surgery.case import load_case, parse_case
-from surgery.checks.expect import resolve_threshold
+from surgery.calibration import load_record, record_path
+from surgery.case import experiment_hash, load_case, parse_case
+from surgery.checks.base import resolve_threshold
 from surgery.errors import SurgeryInputError
 from surgery.numerics import pin_numerics
 

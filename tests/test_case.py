@@ -110,7 +110,7 @@ ERRORS = {
                             ("unknown key 'colour'", "num_classes")),
     "wrong-type": ("steps: 5", "steps: many", 11, "finetune.steps", ("valid integer", "'many'")),
     "wrong-type-float": ("lr: 0.01", "lr: fast", 15, "finetune.optimizer.lr", ("valid number", "'fast'")),
-    "out-of-range": ("batch_size: 16", "batch_size: 0", 12, "finetune.batch_size", ("greater than 0",)),
+    "out-of-range": ("batch_size: 16", "batch_size: 0", 12, "finetune.batch_size", ("greater than or equal to 2",)),
     "unknown-op": ("op: transplant", "op: transplnt", 7, "surgery.op",
                    ("'transplnt'", "transplant", "activation_swap", "graft", "bridge")),
     "missing-op": ("  op: transplant\n", "", 6, "surgery.op", ("missing", "transplant", "bridge")),

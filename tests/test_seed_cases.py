@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery.calibration import case_calibration
-from surgery.case import CALIBRATE, find_cases, load_case
+from surgery.case import CALIBRATE, case_calibration, find_cases, load_case
 from surgery.checks.expect import expectation_names, uncalibrated_fields
 
 CASES = find_cases([Path(__file__).resolve().parent.parent / "cases"])

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
+
+from pydantic import Field
+
+from surgery.checks.base import Check, register_check
+from surgery.spec import ModelSpec, Strict, UnitThreshold, threshold
 
 ACCURACY_FIGURES = ("source", "before", "after", "baseline", "recovery", "bn_before", "bn_after", "bn_gain")
 
@@ -28,3 +33,57 @@ def recovery(after: float | None, source: float | None) -> float | None:
 def accuracy_metrics(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float] | None]:
     """Aggregate every accuracy figure the seeds recorded."""
     return {name: aggregate(seed.get("accuracy", {}).get(name) for seed in per_seed) for name in ACCURACY_FIGURES}
+
+
+class BeatsBaseline(Strict):
+    """``expect.accuracy.beats_baseline``: the patient against the same budget from random init."""
+
+    margin: threshold(-1.0, 1.0) = Field(0.0, description="after must exceed the baseline by at least this much")
+    model: ModelSpec | None = Field(None, description="baseline model; default: the patient's architecture")
+
+
+class AccuracyExpect(Strict):
+    """``expect.accuracy``: accuracies of the source, the patient before and after the fine-tune, recovery."""
+
+    source_min: UnitThreshold | None = None
+    before_min: UnitThreshold | None = None
+    after_min: UnitThreshold | None = None
+    recovery_min: threshold(0.0) | None = None
+    beats_baseline: BeatsBaseline | None = None
+    aggregate: Literal["mean", "worst"] = "mean"
+
+
+def _seeds(per_seed: list[dict[str, Any]]) -> str:
+    seeds = [s["seed"] for s in per_seed]
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+
+
+@register_check
+class AccuracyCheck(Check):
+    """Accuracy figures over the seeds (their mean or worst), and the gap to a random-init baseline."""
+
+    key = "accuracy"
+    spec = AccuracyExpect
+    FIGURES = ("source", "before", "after", "recovery")
+
+    def items(self, spec: AccuracyExpect) -> list[str]:
+        names = [f"accuracy.{f}_min" for f in self.FIGURES if getattr(spec, f"{f}_min") is not None]
+        return names + (["accuracy.beats_baseline"] if spec.beats_baseline is not None else [])
+
+    def evaluate(self, spec, per_seed, judge, metrics):
+        acc, how, out = metrics["accuracy"], spec.aggregate, []
+        where = f"accuracy, {how} of {_seeds(per_seed)}" if len(per_seed) > 1 else f"accuracy, {_seeds(per_seed)}"
+        for figure in self.FIGURES:
+            value = getattr(spec, f"{figure}_min")
+            if value is not None:
+                agg = acc.get(figure)
+                out.append(judge(f"accuracy.{figure}_min", None if agg is None else agg[how], value, "lower", how,
+                                 where, {"figures": agg}))
+        if spec.beats_baseline is not None:
+            gaps = aggregate(s["accuracy"]["after"] - s["accuracy"]["baseline"] for s in per_seed
+                             if s["accuracy"].get("baseline") is not None)
+            acc["gap_to_baseline"] = gaps
+            out.append(judge("accuracy.beats_baseline", gaps[how] if gaps else None, spec.beats_baseline.margin,
+                             "lower", how, f"after - baseline, {where}",
+                             {"after": acc.get("after"), "baseline": acc.get("baseline")}))
+        return out

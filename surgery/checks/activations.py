@@ -34,13 +34,17 @@ import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from pydantic import Field
+
+from surgery.checks.base import Check, register_check, worst_dead_row, worst_drift_row
+from surgery.spec import Strict, UnitThreshold, threshold
 from surgery.errors import SurgeryInputError
 
 __all__ = [
@@ -564,3 +568,42 @@ def drift_table(reference: Mapping[str, LayerStats], patient: Mapping[str, Layer
                      "ref_mean": ref.mean, "ref_std": ref.std, "pat_mean": pat.mean, "pat_std": pat.std,
                      "dead_channel_frac": pat.dead_channel_frac})
     return pd.DataFrame(rows, columns=DRIFT_COLUMNS)
+
+
+class ActivationsExpect(Strict):
+    """``expect.activations``: per-layer drift from the reference (normalised W1) and dead channels."""
+
+    layers: list[str] = Field(min_length=1, description="module names or globs of the patient")
+    reference_layers: list[str] | None = Field(None, description="the reference's names, if they differ")
+    drift_max: threshold(0.0) | None = Field(None, description="normalised W1; Evidently's default is 0.1")
+    dead_max: UnitThreshold | None = None
+    at: Literal["surgery", "finetune"] = Field("surgery", description="which patient drift_max applies to")
+
+
+@register_check
+class ActivationsCheck(Check):
+    """The worst layer over the seeds, at the stage ``at`` names; a NaN distance is the worst."""
+
+    key = "activations"
+    spec = ActivationsExpect
+
+    def items(self, spec: ActivationsExpect) -> list[str]:
+        return [f"activations.{f}" for f in ("drift_max", "dead_max") if getattr(spec, f) is not None]
+
+    def evaluate(self, spec, per_seed, judge, metrics):
+        rows = [r for s in per_seed for r in s.get("activations", []) if r["stage"] == spec.at]
+        seeds = [s["seed"] for s in per_seed]
+        which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+        out = []
+        if spec.drift_max is not None:
+            worst = worst_drift_row(rows)
+            out.append(judge("activations.drift_max", worst["w1_norm"], spec.drift_max, "upper", "worst",
+                             f"normalised W1 after {spec.at}, layer {worst['layer']}, {which}",
+                             {"layer": worst["layer"], "per_layer": {r["layer"]: r["w1_norm"] for r in rows}},
+                             strict=True))
+        if spec.dead_max is not None:
+            worst = worst_dead_row(rows)
+            out.append(judge("activations.dead_max", worst["dead_channel_frac"], spec.dead_max, "upper", "worst",
+                             f"dead-channel fraction after {spec.at}, layer {worst['layer']}, {which}",
+                             {"layer": worst["layer"]}))
+        return out

@@ -6,7 +6,11 @@ from typing import Any
 
 import pandas as pd
 
+from pydantic import Field
+
+from surgery.checks.base import Check, register_check
 from surgery.ops.record import SurgeryRecord
+from surgery.spec import Strict, UnitThreshold
 
 METHODS = ("exact", "sliced", "adapted", "fresh")
 
@@ -47,3 +51,31 @@ def coverage_table(record: SurgeryRecord) -> pd.DataFrame:
     table["elements_covered"] = table["covered_numel"] / table["numel"]
     order = list(dict.fromkeys(frame["layer"]))
     return table.loc[order].reset_index().drop(columns=["covered_numel"])
+
+
+class CoverageExpect(Strict):
+    """``expect.coverage``: the fraction of target tensors (and elements) the surgery set from the source."""
+
+    tensors_min: UnitThreshold | None = None
+    elements_min: UnitThreshold | None = None
+    tensors_max: UnitThreshold | None = Field(None, description="for baselines expected to cover little")
+
+
+@register_check
+class CoverageCheck(Check):
+    """Coverage of the target by the source, the worst seed's (a structural figure: seeds rarely differ)."""
+
+    key = "coverage"
+    spec = CoverageExpect
+    FIELDS = (("tensors_min", "tensors", "lower"), ("elements_min", "elements", "lower"),
+              ("tensors_max", "tensors", "upper"))
+
+    def items(self, spec: CoverageExpect) -> list[str]:
+        return [f"coverage.{f}" for f, _, _ in self.FIELDS if getattr(spec, f) is not None]
+
+    def evaluate(self, spec, per_seed, judge, metrics):
+        cov = metrics["coverage"]
+        details = {"by_method": per_seed[0]["coverage"]["by_method"],
+                   "fresh_reasons": per_seed[0]["coverage"]["fresh_reasons"]}
+        return [judge(f"coverage.{f}", cov[figure], getattr(spec, f), direction, "worst", f"coverage, {figure}", details)
+                for f, figure, direction in self.FIELDS if getattr(spec, f) is not None]

@@ -1,0 +1,195 @@
+"""The building blocks of a case file's schema: strict sections, thresholds, data, models, fine-tune.
+
+No torch here: pydantic models only. :mod:`surgery.case` assembles a case from them and from the
+sections each operation and each check registers (:mod:`surgery.checks.base`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from surgery.model_refs import validate_model_ref
+
+DATASETS = ("mnist5k", "digits", "shapes", "imagefolder")
+
+
+class Strict(BaseModel):
+    """Base for every case-file section: unknown keys are errors that list the known ones."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = [f.alias or n for n, f in cls.model_fields.items() if not f.exclude]
+            for key in data:
+                if key not in allowed:
+                    raise PydanticCustomError("unknown_key", "unknown key {shown}; expected one of: {allowed}",
+                                              {"key": key, "shown": repr(key), "allowed": ", ".join(allowed)})
+        return data
+
+
+# --------------------------------------------------------------------------- thresholds
+
+CALIBRATE = "calibrate"
+Threshold = Union[float, dict[int, float], str]
+"""A threshold in a case file, in one of three forms:
+
+- a number: a *claim* the case asserts (kept as written; calibration says whether the seeds a run
+  uses can decide it, and an undecided claim is reported as undecided, never as passed);
+- a mapping from seed count to number, ``{1: 0.884, 3: 0.902}``: a *calibrated* threshold, written
+  by ``surgery calibrate --write``; a run of k seeds uses the entry of the largest count <= k;
+- the word ``calibrate``: a placeholder for a threshold ``surgery calibrate --write`` will fill in.
+"""
+
+
+@dataclass(frozen=True)
+class ThresholdRange:
+    """The numbers a threshold field accepts (annotation metadata; calibration clips its bounds to it)."""
+
+    lo: float | None
+    hi: float | None
+
+    def clip(self, value: float) -> float:
+        """``value`` moved into the range."""
+        if self.lo is not None and value < self.lo:
+            return self.lo
+        return self.hi if self.hi is not None and value > self.hi else value
+
+
+def threshold_range(spec: BaseModel, field: str) -> ThresholdRange:
+    """The range of a threshold field of an ``expect`` section (unbounded when it declares none)."""
+    info = type(spec).model_fields[field]
+    found = [m for m in info.metadata if isinstance(m, ThresholdRange)]
+    pending = [info.annotation]
+    while pending and not found:  # ``Annotated[...] | None`` keeps its metadata inside the union
+        hint = pending.pop()
+        found = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, ThresholdRange)]
+        pending += list(get_args(hint))
+    return found[0] if found else ThresholdRange(None, None)
+
+
+def threshold(lo: float | None = None, hi: float | None = None) -> Any:
+    """The annotated type of a threshold field whose numbers must lie in [lo, hi]."""
+    span = f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else \
+        f">= {lo:g}" if lo is not None else "a finite number"
+
+    def number(value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"got {value!r}{where}; expected a number {span}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(f"got {value!r}{where}; expected a number {span}")
+        return float(value)
+
+    def check(value: Any) -> Threshold:
+        if value == CALIBRATE:
+            return CALIBRATE
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("empty mapping; expected seed counts to thresholds, e.g. {1: 0.88, 3: 0.9}")
+            out = {}
+            for key, item in value.items():
+                if isinstance(key, bool) or not isinstance(key, int) or key < 1:
+                    raise ValueError(f"key {key!r}: expected a seed count >= 1, e.g. {{1: 0.88, 3: 0.9}}")
+                out[key] = number(item, f" for {key} seed(s)")
+            return dict(sorted(out.items()))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return number(value, "")
+        raise ValueError(f"got {value!r}; expected a number {span}, a mapping from seed count to such a "
+                         f"number (e.g. {{1: 0.88, 3: 0.9}}), or {CALIBRATE!r}")
+
+    # Typed Any for pydantic: the validator above is the whole check, and serialisation passes values through.
+    return Annotated[Any, PlainValidator(check), ThresholdRange(lo, hi)]
+
+
+UnitThreshold = threshold(0.0, 1.0)
+
+
+class DatasetSpec(Strict):
+    """One dataset. A bare string (``digits``) is shorthand for ``{name: digits}``."""
+
+    name: Literal["mnist5k", "digits", "shapes", "imagefolder"]
+    root: str | None = Field(None, description="imagefolder: directory of class folders")
+    limit: int | None = Field(None, gt=0, description="use at most this many samples")
+    size: int = Field(3000, gt=0, description="shapes: number of images generated")
+    background: float = Field(0.0, ge=0, le=1, description="shapes: background brightness")
+    color_shift: float = Field(0.0, ge=-1, le=1, description="shapes: shift of the foreground hue")
+    noise: float = Field(0.0, ge=0, description="shapes: std of added Gaussian noise")
+    blur: float = Field(0.0, ge=0, description="shapes: sigma of a Gaussian blur, in pixels")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _root_for_imagefolder(self) -> "DatasetSpec":
+        if self.name == "imagefolder" and not self.root:
+            raise ValueError("imagefolder needs 'root': a directory with one folder per class")
+        return self
+
+
+class DataSpec(Strict):
+    train: DatasetSpec
+    probe: DatasetSpec | None = Field(None, description="probe set for activations; default: train's test split")
+    image_size: int = Field(32, ge=8, le=512)
+    channels: Literal[1, 3] = 3
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int | None = Field(None, description="fixed train/test split (default: the run's seed); "
+                                   "set 0 on mnist5k to keep the zoo's own test split unseen")
+    probe_size: int = Field(256, gt=0, description="samples probed for activation statistics")
+
+
+class ModelSpec(Strict):
+    model: str = Field(description="torchvision:NAME | timm:NAME | zoo:NAME | package.module:factory")
+    num_classes: int | None = Field(None, gt=0)
+    in_chans: int | None = Field(None, gt=0)
+    checkpoint: str | None = Field(None, description=".pt/.pth (weights_only) or .safetensors")
+    pretrained: bool = Field(False, description="timm/torchvision weights from the local cache only")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, ref: str) -> str:
+        validate_model_ref(ref)
+        return ref
+
+
+class DistillSpec(Strict):
+    temperature: float = Field(2.0, gt=0)
+    weight: float = Field(0.5, ge=0, le=1)
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=1e30, description="at most 1e30: times lr_scale it must stay a float32")
+    weight_decay: float = Field(0.0, ge=0, le=1e6)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class ScheduleSpec(Strict):
+    name: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class ParamGroupSpec(Strict):
+    params: str = Field(description="glob over parameter names, e.g. 'conv1.*' or 'layer4.*'")
+    freeze: bool = False
+    lr_scale: float = Field(1.0, ge=0, le=1e6)
+    unfreeze_at: int | None = Field(None, ge=0)
+
+
+class FinetuneSpec(Strict):
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(64, ge=2, description="at least 2: BatchNorm cannot train on one example")
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    eval_every: int = Field(25, gt=0)
+    clip_grad: float | None = Field(None, gt=0)
+    groups: list[ParamGroupSpec] = []
+    bn_recalibrate: bool = Field(False, description="AdaBN on the train split before the first step")

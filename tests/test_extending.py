@@ -1,0 +1,72 @@
+"""The README's "Extending" example, run as written: a new check in one file, registered, parsed, judged."""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import surgery
+from surgery.checks import CHECKS, load_plugin_checks, register_check
+from surgery.checks.expect import expectation_names
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+CASE = """\
+name: params-example
+data: {train: {name: digits, limit: 200}, image_size: 16, split_seed: 0}
+source: {model: "surgery.zoo:stem_trainer", num_classes: 10}
+surgery: {op: transplant, target: {model: "surgery.zoo:stem_trainer", num_classes: 10}}
+finetune: {steps: 2, batch_size: 16}
+expect:
+  coverage: {tensors_min: 1.0}
+  params: {count_max: %s}
+"""
+
+
+def _example_code() -> str:
+    section = README.read_text(encoding="utf-8").split("## Extending", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.fixture
+def example_package(tmp_path, monkeypatch):
+    """The README's module as ``my_checks.params`` in a package on sys.path, with an installed entry point."""
+    package = tmp_path / "my_checks"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "params.py").write_text(_example_code())
+    dist = tmp_path / "my_checks-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-checks\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[surgery.checks]\nparams = my_checks.params\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    CHECKS.pop("params", None)
+    for name in ("my_checks", "my_checks.params"):
+        sys.modules.pop(name, None)
+
+
+def test_the_readme_check_registers_through_its_entry_point_and_judges_a_run(example_package):
+    assert "params" not in CHECKS
+    assert load_plugin_checks() == ["params"] and "params" in CHECKS
+    case = surgery.parse_case(CASE % "100")
+    assert expectation_names(case) == ["coverage.tensors_min", "params.count_max", "finite"]
+    result = surgery.run(case, device="cpu", seeds=1)
+    count = result.per_seed[0]["checks"]["params"]["count"]
+    failure = result.expectation("params.count_max")
+    assert not failure.passed and failure.observed == count > 100
+    assert failure.message.startswith(f"observed {count:.4g} > count_max 100 (parameters of the patient")
+    assert surgery.run(surgery.parse_case(CASE % str(count)), device="cpu", seeds=1).passed
+
+
+def test_unknown_sections_are_still_refused_and_keys_are_unique(example_package):
+    with pytest.raises(surgery.SurgeryInputError, match=r"expect.params: unknown key 'params'"):
+        surgery.parse_case(CASE % "100")  # the check is not loaded yet: `params` is unknown
+    load_plugin_checks()
+    with pytest.raises(ValueError, match="registered already"):
+        register_check(type(CHECKS["params"]))
+    with pytest.raises(surgery.SurgeryInputError, match=r"params.count_max: got -1"):
+        surgery.parse_case(CASE % "-1")
