@@ -22,16 +22,17 @@ only when one of its names is used, so ``import surgery`` costs no torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, get_args
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from surgery.case import Case, ModelSpec, SurgerySpec
+from surgery.case import Case, ModelSpec
 from surgery.checks.activations import LayerStats, probe_activations
 from surgery.errors import SurgeryInputError
 from surgery.gate import run_gate
 from surgery.builder import build_model
+from surgery.ops import list_ops as registered_ops
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
 from surgery.runner import RunOptions, run_case
@@ -94,7 +95,7 @@ def probe(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str], *, batc
 
 def list_ops() -> list[str]:
     """The surgery operations a case can name in ``surgery.op``."""
-    return [get_args(spec.model_fields["op"].annotation)[0] for spec in get_args(get_args(SurgerySpec)[0])]
+    return registered_ops()
 
 
 def list_models(kind: str = "zoo") -> list[str]:

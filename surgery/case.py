@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from surgery.calibration import CalibrationRecord, is_threshold_key, load_record, record_path
 from surgery.checks import CHECKS  # importing the package registers the built-in checks
 from surgery.errors import SurgeryInputError
+from surgery.ops import OPS  # importing the package registers the built-in operations
 from surgery.spec import (CALIBRATE, DATASETS, DatasetSpec, DataSpec, DistillSpec, FinetuneSpec, ModelSpec,
                           OptimizerSpec, ParamGroupSpec, ScheduleSpec, Strict, Threshold, ThresholdRange,
                           UnitThreshold, threshold, threshold_range)
@@ -27,8 +28,7 @@ from surgery.spec import (CALIBRATE, DATASETS, DatasetSpec, DataSpec, DistillSpe
 __all__ = ["Case", "parse_case", "load_case", "find_cases", "experiment_hash", "case_calibration", "CALIBRATE",
            "DATASETS", "DatasetSpec", "DataSpec", "DistillSpec", "FinetuneSpec", "ModelSpec", "OptimizerSpec",
            "ParamGroupSpec", "ScheduleSpec", "Strict", "Threshold", "ThresholdRange", "UnitThreshold", "threshold",
-           "threshold_range", "SurgerySpec", "TransplantSpec", "ActivationSwapSpec", "GraftSpec", "GraftPolicy",
-           "BridgeSpec", "CaseCalibration", "expectations_model"]
+           "threshold_range", "CaseCalibration", "expectations_model"]
 
 
 # --------------------------------------------------------------------------- YAML with marks
@@ -145,64 +145,23 @@ def _dotted(path: Path_) -> str:
 # --------------------------------------------------------------------------- schema
 
 
-class TransplantSpec(Strict):
-    op: Literal["transplant"]
-    target: ModelSpec
-    strategy: Literal["exact", "order", "select"] = "exact"
-    adapt_input: bool = True
-
-
-class ActivationSwapSpec(Strict):
-    op: Literal["activation_swap"]
-    from_: list[str] = Field(alias="from", min_length=1)
-    to: str
-
-    @field_validator("from_", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-
-class GraftPolicy(Strict):
-    freeze: bool = False
-    lr_scale: float = Field(1.0, ge=0, le=1e6)
-    unfreeze_at: int | None = Field(None, ge=0, description="step at which a frozen graft starts training")
-
-
-class GraftSpec(Strict):
-    op: Literal["graft"]
-    donor: ModelSpec
-    path: str
-    policy: GraftPolicy = GraftPolicy()
-
-
-class BridgeSpec(Strict):
-    op: Literal["bridge"]
-    nodes: list[str] = Field(min_length=1)
-    head: Literal["linear", "mlp", "transformer"] = "linear"
-    num_classes: int | None = Field(None, gt=0, description="default: the train dataset's class count")
-    hidden: int = Field(256, gt=0)
-    depth: int = Field(1, gt=0)
-    num_heads: int = Field(4, gt=0)
-    distill: DistillSpec | None = None
-
-
-SurgerySpec = Annotated[Union[TransplantSpec, ActivationSwapSpec, GraftSpec, BridgeSpec], Field(discriminator="op")]
 
 
 @lru_cache(maxsize=None)
-def _models(keys: tuple[str, ...]) -> tuple[type[Strict], type["Case"]]:
+def _models(keys: tuple[str, ...], ops: tuple[str, ...]) -> tuple[type[Strict], type["Case"]]:
     expectations = create_model("Expectations", __base__=Strict, __doc__="The ``expect`` section: one entry per "
                                 "registered check (surgery.checks), plus ``finite``.",
                                 **{key: (CHECKS[key].spec | None, None) for key in keys},
                                 finite=(bool, Field(True, description="no NaN/inf in the loss or the weights")))
-    case = create_model("Case", __base__=Case, expect=(expectations, ...))
+    operations = tuple(OPS[name].spec for name in ops)
+    surgery = Annotated[Union[operations], Field(discriminator="op")] if len(operations) > 1 else operations[0]
+    case = create_model("Case", __base__=Case, surgery=(surgery, ...), expect=(expectations, ...))
     return expectations, case
 
 
 def expectations_model() -> type[Strict]:
     """The ``expect`` section's model, built from the checks registered now."""
-    return _models(tuple(CHECKS))[0]
+    return _models(tuple(CHECKS), tuple(OPS))[0]
 
 
 class Case(Strict):
@@ -217,9 +176,9 @@ class Case(Strict):
     markers: list[Literal["slow", "gpu"]] = []
     data: DataSpec
     source: ModelSpec
-    surgery: SurgerySpec
     finetune: FinetuneSpec = FinetuneSpec()
-    if TYPE_CHECKING:  # set by the subclass parse_case builds from the registered checks
+    if TYPE_CHECKING:  # set by the subclass parse_case builds from the registered operations and checks
+        surgery: Any
         expect: Any
 
     # set by load_case, not by the file
@@ -288,7 +247,7 @@ def _error_message(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return "missing required field"
     if err["type"] == "union_tag_not_found":
-        return "missing required field; expected one of: transplant, activation_swap, graft, bridge"
+        return f"missing required field; expected one of: {', '.join(OPS)}"
     if err["type"] == "union_tag_invalid":
         tags = err.get("ctx", {}).get("expected_tags", "")
         return f"got {err['input'].get('op')!r}; expected one of: {tags}" if isinstance(err["input"], dict) \
@@ -307,7 +266,7 @@ def parse_case(text: str, filename: str = "<memory>") -> Case:
     if not isinstance(data, dict):
         raise SurgeryInputError(f"{filename}:1: <top>: expected a mapping with name, data, source, surgery, expect")
     try:
-        case = _models(tuple(CHECKS))[1].model_validate(data)
+        case = _models(tuple(CHECKS), tuple(OPS))[1].model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         line, field = _error_line(err, data, lines)

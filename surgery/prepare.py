@@ -20,18 +20,14 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from surgery.case import (ActivationSwapSpec, BridgeSpec, Case, DatasetSpec, GraftSpec, ModelSpec,
-                          TransplantSpec)
+from surgery.case import Case, DatasetSpec, ModelSpec
 from surgery.checks.activations import drift, probe_activations, resolve_layers
 from surgery.data import Split, load_split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import resolve_device
 from surgery.builder import build_model
-from surgery.ops.activation import activation_swap
-from surgery.ops.bridge import bridge
-from surgery.ops.graft import graft
+from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
-from surgery.ops.transplant import transplant
 from surgery.recipes import ZOO
 
 
@@ -108,19 +104,11 @@ def probe_inputs(case: Case, split: Split, seed: int) -> torch.Tensor:
     return probe.test_x[: data.probe_size]
 
 
-def classes_field(case: Case) -> str:
-    """The case field that sets how many classes the patient's head outputs."""
-    op = case.surgery
-    if isinstance(op, TransplantSpec):
-        return "surgery.target.num_classes"
-    return "surgery.num_classes" if isinstance(op, BridgeSpec) else "source.num_classes"
-
-
 def check_patient(case: Case, patient: nn.Module, split: Split) -> int:
     """The patient's forward on the case's images; fewer outputs than the data's classes is bad input."""
     width = check_forward(case, patient, split, "patient after surgery")
     if width < split.num_classes:
-        raise SurgeryInputError(f"{case.where(classes_field(case))}: the patient outputs {width} values but "
+        raise SurgeryInputError(f"{case.where(get_op(case.surgery.op).classes_field)}: the patient outputs {width} values but "
                                 f"{split.name} has {split.num_classes} classes; expected at least "
                                 f"{split.num_classes} outputs")
     return width
@@ -158,32 +146,18 @@ def check_forward(case: Case, model: nn.Module, split: Split, what: str) -> int:
     return int(out.shape[-1])
 
 
-def architecture_ref(spec: ModelSpec) -> str:
-    """The architecture behind a model spec (a zoo model's recipe arch)."""
-    kind, _, name = spec.model.partition(":")
-    return ZOO[name].arch if kind == "zoo" else spec.model
+def architecture_ref(ref: str) -> str:
+    """The architecture behind a model reference (a zoo model's recipe arch)."""
+    kind, _, name = ref.partition(":")
+    return ZOO[name].arch if kind == "zoo" else ref
 
 
 def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Module, SurgeryRecord]:
-    """Apply the case's operation to ``source``; return the patient and the record."""
-    op = case.surgery
-    example = example_inputs(split)
-    if isinstance(op, TransplantSpec):
-        target = build(case, op.target, "surgery.target", num_classes=split.num_classes, in_chans=case.data.channels)
-        with blame(case, "surgery.strategy"):
-            return transplant(source, target, op.strategy, adapt_input=op.adapt_input)
-    if isinstance(op, ActivationSwapSpec):
-        with blame(case, "surgery.from"):
-            return activation_swap(source, op.from_, op.to, example_input=example)
-    if isinstance(op, GraftSpec):
-        donor = build(case, op.donor, "surgery.donor", in_chans=case.data.channels)
-        with blame(case, "surgery.path"):
-            return graft(source, donor, op.path, example_input=example)
-    if isinstance(op, BridgeSpec):
-        with blame(case, "surgery.nodes"):
-            return bridge(source, op.nodes, op.head, op.num_classes or split.num_classes, example_input=example,
-                          hidden=op.hidden, depth=op.depth, num_heads=op.num_heads)
-    raise SurgeryInputError(f"surgery.op: unknown op {getattr(op, 'op', op)!r}")
+    """Apply the case's operation to ``source`` (never modified); return the patient and the record."""
+    op = get_op(case.surgery.op)
+    with blame(case, f"surgery.{op.blamed_field}"):
+        return op.apply(case.surgery, source, example=example_inputs(split), num_classes=split.num_classes,
+                        in_chans=case.data.channels, build=lambda spec, field, **kw: build(case, spec, field, **kw))
 
 
 class Probes:

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery.case import (ActivationSwapSpec, BridgeSpec, Case, CaseCalibration, GraftSpec, ModelSpec,
-                          ParamGroupSpec, TransplantSpec, case_calibration)
+from surgery.case import Case, CaseCalibration, ModelSpec, ParamGroupSpec, case_calibration
 from surgery.checks.accuracy import recovery
 from surgery.checks.coverage import coverage_summary, coverage_table
 from surgery.checks.base import SeedContext
@@ -26,9 +25,9 @@ from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_
 from surgery.builder import weight_files
 from surgery.models import build_architecture
 from surgery.numerics import numeric_profile, pin_numerics
-from surgery.ops.activation import activation_swap
+from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
-from surgery.prepare import (Probes, architecture_ref, build, build_source, check_patient, device_for, load_data,
+from surgery.prepare import (Probes, architecture_ref, blame, build, build_source, check_patient, device_for, load_data,
                              model_spec, perform_surgery, probe_inputs)
 from surgery._io import file_sha256
 from surgery.results import CaseResult, provenance
@@ -49,31 +48,18 @@ class RunOptions:
 def baseline_model(case: Case, split: Split) -> nn.Module:
     """The patient's architecture from random init (or ``beats_baseline.model``), for the same budget."""
     spec = case.expect.accuracy.beats_baseline
-    op = case.surgery
+    op = get_op(case.surgery.op)
     if spec.model is not None:
         return build(case, spec.model, "expect.accuracy.beats_baseline.model", num_classes=split.num_classes,
                      in_chans=case.data.channels)
-    if isinstance(op, TransplantSpec):
-        ref = architecture_ref(op.target)
-    elif isinstance(op, BridgeSpec):
-        raise SurgeryInputError(f"{case.where('expect.accuracy.beats_baseline')}: a bridge needs the baseline "
-                                "model to train from scratch, e.g. {model: torchvision:resnet18}")
-    else:
-        ref = architecture_ref(case.source)
+    with blame(case, "expect.accuracy.beats_baseline"):
+        ref = architecture_ref(op.baseline_architecture(case.surgery, case.source.model))
     model = build_architecture(ref, num_classes=split.num_classes, in_chans=case.data.channels)
-    if isinstance(op, ActivationSwapSpec):
-        model, _ = activation_swap(model, op.from_, op.to)
-    return model
+    return op.baseline(case.surgery, model)
 
 
 def _finetune_groups(case: Case) -> list[ParamGroupSpec]:
-    groups = list(case.finetune.groups)
-    op = case.surgery
-    if isinstance(op, GraftSpec):
-        p = op.policy
-        groups.insert(0, ParamGroupSpec(params=f"{op.path}.*", freeze=p.freeze, lr_scale=p.lr_scale,
-                                        unfreeze_at=p.unfreeze_at))
-    return groups
+    return get_op(case.surgery.op).groups(case.surgery) + list(case.finetune.groups)
 
 
 def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
@@ -107,7 +93,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         recalibrate_bn(patient, split.train_x, device=device, batch_size=case.finetune.batch_size, seed=seed)
 
     spec = case.finetune.model_copy(update={"groups": _finetune_groups(case)})
-    distill = case.surgery.distill if isinstance(case.surgery, BridgeSpec) else None
+    distill = get_op(case.surgery.op).distill(case.surgery)
     if distill is not None and source_width != split.num_classes:
         raise SurgeryInputError(f"{case.where('surgery.distill')}: the source has {source_width} outputs, the data "
                                 f"{split.num_classes} classes; distillation needs them equal")
@@ -150,12 +136,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
 
 def _model_specs(case: Case) -> list[ModelSpec]:
     """Every model spec a run of ``case`` builds: source, target or donor, and the baseline's."""
-    specs = [case.source]
-    op = case.surgery
-    if isinstance(op, TransplantSpec):
-        specs.append(op.target)
-    elif isinstance(op, GraftSpec):
-        specs.append(op.donor)
+    specs = [case.source] + [spec for _, spec in get_op(case.surgery.op).models(case.surgery)]
     accuracy = case.expect.accuracy
     if accuracy is not None and accuracy.beats_baseline is not None and accuracy.beats_baseline.model is not None:
         specs.append(accuracy.beats_baseline.model)

@@ -70,3 +70,31 @@ def test_unknown_sections_are_still_refused_and_keys_are_unique(example_package)
         register_check(type(CHECKS["params"]))
     with pytest.raises(surgery.SurgeryInputError, match=r"params.count_max: got -1"):
         surgery.parse_case(CASE % "-1")
+
+
+SWAP = """\
+name: swap
+data: {train: digits}
+source: {model: "torchvision:resnet18"}
+surgery: {op: activation_swap, from: ReLU, to: %s}
+expect: {coverage: {tensors_min: 1.0}}
+"""
+
+
+def test_operations_come_from_the_registry():
+    from surgery.ops import OPS, list_ops, register_op
+
+    assert list_ops() == surgery.list_ops() == ["transplant", "activation_swap", "graft", "bridge"]
+    with pytest.raises(ValueError, match="registered already"):
+        register_op(type(OPS["graft"]))
+    with pytest.raises(surgery.SurgeryInputError) as info:
+        surgery.parse_case(SWAP.replace("op: activation_swap", "op: transplnt") % "SiLU", "swap.yaml")
+    assert str(info.value).startswith("swap.yaml:4: surgery.op: got 'transplnt'; expected one of:")
+    assert all(name in str(info.value) for name in OPS)
+
+
+def test_activation_names_are_checked_when_the_case_is_parsed():
+    with pytest.raises(surgery.SurgeryInputError) as info:
+        surgery.parse_case(SWAP % "SiLUU", "swap.yaml")
+    assert str(info.value).startswith("swap.yaml:4: surgery.to: unknown target activation 'SiLUU' (did you mean SiLU")
+    assert surgery.parse_case(SWAP % "silu", "swap.yaml").surgery.to == "SiLU"  # the canonical spelling

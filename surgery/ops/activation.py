@@ -13,17 +13,20 @@ import copy
 import difflib
 import inspect
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 import torchvision
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from surgery.errors import SurgeryInputError, first_line
 from surgery.models import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
+from surgery.ops.base import Operation, register_op
+from surgery.spec import Strict
 
 # Canonical kind -> factory of the replacement module. These are the names ``to`` accepts.
 TARGETS: dict[str, Callable[[], nn.Module]] = {
@@ -359,3 +362,47 @@ def _count_calls(model: nn.Module, replacements: dict[int, nn.Module], old_kind:
         for m, mode in modes.items():
             m.training = mode
     return dict(counts)
+
+
+class ActivationSwapSpec(Strict):
+    """``surgery: {op: activation_swap}``: every activation of the kinds ``from`` replaced by ``to``."""
+
+    op: Literal["activation_swap"]
+    from_: list[str] = Field(alias="from", min_length=1)
+    to: str
+
+    @field_validator("from_", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("from_")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        try:
+            return [canonical_kind(kind) for kind in kinds]
+        except SurgeryInputError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("to")
+    @classmethod
+    def _known_target(cls, kind: str) -> str:
+        try:
+            return canonical_kind(kind, known=tuple(TARGETS), what="target activation")
+        except SurgeryInputError as exc:
+            raise ValueError(str(exc)) from None
+
+
+@register_op
+class ActivationSwap(Operation):
+    """Weights kept, activations swapped; the baseline is the source's architecture, swapped the same way."""
+
+    name = "activation_swap"
+    spec = ActivationSwapSpec
+    blamed_field = "from"
+
+    def apply(self, spec, source, *, example, num_classes, in_chans, build):
+        return activation_swap(source, spec.from_, spec.to, example_input=example)
+
+    def baseline(self, spec, model):
+        return activation_swap(model, spec.from_, spec.to)[0]

@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
+from pydantic import Field
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from surgery.errors import SurgeryInputError, first_line
 from surgery.ops.record import SurgeryRecord, recordable_state
+from surgery.ops.base import Operation, register_op
+from surgery.spec import DistillSpec, Strict
 
-HEADS = ("linear", "mlp", "transformer")
+Head = Literal["linear", "mlp", "transformer"]
+HEADS: tuple[str, ...] = get_args(Head)
 
 
 def _tracer_kwargs() -> dict[str, Any]:
@@ -216,7 +220,7 @@ def _check_nodes(model: nn.Module, nodes: Sequence[str], valid: list[str]) -> No
                 f"valid nodes include {', '.join(top)} (see `surgery inspect`)")
 
 
-def bridge(source: nn.Module, nodes: Sequence[str], head: Literal["linear", "mlp", "transformer"],
+def bridge(source: nn.Module, nodes: Sequence[str], head: Head,
            num_classes: int, *, example_input: Tensor, hidden: int = 256, depth: int = 1,
            num_heads: int = 4) -> tuple[BridgeModel, SurgeryRecord]:
     """Make ``source`` a frozen feature extractor at ``nodes`` and put a new ``head`` on its features.
@@ -313,3 +317,37 @@ def bridge(source: nn.Module, nodes: Sequence[str], head: Literal["linear", "mlp
         "param_glob": "head.*",
     }
     return model, record
+
+
+class BridgeSpec(Strict):
+    """``surgery: {op: bridge}``: the frozen source as a feature extractor at ``nodes``, a new ``head`` on top."""
+
+    op: Literal["bridge"]
+    nodes: list[str] = Field(min_length=1)
+    head: Head = "linear"
+    num_classes: int | None = Field(None, gt=0, description="default: the train dataset's class count")
+    hidden: int = Field(256, gt=0)
+    depth: int = Field(1, gt=0)
+    num_heads: int = Field(4, gt=0)
+    distill: DistillSpec | None = None
+
+
+@register_op
+class Bridge(Operation):
+    """A bridge's baseline must be named (``beats_baseline.model``): a new head alone is no architecture."""
+
+    name = "bridge"
+    spec = BridgeSpec
+    classes_field = "surgery.num_classes"
+    blamed_field = "nodes"
+
+    def apply(self, spec, source, *, example, num_classes, in_chans, build):
+        return bridge(source, spec.nodes, spec.head, spec.num_classes or num_classes, example_input=example,
+                      hidden=spec.hidden, depth=spec.depth, num_heads=spec.num_heads)
+
+    def baseline_architecture(self, spec, source_ref):
+        raise SurgeryInputError("a bridge needs the baseline model to train from scratch, e.g. "
+                                "{model: torchvision:resnet18}")
+
+    def distill(self, spec):
+        return spec.distill

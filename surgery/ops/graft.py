@@ -12,12 +12,16 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from pydantic import Field
+
 from surgery.errors import SurgeryInputError, first_line
+from surgery.ops.base import Operation, register_op
+from surgery.spec import ModelSpec, ParamGroupSpec, Strict
 from surgery.models import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
 
@@ -215,3 +219,41 @@ def donor_from_state_dict(state_dict: Mapping[str, Tensor], *, in_channels: int 
             module.bias.copy_(bias.to(module.bias.dtype))
     setattr(module, SOURCE_SHAPES_ATTR, source_shapes)
     return module
+
+
+class GraftPolicy(Strict):
+    """How the grafted module trains: frozen, at a scaled learning rate, or unfrozen at a step."""
+
+    freeze: bool = False
+    lr_scale: float = Field(1.0, ge=0, le=1e6)
+    unfreeze_at: int | None = Field(None, ge=0, description="step at which a frozen graft starts training")
+
+
+class GraftSpec(Strict):
+    """``surgery: {op: graft}``: a donor module put into the source at a dotted ``path``."""
+
+    op: Literal["graft"]
+    donor: ModelSpec
+    path: str
+    policy: GraftPolicy = GraftPolicy()
+
+
+@register_op
+class Graft(Operation):
+    """The donor at ``path``, trained by its policy (a parameter group of its own)."""
+
+    name = "graft"
+    spec = GraftSpec
+    blamed_field = "path"
+
+    def apply(self, spec, source, *, example, num_classes, in_chans, build):
+        donor = build(spec.donor, "surgery.donor", in_chans=in_chans)
+        return graft(source, donor, spec.path, example_input=example)
+
+    def models(self, spec):
+        return [("surgery.donor", spec.donor)]
+
+    def groups(self, spec):
+        p = spec.policy
+        return [ParamGroupSpec(params=f"{spec.path}.*", freeze=p.freeze, lr_scale=p.lr_scale,
+                               unfreeze_at=p.unfreeze_at)]

@@ -46,6 +46,8 @@ from torch import Tensor, nn
 from surgery.errors import SurgeryInputError
 from surgery.models import clean_key, clean_prefixes
 from surgery.ops.record import Method, SurgeryRecord
+from surgery.ops.base import Operation, register_op
+from surgery.spec import ModelSpec, Strict
 
 __all__ = [
     "Strategy",
@@ -570,3 +572,32 @@ def assert_outputs_match(a: nn.Module, b: nn.Module, x: Tensor, *, atol: float =
     if not diff <= atol:
         raise AssertionError(f"outputs differ: max abs difference {diff:.3g} > atol {atol:.3g}")
     return diff
+
+
+class TransplantSpec(Strict):
+    """``surgery: {op: transplant}``: the source's tensors copied into a different target architecture."""
+
+    op: Literal["transplant"]
+    target: ModelSpec
+    strategy: Strategy = "exact"
+    adapt_input: bool = True
+
+
+@register_op
+class Transplant(Operation):
+    """Build the target, copy the source into it by ``strategy``; the baseline is the target from random init."""
+
+    name = "transplant"
+    spec = TransplantSpec
+    classes_field = "surgery.target.num_classes"
+    blamed_field = "strategy"
+
+    def apply(self, spec, source, *, example, num_classes, in_chans, build):
+        target = build(spec.target, "surgery.target", num_classes=num_classes, in_chans=in_chans)
+        return transplant(source, target, spec.strategy, adapt_input=spec.adapt_input)
+
+    def models(self, spec):
+        return [("surgery.target", spec.target)]
+
+    def baseline_architecture(self, spec, source_ref):
+        return spec.target.model
