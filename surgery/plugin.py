@@ -184,6 +184,18 @@ class CaseItem(pytest.Item):
         return self.path, 0, f"case {name}: {self.expectation}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """An undecided expectation's skip points at its threshold's line in the case file, not at this plugin."""
+    outcome = yield
+    report = outcome.get_result()
+    if isinstance(item, CaseItem) and report.skipped and isinstance(report.longrepr, tuple) and item.parent.case:
+        from surgery.calibration import yaml_path
+
+        line = item.parent.case.lines.get(".".join(yaml_path(item.expectation)), 1)
+        report.longrepr = (str(item.path), line - 1, report.longrepr[2])
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     report_dir = session.config.getoption("surgery_report", None)
     if report_dir and Path(report_dir).is_dir() and not os.environ.get("PYTEST_XDIST_WORKER"):

@@ -211,6 +211,7 @@ def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_t
                            "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SKIPPED" in proc.stdout and "undecided at α = 0.01" in proc.stdout, proc.stdout
+    assert "claim.yaml:14: undecided" in proc.stdout, proc.stdout  # the skip points at the threshold's line
     assert "1 skipped" in proc.stdout and "passed" in proc.stdout
 
 

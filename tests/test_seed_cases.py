@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery.case import CALIBRATE, case_calibration, find_cases, load_case
+from surgery.case import case_calibration, find_cases, load_case
 from surgery.checks.expect import expectation_names, uncalibrated_fields
 
 CASES = find_cases([Path(__file__).resolve().parent.parent / "cases"])
@@ -26,4 +26,3 @@ def test_each_seed_case_is_calibrated(path):
             assert name in record.items, f"{name} has no calibration in {calibration.path}"
             derived = record.thresholds[name]
             assert derived["form"] in ("claim", "calibrated")
-    assert CALIBRATE not in path.read_text()
