@@ -193,7 +193,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
         from surgery.calibration import yaml_path
 
         line = item.parent.case.lines.get(".".join(yaml_path(item.expectation)), 1)
-        report.longrepr = (str(item.path), line - 1, report.longrepr[2])
+        report.longrepr = (str(item.path), line, report.longrepr[2])  # pytest shows this 1-based line as is
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
