@@ -3,16 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 RATIOS: dict[str, tuple[float, str]] = {}
-
-
-@pytest.fixture(scope="session")
-def device(pytestconfig: pytest.Config) -> torch.device:
-    from surgery.finetune import resolve_device
-
-    return resolve_device(pytestconfig.getoption("surgery_device") or "auto")
 
 
 @pytest.fixture

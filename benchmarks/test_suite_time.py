@@ -13,9 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_zoo_build_cold(benchmark, record_ratio, tmp_path, monkeypatch):
+def test_zoo_build_cold(benchmark, record_ratio, isolated_cache):
     """Cold cache: train one zoo model (mnist-resnet18) from nothing."""
-    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path))
     from surgery import zoo
 
     benchmark.pedantic(zoo.build, args=("mnist-resnet18",), kwargs={"progress": False}, rounds=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,15 +29,6 @@ expect:
   coverage: {tensors_min: 0.9}
   accuracy: {after_min: 0.0}
 """
-
-
-@pytest.fixture
-def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``$SURGERY_CACHE`` (the zoo) and ``$TORCH_HOME`` (pretrained weights) point into ``tmp_path``."""
-    cache = tmp_path / "surgery-cache"
-    monkeypatch.setenv("SURGERY_CACHE", str(cache))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    return cache
 
 
 class TinyCNN(nn.Module):
