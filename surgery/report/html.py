@@ -22,10 +22,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from surgery.report import plots
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the views read a result's attributes; they never import the results module
-    from surgery.results import CaseResult
+# A surgery.results.CaseResult (or its JSON loaded back): the views only read its attributes. Not imported,
+# so that a result can render itself (CaseResult._repr_html_) without an import cycle.
+CaseResult = Any
 
 # Figures shown on the page, the index and the comparison: key, label, kind (pct | ratio | sec | num).
 FIGURES = [
@@ -421,13 +421,13 @@ def _run_header(result: CaseResult) -> dict[str, Any]:
 # pages as strings
 
 
-def case_html(result: "CaseResult") -> str:
+def case_html(result: CaseResult) -> str:
     """The self-contained report page of one result."""
     with plots.id_scope():
         return render_page("case.html.j2", v=case_view(result), title=f"{result.case} · surgery report")
 
 
-def compare_html(a: "CaseResult", b: "CaseResult") -> str:
+def compare_html(a: CaseResult, b: CaseResult) -> str:
     """Two runs of a case side by side (A and B), changes marked."""
     with plots.id_scope():
         return render_page("compare.html.j2", v=compare_view(a, b), title=f"{a.case} vs {b.case} · surgery comparison")
