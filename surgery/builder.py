@@ -7,6 +7,7 @@ torchvision's pretrained files in the local cache; nothing is ever downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -74,3 +75,26 @@ def weight_files(spec) -> list[Path]:
     if spec.checkpoint:
         files.append(Path(spec.checkpoint))
     return [f for f in files if f.is_file()]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def weights_digest(path: str | Path) -> str:
+    """SHA-256 of a weight file's tensors: names, dtypes, shapes and bytes, in name order.
+
+    NOTE: not of the file's bytes. safetensors keeps its ``__metadata__`` in a hash map, so the same tensors
+    saved twice can be two different files; this digest is equal exactly when the weights are.
+    """
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        state = load_state_dict_file(path)
+        for name in sorted(state):
+            tensor = state[name].detach().contiguous().cpu()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]

@@ -22,14 +22,13 @@ from surgery.checks.expect import declared_checks, evaluate_expectations, uncali
 from surgery.data import Split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_device
-from surgery.builder import weight_files
+from surgery.builder import weight_files, weights_digest
 from surgery.models import build_architecture
 from surgery.numerics import numeric_profile, pin_numerics
 from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
 from surgery.prepare import (Probes, architecture_ref, blame, build, build_source, check_patient, device_for, load_data,
                              model_spec, perform_surgery, probe_inputs)
-from surgery._io import file_sha256
 from surgery.results import CaseResult, provenance
 
 
@@ -144,8 +143,8 @@ def _model_specs(case: Case) -> list[ModelSpec]:
 
 
 def weight_digests(case: Case) -> dict[str, str]:
-    """SHA-256 of every weight file the case reads (zoo models included), by file path."""
-    return {str(path): file_sha256(path) for spec in _model_specs(case)
+    """SHA-256 of the tensors of every weight file the case reads (zoo models included), by file path."""
+    return {str(path): weights_digest(path) for spec in _model_specs(case)
             for path in weight_files(model_spec(case, spec))}
 
 

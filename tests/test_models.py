@@ -329,3 +329,21 @@ def test_pretrained_from_local_cache(tmp_path, monkeypatch):
 def test_pretrained_for_factory_refs_is_an_error():
     with pytest.raises(SurgeryInputError, match="'pretrained' applies to"):
         build_model(ModelSpec(model="surgery.zoo:stem_trainer", pretrained=True))
+
+
+def test_weights_digest_is_of_the_tensors_not_the_file(tmp_path):
+    """Two files of the same tensors (other metadata, so other bytes) share a digest; one changed value does not."""
+    from safetensors.torch import save_file
+
+    from surgery._io import file_sha256
+    from surgery.builder import weights_digest
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict().items()}
+    save_file(state, str(tmp_path / "a.safetensors"), metadata={"built": "monday"})
+    save_file(state, str(tmp_path / "b.safetensors"), metadata={"built": "tuesday", "by": "another process"})
+    assert file_sha256(tmp_path / "a.safetensors") != file_sha256(tmp_path / "b.safetensors")
+    assert weights_digest(tmp_path / "a.safetensors") == weights_digest(tmp_path / "b.safetensors")
+    state["0.weight"][0, 0, 0, 0] += 1e-6
+    save_file(state, str(tmp_path / "c.safetensors"))
+    assert weights_digest(tmp_path / "c.safetensors") != weights_digest(tmp_path / "a.safetensors")
