@@ -34,6 +34,7 @@ from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, 
 from surgery.calibration import (CalibrationRecord, ItemCalibration, record_path, save_record,
                                  yaml_path)
 from surgery.case import Case, experiment_hash, load_case, threshold_range
+from surgery.checks.expect import evaluate_expectations, threshold_location
 from surgery.errors import SurgeryInputError
 
 DEFAULT_ALPHA = 0.001
@@ -76,7 +77,6 @@ def calibration_seeds(case: Case, count: int) -> list[int]:
 
 def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
     """Run ``seeds`` of a case in this process; return each expectation's figure per seed, and provenance."""
-    from surgery.checks.expect import evaluate_expectations
     from surgery.runner import RunOptions, run_case
 
     case = load_case(case_path)
@@ -94,8 +94,7 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
     return {"figures": figures, "rules": rules, "provenance": {k: result.provenance.get(k) for k in keep}}
 
 
-def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int,
-                 log: Callable[[str], None]) -> dict[str, Any]:
+def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> dict[str, Any]:
     """Run a profile's seeds in ``jobs`` subprocesses; merge their figures."""
     # NOTE: idle OpenMP threads sleep instead of spinning, so a 2-thread profile does not collapse when
     # something else runs beside it. This changes how threads wait, not which sums they compute.
@@ -140,24 +139,13 @@ def summarise(samples: dict[str, dict[str, float | None]], rule: dict[str, str])
                            std=std, seeds=len(seeds), runs=len(values))
 
 
-def _spec_and_field(case: Case, item: str) -> tuple[Any, str]:
-    section, _, field = item.partition(".")
-    spec = getattr(case.expect, section)
-    return (spec.beats_baseline, "margin") if field == "beats_baseline" else (spec, field)
-
-
-def current_threshold(case: Case, item: str) -> Any:
-    """The threshold as the case file writes it (number, mapping or placeholder)."""
-    spec, field = _spec_and_field(case, item)
-    return getattr(spec, field)
-
-
 def derive(case: Case, cal: ItemCalibration, item: str, alpha: float) -> dict[str, Any]:
     """Per seed count k: the calibrated bound, and for a claim whether k seeds decide it."""
     calibrated: Calibrated = cal.calibrated()
     counts = sorted({1, len(case.seed)})
-    raw = current_threshold(case, item)
-    legal = threshold_range(*_spec_and_field(case, item))
+    spec, field = threshold_location(case, item)
+    raw = getattr(spec, field)
+    legal = threshold_range(spec, field)
     out: dict[str, Any] = {"form": "claim" if isinstance(raw, float) else "calibrated", "bounds": {}, "vacuous": []}
     for k in counts:
         bound = prediction_bound(calibrated, alpha=alpha, k=k, direction=cal.direction, aggregate=cal.aggregate)
@@ -234,7 +222,7 @@ def calibrate_case(case_path: str | Path, *, seeds: int = DEFAULT_SEEDS, perturb
         chosen = all_seeds if profile == profiles[0] else all_seeds[: perturbed_seeds or seeds]
         jobs = max(1, min(len(chosen), cores // threads))
         start = time.perf_counter()
-        merged = _run_profile(str(case.path), profile, chosen, jobs, log)
+        merged = _run_profile(str(case.path), profile, chosen, jobs)
         log(f"{case.name}: profile {profile}: {len(chosen)} seeds in {time.perf_counter() - start:.0f}s "
             f"({jobs} process{'es' if jobs > 1 else ''} × {threads} thread{'s' if threads > 1 else ''})")
         provenance[profile] = {**merged["provenance"], "env": env, "seeds": chosen}

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Literal
 
 from pydantic import Field
 
-from surgery.checks.base import Check, register_check
+from surgery.checks.base import Check, register_check, seeds_label
 from surgery.spec import ModelSpec, Strict, UnitThreshold, threshold
 
 ACCURACY_FIGURES = ("source", "before", "after", "baseline", "recovery", "bn_before", "bn_after", "bn_gain")
@@ -53,11 +53,6 @@ class AccuracyExpect(Strict):
     aggregate: Literal["mean", "worst"] = "mean"
 
 
-def _seeds(per_seed: list[dict[str, Any]]) -> str:
-    seeds = [s["seed"] for s in per_seed]
-    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
-
-
 @register_check
 class AccuracyCheck(Check):
     """Accuracy figures over the seeds (their mean or worst), and the gap to a random-init baseline."""
@@ -72,7 +67,8 @@ class AccuracyCheck(Check):
 
     def evaluate(self, spec, per_seed, judge, metrics):
         acc, how, out = metrics["accuracy"], spec.aggregate, []
-        where = f"accuracy, {how} of {_seeds(per_seed)}" if len(per_seed) > 1 else f"accuracy, {_seeds(per_seed)}"
+        seeds = seeds_label(per_seed)
+        where = f"accuracy, {how} of {seeds}" if len(per_seed) > 1 else f"accuracy, {seeds}"
         for figure in self.FIGURES:
             value = getattr(spec, f"{figure}_min")
             if value is not None:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from pydantic import Field
 
-from surgery.checks.base import Check, register_check, worst_dead_row, worst_drift_row
+from surgery.checks.base import Check, register_check, seeds_label, worst_dead_row, worst_drift_row
 from surgery.spec import Strict, UnitThreshold, threshold
 from surgery.errors import SurgeryInputError
 
@@ -592,8 +592,7 @@ class ActivationsCheck(Check):
 
     def evaluate(self, spec, per_seed, judge, metrics):
         rows = [r for s in per_seed for r in s.get("activations", []) if r["stage"] == spec.at]
-        seeds = [s["seed"] for s in per_seed]
-        which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+        which = seeds_label(per_seed)
         out = []
         if spec.drift_max is not None:
             worst = worst_drift_row(rows)

@@ -131,7 +131,8 @@ def resolve_threshold(value: Threshold, seeds: int) -> float | None:
     return float(value)
 
 
-def _seeds(per_seed: list[dict[str, Any]]) -> str:
+def seeds_label(per_seed: list[dict[str, Any]]) -> str:
+    """``seed 0`` or ``seeds 0, 1, 2``: which seeds a message speaks of."""
     seeds = [s["seed"] for s in per_seed]
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
 
@@ -172,7 +173,7 @@ class Judge:
         if threshold is None:
             why = ("threshold not calibrated yet (run `surgery calibrate --write`)" if raw == CALIBRATE else
                    f"calibrated for {min(raw)} or more seeds only, this run has {self.seeds}")
-            return ExpectationResult(name, False, observed, None, details or {},
+            return ExpectationResult(name, False, observed, None, details,
                                      f"undecided: {why} (observed {fmt(observed)}, {where})",
                                      status="undecided", calibration=calibration)
         if direction == "lower":

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from surgery.checks.accuracy import aggregate
-from surgery.checks.base import Check, SeedContext, register_check
+from surgery.checks.base import Check, SeedContext, register_check, seeds_label
 from surgery.finetune import evaluate, recalibrate_bn
 from surgery.spec import Strict, threshold
 
@@ -48,7 +48,6 @@ class BnRecalibrationCheck(Check):
 
     def evaluate(self, spec, per_seed, judge, metrics):
         gain = aggregate(s["accuracy"].get("bn_gain") for s in per_seed)
-        seeds = ", ".join(str(s["seed"]) for s in per_seed)
         return [judge("bn_recalibration.gain_min", gain["mean"] if gain else None, spec.gain_min, "lower", "mean",
-                      f"AdaBN accuracy gain, mean of seed{'s' if len(per_seed) > 1 else ''} {seeds}",
+                      f"AdaBN accuracy gain, mean of {seeds_label(per_seed)}",
                       {"before": metrics["accuracy"].get("bn_before"), "after": metrics["accuracy"].get("bn_after")})]

@@ -13,7 +13,7 @@ from typing import Any
 
 from surgery.calibration import CalibrationRecord, yaml_path
 from surgery.checks.accuracy import accuracy_metrics
-from surgery.checks.base import CHECKS, Check, Judge, check
+from surgery.checks.base import CHECKS, Check, Judge, check, seeds_label
 from surgery.results import ExpectationResult
 from surgery.spec import CALIBRATE
 
@@ -27,11 +27,6 @@ def expectation_names(case: Any) -> list[str]:
     """The expectation results ``evaluate_expectations`` will produce for ``case``, in order."""
     names = [name for c, spec in declared_checks(case) for name in c.items(spec)]
     return names + (["finite"] if case.expect.finite else [])
-
-
-def _seeds(per_seed: list[dict[str, Any]]) -> str:
-    seeds = [s["seed"] for s in per_seed]
-    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
 
 
 def evaluate_expectations(case: Any, per_seed: list[dict[str, Any]], *,
@@ -49,23 +44,25 @@ def evaluate_expectations(case: Any, per_seed: list[dict[str, Any]], *,
     if case.expect.finite:
         bad = [s["seed"] for s in per_seed if not s["finite"]]
         steps = {s["seed"]: s["finetune"]["nonfinite_step"] for s in per_seed if not s["finite"]}
-        where = f"non-finite loss or weights in seed(s) {bad}, at step {steps}" if bad else f"finite, {_seeds(per_seed)}"
+        where = f"non-finite loss or weights in seed(s) {bad}, at step {steps}" if bad else f"finite, {seeds_label(per_seed)}"
         out.append(check("finite", 0.0 if bad else 1.0, 1.0, lambda o, t: o == t, "==", where,
                          {"nonfinite_seeds": bad, "nonfinite_step": steps}))
     return out, metrics
 
 
+def threshold_location(case: Any, item: str) -> tuple[Any, str]:
+    """The spec section holding an item's threshold, and the field's name (``accuracy.beats_baseline`` → its
+    ``beats_baseline`` section and ``margin``)."""
+    *parents, field = yaml_path(item)
+    node: Any = case
+    for key in parents:
+        node = getattr(node, key)
+    return node, field
+
+
 def threshold_fields(case: Any) -> dict[str, Any]:
-    """Every threshold the case writes, by item name (``accuracy.beats_baseline`` → its margin)."""
-    found = {}
-    for name in expectation_names(case):
-        if name == "finite":
-            continue
-        node: Any = case
-        for key in yaml_path(name):
-            node = getattr(node, key)
-        found[name] = node
-    return found
+    """Every threshold the case writes, by item name, as written (number, mapping or placeholder)."""
+    return {name: getattr(*threshold_location(case, name)) for name in expectation_names(case) if name != "finite"}
 
 
 def uncalibrated_fields(case: Any) -> list[str]:

@@ -1,13 +1,8 @@
-"""HTML reports: one self-contained page per case, an index per run, and a side-by-side comparison.
+"""Reports as files: ``results.json``, CSVs and ``report.html`` per case, an ``index.html`` per report
+directory, a comparison page, and a Markdown summary table.
 
-The page answers three questions without opening JSON: did the surgery hold (the expectations),
-where in the network did the distribution shift (histograms, drift, dead channels per layer),
-and how fast did accuracy come back (the fine-tune curve against the source and the baseline).
-
-Pages are self-contained: CSS and plots (inline SVG, see :mod:`surgery.report.plots`) live in
-the file, and a Content-Security-Policy (``default-src 'none'``) tells the browser to fetch
-nothing and run no script even if a string slipped through. Every string from a case or a
-result goes through jinja2's autoescape; only the SVG made by matplotlib is marked safe.
+The pages themselves (what they show, how they stay self-contained and escaped) are made by
+:mod:`surgery.report.html`; this module writes them, atomically, beside the results they show.
 
 Usage::
 
