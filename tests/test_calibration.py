@@ -7,8 +7,6 @@ into itself and fine-tuned 4 steps on 300 UCI digits at 16 px: about a second pe
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import subprocess
@@ -19,13 +17,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from surgery import cli
 from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
 from surgery.calibration import load_record, record_path
 from surgery.case import experiment_hash, load_case, parse_case
 from surgery.checks.base import resolve_threshold
 from surgery.errors import SurgeryInputError
 from surgery.numerics import pin_numerics
+
+from cli_runs import run_cli  # the in-process CLI harness of tests/
 
 # ----------------------------------------------------------------------------- the mathematics
 
@@ -142,19 +141,12 @@ def test_experiment_hash_ignores_thresholds_but_not_the_experiment():
 # ----------------------------------------------------------------------------- end to end
 
 
-def _cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(list(args))
-    return rc, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> Path:
     """A tiny case with a placeholder, calibrated with 3 seeds × native + 1 thread (2 seeds), written back."""
     case = tmp_path_factory.mktemp("calibrated") / "tiny.yaml"
     case.write_text(CASE.format(steps=4, after_min="calibrate"))
-    rc, out, err = _cli("calibrate", str(case), "--seeds", "3", "--perturbed-seeds", "2",
+    rc, out, err = run_cli("calibrate", str(case), "--seeds", "3", "--perturbed-seeds", "2",
                         "--profiles", "native,threads1", "--alpha", "0.01", "--write")
     assert rc == 0, out + err
     return case
@@ -181,7 +173,7 @@ def test_calibrate_writes_a_record_and_the_thresholds_keeping_comments(calibrate
 
 
 def test_a_run_shows_the_calibrated_distribution_in_its_messages(calibrated, tmp_path):
-    rc, out, err = _cli("run", str(calibrated), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
+    rc, out, err = run_cli("run", str(calibrated), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
     assert rc == 0, out + err
     results = json.loads(next((tmp_path / "r").glob("*/results.json")).read_text())
     after = next(e for e in results["expectations"] if e["name"] == "accuracy.after_min")
@@ -193,7 +185,7 @@ def test_a_run_shows_the_calibrated_distribution_in_its_messages(calibrated, tmp
     assert "<svg" in (tmp_path / "r" / "tiny-calibrated" / "report.html").read_text()
 
 
-def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_the_cli(calibrated, tmp_path):
+def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_therun_cli(calibrated, tmp_path):
     record = load_record(record_path(calibrated))
     mean = record.items["accuracy.after_min"].mean
     assert record.items["accuracy.after_min"].std > 0
@@ -204,7 +196,7 @@ def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_t
     claim.write_text(text[:start] + f"after_min: {mean:.6f}\n")   # a claim right at the calibrated mean
     record_path(claim).write_text(record_path(calibrated).read_text())
 
-    rc, out, _ = _cli("run", str(claim), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
+    rc, out, _ = run_cli("run", str(claim), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
     assert rc == 0 and "1 undecided" in out and "undecided at α = 0.01 with 1 seed" in out, out
 
     proc = subprocess.run([sys.executable, "-m", "pytest", str(claim), "-rs", "-q", "--surgery-seeds", "1",
@@ -219,7 +211,7 @@ def test_a_changed_experiment_makes_the_record_stale(calibrated, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(calibrated.read_text().replace("steps: 4", "steps: 3"))
     record_path(changed).write_text(record_path(calibrated).read_text())
-    rc, out, err = _cli("run", str(changed), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
+    rc, out, err = run_cli("run", str(changed), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
     assert rc == 0, out + err
     results = json.loads(next((tmp_path / "r").glob("*/results.json")).read_text())
     assert "stale" in results["calibration"]
@@ -229,7 +221,7 @@ def test_a_changed_experiment_makes_the_record_stale(calibrated, tmp_path):
 def test_an_uncalibrated_placeholder_is_bad_input_at_its_line(tmp_path):
     case = tmp_path / "new.yaml"
     case.write_text(CASE.format(steps=4, after_min="calibrate"))
-    rc, out, err = _cli("run", str(case), "--report", str(tmp_path / "r"), "--quiet")
+    rc, out, err = run_cli("run", str(case), "--report", str(tmp_path / "r"), "--quiet")
     assert rc == 2 and not (tmp_path / "r").exists()
     assert err.strip().splitlines() == [
         f"surgery: error: {case}:14: expect.accuracy.after_min: the placeholder 'calibrate' is not a threshold "
@@ -240,11 +232,11 @@ def test_threads_are_pinned_and_recorded(tmp_path, monkeypatch):
     case = tmp_path / "threads.yaml"
     case.write_text(CASE.format(steps=2, after_min="0.0"))
     monkeypatch.setenv("SURGERY_THREADS", "1")
-    rc, out, err = _cli("run", str(case), "--report", str(tmp_path / "r"), "--quiet")
+    rc, out, err = run_cli("run", str(case), "--report", str(tmp_path / "r"), "--quiet")
     assert rc == 0, out + err
     assert json.loads((tmp_path / "r" / "tiny-calibrated" / "results.json").read_text())["provenance"]["threads"] == 1
     monkeypatch.setenv("SURGERY_THREADS", "zero")
-    rc, _, err = _cli("run", str(case), "--report", str(tmp_path / "r2"), "--quiet")
+    rc, _, err = run_cli("run", str(case), "--report", str(tmp_path / "r2"), "--quiet")
     assert rc == 2 and "SURGERY_THREADS='zero': expected a positive integer" in err
     monkeypatch.delenv("SURGERY_THREADS")
     pin_numerics()  # the rest of the session runs with the project's profile again

@@ -6,15 +6,14 @@ fine-tuned 5 SGD steps of 16 images. Each run takes some seconds on 2 busy cores
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import json
 from pathlib import Path
 
 import pytest
 
 from surgery import cli, zoo
+
+from cli_runs import CaseRun, run_case_file  # the in-process CLI harness of tests/
 
 CASE = """\
 name: {name}
@@ -33,30 +32,14 @@ expect:
 """
 
 
-@dataclasses.dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-    report: Path
-    case: Path
-
-    @property
-    def results(self) -> dict:
-        return json.loads(next(self.report.glob("*/results.json")).read_text())
-
-
 def _run_cli(directory: Path, name: str, *, lr: str = "0.01", after_min: str = "0.0", case_text: str | None = None,
-             report: str = "reports") -> Run:
+             report: str = "reports") -> CaseRun:
     directory.mkdir(parents=True, exist_ok=True)
     case = directory / f"{name}.yaml"
     if case_text is None:
         case_text = CASE.format(name=name, lr=lr, after_min=after_min)
     case.write_text(case_text)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(["run", str(case), "--report", str(directory / report), "--quiet"])
-    return Run(rc, out.getvalue(), err.getvalue(), directory / report, case)
+    return run_case_file(case, directory / report)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +52,12 @@ def module_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def passing(tmp_path_factory, module_cache) -> Run:
+def passing(tmp_path_factory, module_cache) -> CaseRun:
     return _run_cli(tmp_path_factory.mktemp("pass"), "tiny-pass")
 
 
 @pytest.fixture(scope="module")
-def failing(tmp_path_factory, module_cache) -> Run:
+def failing(tmp_path_factory, module_cache) -> CaseRun:
     return _run_cli(tmp_path_factory.mktemp("fail"), "tiny-fail", after_min="0.999")
 
 

@@ -18,9 +18,7 @@ a plain regression test at the end of this file.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import math
 import os
 import tempfile
@@ -33,8 +31,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from surgery import cli
 from surgery.zoo import ZOO
+
+from cli_runs import CaseRun, run_case_file  # the in-process CLI harness of tests/
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "cases"
 CASES = sorted(CASES_DIR.rglob("*.yaml"))
@@ -203,29 +202,14 @@ def mutations(draw: st.DrawFn, doc: dict[str, Any]) -> Mutation:
 # --------------------------------------------------------------------------- running
 
 
-@dataclass
-class Run:
-    """One ``surgery run``: exit code, stdout, stderr, the case file and the --report directory."""
-
-    rc: int
-    out: str
-    err: str
-    case: Path
-    report: Path
-
-
-def run_case_text(directory: Path, text: str) -> Run:
+def run_case_text(directory: Path, text: str) -> CaseRun:
     """``surgery run CASE --report DIR --quiet --seeds 1`` in-process, on ``text`` written to ``CASE``."""
     case = directory / "fuzzed.yaml"
     case.write_text(text, encoding="utf-8")
-    report = directory / "reports"
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(["run", str(case), "--report", str(report), "--quiet", "--seeds", "1"])
-    return Run(rc, out.getvalue(), err.getvalue(), case, report)
+    return run_case_file(case, directory / "reports", "--seeds", "1")
 
 
-def check_run(run: Run) -> None:
+def check_run(run: CaseRun) -> None:
     """The contract of ``surgery run`` on any input: exit 0, 1 or 2; a 2 is one line naming the case."""
     assert run.rc in (0, 1, 2), f"exit {run.rc}\nstdout: {run.out}\nstderr: {run.err}"
     if run.rc == 2:
@@ -236,7 +220,7 @@ def check_run(run: Run) -> None:
         assert not written, f"exit 2 but {len(written)} path(s) written under --report, e.g. {written[:3]}"
 
 
-def fuzz_one(doc: dict[str, Any], mutation: Mutation) -> Run:
+def fuzz_one(doc: dict[str, Any], mutation: Mutation) -> CaseRun:
     """Mutate, keep within budget, check no zoo model is named, run and check the contract."""
     mutated = within_budget(mutation.apply(doc))
     assert not zoo_refs(mutated), f"the fuzz would train a zoo model: {zoo_refs(mutated)}"

@@ -6,18 +6,17 @@ tiny models (the zoo's stem trainer, random init) keep each run to a second or t
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from surgery import cli
 from surgery.case import load_case
 from surgery.prepare import load_data
 from surgery.zoo import stem_trainer
+
+from cli_runs import run_case_file  # the in-process CLI harness of tests/
 
 CASE = """\
 name: located
@@ -49,10 +48,8 @@ def _case(tmp_path: Path, **fields: str) -> Path:
 
 
 def _run(case: Path, report: Path) -> tuple[int, list[str]]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(["run", str(case), "--report", str(report), "--quiet"])
-    return rc, err.getvalue().strip().splitlines()
+    run = run_case_file(case, report)
+    return run.rc, run.err.strip().splitlines()
 
 
 @pytest.mark.parametrize("fields,line,field,fragment", [

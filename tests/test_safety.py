@@ -8,14 +8,11 @@ Seeds are non-negative integers. Every refusal is one line, ``FILE:LINE: field: 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import subprocess
 import sys
 import textwrap
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +26,8 @@ from surgery.errors import SurgeryInputError
 from surgery.builder import build_model
 from surgery.model_refs import validate_model_ref
 from surgery.models import build_architecture
+
+from cli_runs import CaseRun, run_case_file  # the in-process CLI harness of tests/
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -74,27 +73,14 @@ def _ref(factory: object) -> str:
     return f"{factory.__module__}:{factory.__name__}"
 
 
-@dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-    case: Path
-    report: Path
-
-
-def _run(tmp_path: Path, *, model: str = "surgery.zoo:stem_trainer", seed: str = "0") -> Run:
+def _run(tmp_path: Path, *, model: str = "surgery.zoo:stem_trainer", seed: str = "0") -> CaseRun:
     """``surgery run CASE --report DIR --quiet`` in-process on ``CASE`` with this model and seed."""
     case = tmp_path / "safety.yaml"
     case.write_text(CASE.format(model=model, seed=seed))
-    report = tmp_path / "reports"
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(["run", str(case), "--report", str(report), "--quiet"])
-    return Run(rc, out.getvalue(), err.getvalue(), case, report)
+    return run_case_file(case, tmp_path / "reports")
 
 
-def _assert_bad_input(run: Run, line: int, field: str) -> str:
+def _assert_bad_input(run: CaseRun, line: int, field: str) -> str:
     """Exit 2, one stderr line ``surgery: error: CASE:LINE: FIELD: …``, nothing written; returns the message."""
     assert run.rc == 2, run.out + run.err
     assert run.out == "" and run.err.count("\n") == 1, run.err
