@@ -1,36 +1,48 @@
-"""Probe cost and memory: streamed statistics on 16 ResNet-50 layers against a bare forward and a naive probe."""
+"""Probe cost and memory: the streamed probe against a bare forward over the same batches, and a naive probe.
+
+The goal of the probe issue: a probe costs at most 1.10x a bare ``inference_mode`` forward, for
+ResNet-50 (its 16 bottleneck outputs) and ResNet-18 (its 4 stages), 512 samples at 32 px, and its
+peak memory above the model and data does not grow with the probe set (512 vs 8,192 samples within
+10%). Each ratio is measured side by side in one run: the bare forward and the probe alternate, and
+each keeps its fastest round, so a busy machine slows both alike.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from benchmarks.timing import best_of
-from surgery.checks.activations import probe_activations, resolve_layers
+from surgery.probe import probe_activations, resolve_layers
 
-LAYERS = ["layer1.*.relu", "layer2.*.relu", "layer3.*.relu", "layer4.*.relu"]  # 16 bottleneck outputs
+MODELS = {"resnet50": ["layer?.?"],   # its 16 bottleneck outputs
+          "resnet18": ["layer?"]}     # its 4 stages
+SAMPLES, IMAGE_SIZE, BATCH = 512, 32, 256
 
 
-def _setup(n: int, device):
+def _setup(arch: str, n: int, device):
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=10).to(device).eval()
-    x = torch.randn(n, 3, 32, 32)
+    model = getattr(torchvision.models, arch)(num_classes=10).to(device).eval()
+    x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE)
     return model, x
 
 
 @torch.inference_mode()
-def bare_forward(model, x, device, batch_size=256) -> None:
+def bare_forward(model, x, device, batch_size=BATCH) -> None:
     for i in range(0, len(x), batch_size):
         model(x[i:i + batch_size].to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def naive_probe(model, x, layers, device, batch_size=256) -> dict:
+def naive_probe(model, x, layers, device, batch_size=BATCH) -> dict:
     """Hooks that keep every activation, statistics afterwards: what people write first."""
     stored: dict[str, list] = {name: [] for name in layers}
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: stored[n].append(o.detach().cpu()))
@@ -48,46 +60,77 @@ def naive_probe(model, x, layers, device, batch_size=256) -> dict:
     return out
 
 
-def test_probe_vs_bare_forward(benchmark, record_ratio, device):
-    model, x = _setup(512, device)
-    layers = resolve_layers(model, LAYERS)
-    assert len(layers) >= 16
-    bare = best_of(lambda: bare_forward(model, x, device))
-    benchmark.pedantic(probe_activations, args=(model, x, layers), kwargs={"device": device}, rounds=3,
-                       warmup_rounds=1)
-    probe = min(benchmark.stats.stats.data)
-    naive = best_of(lambda: naive_probe(model, x, layers, device), rounds=1)
-    record_ratio("probe_over_bare_forward", probe / bare, "<= 1.25")
-    record_ratio("probe_over_naive_probe", probe / naive, "< 1.0")
+def alternate(first, second, rounds: int = 7) -> tuple[float, float]:
+    """The fastest of ``rounds`` timings of each, the two calls alternating."""
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, fn in enumerate((first, second)):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_probe_vs_bare_forward(benchmark, record_ratio, device, arch):
+    model, x = _setup(arch, SAMPLES, device)
+    layers = resolve_layers(model, MODELS[arch])
+    assert len(layers) == (16 if arch == "resnet50" else 4)
+
+    def probe():
+        probe_activations(model, x, layers, device=device, batch_size=BATCH)
+
+    bare_forward(model, x, device)  # warm-up
+    probe()
+    bare, probed = alternate(lambda: bare_forward(model, x, device), probe)
+    benchmark.pedantic(probe, rounds=1, warmup_rounds=0)
+    record_ratio(f"probe_over_bare_forward_{arch}", probed / bare, "<= 1.10")
+    if arch == "resnet50":
+        naive, _ = alternate(lambda: naive_probe(model, x, layers, device), lambda: None, rounds=1)
+        record_ratio("probe_over_naive_probe_resnet50", probed / naive, "< 1.0")
 
 
 _MEMORY_SCRIPT = r"""
-import json, resource, sys, torch, torchvision
-from surgery.checks.activations import probe_activations, resolve_layers
-from benchmarks.test_probe_cost import naive_probe, LAYERS
+import json, resource, sys, threading, time, torch, torchvision
+from surgery.probe import probe_activations, resolve_layers
+from benchmarks.test_probe_cost import naive_probe, MODELS
 n, how = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
 model = torchvision.models.resnet50(num_classes=10).eval()
 x = torch.randn(n, 3, 32, 32)
-layers = resolve_layers(model, LAYERS)
-with torch.inference_mode():
-    model(x[:256])                      # warm the allocator with one batch
-def rss_kb():
-    return int(open("/proc/self/statm").read().split()[1]) * (resource.getpagesize() // 1024)
-before = rss_kb()
-if how == "streamed":
-    probe_activations(model, x, layers)
-else:
-    naive_probe(model, x, layers, torch.device("cpu"))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"extra_mb": (peak - before) / 1024}))
+layers = resolve_layers(model, MODELS["resnet50"])
+def run():
+    if how == "streamed":
+        probe_activations(model, x, layers)
+    else:
+        naive_probe(model, x, layers, torch.device("cpu"))
+run()                                   # warm the allocator: the second run is measured
+page_mb = resource.getpagesize() / 2**20
+def rss_mb():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * page_mb
+peak, running = [0.0], [True]
+def sample():                           # the resident peak while the probe runs, every millisecond
+    while running[0]:
+        peak[0] = max(peak[0], rss_mb())
+        time.sleep(0.001)
+before = rss_mb()
+sampler = threading.Thread(target=sample)
+sampler.start()
+run()
+running[0] = False
+sampler.join()
+print(json.dumps({"extra_mb": max(peak[0], rss_mb()) - before}))
 """
 
 
 def _extra_memory_mb(n: int, how: str) -> float:
     root = Path(__file__).resolve().parent.parent
+    # NOTE: a fixed mmap threshold turns off glibc's adaptive one, so large blocks go back to the
+    # system when freed and the resident size follows live memory (without it, 18-150 MB run to run).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(n), how], capture_output=True, text=True,
-                         check=True, cwd=root)
+                         check=True, cwd=root, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
 
 
@@ -98,5 +141,5 @@ def test_probe_memory_does_not_grow(benchmark, record_ratio):
     naive = _extra_memory_mb(2048, "naive")
     record_ratio("probe_peak_mb_512", small, "")
     record_ratio("probe_peak_mb_8192", large, "within 10% of 512")
-    record_ratio("probe_peak_ratio_8192_over_512", large / small, "<= 1.10")
+    record_ratio("probe_peak_ratio_8192_over_512", large / small, "0.90 to 1.10")
     record_ratio("naive_probe_peak_mb_2048", naive, "> streamed")

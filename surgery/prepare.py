@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from surgery.case import Case, DatasetSpec, ModelSpec
-from surgery.checks.activations import drift, probe_activations, resolve_layers
+from surgery.drift import drift
+from surgery.probe import probe_activations, resolve_layers
 from surgery.data import Split, load_split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import resolve_device
