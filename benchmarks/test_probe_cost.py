@@ -20,7 +20,9 @@ import pytest
 import torch
 import torchvision
 
-from surgery.probe import probe_activations, resolve_layers
+from surgery.cka import CKAAccumulator
+from surgery.prepare import map_layers
+from surgery.probe import ProbePass, batches, probe_activations, resolve_layers
 
 MODELS = {"resnet50": ["layer?.?"],   # its 16 bottleneck outputs
           "resnet18": ["layer?"]}     # its 4 stages
@@ -90,9 +92,42 @@ def test_probe_vs_bare_forward(benchmark, record_ratio, device, arch):
         record_ratio("probe_over_naive_probe_resnet50", probed / naive, "< 1.0")
 
 
+def probe_side_by_side(reference, patient, x, *, with_cka: bool) -> None:
+    """What a run's probe does for a ResNet-50 -> ResNet-18 transplant: both models on each batch,
+    statistics of the 4 stages; with ``with_cka``, also the stage pairs' CKA and the 16 x 8 block map."""
+    ref_grams = ["layer1", "layer2", "layer3", "layer4", *map_layers(reference)] if with_cka else []
+    pat_grams = ["layer1", "layer2", "layer3", "layer4", *map_layers(patient)] if with_cka else []
+    with ProbePass(reference, ["layer?"], total_samples=len(x), gram_layers=ref_grams) as ref, \
+            ProbePass(patient, ["layer?"], total_samples=len(x), gram_layers=pat_grams) as pat:
+        cka = CKAAccumulator(ref.gram_names, pat.gram_names) if with_cka else None
+        for batch in batches(x, BATCH):
+            ref.feed(batch)
+            pat.feed(batch)
+            if cka is not None:
+                for rows, cols in zip(ref.batch_grams(), pat.batch_grams()):
+                    cka.update(rows, cols)
+    ref.finish()
+    pat.finish()
+
+
+def test_cka_cost_on_top_of_a_probe(benchmark, record_ratio):
+    """Goal of the CKA issue: streamed CKA adds at most 15% to the probe pass it rides."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(num_classes=10).eval()
+    patient = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE)
+    probe_side_by_side(reference, patient, x, with_cka=True)  # warm-up
+    plain, with_cka = alternate(lambda: probe_side_by_side(reference, patient, x, with_cka=False),
+                                lambda: probe_side_by_side(reference, patient, x, with_cka=True), rounds=5)
+    benchmark.pedantic(probe_side_by_side, args=(reference, patient, x), kwargs={"with_cka": True}, rounds=1)
+    record_ratio("probe_with_cka_over_probe", with_cka / plain, "<= 1.15")
+
+
 _MEMORY_SCRIPT = r"""
 import json, resource, sys, threading, time, torch, torchvision
-from surgery.probe import probe_activations, resolve_layers
+from surgery.cka import CKAAccumulator
+from surgery.prepare import map_layers
+from surgery.probe import ProbePass, batches, probe_activations, resolve_layers
 from benchmarks.test_probe_cost import naive_probe, MODELS
 n, how = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)

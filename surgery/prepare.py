@@ -14,6 +14,8 @@ resolve against the case file's folder.
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,7 +24,8 @@ import torch.nn as nn
 
 from surgery.case import Case, DatasetSpec, ModelSpec
 from surgery.drift import drift
-from surgery.probe import probe_activations, resolve_layers
+from surgery.cka import CKAAccumulator
+from surgery.probe import ProbePass, ProbeStats, batches, resolve_layers
 from surgery.data import Split, load_split
 from surgery.errors import SurgeryInputError
 from surgery.finetune import resolve_device
@@ -30,6 +33,10 @@ from surgery.builder import build_model
 from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
 from surgery.recipes import ZOO
+
+
+# Examples per forward when probing: the batch the benchmarks time.
+PROBE_BATCH = 256
 
 
 @contextlib.contextmanager
@@ -162,48 +169,127 @@ def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Mod
 
 
 class Probes:
-    """Activation probes of the reference and the patient at each stage, on shared histogram edges."""
+    """Activation probes of the reference and the patient at each stage, in one pass over the probe set.
+
+    ``probe(stage, model)`` keeps a snapshot of the model as it is then; the first read of the
+    results runs every snapshot and the reference side by side on each batch. So the reference
+    forward runs once, histograms share the reference's bins, and the linear CKA between each
+    patient layer and its reference layer (and, for an op that asks for it, the reference ×
+    patient layer map) is computed from the same batches at constant memory.
+    """
 
     def __init__(self, case: Case, reference: nn.Module, patient: nn.Module, probe_x: torch.Tensor,
                  device: torch.device, seed: int):
-        spec = case.expect.activations
-        with blame(case, "expect.activations.layers"):
+        spec = case.expect.activations or case.expect.similarity
+        field = "expect.activations" if case.expect.activations is not None else "expect.similarity"
+        with blame(case, f"{field}.layers"):
             self.layers = resolve_layers(patient, spec.layers)
-        with blame(case, "expect.activations.reference_layers" if spec.reference_layers else "expect.activations.layers"):
+        with blame(case, f"{field}.reference_layers" if spec.reference_layers else f"{field}.layers"):
             self.ref_layers = resolve_layers(reference, spec.reference_layers or spec.layers)
         if len(self.layers) != len(self.ref_layers):
             raise SurgeryInputError(
-                f"{case.where('expect.activations.layers')}: {len(self.layers)} patient layers {self.layers[:4]} but "
+                f"{case.where(field + '.layers')}: {len(self.layers)} patient layers {self.layers[:4]} but "
                 f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them")
-        self.x, self.device, self.seed = probe_x, device, seed
-        self.reference = probe_activations(reference, probe_x, self.ref_layers, device=device, seed=seed)
-        self.stages: dict[str, dict] = {}
+        self.reference, self.x, self.device, self.seed = reference, probe_x, device, seed
+        self.map_rows: list[str] = []
+        self.map_cols: list[str] = []
+        if get_op(case.surgery.op).layer_map:
+            self.map_rows, self.map_cols = map_layers(reference), map_layers(patient)
+        self.snapshots: dict[str, nn.Module] = {}
+        self.results: tuple[ProbeStats, dict[str, ProbeStats], dict[str, CKAAccumulator]] | None = None
 
     def probe(self, stage: str, model: nn.Module) -> None:
-        edges = {p: self.reference[r].hist_edges for p, r in zip(self.layers, self.ref_layers)}
-        self.stages[stage] = probe_activations(model, self.x, self.layers, device=self.device, edges=edges,
-                                               seed=self.seed)
+        """Keep ``model`` as it is now, to be probed as ``stage``."""
+        self.snapshots[stage] = copy.deepcopy(model)
+        self.results = None
+
+    def _run(self) -> tuple[ProbeStats, dict[str, ProbeStats], dict[str, CKAAccumulator]]:
+        if self.results is not None:
+            return self.results
+        n = self.x.shape[0]
+        ref_grams = list(dict.fromkeys(self.ref_layers + self.map_rows))
+        pat_grams = list(dict.fromkeys(self.layers + self.map_cols))
+        with contextlib.ExitStack() as stack:
+            ref = stack.enter_context(ProbePass(self.reference, self.ref_layers, total_samples=n, device=self.device,
+                                                seed=self.seed, gram_layers=ref_grams))
+            stages = {stage: stack.enter_context(ProbePass(model, self.layers, total_samples=n, device=self.device,
+                                                           seed=self.seed, gram_layers=pat_grams))
+                      for stage, model in self.snapshots.items()}
+            # batch_grams() lists each pass's Grams in its gram_names order (model order)
+            cka = {stage: CKAAccumulator(ref.gram_names, probe.gram_names) for stage, probe in stages.items()}
+            for batch in batches(self.x, PROBE_BATCH):
+                ref.feed(batch)
+                row_grams = ref.batch_grams()
+                for stage, probe in stages.items():
+                    probe.feed(batch)
+                    for rows, cols in zip(row_grams, probe.batch_grams()):
+                        cka[stage].update(rows, cols)
+        reference = ref.finish()
+        edges = {p: reference[r].hist_edges for p, r in zip(self.layers, self.ref_layers)}
+        self.results = reference, {stage: probe.finish(edges) for stage, probe in stages.items()}, cka
+        return self.results
 
     def rows(self) -> list[dict[str, Any]]:
-        """Per layer and stage: drift against the reference, moments, dead channels, histogram."""
+        """Per layer and stage: drift against the reference, linear CKA, moments, dead channels."""
+        reference, stages, cka = self._run()
         rows = []
         for pat_name, ref_name in zip(self.layers, self.ref_layers):
-            ref = self.reference[ref_name]
-            for stage, stats in self.stages.items():
+            ref = reference[ref_name]
+            for stage, stats in stages.items():
                 pat = stats[pat_name]
                 d = drift(ref, pat)
                 rows.append({"layer": pat_name, "reference_layer": ref_name, "stage": stage,
                              "w1_norm": d["wasserstein_norm"], "ks": d["ks"], "psi": d["psi"],
+                             "cka": _finite_or_none(cka[stage].value(ref_name, pat_name)),
                              "ref_mean": ref.mean, "ref_std": ref.std, "mean": pat.mean, "std": pat.std,
                              "min": pat.min, "max": pat.max, "near_zero_frac": pat.near_zero_frac,
                              "dead_channel_frac": pat.dead_channel_frac, "ref_dead_channel_frac": ref.dead_channel_frac,
                              "nonfinite": pat.nonfinite})
         return rows
 
+    def layer_maps(self) -> dict[str, dict[str, Any]]:
+        """Per stage, the reference × patient CKA matrix of the op's layer map (empty when the op has none)."""
+        if not self.map_rows:
+            return {}
+        _, _, cka = self._run()
+        out = {}
+        for stage, acc in cka.items():
+            matrix = acc.matrix()
+            rows = [acc.rows.index(r) for r in self.map_rows]
+            cols = [acc.cols.index(c) for c in self.map_cols]
+            out[stage] = {"reference_layers": self.map_rows, "layers": self.map_cols,
+                          "cka": [[_finite_or_none(float(matrix[i, j])) for j in cols] for i in rows]}
+        return out
+
     def histograms(self) -> dict[str, dict[str, Any]]:
+        """Per patient layer: the reference's bin edges and counts, and each stage's counts on them."""
+        reference, stages, _ = self._run()
         out = {}
         for pat_name, ref_name in zip(self.layers, self.ref_layers):
-            ref = self.reference[ref_name]
+            ref = reference[ref_name]
             out[pat_name] = {"edges": ref.hist_edges.tolist(), "reference": ref.hist_counts.tolist(),
-                             **{stage: stats[pat_name].hist_counts.tolist() for stage, stats in self.stages.items()}}
+                             **{stage: stats[pat_name].hist_counts.tolist() for stage, stats in stages.items()}}
         return out
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# NOTE: a choice, not a rule of nature: the "blocks" of a network are the modules that sit directly
+# in an nn.Sequential, have children of their own and are not Sequential themselves (ResNet's
+# layer1.0 …, timm's blocks.0.0 …). At most MAP_LAYERS of them, evenly spaced, keep the map legible.
+MAP_LAYERS = 24
+
+
+def map_layers(model: nn.Module) -> list[str]:
+    """The blocks of ``model`` for a CKA layer map: at most ``MAP_LAYERS``, evenly spaced, in model order."""
+    modules = dict(model.named_modules())
+    blocks = [name for name, module in modules.items()
+              if name and isinstance(modules[name.rpartition(".")[0]], nn.Sequential)
+              and not isinstance(module, nn.Sequential) and any(True for _ in module.children())]
+    if len(blocks) > MAP_LAYERS:
+        step = (len(blocks) - 1) / (MAP_LAYERS - 1)
+        blocks = [blocks[round(i * step)] for i in range(MAP_LAYERS)]
+    return blocks
+

@@ -48,9 +48,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from surgery.cka import gram
 from surgery.errors import SurgeryInputError
 
-__all__ = ["NEAR_ZERO_EPS", "SAMPLE_SIZE", "LayerStats", "ProbeStats", "ProbePass", "resolve_layers",
+__all__ = ["NEAR_ZERO_EPS", "SAMPLE_SIZE", "GRAM_BATCH", "LayerStats", "ProbeStats", "ProbePass", "resolve_layers",
            "probe_activations", "shared_edges"]
 
 # NOTE: an absolute threshold, chosen, not derived. It counts the exact zeros of ReLU-like
@@ -59,6 +60,8 @@ __all__ = ["NEAR_ZERO_EPS", "SAMPLE_SIZE", "LayerStats", "ProbeStats", "ProbePas
 NEAR_ZERO_EPS = 1e-6
 # Values per layer in the uniform sample behind W1, KS and the histogram.
 SAMPLE_SIZE = 16_384
+# Examples per minibatch of the streamed CKA: its Gram matrices cost examples x this x features.
+GRAM_BATCH = 64
 
 
 # ----------------------------------------------------------------------------- layer names
@@ -455,9 +458,11 @@ class ProbePass:
     def __init__(self, model: nn.Module, layers: Sequence[str], *, total_samples: int,
                  device: str | torch.device = "cpu", sample_size: int = SAMPLE_SIZE, bins: int = 40,
                  edges: Mapping[str, Tensor | LayerStats] | None = None, seed: int = 0,
-                 near_zero_eps: float = NEAR_ZERO_EPS):
-        self.names = resolve_layers(model, layers)
-        if not self.names:
+                 near_zero_eps: float = NEAR_ZERO_EPS, gram_layers: Sequence[str] = (),
+                 gram_batch: int = GRAM_BATCH):
+        self.names = resolve_layers(model, layers) if layers else []
+        self.gram_names = resolve_layers(model, gram_layers) if gram_layers else []
+        if not self.names and not self.gram_names:
             raise SurgeryInputError("no layers to probe: the layer list is empty")
         if total_samples < 1:
             raise SurgeryInputError("the probe set is empty")
@@ -469,6 +474,9 @@ class ProbePass:
         self.accumulators = {n: _LayerAccumulator(n, total_samples=total_samples, sample_size=sample_size, seed=seed,
                                                   near_zero_eps=near_zero_eps, device=self.device, scratch=scratch)
                              for n in self.names}
+        self.gram_batch = gram_batch
+        self.grams: dict[str, list[Tensor]] = {}
+        self.gram_cache: dict[tuple, list[Tensor]] = {}
         self.modes = {m: m.training for m in model.modules()}
         self.handles: list[Any] = []
 
@@ -476,6 +484,8 @@ class ProbePass:
         modules = dict(self.model.named_modules())
         for name, acc in self.accumulators.items():
             self.handles.append(modules[name].register_forward_hook(_hook(acc)))
+        for name in self.gram_names:
+            self.handles.append(modules[name].register_forward_hook(self._gram_hook(name)))
         self.model.to(self.device)
         self.model.eval()
         return self
@@ -492,11 +502,41 @@ class ProbePass:
         """Run one batch (moved to the device) through the model and accumulate each layer's output."""
         for acc in self.accumulators.values():
             acc.start_batch(batch.shape[0])
+        self.grams, self.gram_cache = {}, {}
         self.model(batch.to(self.device, non_blocking=True))
+        self.gram_cache = {}
 
-    def finish(self) -> ProbeStats:
-        """The statistics of everything fed, per layer (the one place that reads back to the host)."""
-        return ProbeStats((n, self.accumulators[n].finish(self.bins, self.edges[n])) for n in self.names)
+    def _gram_hook(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None and name not in self.grams:   # the first call of a module called twice
+                # A container's output is often its last child's very tensor (ResNet's layer4 and layer4.1):
+                # its Grams are computed once.
+                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+                if key not in self.gram_cache:
+                    self.gram_cache[key] = [gram(part) for part in tensor.detach().split(self.gram_batch)]
+                self.grams[name] = self.gram_cache[key]
+        return hook
+
+    def batch_grams(self) -> list[list[Tensor]]:
+        """The last batch's Gram matrices, per minibatch of ``gram_batch`` examples: one per layer of ``gram_names``.
+
+        ``gram_names`` are the ``gram_layers`` resolved, in model order.
+        """
+        missing = [n for n in self.gram_names if n not in self.grams]
+        if missing:
+            raise SurgeryInputError(f"layer {missing[0]!r} was not called in the forward pass (or its output holds "
+                                    "no tensor); pick a layer the forward uses")
+        return [list(parts) for parts in zip(*(self.grams[n] for n in self.gram_names))]
+
+    def finish(self, edges: Mapping[str, Tensor | LayerStats] | None = None) -> ProbeStats:
+        """The statistics of everything fed, per layer (the one place that reads back to the host).
+
+        ``edges`` given here replace those given at construction: a pass run beside its reference
+        learns the reference's bins only when both finish.
+        """
+        bins = {n: _edges_for(edges, n) for n in self.names} if edges is not None else self.edges
+        return ProbeStats((n, self.accumulators[n].finish(self.bins, bins[n])) for n in self.names)
 
 
 def _hook(acc: _LayerAccumulator):

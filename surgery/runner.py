@@ -76,7 +76,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     acc["before"] = evaluate(patient, split.test_x, split.test_y, device=device)
 
     probes = None
-    if case.expect.activations is not None:
+    if case.expect.activations is not None or case.expect.similarity is not None:
         probes = Probes(case, source, patient, probe_inputs(case, split, seed), device, seed)
         probes.probe("surgery", patient)
 
@@ -130,6 +130,8 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     if probes is not None:
         out["activations"] = probes.rows()
         out["histograms"] = probes.histograms()
+        if maps := probes.layer_maps():
+            out["layer_maps"] = maps
     return out
 
 

@@ -93,6 +93,16 @@ def _curve(steps: int, every: int, start: float, end: float, seed: int) -> list[
     return out
 
 
+def _layer_maps() -> dict:
+    """A ResNet-50 (16 blocks) x ResNet-18 (8 blocks) CKA map per stage: a diagonal band, blurred after fine-tune."""
+    rows = [f"layer{s}.{b}" for s, n in zip(range(1, 5), (3, 4, 6, 3)) for b in range(n)]
+    cols = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    def grid(sharp: float) -> list:
+        return [[round(float(np.exp(-sharp * abs(i / 15 - j / 7))), 4) for j in range(8)] for i in range(16)]
+    return {stage: {"reference_layers": rows, "layers": cols, "cka": grid(sharp)}
+            for stage, sharp in (("surgery", 4.0), ("finetune", 2.0))}
+
+
 def synthetic_result(*, name: str = "resnet50-to-resnet50-select", n_layers: int = 16, seeds=(0,), bins: int = 64,
                      steps: int = 1000, eval_every: int = 10, blocks=(3, 4, 10, 3)) -> CaseResult:
     """A result shaped like the runner's for a ResNet-50 case probing ``n_layers`` layers.
@@ -115,7 +125,7 @@ def synthetic_result(*, name: str = "resnet50-to-resnet50-select", n_layers: int
                 hists[layer][stage] = np.histogram(np.clip(pat, edges[0], edges[-1]), edges)[0].tolist()
                 rows.append({"layer": layer, "reference_layer": layer, "stage": stage,
                              "w1_norm": abs(scale - 1) * 1.5, "ks": abs(scale - 1) / 3, "psi": abs(scale - 1) / 2,
-                             "ref_mean": 1.2, "ref_std": 0.85, "mean": 1.2 * scale, "std": 0.85 * scale,
+                             "cka": round(1.0 - abs(scale - 1) / 2, 4), "ref_mean": 1.2, "ref_std": 0.85, "mean": 1.2 * scale, "std": 0.85 * scale,
                              "min": 0.0, "max": 9.5, "near_zero_frac": 0.2, "dead_channel_frac": 0.02 * (i % 3),
                              "ref_dead_channel_frac": 0.01 * (i % 2), "nonfinite": 0})
         per_seed.append({
@@ -130,7 +140,7 @@ def synthetic_result(*, name: str = "resnet50-to-resnet50-select", n_layers: int
             "coverage": {"tensors": 0.9877, "elements": 0.9512, "n_tensors": len(record["tensors"]),
                          "by_method": {}, "fresh_reasons": {"head": 2}},
             "data": {"name": "digits", "train": 1438, "test": 359, "classes": 10},
-            "activations": rows, "histograms": hists,
+            "activations": rows, "histograms": hists, "layer_maps": _layer_maps(),
         })
     agg = lambda v: {"mean": v, "std": 0.0, "worst": v, "n": len(seeds)}  # noqa: E731
     expectations = [
@@ -195,7 +205,8 @@ def test_case_report_files_and_key_figures(big, big_page):
                    "Fresh tensors (3)"):
         assert needle in text, needle
     # every plot is there, as inline SVG
-    assert page.count("<svg") == 16 + 4          # 16 histograms, drift, dead channels, curve, coverage map
+    # 16 histograms, drift, dead channels, curve, coverage map, a CKA layer map per stage
+    assert page.count("<svg") == 16 + 4 + 2
     assert "<?xml" not in page and "<!DOCTYPE svg" not in page
 
 

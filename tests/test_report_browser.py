@@ -91,9 +91,12 @@ def test_report_in_headless_chromium(chromium, tmp_path):
     body = re.sub(r"<(style|svg)\b.*?</\1>", " ", dom, flags=re.S)
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", body)).split())
     for needle in (result.case, "FAIL — 4/5 expectations held", "activations.drift_max", "98.77%", "97.12%",
-                   "41.23%", "93.45%", "81.23%", "0.962", "fc.weight"):
+                   "41.23%", "93.45%", "81.23%", "0.962", "fc.weight",
+                   "Layer map: which source block each patient block resembles", "layer4.1 ← layer4.2 1",
+                   "layer2.0 ← layer2.1 0.9266"):
         assert needle in text, needle
-    assert dom.count("<svg") == 20
+    assert "<th class=\"num\">CKA</th>" in dom and ">0.975<" in dom   # the CKA column of the layer table
+    assert dom.count("<svg") == 22   # 20 before the layer maps: one heatmap per stage
 
     # the screenshot is not blank: varied pixels, the verdict banner's red and the plots' colours painted
     image = _rgb(shot)

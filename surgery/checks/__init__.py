@@ -10,6 +10,7 @@ from surgery.checks import coverage  # noqa: F401  (each import registers its ch
 from surgery.checks import accuracy  # noqa: F401
 from surgery.checks import activations  # noqa: F401
 from surgery.checks import bn_recalibration  # noqa: F401
+from surgery.checks import similarity  # noqa: F401
 from surgery.checks.base import CHECKS, Check, SeedContext, list_checks, register_check
 
 ENTRY_POINTS = "surgery.checks"

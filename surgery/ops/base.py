@@ -39,6 +39,8 @@ class Operation:
     classes_field: ClassVar[str] = "source.num_classes"
     # The ``surgery`` field an input error from ``apply`` is reported at (the models it builds name their own).
     blamed_field: ClassVar[str] = "op"
+    # Whether a probed run draws the source-blocks x patient-blocks CKA layer map (architectures that differ).
+    layer_map: ClassVar[bool] = False
 
     def apply(self, spec: Any, source: "nn.Module", *, example: Any, num_classes: int, in_chans: int,
               build: Build) -> tuple["nn.Module", "SurgeryRecord"]:

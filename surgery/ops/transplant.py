@@ -591,6 +591,7 @@ class Transplant(Operation):
     spec = TransplantSpec
     classes_field = "surgery.target.num_classes"
     blamed_field = "strategy"
+    layer_map = True
 
     def apply(self, spec, source, *, example, num_classes, in_chans, build):
         target = build(spec.target, "surgery.target", num_classes=num_classes, in_chans=in_chans)

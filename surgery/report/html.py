@@ -264,7 +264,7 @@ def _record_view(result: CaseResult) -> dict[str, Any]:
 
 
 def _activation_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ["seed", "layer", "reference_layer", "stage", "w1_norm", "ks", "psi", "ref_mean", "ref_std", "mean", "std",
+    keys = ["seed", "layer", "reference_layer", "stage", "w1_norm", "ks", "psi", "cka", "ref_mean", "ref_std", "mean", "std",
             "min", "max", "near_zero_frac", "dead_channel_frac", "ref_dead_channel_frac", "nonfinite"]
     return [{k: r.get(k) for k in keys} for r in rows]
 
@@ -280,6 +280,34 @@ def _histogram_plots(result: CaseResult) -> tuple[list[dict[str, Any]], Any]:
                 out.append({"layer": str(layer), "svg": _svg(svg)})
             return out, s.get("seed")
     return [], None
+
+
+def _layer_maps(result: CaseResult) -> tuple[list[dict[str, Any]], Any]:
+    """The CKA layer maps of the first seed that has them, one heatmap per stage."""
+    for s in _list(result.per_seed):
+        maps = _dict(_dict(s).get("layer_maps"))
+        if maps:
+            out = []
+            for stage, layer_map in maps.items():
+                layer_map = _dict(layer_map)
+                title = f"after {stage}" if stage in ("surgery", "finetune") else str(stage)
+                out.append({"stage": str(stage), "svg": _svg(plots.layer_map(layer_map, title)),
+                            "best": _best_matches(layer_map)})
+            return out, s.get("seed")
+    return [], None
+
+
+def _best_matches(layer_map: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each patient block: the source block with the highest CKA, and that CKA."""
+    rows, cols, values = _list(layer_map.get("reference_layers")), _list(layer_map.get("layers")), _list(layer_map.get("cka"))
+    out = []
+    for j, col in enumerate(cols):
+        column = [(_num(row[j]) if isinstance(row, list) and j < len(row) else None, i) for i, row in enumerate(values)]
+        scored = [(v, i) for v, i in column if v is not None]
+        if scored:
+            value, i = max(scored)
+            out.append({"layer": col, "reference_layer": rows[i] if i < len(rows) else "?", "cka": value})
+    return out
 
 
 def _curve_runs(result: CaseResult, *, label_prefix: str = "", style: str = "-") -> list[dict[str, Any]]:
@@ -304,6 +332,7 @@ def case_view(result: CaseResult) -> dict[str, Any]:
     drift_max = _threshold(result, "activations.drift_max") or _threshold(result, "gate.drift_max")
     dead_max = _threshold(result, "activations.dead_max") or _threshold(result, "gate.dead_max")
     hists, hist_seed = _histogram_plots(result)
+    layer_maps, layer_map_seed = _layer_maps(result)
     acc_source, acc_baseline = _agg(result, "source"), _agg(result, "baseline")
     held = sum(1 for e in result.expectations if e.passed)
     undecided = sum(1 for e in result.expectations if e.status == "undecided")
@@ -327,6 +356,8 @@ def case_view(result: CaseResult) -> dict[str, Any]:
         },
         "has_activations": bool(act_rows), "drift_max": drift_max, "dead_max": dead_max,
         "histograms": hists, "histogram_seed": hist_seed,
+        "layer_maps": layer_maps, "layer_map_seed": layer_map_seed,
+        "has_cka": any(r.get("cka") is not None for r in act_rows),
         "activations": _activation_table(act_rows),
         "coverage": coverage_rows, "record": _record_view(result),
         "provenance": _provenance_items(_dict(result.provenance)),

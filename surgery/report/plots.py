@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 # Colours shared by the plots and the page's CSS legend (render.py passes them to the templates).
 STAGE_COLORS = {"reference": "#4d4d4d", "surgery": "#e66100", "finetune": "#5d3a9b", "gate": "#1a7f37"}
@@ -252,6 +253,35 @@ def drift(rows: Sequence[dict[str, Any]], threshold: float | None, *, seeds: int
     ax.set_ylabel("W1 / std(ref)")
     ax.set_title("Drift per layer (normalised W1" + (f", worst of {seeds} seeds)" if seeds > 1 else ")"), loc="left")
     _legend_on_top(fig, 3)
+    return _render(fig)
+
+
+@_styled
+def layer_map(layer_map: dict[str, Any], title: str) -> str | None:
+    """A reference-blocks × patient-blocks CKA heatmap (0 to 1), each patient block's best match outlined."""
+    rows, cols = [str(r) for r in layer_map.get("reference_layers") or []], [str(c) for c in layer_map.get("layers") or []]
+    values = np.array([[math.nan if v is None else float(v) for v in row] for row in layer_map.get("cka") or []],
+                      dtype=float)
+    if not rows or not cols or values.shape != (len(rows), len(cols)) or not np.isfinite(values).any():
+        return None
+    fig, (ax,) = _figure(2.2 + 0.32 * len(cols), 1.3 + 0.2 * len(rows))
+    image = ax.imshow(np.clip(values, 0.0, 1.0), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto",
+                      interpolation="nearest")
+    for j in range(len(cols)):
+        column = values[:, j]
+        if np.isfinite(column).any():
+            i = int(np.nanargmax(column))
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e7298a",
+                                                      linewidth=1.4))
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows)
+    ax.grid(visible=False)
+    ax.set_xlabel("patient block")
+    ax.set_ylabel("source block")
+    ax.set_title(title, loc="left")
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02, label="linear CKA")
     return _render(fig)
 
 
