@@ -216,7 +216,8 @@ class Probes:
                                                            seed=self.seed, gram_layers=pat_grams))
                       for stage, model in self.snapshots.items()}
             # batch_grams() lists each pass's Grams in its gram_names order (model order)
-            cka = {stage: CKAAccumulator(ref.gram_names, probe.gram_names) for stage, probe in stages.items()}
+            cka = {stage: CKAAccumulator(ref.gram_names, probe.gram_names, device=self.device)
+                   for stage, probe in stages.items()}
             for batch in batches(self.x, PROBE_BATCH):
                 ref.feed(batch)
                 row_grams = ref.batch_grams()

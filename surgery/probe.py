@@ -22,8 +22,9 @@ per layer, a constant amount of state whatever the probe-set size:
 # of two identical distributions is ~0.005 (Evidently's alarm is 0.1 to 0.25); moments, min,
 # max, near-zero and dead channels stay exact over all values.
 
-On CUDA everything stays on the device while the batches stream: no host synchronisation
-until :meth:`ProbePass.finish`. Non-finite values (NaN, inf) are counted in ``nonfinite`` and
+On CUDA everything stays on the device while the batches stream: after the first batch (whose
+hook copies the sample's positions over once), no host synchronisation until
+:meth:`ProbePass.finish`. Non-finite values (NaN, inf) are counted in ``nonfinite`` and
 left out of every statistic but the dead-channel test.
 
 Example::
@@ -235,6 +236,10 @@ class _LayerAccumulator:
         self.hi: Any = -math.inf
         self.near_zero: Any = 0
         self.nonfinite: Any = 0
+        if self.sync_free:  # made on the device now, so that merging never copies a Python number over
+            self.n, self.mean, self.m2, self.lo, self.hi = (
+                torch.tensor(v, dtype=torch.float64, device=device) for v in (0.0, 0.0, 0.0, math.inf, -math.inf))
+            self.near_zero, self.nonfinite = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(2))
         self.alive: list[Tensor] = []        # per call ordinal: bool[channels], True once a value > 0 was seen
         self.plans: list[_SamplePlan] = []   # per call ordinal
         self.per_sample: list[int] = []      # per call ordinal: values per input sample

