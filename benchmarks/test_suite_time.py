@@ -33,4 +33,4 @@ def test_seed_cases_warm(benchmark, record_ratio):
 
     start = time.perf_counter()
     benchmark.pedantic(suite, rounds=1)
-    record_ratio("seed_cases_warm_s", time.perf_counter() - start, "< 300")
+    record_ratio("seed_cases_warm_s", time.perf_counter() - start, "<= 120")
