@@ -39,10 +39,14 @@ bench: install
 	$(BIN)/python -m pytest benchmarks -m "not slow" --benchmark-autosave --benchmark-columns=min,mean,rounds -q
 	$(BIN)/python -m pytest benchmarks -m slow --benchmark-autosave --benchmark-columns=min,rounds -q
 
+# RAY=ADDRESS runs the case suite on that Ray cluster (RAY=local: a cluster on this machine), one task per
+# case and seed with one GPU each; the driver (this machine) writes reports/nightly.
+RAY ?=
 bench-gpu: install
 	$(BIN)/python -m pytest benchmarks --benchmark-autosave --surgery-device cuda -q \
 		--benchmark-compare --benchmark-compare-fail=mean:10%
-	$(BIN)/python -m pytest cases --surgery-device cuda --surgery-report reports/nightly -q
+	$(BIN)/python -m pytest cases --surgery-device cuda --surgery-report reports/nightly -q \
+		$(if $(RAY),--surgery-ray=$(RAY))
 
 clean:
 	rm -rf $(VENV) reports/* .benchmarks

@@ -11,10 +11,13 @@ import enum
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 from surgery.errors import SurgeryInputError
 
+
+
+LOCAL_CLUSTER = "local"  # `--ray` without an address: start a cluster on this machine
 
 
 class ExitCode(enum.IntEnum):
@@ -40,33 +43,62 @@ def _print_result(result, report: Path | None) -> None:
         print(f"    note: differs from the calibration: {note}")
 
 
+def _run_locally(cases: list[Any], options: Any) -> Iterator[tuple[Any, Any]]:
+    """Each case with its outcome, run in this process: a CaseResult, or the SurgeryInputError that stopped it."""
+    from surgery.runner import run_case
+
+    for case in cases:
+        try:
+            yield case, run_case(case, options)
+        except SurgeryInputError as exc:  # this case cannot run; the others still do
+            yield case, exc
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from surgery.case import find_cases, load_case
     from surgery.report.render import write_case_report, write_index
-    from surgery.runner import RunOptions, run_case
+    from surgery.runner import RunOptions
 
+    if args.ray is not None:  # before anything is loaded: without Ray installed this is one line, exit 2
+        from surgery.ray_runner import check_address, require_ray
+
+        check_address(None if args.ray == LOCAL_CLUSTER else args.ray)
+        require_ray()
     paths = find_cases(args.cases)
     if not paths:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
     cases = [load_case(p) for p in paths]  # every file is validated before anything runs
     options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False,
                          threads=args.threads)
-    failed = bad = False
+    if args.ray is not None:
+        from surgery.ray_runner import RayOptions, run_cases_on_ray
+
+        outcomes = run_cases_on_ray(cases, options, RayOptions(
+            address=None if args.ray == LOCAL_CLUSTER else args.ray, weights=args.ray_weights,
+            progress=False if args.quiet else None))
+    else:
+        outcomes = _run_locally(cases, options)
+    failed = bad = internal = False
     ran = 0
-    for case in cases:
-        try:
-            result = run_case(case, options)
-        except SurgeryInputError as exc:  # this case cannot run; the others still do
-            message = str(exc) if str(exc).startswith(case.path) else f"{case.path}: {exc}"
+    for case, outcome in outcomes:
+        if isinstance(outcome, SurgeryInputError):
+            message = str(outcome) if str(outcome).startswith(case.path) else f"{case.path}: {outcome}"
             print(f"surgery: error: {message}", file=sys.stderr)
             bad = True
             continue
-        _print_result(result, write_case_report(result, Path(args.report)))
-        failed |= not result.passed
+        if isinstance(outcome, Exception):  # a task's internal error (Ray): reported, and the other cases go on
+            detail = getattr(outcome, "remote_traceback", "") if os.environ.get("SURGERY_DEBUG") else ""
+            print(f"{detail}surgery: internal error: {case.path}: {outcome} (set SURGERY_DEBUG=1 for the traceback)",
+                  file=sys.stderr)
+            internal = True
+            continue
+        _print_result(outcome, write_case_report(outcome, Path(args.report)))
+        failed |= not outcome.passed
         ran += 1
     if ran:
         print(f"index: {write_index(Path(args.report))}")
-    return ExitCode.BAD_INPUT if bad else ExitCode.FAILED if failed else ExitCode.OK
+    return ExitCode.INTERNAL if internal else ExitCode.BAD_INPUT if bad else ExitCode.FAILED if failed \
+        else ExitCode.OK
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -184,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="torch threads (default: $SURGERY_THREADS, else 2); results depend on it")
+    run.add_argument("--ray", nargs="?", const=LOCAL_CLUSTER, default=None, metavar="ADDRESS",
+                     help="run on Ray: one task per case and seed (and baseline, zoo model); without ADDRESS a "
+                          "local cluster sized to this machine (needs: pip install 'surgery[ray]')")
+    run.add_argument("--ray-weights", choices=["auto", "shared", "object-store"], default="auto",
+                     help="how zoo weights reach Ray workers: a shared SURGERY_CACHE or Ray's object store "
+                          "(default auto: shared when every node sees the driver's cache)")
     run.set_defaults(func=cmd_run)
 
     cal = sub.add_parser("calibrate", help="run cases over many seeds and numeric profiles; derive thresholds")

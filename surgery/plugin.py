@@ -2,6 +2,13 @@
 
 The items of one file share one cached run of the case. A failed expectation prints one line —
 observed value, threshold, where — not a traceback. Registered through the ``pytest11`` entry point.
+
+``--surgery-ray [ADDRESS]`` runs the cases on a Ray cluster (:mod:`surgery.ray_runner`). Every collected
+case is submitted up front, in ``pytest_collection_finish``, and each item then waits for its own case:
+submitting lazily, on a case's first item, would run the cases one after another (an item must have its
+result before the next item starts), which is the local run with Ray's overhead on top. Items, their
+names, outcomes and reports stay as they are locally. Deselected cases (``-k``, ``-m``) and skipped ones
+are not submitted; ``-x`` cancels the tasks still out when the session ends.
 """
 
 from __future__ import annotations
@@ -23,6 +30,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--surgery-seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
     group.addoption("--surgery-threads", type=int, default=None, metavar="N",
                     help="torch threads per process (default: $SURGERY_THREADS, else 2; under xdist cores / workers)")
+    group.addoption("--surgery-ray", nargs="?", const=LOCAL_CLUSTER, default=None, metavar="ADDRESS",
+                    help="run the cases on Ray (one task per case and seed), joining ADDRESS or starting a local "
+                         "cluster; needs pip install 'surgery[ray]'")
+    group.addoption("--surgery-ray-weights", choices=["auto", "shared", "object-store"], default="auto",
+                    help="how zoo weights reach Ray workers (default auto: shared when every node sees the cache)")
 
 
 class TerminalLines(logging.Handler):
@@ -37,7 +49,10 @@ class TerminalLines(logging.Handler):
         self.reporter.write_line(self.format(record))
 
 
+LOCAL_CLUSTER = "local"  # --surgery-ray without an address
 ZOO_LINES = pytest.StashKey[TerminalLines]()
+RAY_RUN = pytest.StashKey[Any]()        # the RayRun the collected cases were submitted to (--surgery-ray)
+RAY_CONNECTED = pytest.StashKey[bool]()  # whether this session connected to Ray (and so disconnects)
 CASE = pytest.StashKey[Any]()      # a case file's parsed Case, or the SurgeryInputError its parsing raised
 OUTCOME = pytest.StashKey[Any]()   # a case file's run: its CaseResult or the SurgeryInputError it raised
 ZOO_LOGGER = "surgery.zoo"
@@ -57,25 +72,103 @@ def pytest_configure(config: pytest.Config) -> None:
     # Items of one case share one run: keep a file's items on one xdist worker.
     if getattr(config.option, "dist", "no") == "load":
         config.option.dist = "loadfile"
+    if config.getoption("surgery_ray", None) is not None:
+        _check_ray_options(config)
+
+
+def _ray_address(config: pytest.Config) -> str | None:
+    address = config.getoption("surgery_ray")
+    return None if address == LOCAL_CLUSTER else address
+
+
+def _check_ray_options(config: pytest.Config) -> None:
+    """--surgery-ray without Ray installed, with a path for an address, or beside xdist: a usage error."""
+    if getattr(config.option, "numprocesses", None) or os.environ.get("PYTEST_XDIST_WORKER"):
+        raise pytest.UsageError("--surgery-ray and pytest-xdist (-n) both spread the cases: use one")
+    from surgery.ray_runner import check_address, require_ray
+
+    try:
+        check_address(_ray_address(config), "--surgery-ray")
+        require_ray("--surgery-ray")
+    except SurgeryInputError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _ray_connect(config: pytest.Config) -> None:
+    if RAY_CONNECTED not in config.stash:
+        from surgery.ray_runner import connect
+
+        try:
+            config.stash[RAY_CONNECTED] = connect(_ray_address(config), option="--surgery-ray", quiet=True)
+        except SurgeryInputError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     handler = config.stash.get(ZOO_LINES, None)
     if handler is not None:
         logging.getLogger(ZOO_LOGGER).removeHandler(handler)
+    run = config.stash.get(RAY_RUN, None)
+    if run is not None:
+        run.close()  # tasks still out (-x, Ctrl-C) are cancelled
+        del config.stash[RAY_RUN]
+    if config.stash.get(RAY_CONNECTED, False):
+        from surgery.ray_runner import disconnect
+
+        disconnect()
+        config.stash[RAY_CONNECTED] = False
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Items marked ``gpu`` (cases and ordinary tests alike) are skipped without CUDA."""
+    """Items marked ``gpu`` (cases and ordinary tests alike) are skipped without CUDA; with ``--surgery-ray``,
+    a case's items are skipped when no node of the cluster has a GPU."""
     if not any(item.get_closest_marker("gpu") for item in items):
         return
     import torch
 
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs CUDA, which is not available")
-        for item in items:
-            if item.get_closest_marker("gpu"):
-                item.add_marker(skip)
+    cluster_gpus = None
+    if config.getoption("surgery_ray") is not None and any(isinstance(item, CaseItem) for item in items):
+        _ray_connect(config)
+        import ray
+
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    local = torch.cuda.is_available()
+    for item in items:
+        if not item.get_closest_marker("gpu"):
+            continue
+        if isinstance(item, CaseItem) and cluster_gpus is not None:
+            if not cluster_gpus:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA, and no node of the Ray cluster has a GPU"))
+        elif not local:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA, which is not available"))
+
+
+def _run_options(config: pytest.Config) -> Any:
+    from surgery.runner import RunOptions
+
+    return RunOptions(device=_worker_device(config.getoption("surgery_device")),
+                      max_seeds=config.getoption("surgery_seeds"), progress=False,
+                      threads=config.getoption("surgery_threads"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With ``--surgery-ray``: submit every case that has an item left to run (see the module's docstring)."""
+    config = session.config
+    if config.getoption("surgery_ray", None) is None:
+        return
+    files = [item.parent for item in session.items if isinstance(item, CaseItem) and item.parent.case is not None
+             and not any(m.name == "skip" for m in item.iter_markers())]
+    files = list(dict.fromkeys(files))
+    if not files:
+        return
+    _ray_connect(config)
+    from surgery.ray_runner import RayOptions, RayRun
+
+    try:
+        config.stash[RAY_RUN] = RayRun([f.case for f in files], _run_options(config),
+                                       RayOptions(weights=config.getoption("surgery_ray_weights"), progress=False))
+    except SurgeryInputError as exc:  # the run as a whole cannot start (threads larger than every node ...)
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _in_cases_dir(path: Path) -> bool:
@@ -129,19 +222,21 @@ class CaseFile(pytest.File):
         return None if isinstance(found, SurgeryInputError) else found
 
     def result(self):
-        """The cached run of this case (run on first use; a bad-input error is cached too)."""
+        """The cached run of this case (run on first use, or on Ray; a bad-input error is cached too, and so is an
+        internal error from a Ray task)."""
         if OUTCOME not in self.stash:
-            from surgery.runner import RunOptions, run_case
+            from surgery.runner import run_case
 
             config = self.config
-            options = RunOptions(device=_worker_device(config.getoption("surgery_device")),
-                                 max_seeds=config.getoption("surgery_seeds"), progress=False,
-                                 threads=config.getoption("surgery_threads"))
+            ray_run = config.stash.get(RAY_RUN, None)
             try:
-                self.stash[OUTCOME] = run_case(self.case, options)
+                if ray_run is not None and any(plan.case is self.case for plan in ray_run.plans):
+                    self.stash[OUTCOME] = ray_run.outcome(self.case)
+                else:
+                    self.stash[OUTCOME] = run_case(self.case, _run_options(config))
             except SurgeryInputError as exc:
                 self.stash[OUTCOME] = exc
-            else:
+            if not isinstance(self.stash[OUTCOME], Exception):
                 report_dir = config.getoption("surgery_report")
                 if report_dir:
                     from surgery.report.render import write_case_report
@@ -162,7 +257,7 @@ class CaseItem(pytest.Item):
         if parent.case is None:
             raise parent.stash[CASE]
         outcome = parent.result()
-        if isinstance(outcome, SurgeryInputError):
+        if isinstance(outcome, Exception):  # bad input, or a Ray task's internal error
             raise outcome
         found = outcome.expectation(self.expectation)
         if found is None:

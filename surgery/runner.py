@@ -62,7 +62,11 @@ def _finetune_groups(case: Case) -> list[ParamGroupSpec]:
 
 
 def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
-    """Everything one seed of a case produces (accuracies, curves, record, probes)."""
+    """Everything one seed of a case produces (accuracies, curves, record, probes), its baseline aside.
+
+    The random-init baseline is :func:`run_baseline`'s, a separate unit of work (a Ray task of its own);
+    :func:`assemble` puts the two together.
+    """
     torch.manual_seed(seed)
     split = load_data(case, seed)
     source, source_width = build_source(case, split)
@@ -109,19 +113,9 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         if figures:
             check_figures.setdefault(check.key, {}).update(figures)
 
-    baseline_curve = None
-    if case.expect.accuracy is not None and case.expect.accuracy.beats_baseline is not None:
-        torch.manual_seed(seed)
-        base = to_device(baseline_model(case, split), device)
-        base_run = finetune(base, split.train_x, split.train_y, split.test_x, split.test_y, case.finetune,
-                            seed=seed, device=device, progress=options.progress, desc=f"{case.name} baseline")
-        acc["baseline"] = evaluate(base, split.test_x, split.test_y, device=device)
-        baseline_curve = base_run.curve
-        del base
-
     out: dict[str, Any] = {
         "seed": seed, "accuracy": acc, "finite": finite, "finetune": run.to_dict(),
-        "baseline_curve": baseline_curve, "record": record.to_dict(),
+        "baseline_curve": None, "record": record.to_dict(),  # the baseline's curve: filled in by assemble()
         "coverage": coverage_summary(record), "data": {"name": split.name, "train": len(split.train_x),
                                                        "test": len(split.test_x), "classes": split.num_classes},
     }
@@ -135,7 +129,28 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     return out
 
 
-def _model_specs(case: Case) -> list[ModelSpec]:
+def has_baseline(case: Case) -> bool:
+    """Whether the case asks for a random-init baseline (``expect.accuracy.beats_baseline``)."""
+    return case.expect.accuracy is not None and case.expect.accuracy.beats_baseline is not None
+
+
+def run_baseline(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
+    """The random-init baseline of one seed, fine-tuned on the same budget: ``{seed, accuracy, curve}``.
+
+    It depends on the seed alone (the split and the initialisation are drawn from it), so it runs
+    apart from :func:`run_seed`, in any order and any process, with the same figures.
+    """
+    torch.manual_seed(seed)
+    split = load_data(case, seed)
+    torch.manual_seed(seed)
+    base = to_device(baseline_model(case, split), device)
+    base_run = finetune(base, split.train_x, split.train_y, split.test_x, split.test_y, case.finetune,
+                        seed=seed, device=device, progress=options.progress, desc=f"{case.name} baseline")
+    return {"seed": seed, "accuracy": evaluate(base, split.test_x, split.test_y, device=device),
+            "curve": base_run.curve}
+
+
+def model_specs(case: Case) -> list[ModelSpec]:
     """Every model spec a run of ``case`` builds: source, target or donor, and the baseline's."""
     specs = [case.source] + [spec for _, spec in get_op(case.surgery.op).models(case.surgery)]
     accuracy = case.expect.accuracy
@@ -146,7 +161,7 @@ def _model_specs(case: Case) -> list[ModelSpec]:
 
 def weight_digests(case: Case) -> dict[str, str]:
     """SHA-256 of the tensors of every weight file the case reads (zoo models included), by file path."""
-    return {str(path): weights_digest(path) for spec in _model_specs(case)
+    return {str(path): weights_digest(path) for spec in model_specs(case)
             for path in weight_files(model_spec(case, spec))}
 
 
@@ -168,25 +183,48 @@ def calibration_notes(calibration: CaseCalibration, run_provenance: dict[str, An
     return notes
 
 
-def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
-    """Run every seed of ``case`` and check its expectations. Bad input raises SurgeryInputError."""
-    options = options or RunOptions()
-    start = time.perf_counter()
+def check_thresholds(case: Case, options: RunOptions) -> None:
+    """A case still holding a ``calibrate`` placeholder is bad input, unless it is being calibrated."""
     if not options.calibrating:
         missing = uncalibrated_fields(case)
         if missing:
             raise SurgeryInputError(f"{case.where(missing[0])}: the placeholder 'calibrate' is not a threshold yet; "
                                     f"run `surgery calibrate {case.path} --write` first")
-    threads = pin_numerics(options.threads)
-    device = device_for(case, options.device)
+
+
+def case_seeds(case: Case, options: RunOptions) -> list[int]:
+    """The seeds a run of ``case`` uses: ``options.seeds``, else the case's, capped at ``options.max_seeds``."""
     seeds = list(options.seeds) if options.seeds else list(case.seed)
-    seeds = seeds[: options.max_seeds] if options.max_seeds else seeds
-    calibration = case_calibration(case)
+    return seeds[: options.max_seeds] if options.max_seeds else seeds
+
+
+def case_provenance(case: Case, seeds: list[int], device: torch.device, threads: int) -> dict[str, Any]:
+    """What the figures of a run depend on, read in the process that ran its seeds (after they ran, so the
+    zoo files it read exist): versions, commit, numeric profile, threads, device, weight digests."""
+    out = provenance(device=str(device), case_hash=case.file_hash, seeds=seeds)
+    out.update(numeric_profile(), threads=threads, device_type=device.type, weights=weight_digests(case))
+    return out
+
+
+def assemble(case: Case, per_seed: list[dict[str, Any]], baselines: list[dict[str, Any]], *,
+             provenance: dict[str, Any], seconds: float, calibration: CaseCalibration | None = None) -> CaseResult:
+    """The CaseResult of a run from its parts: :func:`run_seed`'s dicts (in seed order), :func:`run_baseline`'s
+    (any order; none when the case has no baseline) and :func:`case_provenance`'s. Checks the expectations
+    against ``calibration`` (read from beside the case file when not given).
+
+    The local run and the Ray run both end here, so they write the same ``results.json``.
+    """
+    by_seed = {b["seed"]: b for b in baselines}
+    per_seed = [dict(s) for s in per_seed]  # the caller's dicts stay as they were
+    for s in per_seed:
+        if s["seed"] in by_seed:
+            base = by_seed[s["seed"]]
+            s["accuracy"] = dict(s["accuracy"], baseline=base["accuracy"])
+            s["baseline_curve"] = base["curve"]
+    seeds = [s["seed"] for s in per_seed]
+    calibration = calibration or case_calibration(case)
     result = CaseResult(case=case.name, path=case.path, description=case.description, seeds=seeds,
-                        provenance=provenance(device=str(device), case_hash=case.file_hash, seeds=seeds))
-    per_seed = [run_seed(case, seed, device, options) for seed in seeds]
-    result.provenance.update(numeric_profile(), threads=threads, device_type=device.type,
-                             weights=weight_digests(case))
+                        provenance=dict(provenance))
     result.calibration = calibration.status()
     result.calibration_notes = calibration_notes(calibration, result.provenance)
     first = per_seed[0]
@@ -198,5 +236,23 @@ def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
     if "activations" in first:
         result.tables["activations"] = [dict(row, seed=s["seed"]) for s in per_seed for row in s["activations"]]
     result.expectations, result.metrics = evaluate_expectations(case, per_seed, record=calibration.usable)
-    result.seconds = time.perf_counter() - start
+    result.seconds = seconds
     return result
+
+
+def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
+    """Run every seed of ``case`` (and its baselines) here, and check its expectations.
+
+    Bad input raises SurgeryInputError. :mod:`surgery.ray_runner` runs the same parts as Ray tasks.
+    """
+    options = options or RunOptions()
+    start = time.perf_counter()
+    check_thresholds(case, options)
+    threads = pin_numerics(options.threads)
+    device = device_for(case, options.device)
+    seeds = case_seeds(case, options)
+    calibration = case_calibration(case)  # a damaged record is bad input before anything runs
+    per_seed = [run_seed(case, seed, device, options) for seed in seeds]
+    baselines = [run_baseline(case, seed, device, options) for seed in seeds] if has_baseline(case) else []
+    return assemble(case, per_seed, baselines, provenance=case_provenance(case, seeds, device, threads),
+                    seconds=time.perf_counter() - start, calibration=calibration)
