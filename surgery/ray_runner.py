@@ -441,7 +441,9 @@ class RayRun:
         """Wait a moment for tasks; take in what came back; finish the cases that are complete."""
         ray = self.ray
         if self.refs:
-            ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=POLL_SECONDS)
+            ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=POLL_SECONDS)  # back as soon as one is done
+            if ready:  # and take whatever else is done by now
+                ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
             for ref in ready:
                 if ref not in self.refs:  # cancelled just now, with the rest of a case that failed
                     continue
