@@ -322,7 +322,8 @@ class RayRun:
         self.options = ray_options or RayOptions()
         self.on_progress = on_progress
         if self.options.weights not in WEIGHTS:
-            raise SurgeryInputError(f"--ray-weights: got {self.options.weights!r}; expected one of {', '.join(WEIGHTS)}")
+            raise SurgeryInputError(f"--ray-weights: got {self.options.weights!r}; expected one of "
+                                    f"{', '.join(WEIGHTS)}")
         ray = self.ray
         self.threads = requested_threads(options.threads)
         nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -348,46 +349,53 @@ class RayRun:
         self.total = 0
         self.yielded: set[int] = set()
         self.bar: Any = None
-        zoo_refs: dict[str, Any] = {}
-        case_task_remote = ray.remote(case_task)
-        zoo_task_remote = ray.remote(zoo_task)
+        self.zoo_refs: dict[str, Any] = {}           # zoo model -> its build task's ref
+        self.remote_case_task, self.remote_zoo_task = ray.remote(case_task), ray.remote(zoo_task)
         for case in cases:
             plan = CasePlan(case)
             self.plans.append(plan)
             try:
-                check_thresholds(case, options)
-                plan.calibration = case_calibration(case)
-                device, needs_gpu = task_device(case, options.device, gpus)
-                source = CaseSource.of(case)
+                self._submit(plan, options, gpus)
             except SurgeryInputError as exc:
                 plan.outcome = exc
-                continue
-            plan.seeds = case_seeds(case, options)
-            names = tuple(zoo_names(case))
-            for name in names:
-                if name not in zoo_refs:
-                    ref = zoo_task_remote.options(num_cpus=self.threads, num_gpus=0,
-                                                  max_retries=self.options.max_retries, retry_exceptions=False) \
-                        .remote(name, self.threads, env, self.weights == "object-store", self.tracker)
-                    zoo_refs[name] = ref
-                    self.refs[ref] = f"zoo:{name}"
-                    self.total += 1
-            task_options = dataclasses.replace(options, device=device, threads=self.threads, progress=False,
-                                               seeds=None, max_seeds=None)
-            kinds = [("seed", s) for s in plan.seeds] + ([("baseline", s) for s in plan.seeds]
-                                                         if has_baseline(case) else [])
-            for kind, seed in kinds:
-                key = f"{case.path} {kind} {seed}"
-                first = kind == "seed" and seed == plan.seeds[0]
-                job = TaskJob(key=key, kind=kind, source=source, seed=seed, options=task_options, env=env, zoo=names,
-                              provenance_seeds=tuple(plan.seeds) if first else None, tracker=self.tracker)
-                ref = case_task_remote.options(num_cpus=self.threads, num_gpus=1 if needs_gpu else 0,
-                                               max_retries=self.options.max_retries, retry_exceptions=False) \
-                    .remote(job, *(zoo_refs[name] for name in names))
-                self.refs[ref] = key
-                self.plan_of[key] = plan
-                plan.keys.append(key)
-                self.total += 1
+
+    def _submit_zoo(self, name: str) -> Any:
+        if name not in self.zoo_refs:
+            ref = self.remote_zoo_task.options(num_cpus=self.threads, num_gpus=0, max_retries=self.options.max_retries,
+                                               retry_exceptions=False) \
+                .remote(name, self.threads, self.env, self.weights == "object-store", self.tracker)
+            self.zoo_refs[name] = ref
+            self.refs[ref] = f"zoo:{name}"
+            self.total += 1
+        return self.zoo_refs[name]
+
+    def _submit(self, plan: CasePlan, options: RunOptions, gpus: float) -> None:
+        """Check a case on the driver, then submit its seed and baseline tasks (after the zoo builds they read)."""
+        case = plan.case
+        check_thresholds(case, options)
+        plan.calibration = case_calibration(case)
+        device, needs_gpu = task_device(case, options.device, gpus)
+        source = CaseSource.of(case)
+        plan.seeds = case_seeds(case, options)
+        names = tuple(zoo_names(case))
+        builds = [self._submit_zoo(name) for name in names]
+        task_options = dataclasses.replace(options, device=device, threads=self.threads, progress=False,
+                                           seeds=None, max_seeds=None)
+        kinds = [("seed", s) for s in plan.seeds]
+        kinds += [("baseline", s) for s in plan.seeds] if has_baseline(case) else []
+        for index, (kind, seed) in enumerate(kinds):
+            key = f"{case.path} {kind} {seed}"
+            if key in plan.keys:  # a seed listed twice runs twice, as it does locally
+                key += f" #{index}"
+            job = TaskJob(key=key, kind=kind, source=source, seed=seed, options=task_options, env=self.env, zoo=names,
+                          provenance_seeds=tuple(plan.seeds) if index == 0 else None, tracker=self.tracker)
+            ref = self.remote_case_task.options(num_cpus=self.threads, num_gpus=1 if needs_gpu else 0,
+                                                max_retries=self.options.max_retries, retry_exceptions=False) \
+                .remote(job, *builds)
+            self.refs[ref] = key
+            self.plan_of[key] = plan
+            plan.keys.append(key)
+            self.total += 1
 
     # ------------------------------------------------------------------ progress
 
@@ -507,9 +515,11 @@ class RayRun:
             self.bar = None
 
 
-def run_cases_on_ray(cases: list[Case], options: RunOptions,
-                     ray_options: RayOptions | None = None, *,
-                     on_progress: Callable[[RayRun], None] | None = None) -> Iterator[tuple[Case, CaseResult | Exception]]:
+Outcome = CaseResult | Exception  # a case's result, or the exception that stopped it (returned, not raised)
+
+
+def run_cases_on_ray(cases: list[Case], options: RunOptions, ray_options: RayOptions | None = None, *,
+                     on_progress: Callable[[RayRun], None] | None = None) -> Iterator[tuple[Case, Outcome]]:
     """Run ``cases`` on Ray (joining or starting a cluster, see :func:`connect`): each case with its outcome as it
     finishes, a CaseResult equal to a local run's or the exception that stopped the case (not raised)."""
     ray_options = ray_options or RayOptions()

@@ -244,6 +244,14 @@ def test_pytest_surgery_ray_keeps_one_item_per_expectation(runs, pytester):
     assert figures(on_ray) == figures(runs["local"].results)
 
 
+def test_pytest_surgery_ray_with_xdist_is_a_usage_error(runs, pytester):
+    cases = pytester.mkdir("cases")
+    shutil.copy(runs["local"].case, cases / "tiny.yaml")
+    result = pytester.runpytest_inprocess(str(cases), "--surgery-ray", "-n", "2", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --surgery-ray and pytest-xdist (-n) both spread the cases: use one"])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
