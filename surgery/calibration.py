@@ -23,6 +23,10 @@ from surgery.bounds import Aggregate, Calibrated, Direction
 from surgery.errors import SurgeryInputError
 
 RECORD_SCHEMA = 1
+# The version of the code that computes a case's figures (the probe's estimators, the fine-tune loop,
+# the data splits). It is part of every experiment hash: bump it with a change that moves figures,
+# and every record goes stale until the cases are recalibrated. 2: the streamed probe of issue 14.
+MEASUREMENT = 2
 RECORD_SUFFIX = ".calibration.json"
 THRESHOLD_SUFFIXES = ("_min", "_max")
 THRESHOLD_NAMES = ("margin",)

@@ -17,16 +17,16 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from surgery.calibration import CalibrationRecord, is_threshold_key, load_record, record_path
+from surgery.calibration import MEASUREMENT, CalibrationRecord, is_threshold_key, load_record, record_path
 from surgery.checks import CHECKS  # importing the package registers the built-in checks
 from surgery.errors import SurgeryInputError
 from surgery.ops import OPS  # importing the package registers the built-in operations
-from surgery.spec import (CALIBRATE, DATASETS, DatasetSpec, DataSpec, DistillSpec, FinetuneSpec, ModelSpec,
-                          OptimizerSpec, ParamGroupSpec, ScheduleSpec, Strict, Threshold, ThresholdRange,
+from surgery.spec import (CALIBRATE, DATASETS, DatasetSpec, DataSpec, DistillSpec, FinetuneSpec, GateSpec,
+                          ModelSpec, NotWorseThanSpec, OptimizerSpec, ParamGroupSpec, ScheduleSpec, Strict, Threshold, ThresholdRange,
                           UnitThreshold, threshold, threshold_range)
 
 __all__ = ["Case", "parse_case", "load_case", "find_cases", "experiment_hash", "case_calibration", "CALIBRATE",
-           "DATASETS", "DatasetSpec", "DataSpec", "DistillSpec", "FinetuneSpec", "ModelSpec", "OptimizerSpec",
+           "DATASETS", "DatasetSpec", "DataSpec", "DistillSpec", "FinetuneSpec", "GateSpec", "NotWorseThanSpec", "ModelSpec", "OptimizerSpec",
            "ParamGroupSpec", "ScheduleSpec", "Strict", "Threshold", "ThresholdRange", "UnitThreshold", "threshold",
            "threshold_range", "CaseCalibration", "expectations_model"]
 
@@ -177,6 +177,7 @@ class Case(Strict):
     data: DataSpec
     source: ModelSpec
     finetune: FinetuneSpec = FinetuneSpec()
+    gate: GateSpec | None = Field(None, description="what `surgery gate` scores a release candidate on")
     if TYPE_CHECKING:  # set by the subclass parse_case builds from the registered operations and checks
         surgery: Any
         expect: Any
@@ -274,6 +275,9 @@ def parse_case(text: str, filename: str = "<memory>") -> Case:
     case.path = filename
     case.file_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
     case.lines = {_dotted(path): line for path, line in lines.items() if path}
+    if case.gate is not None and case.gate.data == "holdout" and not case.data.holdout:
+        raise SurgeryInputError(f"{case.where('gate.data')}: 'holdout' needs data.holdout > 0 (e.g. 0.2), or a "
+                                "dataset of its own, e.g. {name: imagefolder, root: release-eval}")
     return case
 
 
@@ -312,10 +316,16 @@ def _without_thresholds(value: Any) -> Any:
 
 
 def experiment_hash(case: Case) -> str:
-    """A hash of what the figures depend on: the case without name, description, seeds, markers, thresholds."""
-    data = case.model_dump(mode="json", by_alias=True)
-    for key in ("name", "description", "seed", "markers", "device"):
+    """A hash of what the figures depend on: the case without name, description, seeds, markers, thresholds.
+
+    Sections a case leaves out (``None``) are left out of the hash too, so registering a new check does
+    not make every record stale; the ``gate`` section scores a checkpoint after the run and is left out.
+    ``MEASUREMENT`` stands for the code that computes the figures (:mod:`surgery.calibration`).
+    """
+    data = case.model_dump(mode="json", by_alias=True, exclude_none=True)
+    for key in ("name", "description", "seed", "markers", "device", "gate"):
         data.pop(key, None)
+    data["measurement"] = MEASUREMENT
     data["expect"] = _without_thresholds(data["expect"])
     blob = json.dumps(data, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

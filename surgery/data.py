@@ -28,6 +28,12 @@ class Split:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    # Indices into the dataset (after ``limit``) of each part; the holdout is kept for the release gate.
+    train_index: torch.Tensor | None = None
+    test_index: torch.Tensor | None = None
+    holdout_index: torch.Tensor | None = None
+    holdout_x: torch.Tensor | None = None
+    holdout_y: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"Split({self.name}: train {tuple(self.train_x.shape)}, test {tuple(self.test_x.shape)}, "
@@ -165,16 +171,46 @@ def load_images(spec, *, image_size: int, channels: int, seed: int = 0) -> tuple
     return images.contiguous(), labels
 
 
-def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction: float = 0.2) -> Split:
-    """The dataset normalised to about [-1, 1] and split train/test by a permutation drawn from ``seed``."""
+# NOTE: a fixed seed of its own, so that the held-out examples are the same whatever the run's seed
+# or ``split_seed``: no seed's train or test split ever contains one of them.
+HOLDOUT_SEED = 7_919
+
+
+def holdout_indices(n: int, fraction: float) -> torch.Tensor:
+    """The indices (sorted) of the ``fraction`` of ``n`` examples kept for the release gate; empty at 0."""
+    if fraction <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    count = max(1, int(round(n * fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    return order[:count].sort().values
+
+
+def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction: float = 0.2,
+               holdout: float = 0.0) -> Split:
+    """The dataset normalised to about [-1, 1] and split train/test by a permutation drawn from ``seed``.
+
+    ``holdout`` > 0 first sets aside that fraction of the examples with a fixed draw of its own
+    (:func:`holdout_indices`): they are in no seed's train or test split, and come back as the split's
+    ``holdout_x`` / ``holdout_y`` for the release gate. At 0 the split is exactly what it was without it.
+    """
     generator = seeded_generator(seed)  # before any work: a seed out of range is bad input
     images, labels = load_images(spec, image_size=image_size, channels=channels, seed=seed)
     n = len(images)
-    n_test = max(1, int(round(n * test_fraction)))
-    if n - n_test < 1:
-        raise SurgeryInputError(f"data: dataset {spec.name!r} has {n} samples; too few to split train/test")
-    order = torch.randperm(n, generator=generator)
+    held = holdout_indices(n, holdout)
+    if len(held):
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[held] = False
+        pool = torch.arange(n)[mask]
+    else:
+        pool = torch.arange(n)
+    n_test = max(1, int(round(len(pool) * test_fraction)))
+    if len(pool) - n_test < 1:
+        raise SurgeryInputError(f"data: dataset {spec.name!r} has {n} samples ({len(held)} held out); too few to "
+                                "split train/test")
+    order = pool[torch.randperm(len(pool), generator=generator)]
     x = (images - 0.5) / 0.5
     test, train = order[:n_test], order[n_test:]
     num_classes = int(labels.max()) + 1
-    return Split(spec.name, x[train], labels[train], x[test], labels[test], num_classes)
+    return Split(spec.name, x[train], labels[train], x[test], labels[test], num_classes, train_index=train,
+                 test_index=test, holdout_index=held, holdout_x=x[held] if len(held) else None,
+                 holdout_y=labels[held] if len(held) else None)

@@ -97,7 +97,7 @@ def load_data(case: Case, seed: int) -> Split:
     with blame(case, field):
         return load_split(dataset_spec(case, data.train), image_size=data.image_size, channels=data.channels,
                           seed=seed if data.split_seed is None else data.split_seed,
-                          test_fraction=data.test_fraction)
+                          test_fraction=data.test_fraction, holdout=data.holdout)
 
 
 def probe_inputs(case: Case, split: Split, seed: int) -> torch.Tensor:

@@ -144,6 +144,8 @@ class DataSpec(Strict):
     split_seed: int | None = Field(None, description="fixed train/test split (default: the run's seed); "
                                    "set 0 on mnist5k to keep the zoo's own test split unseen")
     probe_size: int = Field(256, gt=0, description="samples probed for activation statistics")
+    holdout: float = Field(0.0, ge=0, lt=1, description="fraction of data.train kept for the release gate "
+                           "(`gate: {data: holdout}`): a fixed draw that no seed's train or test split contains")
 
 
 class ModelSpec(Strict):
@@ -193,3 +195,20 @@ class FinetuneSpec(Strict):
     clip_grad: float | None = Field(None, gt=0)
     groups: list[ParamGroupSpec] = []
     bn_recalibrate: bool = Field(False, description="AdaBN on the train split before the first step")
+
+
+class NotWorseThanSpec(Strict):
+    """The non-inferiority rule of the gate: the candidate may be worse than the champion by at most ``accuracy``."""
+
+    accuracy: float = Field(0.0, ge=0, le=1, description="largest accuracy loss against the champion accepted")
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="confidence of the one-sided bound on the loss")
+
+
+class GateSpec(Strict):
+    """The ``gate:`` section: what ``surgery gate`` scores a release candidate on, and against what."""
+
+    data: Union[Literal["holdout"], DatasetSpec] = Field(
+        "holdout", description="holdout: the part of data.train set aside by data.holdout; or a dataset, used whole")
+    champion: str | None = Field(None, description="the released checkpoint to compare with (--champion overrides)")
+    not_worse_than: NotWorseThanSpec | None = Field(None, description="non-inferiority against the champion")
+    resamples: int = Field(2000, ge=100, le=100_000, description="paired bootstrap resamples")
