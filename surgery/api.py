@@ -60,9 +60,15 @@ def write_report(result: CaseResult, directory: str | Path) -> Path:
     return write_case_report(result, Path(directory))
 
 
-def gate(checkpoint: str | Path, *, case: Case, report_dir: str | Path, device: str | None = None) -> CaseResult:
-    """Judge a finished checkpoint against a case before release; writes the verdict under ``report_dir``."""
-    return run_gate(Path(checkpoint), case, report_dir=Path(report_dir), device=device)
+def gate(checkpoint: str | Path, *, case: Case, report_dir: str | Path, champion: str | Path | None = None,
+         device: str | None = None) -> CaseResult:
+    """Judge a release candidate against a case (and a champion) on the case's gate data; writes the verdict.
+
+    ``result.passed`` is the verdict; ``result.provenance["gate"]`` holds every figure with its interval
+    (what ``gate.json`` holds). See :mod:`surgery.gate`.
+    """
+    return run_gate(Path(checkpoint), case, report_dir=Path(report_dir), device=device,
+                    champion=Path(champion) if champion else None)
 
 
 def create_model(model: str, *, num_classes: int | None = None, in_chans: int | None = None,

@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
     cases = [load_case(p) for p in paths]  # every file is validated before anything runs
     options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False,
-                         threads=args.threads)
+                         threads=args.threads, export=args.export is not None)
     if args.ray is not None:
         from surgery.ray_runner import RayOptions, run_cases_on_ray
 
@@ -93,6 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             internal = True
             continue
         _print_result(outcome, write_case_report(outcome, Path(args.report)))
+        if args.export is not None:
+            from surgery.case import experiment_hash
+            from surgery.export import export_patients
+
+            for path in export_patients(outcome, outcome.patients, Path(args.export),
+                                        experiment_hash=experiment_hash(case)):
+                print(f"    exported {path}")
         failed |= not outcome.passed
         ran += 1
     if ran:
@@ -135,9 +142,27 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from surgery.numerics import pin_numerics
 
     pin_numerics(args.threads)
-    verdict = run_gate(Path(args.checkpoint), case, report_dir=Path(args.report), device=args.device)
+    verdict = run_gate(Path(args.checkpoint), case, report_dir=Path(args.report), device=args.device,
+                       champion=Path(args.champion) if args.champion else None)
+    _print_gate_context(verdict.provenance["gate"])
     _print_result(verdict, Path(args.report))
     return ExitCode.OK if verdict.passed else ExitCode.FAILED
+
+
+def _print_gate_context(gate: dict[str, Any]) -> None:
+    """Where the candidate (and champion) came from, what they were scored on, and any warnings."""
+    from surgery.export import describe_origin
+
+    for role in ("candidate", "champion"):
+        entry = gate.get(role)
+        if entry:
+            origin = describe_origin(entry["origin"]) or "no surgery metadata"
+            print(f"{role}: {entry['path']} (sha256 {entry['sha256'][:12]}): {origin}")
+    acc = gate["accuracy"]
+    lo, hi = acc["interval"]
+    print(f"scored on {gate['data']}: accuracy {acc['value']:.4f} [{lo:.4f}, {hi:.4f}]")
+    for warning in gate["warnings"]:
+        print(f"surgery: warning: {warning}", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -216,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="torch threads (default: $SURGERY_THREADS, else 2); results depend on it")
+    run.add_argument("--export", default=None, metavar="DIR",
+                     help="write each seed's fine-tuned patient as DIR/<case>/seed-N.safetensors, its metadata "
+                          "holding the case hash, seed, commit, versions, coverage, metrics and the run's verdict")
     run.add_argument("--ray", nargs="?", const=LOCAL_CLUSTER, default=None, metavar="ADDRESS",
                      help="run on Ray: one task per case and seed (and baseline, zoo model); without ADDRESS a "
                           "local cluster sized to this machine (needs: pip install 'surgery[ray]')")
@@ -239,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(func=cmd_calibrate)
 
     gate = sub.add_parser("gate", help="check a finished checkpoint against a case before release")
-    gate.add_argument("checkpoint")
+    gate.add_argument("checkpoint", help="the release candidate (.safetensors, or .pt/.pth loaded weights-only)")
     gate.add_argument("--case", required=True)
+    gate.add_argument("--champion", default=None, metavar="PATH",
+                      help="the released checkpoint to compare with on the same examples (overrides gate.champion)")
     gate.add_argument("--report", default="reports/gate", metavar="DIR")
     gate.add_argument("--device", default=None)
     gate.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: 2)")

@@ -214,3 +214,9 @@ def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction
     return Split(spec.name, x[train], labels[train], x[test], labels[test], num_classes, train_index=train,
                  test_index=test, holdout_index=held, holdout_x=x[held] if len(held) else None,
                  holdout_y=labels[held] if len(held) else None)
+
+
+def load_eval_set(spec, *, image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole dataset, normalised as :func:`load_split` normalises, for evaluation only (no split)."""
+    images, labels = load_images(spec, image_size=image_size, channels=channels, seed=0)
+    return (images - 0.5) / 0.5, labels

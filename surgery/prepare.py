@@ -50,7 +50,8 @@ def blame(case: Case, field: str) -> Iterator[None]:
         raise SurgeryInputError(f"{case.where(field)}: {exc}") from None
 
 
-def _relative_to_case(case: Case, value: str | None) -> str | None:
+def resolve_relative(case: Case, value: str | None) -> str | None:
+    """A path written in the case file, resolved against the case file's folder when it is relative."""
     if not value or case.path == "<memory>" or Path(value).expanduser().is_absolute():
         return value
     return str(Path(case.path).parent / Path(value).expanduser())
@@ -58,13 +59,13 @@ def _relative_to_case(case: Case, value: str | None) -> str | None:
 
 def model_spec(case: Case, spec: ModelSpec) -> ModelSpec:
     """``spec`` with a relative checkpoint path resolved against the case file's folder."""
-    resolved = _relative_to_case(case, spec.checkpoint)
+    resolved = resolve_relative(case, spec.checkpoint)
     return spec if resolved == spec.checkpoint else spec.model_copy(update={"checkpoint": resolved})
 
 
 def dataset_spec(case: Case, spec: DatasetSpec) -> DatasetSpec:
     """``spec`` with a relative imagefolder root resolved against the case file's folder."""
-    resolved = _relative_to_case(case, spec.root)
+    resolved = resolve_relative(case, spec.root)
     return spec if resolved == spec.root else spec.model_copy(update={"root": resolved})
 
 

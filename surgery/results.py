@@ -6,7 +6,7 @@ import hashlib
 import json
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class CaseResult:
 
     calibration: str = ""          # calibrated, stale or missing, in one line
     calibration_notes: list[str] = field(default_factory=list)  # where this run's provenance differs from it
+    # Seed -> the fine-tuned patient's state_dict, when the run was asked to export them (never serialised).
+    patients: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -85,7 +87,8 @@ class CaseResult:
         return next((e for e in self.expectations if e.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = asdict(replace(self, patients={}))  # weights are exported as files, never into JSON
+        del out["patients"]
         out["passed"] = self.passed
         return out
 

@@ -21,6 +21,7 @@ from surgery.checks.base import SeedContext
 from surgery.checks.expect import declared_checks, evaluate_expectations, uncalibrated_fields
 from surgery.data import Split
 from surgery.errors import SurgeryInputError
+from surgery.export import patient_state
 from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_device
 from surgery.builder import weight_files, weights_digest
 from surgery.models import build_architecture
@@ -42,6 +43,7 @@ class RunOptions:
     seeds: list[int] | None = None  # run exactly these seeds instead of the case's (calibration does)
     threads: int | None = None     # torch threads; None = $SURGERY_THREADS or surgery.numerics.DEFAULT_THREADS
     calibrating: bool = False      # thresholds may still be the ``calibrate`` placeholder
+    export: bool = False           # keep each seed's fine-tuned patient (CaseResult.patients) for --export
 
 
 def baseline_model(case: Case, split: Split) -> nn.Module:
@@ -126,6 +128,8 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         out["histograms"] = probes.histograms()
         if maps := probes.layer_maps():
             out["layer_maps"] = maps
+    if options.export:
+        out["patient_state"] = patient_state(patient)
     return out
 
 
@@ -216,6 +220,7 @@ def assemble(case: Case, per_seed: list[dict[str, Any]], baselines: list[dict[st
     """
     by_seed = {b["seed"]: b for b in baselines}
     per_seed = [dict(s) for s in per_seed]  # the caller's dicts stay as they were
+    patients = {s["seed"]: s.pop("patient_state") for s in per_seed if "patient_state" in s}
     for s in per_seed:
         if s["seed"] in by_seed:
             base = by_seed[s["seed"]]
@@ -224,7 +229,7 @@ def assemble(case: Case, per_seed: list[dict[str, Any]], baselines: list[dict[st
     seeds = [s["seed"] for s in per_seed]
     calibration = calibration or case_calibration(case)
     result = CaseResult(case=case.name, path=case.path, description=case.description, seeds=seeds,
-                        provenance=dict(provenance))
+                        provenance=dict(provenance), patients=patients)
     result.calibration = calibration.status()
     result.calibration_notes = calibration_notes(calibration, result.provenance)
     first = per_seed[0]

@@ -350,3 +350,13 @@ def test_fuzz_random_text(text):
                      max_size=30).map("".join))
 def test_fuzz_yaml_tokens(text):
     _check_parse(text)
+
+
+def test_the_readme_field_by_field_case_parses():
+    """The README's annotated case file is a valid case, gate section included."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = readme.split("## A case file, field by field")[1].split("```yaml")[1].split("```")[0]
+    case = parse_case(text, "README.md")
+    assert case.surgery.strategy == "select" and case.gate.data == "holdout" and case.data.holdout == 0.2
