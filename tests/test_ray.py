@@ -102,10 +102,10 @@ def runs(ray_cluster, driver_cache, tmp_path_factory) -> dict[str, CaseRun | boo
     """The tiny case run with ``--ray`` first (cold zoo cache), then locally, both at 1 seed and 1 thread."""
     directory = tmp_path_factory.mktemp("runs")
     case = write_case(directory / "cases", "tiny")
-    ray_run = run_case_file(case, directory / "ray", *ONE_SEED, "--ray")
+    ray_run = run_case_file(case, directory / "ray", *ONE_SEED, "--ray", "--export", directory / "ray-export")
     zoo_built = zoo_path(ZOO["mnist-stem"]).is_file()
-    local = run_case_file(case, directory / "local", *ONE_SEED)
-    return {"ray": ray_run, "local": local, "zoo_built_by_ray": zoo_built}
+    local = run_case_file(case, directory / "local", *ONE_SEED, "--export", directory / "local-export")
+    return {"ray": ray_run, "local": local, "zoo_built_by_ray": zoo_built, "exports": directory}
 
 
 def test_ray_run_writes_what_a_local_run_writes(runs):
@@ -120,6 +120,21 @@ def test_ray_run_writes_what_a_local_run_writes(runs):
     assert accuracy["after"] != accuracy["before"] and "baseline" in accuracy  # a real run, baseline merged in
     assert ray_run.results["provenance"]["threads"] == 1
     assert runs["zoo_built_by_ray"]  # the zoo model came from a Ray task into the shared (driver's) cache
+
+
+def test_ray_export_writes_the_local_runs_patients(runs):
+    """--export on Ray: the patients come back through the object store, bit-identical to a local run's."""
+    from safetensors.torch import load_file
+
+    from surgery.export import read_metadata
+
+    ray_file, local_file = (runs["exports"] / side / "tiny" / "seed-0.safetensors" for side in ("ray-export",
+                                                                                               "local-export"))
+    ray_state, local_state = load_file(str(ray_file)), load_file(str(local_file))
+    assert ray_state.keys() == local_state.keys()
+    assert all(ray_state[k].equal(local_state[k]) for k in local_state)
+    assert read_metadata(ray_file) == read_metadata(local_file)
+    assert read_metadata(ray_file)["verdict"] == "pass"
 
 
 def test_object_store_weights_reach_workers_without_the_drivers_disk(runs, ray_cluster, tmp_path, monkeypatch,

@@ -105,6 +105,8 @@ def test_candidate_gated_against_itself_passes(release, tmp_path):
     assert comparison["difference"] == 0 and comparison["flip_rate"] == 0 and comparison["interval"] == [0, 0]
     assert verdict["gate"]["held_out"] and verdict["gate"]["examples"] == 359
     assert verdict["verdict"] == "pass"
+    page = (tmp_path / "g" / "release-small" / "report.html").read_text()
+    assert 'id="gate"' in page and "paired-bootstrap interval" in page and "flip rate" in page
 
 
 def test_head_permuted_candidate_fails_naming_interval_and_flip_rate(release, tmp_path):

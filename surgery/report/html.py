@@ -326,6 +326,36 @@ def _provenance_items(prov: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, ", ".join(map(str, prov[k])) if isinstance(prov[k], list) else prov[k]) for k in keys]
 
 
+def _gate_view(prov: dict[str, Any]) -> dict[str, Any] | None:
+    """The release gate's figures for its section of the page (a gate run only)."""
+    gate = prov.get("gate")
+    if not isinstance(gate, dict):
+        return None
+    comparison = _dict(gate.get("comparison"))
+    rows = []
+    if comparison:
+        pct = round(100 * (2 * float(comparison.get("confidence", 0.95)) - 1))
+        interval = comparison.get("interval") or [None, None]
+        rows = [("candidate accuracy", fmt(comparison.get("candidate_accuracy"))),
+                ("champion accuracy", fmt(comparison.get("champion_accuracy"))),
+                ("difference (candidate − champion)", fmt(comparison.get("difference"))),
+                (f"{pct}% paired-bootstrap interval", f"[{fmt(interval[0])}, {fmt(interval[1])}]"),
+                (f"one-sided {comparison.get('confidence')} lower bound vs −margin",
+                 f"{fmt(comparison.get('lower_bound'))} vs −{comparison.get('margin')}"),
+                ("McNemar exact p (discordant: candidate only / champion only)",
+                 f"{fmt(comparison.get('mcnemar_p'))} ({comparison.get('candidate_only')} / "
+                 f"{comparison.get('champion_only')})"),
+                ("flip rate (answers changed)", fmt(comparison.get("flip_rate")))]
+    accuracy = _dict(gate.get("accuracy"))
+    interval = accuracy.get("interval") or [None, None]
+    return {"data": gate.get("data"), "held_out": gate.get("held_out"), "warnings": _list(gate.get("warnings")),
+            "candidate": _dict(gate.get("candidate")), "champion": _dict(gate.get("champion")),
+            "accuracy": f"{fmt(accuracy.get('value'))} [{fmt(interval[0])}, "
+                        f"{fmt(interval[1])}]",
+            "comparison": rows, "drift": [{k: r.get(k) for k in ("layer", "w1_norm", "ks", "psi")}
+                                          for r in _list(gate.get("champion_drift")) if isinstance(r, dict)]}
+
+
 def case_view(result: CaseResult) -> dict[str, Any]:
     """Everything the case template shows, computed from ``result`` (strings still unescaped)."""
     act_rows = _activation_rows(result)
@@ -360,7 +390,8 @@ def case_view(result: CaseResult) -> dict[str, Any]:
         "has_cka": any(r.get("cka") is not None for r in act_rows),
         "activations": _activation_table(act_rows),
         "coverage": coverage_rows, "record": _record_view(result),
-        "provenance": _provenance_items(_dict(result.provenance)),
+        "provenance": _provenance_items({k: v for k, v in _dict(result.provenance).items() if k != "gate"}),
+        "gate": _gate_view(_dict(result.provenance)),
         "schema_version": result.schema_version,
     }
 
