@@ -2,58 +2,14 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import pytest
 import scipy.stats
 import torch
-from torch import nn
-from torchvision.models import resnet18
 
 from surgery.drift import DRIFT_COLUMNS, drift, drift_table, ks_statistic, psi, wasserstein_1d
 from surgery.probe import probe_activations
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """NOTE: on shared, busy cores torch's 2 OpenMP threads spin against each other (~40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _resnet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return resnet18(num_classes=10).eval()
-
-
-def _inputs(n: int, seed: int = 1, shape=(3, 32, 32)) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g)
-
-
-def _identity_model() -> nn.Module:
-    return nn.Sequential(OrderedDict(act=nn.Identity()))
-
-
-def _stored(model: nn.Module, inputs: torch.Tensor, names: list[str], batch_size: int) -> dict[str, list[list[torch.Tensor]]]:
-    """Every output of every call of each layer, cloned (in-place ReLUs later overwrite BN outputs)."""
-    modules = dict(model.named_modules())
-    out: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}   # [batch][call]
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: out[n][-1].append(o.detach().clone()))
-               for n in names]
-    try:
-        with torch.inference_mode():
-            for s in range(0, inputs.shape[0], batch_size):
-                for n in names:
-                    out[n].append([])
-                model(inputs[s:s + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+from probe_helpers import identity_model, one_thread, resnet, seeded_inputs  # noqa: F401 (one_thread: autouse)
 
 
 # ----------------------------------------------------------------------------- drift metrics
@@ -76,7 +32,7 @@ def test_w1_and_ks_equal_scipy(seed):
 def test_drift_identical_is_zero_and_shift_by_one_std_is_one():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(20_000, 1, generator=g) * 2.0 + 3.0
-    model = _identity_model()
+    model = identity_model()
     ref = probe_activations(model, base, ["act"], batch_size=4096)
     same = probe_activations(model, base, ["act"], batch_size=4096, edges=ref)
     shifted = probe_activations(model, base + 2.0, ["act"], batch_size=4096, edges=ref)  # + 1 std
@@ -97,7 +53,7 @@ def test_psi_and_degenerate_reference():
     assert psi([10, 0, 0], [0, 0, 10]) > 5
     with pytest.raises(ValueError, match="same bins"):
         psi([1, 2], [1, 2, 3])
-    model = _identity_model()
+    model = identity_model()
     zeros = probe_activations(model, torch.zeros(100, 2), ["act"])
     ones = probe_activations(model, torch.ones(100, 2), ["act"], edges=zeros)
     d = drift(zeros["act"], ones["act"])
@@ -109,7 +65,7 @@ def test_psi_and_degenerate_reference():
 
 
 def test_drift_table_rows_and_columns():
-    ref_model, pat_model, x = _resnet(0), _resnet(0), _inputs(16)
+    ref_model, pat_model, x = resnet(0), resnet(0), seeded_inputs(16)
     with torch.no_grad():
         pat_model.layer1[1].bn2.bias.fill_(-1e4)  # layer1 output = relu(bn2 + identity): becomes mostly dead
     names = ["layer1", "layer2"]
@@ -128,8 +84,8 @@ def test_streamed_drift_agrees_with_scipy_on_the_probe_samples():
     # Item 3 of the probe issue: W1, KS and PSI from the streamed summaries against scipy/numpy on the
     # same samples. Tolerance: 1e-9 relative (both sides compute in float64 on identical values).
     x = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    ref = probe_activations(_resnet(0), x, ["layer1", "layer3"], batch_size=40)
-    pat = probe_activations(_resnet(1), x, ["layer1", "layer3"], batch_size=40, edges=ref)
+    ref = probe_activations(resnet(0), x, ["layer1", "layer3"], batch_size=40)
+    pat = probe_activations(resnet(1), x, ["layer1", "layer3"], batch_size=40, edges=ref)
     for name in ["layer1", "layer3"]:
         r, p = ref[name], pat[name]
         u, v = r.sample.double().numpy(), p.sample.double().numpy()

@@ -13,60 +13,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torchvision.models import resnet18
 
 from surgery.errors import SurgeryInputError
 from surgery.probe import LayerStats, ProbePass, ProbeStats, histogram, probe_activations, resolve_layers, shared_edges
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """NOTE: on shared, busy cores torch's 2 OpenMP threads spin against each other (~40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _resnet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return resnet18(num_classes=10).eval()
-
-
-def _inputs(n: int, seed: int = 1, shape=(3, 32, 32)) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=g)
-
-
-def _identity_model() -> nn.Module:
-    return nn.Sequential(OrderedDict(act=nn.Identity()))
-
-
-def _stored(model: nn.Module, inputs: torch.Tensor, names: list[str], batch_size: int) -> dict[str, list[list[torch.Tensor]]]:
-    """Every output of every call of each layer, cloned (in-place ReLUs later overwrite BN outputs)."""
-    modules = dict(model.named_modules())
-    out: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}   # [batch][call]
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: out[n][-1].append(o.detach().clone()))
-               for n in names]
-    try:
-        with torch.inference_mode():
-            for s in range(0, inputs.shape[0], batch_size):
-                for n in names:
-                    out[n].append([])
-                model(inputs[s:s + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+from probe_helpers import identity_model, one_thread, resnet, seeded_inputs, stored_outputs  # noqa: F401 (one_thread: autouse)
 
 
 # ----------------------------------------------------------------------------- streamed statistics
 
 def test_streamed_stats_equal_stored_activations():
-    model, x = _resnet(), _inputs(70)  # batches of 32, 32, 6
+    model, x = resnet(), seeded_inputs(70)  # batches of 32, 32, 6
     names = ["relu", "layer1.0.relu", "layer2.0.bn1", "layer3", "fc"]
     stats = probe_activations(model, x, names, batch_size=32, sample_size=512)
-    stored = _stored(model, x, names, batch_size=32)
+    stored = stored_outputs(model, x, names, batch_size=32)
     assert list(stats) == ["relu", "layer1.0.relu", "layer2.0.bn1", "layer3", "fc"]
     for name in names:
         s = stats[name]
@@ -99,11 +58,11 @@ def test_streamed_stats_equal_stored_activations():
 
 
 def test_given_edges_count_the_sample_and_clamp_to_end_bins():
-    ref_model, pat_model, x = _resnet(0), _resnet(1), _inputs(40)
+    ref_model, pat_model, x = resnet(0), resnet(1), seeded_inputs(40)
     ref = probe_activations(ref_model, x, ["layer1", "layer2"], batch_size=16)
     pat = probe_activations(pat_model, x, ["layer1", "layer2"], batch_size=16, edges=shared_edges(ref))
     same = probe_activations(pat_model, x, ["layer1", "layer2"], batch_size=16, edges=ref)  # LayerStats work too
-    stored = _stored(pat_model, x, ["layer1", "layer2"], batch_size=16)
+    stored = stored_outputs(pat_model, x, ["layer1", "layer2"], batch_size=16)
     for name in ["layer1", "layer2"]:
         p = pat[name]
         assert torch.equal(p.hist_edges, ref[name].hist_edges)
@@ -119,8 +78,8 @@ def test_given_edges_count_the_sample_and_clamp_to_end_bins():
 def test_batching_does_not_change_the_statistics():
     # The sample's positions are drawn among all values up front, so any batching keeps the same values.
     x = torch.randn(300, 8, generator=torch.Generator().manual_seed(5)) * 3 + 1
-    whole = probe_activations(_identity_model(), x, ["act"], batch_size=300, sample_size=500)["act"]
-    small = probe_activations(_identity_model(), x, ["act"], batch_size=7, sample_size=500)["act"]
+    whole = probe_activations(identity_model(), x, ["act"], batch_size=300, sample_size=500)["act"]
+    small = probe_activations(identity_model(), x, ["act"], batch_size=7, sample_size=500)["act"]
     assert (small.count, small.min, small.max, small.near_zero_frac) == (whole.count, whole.min, whole.max,
                                                                          whole.near_zero_frac)
     assert small.mean == pytest.approx(whole.mean, rel=1e-6) and small.std == pytest.approx(whole.std, rel=1e-6)
@@ -131,13 +90,13 @@ def test_batching_does_not_change_the_statistics():
 def test_moments_are_float64_accurate_far_from_zero(offset):
     # Two-pass float32 moments per call, merged in float64: no cancellation when |mean| >> std.
     x = (torch.randn(64, 4096, generator=torch.Generator().manual_seed(1)) + offset).float()
-    s = probe_activations(_identity_model(), x, ["act"], batch_size=5)["act"]
+    s = probe_activations(identity_model(), x, ["act"], batch_size=5)["act"]
     values = x.double().numpy()
     assert s.mean == pytest.approx(values.mean(), rel=1e-9, abs=1e-6)
     assert s.std == pytest.approx(values.std(), rel=1e-6)
     # the masked path (taken when a batch holds NaN or inf, and always on CUDA) is as accurate
     x[3, 7] = float("nan")
-    masked = probe_activations(_identity_model(), x, ["act"], batch_size=5)["act"]
+    masked = probe_activations(identity_model(), x, ["act"], batch_size=5)["act"]
     finite = values[np.isfinite(x.numpy())]
     assert masked.nonfinite == 1 and masked.count == finite.size
     assert masked.mean == pytest.approx(finite.mean(), rel=1e-9, abs=1e-6)
@@ -183,7 +142,7 @@ def test_outputs_that_do_not_scale_with_the_batch_are_refused():
 
 
 def test_probe_pass_feeds_batches_and_is_public():
-    model, x = _resnet(), _inputs(24)
+    model, x = resnet(), seeded_inputs(24)
     with ProbePass(model, ["layer3", "layer4"], total_samples=24) as probe:
         for batch in x.split(10):
             probe.feed(batch)
@@ -196,7 +155,7 @@ def test_probe_pass_feeds_batches_and_is_public():
 
 
 def test_sample_size_determinism_and_small_probes():
-    model, x = _resnet(), _inputs(24)
+    model, x = resnet(), seeded_inputs(24)
     a = probe_activations(model, x, ["layer2", "fc"], batch_size=10, sample_size=300, seed=3)
     b = probe_activations(model, x, ["layer2", "fc"], batch_size=10, sample_size=300, seed=3)
     c = probe_activations(model, x, ["layer2", "fc"], batch_size=10, sample_size=300, seed=4)
@@ -215,7 +174,7 @@ def test_sample_is_uniform_over_the_stream():
     # Values 0..N-1 streamed in order: a uniform sample has no bias towards early or late batches.
     n, k = 60_000, 2_000
     x = torch.arange(n, dtype=torch.float32).reshape(-1, 1)
-    s = probe_activations(_identity_model(), x, ["act"], batch_size=7_000, sample_size=k)["act"]
+    s = probe_activations(identity_model(), x, ["act"], batch_size=7_000, sample_size=k)["act"]
     r = s.sample.numpy()
     assert r.size == k and np.unique(r).size == k  # without replacement
     assert scipy.stats.kstest(r / n, "uniform").pvalue > 1e-3
@@ -223,9 +182,9 @@ def test_sample_is_uniform_over_the_stream():
 
 
 def test_memory_bounded_stored_sizes_do_not_grow_with_probe_size():
-    model, names = _resnet(), ["layer1", "layer1.0.relu", "fc"]
-    small = probe_activations(model, _inputs(8), names, batch_size=8, sample_size=64)
-    large = probe_activations(model, _inputs(64), names, batch_size=8, sample_size=64)
+    model, names = resnet(), ["layer1", "layer1.0.relu", "fc"]
+    small = probe_activations(model, seeded_inputs(8), names, batch_size=8, sample_size=64)
+    large = probe_activations(model, seeded_inputs(64), names, batch_size=8, sample_size=64)
     for name in names:
         assert large[name].count == 8 * small[name].count
         for field in ("sample", "hist_counts", "hist_edges"):
@@ -236,7 +195,7 @@ def test_memory_bounded_stored_sizes_do_not_grow_with_probe_size():
 # ----------------------------------------------------------------------------- dead channels, outputs, hooks
 
 def test_dead_channel_forced_by_bn_bias():
-    model, x, names = _resnet(), _inputs(16), ["relu", "layer1.0.relu"]
+    model, x, names = resnet(), seeded_inputs(16), ["relu", "layer1.0.relu"]
     before = probe_activations(model, x, names, batch_size=8)
     with torch.no_grad():
         model.bn1.bias[3] = -1e4
@@ -270,7 +229,7 @@ class _Net(nn.Module):
 
 
 def test_tuple_and_bf16_outputs_and_unused_layers():
-    x = _inputs(10, shape=(4,))
+    x = seeded_inputs(10, shape=(4,))
     net = _Net()
     s = probe_activations(net, x, ["pair", "bf16"], batch_size=4)
     assert s["pair"].mean == pytest.approx((2 * x).double().mean().item(), rel=1e-5)
@@ -281,15 +240,15 @@ def test_tuple_and_bf16_outputs_and_unused_layers():
 
 def test_nonfinite_values_are_counted_apart():
     x = torch.tensor([[1.0, float("nan")], [float("inf"), -2.0]])
-    s = probe_activations(_identity_model(), x, ["act"])["act"]
+    s = probe_activations(identity_model(), x, ["act"])["act"]
     assert s.nonfinite == 2 and s.count == 2 and s.mean == -0.5 and int(s.hist_counts.sum()) == 2
-    nan = probe_activations(_identity_model(), torch.full((3, 2), float("nan")), ["act"])["act"]
+    nan = probe_activations(identity_model(), torch.full((3, 2), float("nan")), ["act"])["act"]
     assert nan.nonfinite == 6 and nan.count == 0 and math.isnan(nan.mean) and nan.dead_channel_frac == 1.0
     assert int(nan.hist_counts.sum()) == 0 and nan.sample.numel() == 0
 
 
 def test_hooks_removed_and_modes_restored_even_on_error():
-    model = _resnet().train()
+    model = resnet().train()
     model.layer1.eval()  # a frozen stage stays frozen
 
     class Boom(Exception):
@@ -300,7 +259,7 @@ def test_hooks_removed_and_modes_restored_even_on_error():
 
     h = model.layer3.register_forward_hook(explode)
     with pytest.raises(Boom):
-        probe_activations(model, _inputs(4), ["layer1", "layer2"])
+        probe_activations(model, seeded_inputs(4), ["layer1", "layer2"])
     h.remove()
     assert all(not m._forward_hooks for m in model.modules())
     assert model.training and not model.layer1.training and model.layer2.training
@@ -309,7 +268,7 @@ def test_hooks_removed_and_modes_restored_even_on_error():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_probe_never_synchronises_and_matches_the_cpu():
-    model, x = _resnet(), _inputs(48)
+    model, x = resnet(), seeded_inputs(48)
     cpu = probe_activations(model, x, ["layer1", "layer4"], batch_size=16)
     with ProbePass(model, ["layer1", "layer4"], total_samples=48, device="cuda") as probe:
         first, *rest = x.split(16)
@@ -331,7 +290,7 @@ def test_cuda_probe_never_synchronises_and_matches_the_cpu():
 # ----------------------------------------------------------------------------- layer names
 
 def test_resolve_layers_globs_and_unknown_names():
-    model = _resnet()
+    model = resnet()
     stages = resolve_layers(model, ["layer?"])
     assert stages == ["layer1", "layer2", "layer3", "layer4"]
     deep = resolve_layers(model, ["layer*"])
@@ -347,7 +306,7 @@ def test_resolve_layers_globs_and_unknown_names():
 
 
 def test_to_dict_is_json_and_round_trips():
-    s = probe_activations(_resnet(), _inputs(4), ["layer4"], sample_size=32)["layer4"]
+    s = probe_activations(resnet(), seeded_inputs(4), ["layer4"], sample_size=32)["layer4"]
     assert not any(t.is_inference() for t in (s.sample, s.hist_counts, s.hist_edges))  # usable anywhere
     d = json.loads(json.dumps(s.to_dict()))
     back = LayerStats.from_dict(d)
