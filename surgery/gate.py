@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 from surgery.case import Case, NotWorseThanSpec, experiment_hash
-from surgery.compare import PairedComparison, accuracy_interval, compare_predictions
+from surgery.compare import DEFAULT_RESAMPLES, PairedComparison, accuracy_interval, compare_predictions
 from surgery.drift import drift
 from surgery.errors import SurgeryInputError
 from surgery.export import read_metadata
@@ -411,11 +411,13 @@ def run_gate(candidate: Path, case: Case, *, report_dir: Path, champion: Path | 
         champ_logits = _logits(champ_model, data.x, dev, f"champion {champ_file}", split)
         rule = case.gate.not_worse_than if case.gate is not None and case.gate.not_worse_than else DEFAULT_RULE
         rule_source = (f"rule of {case.where('gate.not_worse_than')}" if case.gate is not None
-                       and case.gate.not_worse_than else "the default rule: at most 0.01 worse at 0.95")
+                       and case.gate.not_worse_than else f"the default rule: at most {DEFAULT_RULE.accuracy:g} worse "
+                       f"at {DEFAULT_RULE.confidence:g}")
         comparison = compare_predictions(data.y.numpy(), logits.argmax(1).cpu().numpy(),
                                          champ_logits.argmax(1).cpu().numpy(), confidence=rule.confidence,
                                          margin=rule.accuracy,
-                                         resamples=case.gate.resamples if case.gate is not None else 2000)
+                                         resamples=case.gate.resamples if case.gate is not None
+                                         else DEFAULT_RESAMPLES)
         expectations.append(not_worse_than(comparison, rule_source))
         drift_rows = champion_drift(case, champ_model, patient, data.x, dev, seed)
     correct = (logits.argmax(1).cpu() == data.y).numpy()

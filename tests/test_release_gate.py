@@ -176,6 +176,27 @@ def test_gate_without_a_gate_section_warns_that_its_examples_are_not_held_out(re
     assert verdict["gate"]["held_out"] is False and verdict["gate"]["comparison"] is None
 
 
+def test_gate_data_of_its_own_is_used_whole(release, tmp_path):
+    """gate.data as an imagefolder beside the case (a relative root): every image scored, none of the case's split."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(30):
+        folder = tmp_path / "case" / "release-eval" / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).save(folder / f"{i}.png")
+    case = tmp_path / "case" / "release-small.yaml"
+    case.write_text(CASE.format(steps=40).replace("  data: holdout", "  data: {name: imagefolder, root: release-eval}"))
+    out = tmp_path / "g"
+    rc, stdout, err = run_cli("gate", release["champion"], "--case", case, "--champion", release["champion"],
+                              "--report", out)
+    verdict = json.loads((out / GATE_FILE).read_text())
+    jsonschema.validate(verdict, SCHEMA)
+    assert verdict["gate"]["examples"] == 30 and verdict["gate"]["held_out"]
+    assert "30 examples of imagefolder (gate.data, used whole)" in stdout and "warning: scored on" not in err
+
+
 def test_gate_holdout_needs_data_holdout(tmp_path):
     case = tmp_path / "bad.yaml"
     case.write_text(CASE.format(steps=1).replace(", holdout: 0.2", ""))
