@@ -61,7 +61,7 @@ from surgery.compare import DEFAULT_RESAMPLES, PairedComparison, accuracy_interv
 from surgery.drift import drift
 from surgery.errors import SurgeryInputError
 from surgery.export import read_metadata
-from surgery.probe import probe_activations, resolve_layers
+from surgery.probe import probe_activations
 from surgery.checks.accuracy import aggregate, recovery
 from surgery.checks.base import (at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row,
                                    worst_drift_row)
@@ -71,7 +71,7 @@ from surgery.models import load_state_dict_file, load_weights
 from surgery._io import file_sha256, strict_json, write_atomic
 from surgery.results import CaseResult, ExpectationResult, provenance
 from surgery.prepare import (FORWARD_ERRORS, Probes, blame, build, dataset_spec, device_for, forward_error, load_data,
-                             map_layers, perform_surgery, probe_inputs, resolve_relative)
+                             map_layers, perform_surgery, probe_inputs, probed_layers, resolve_relative)
 
 __all__ = ["GATE_FILE", "run_gate", "write_verdict", "file_sha256", "bn_stats_rows", "nonfinite_weights",
            "nonfinite_outputs", "gate_schema_path", "gate_data", "GateData", "champion_drift", "origin_warnings"]
@@ -313,12 +313,7 @@ def origin_warnings(case: Case, meta: dict[str, Any], what: str) -> list[str]:
 
 def drift_layers(case: Case, model: nn.Module) -> list[str]:
     """The layers compared between candidate and champion: the case's probed layers, else its blocks."""
-    spec = case.expect.activations or case.expect.similarity
-    if spec is not None:
-        field = "expect.activations" if case.expect.activations is not None else "expect.similarity"
-        with blame(case, f"{field}.layers"):
-            return resolve_layers(model, spec.layers)
-    return map_layers(model)
+    return probed_layers(case, model) or map_layers(model)
 
 
 def champion_drift(case: Case, champion: nn.Module, candidate: nn.Module, x: torch.Tensor, device: torch.device,

@@ -169,6 +169,27 @@ def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Mod
                         in_chans=case.data.channels, build=lambda spec, field, **kw: build(case, spec, field, **kw))
 
 
+def probe_field(case: Case) -> str | None:
+    """The expectation whose ``layers`` the probe follows: ``expect.activations``, else ``expect.similarity``."""
+    if case.expect.activations is not None:
+        return "expect.activations"
+    return "expect.similarity" if case.expect.similarity is not None else None
+
+
+def probed_layers(case: Case, model: nn.Module, *, reference: bool = False) -> list[str]:
+    """The module names of ``model`` that ``case`` probes (its ``reference_layers`` with ``reference``), in model
+    order; [] when the case probes nothing. A name that matches no module is bad input at its line."""
+    field = probe_field(case)
+    if field is None:
+        return []
+    spec = case.expect.activations if field == "expect.activations" else case.expect.similarity
+    patterns, key = spec.layers, f"{field}.layers"
+    if reference and spec.reference_layers:
+        patterns, key = spec.reference_layers, f"{field}.reference_layers"
+    with blame(case, key):
+        return resolve_layers(model, patterns)
+
+
 class Probes:
     """Activation probes of the reference and the patient at each stage, in one pass over the probe set.
 
@@ -181,12 +202,9 @@ class Probes:
 
     def __init__(self, case: Case, reference: nn.Module, patient: nn.Module, probe_x: torch.Tensor,
                  device: torch.device, seed: int):
-        spec = case.expect.activations or case.expect.similarity
-        field = "expect.activations" if case.expect.activations is not None else "expect.similarity"
-        with blame(case, f"{field}.layers"):
-            self.layers = resolve_layers(patient, spec.layers)
-        with blame(case, f"{field}.reference_layers" if spec.reference_layers else f"{field}.layers"):
-            self.ref_layers = resolve_layers(reference, spec.reference_layers or spec.layers)
+        self.layers = probed_layers(case, patient)
+        self.ref_layers = probed_layers(case, reference, reference=True)
+        field = probe_field(case)
         if len(self.layers) != len(self.ref_layers):
             raise SurgeryInputError(
                 f"{case.where(field + '.layers')}: {len(self.layers)} patient layers {self.layers[:4]} but "

@@ -481,7 +481,7 @@ class ProbePass:
                              for n in self.names}
         self.gram_batch = gram_batch
         self.grams: dict[str, list[Tensor]] = {}
-        self.gram_cache: dict[tuple, list[Tensor]] = {}
+        self.last_gram: tuple[Tensor, list[Tensor]] | None = None  # the latest output whose Grams were computed
         self.modes = {m: m.training for m in model.modules()}
         self.handles: list[Any] = []
 
@@ -507,20 +507,23 @@ class ProbePass:
         """Run one batch (moved to the device) through the model and accumulate each layer's output."""
         for acc in self.accumulators.values():
             acc.start_batch(batch.shape[0])
-        self.grams, self.gram_cache = {}, {}
+        self.grams, self.last_gram = {}, None
         self.model(batch.to(self.device, non_blocking=True))
-        self.gram_cache = {}
+        self.last_gram = None
 
     def _gram_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             tensor = _first_tensor(output)
             if tensor is not None and name not in self.grams:   # the first call of a module called twice
-                # A container's output is often its last child's very tensor (ResNet's layer4 and layer4.1):
-                # its Grams are computed once.
-                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-                if key not in self.gram_cache:
-                    self.gram_cache[key] = [gram(part) for part in tensor.detach().split(self.gram_batch)]
-                self.grams[name] = self.gram_cache[key]
+                # A container's output is often its last child's very tensor (ResNet's layer4 and layer4.1), and
+                # its hook fires right after the child's: the Grams of that one tensor are computed once.
+                # NOTE: matched by identity with the tensor held, never by address: a freed output's memory is
+                # reused for a later block's (ResNet-50's layer2.2 lies where layer2.0 lay).
+                if self.last_gram is not None and self.last_gram[0] is tensor:
+                    self.grams[name] = self.last_gram[1]
+                else:
+                    self.grams[name] = [gram(part) for part in tensor.detach().split(self.gram_batch)]
+                    self.last_gram = (tensor, self.grams[name])
         return hook
 
     def batch_grams(self) -> list[list[Tensor]]:

@@ -135,3 +135,33 @@ def test_accumulator_on_cuda_matches_the_cpu():
     for s in range(0, 128, 32):
         gpu.update([gram(x[s:s + 32].cuda())], [gram(y[s:s + 32].cuda())])
     assert gpu.value("x", "y") == pytest.approx(linear_cka(x, y, batch_size=32), rel=1e-9)
+
+
+def test_probe_grams_are_each_layers_own_output_even_where_memory_is_reused():
+    # ResNet-50's blocks of one stage have outputs of one shape, and a freed block output's memory is reused for
+    # the block after next: the Grams must be those of each layer's own output, and a stage's those of its last
+    # block (the very same tensor), never another block's that lay at the same address.
+    import torchvision
+
+    from surgery.probe import ProbePass
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10).eval()
+    x = torch.randn(24, 3, 32, 32)
+    names = ["layer2.0", "layer2.1", "layer2.2", "layer2.3", "layer2"]
+    outputs: dict[str, torch.Tensor] = {}  # each layer's output, kept: from a forward of its own
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.setdefault(n, o.clone()))
+             for n in names]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    with ProbePass(model, ["layer2"], total_samples=len(x), gram_layers=names) as probe:  # keeps only Grams
+        probe.feed(x)
+        [grams] = probe.batch_grams()
+        probe.finish()
+    for name, got in zip(probe.gram_names, grams):
+        assert torch.allclose(got, gram(outputs[name]), rtol=1e-5, atol=1e-4), name
+    assert probe.gram_names == ["layer2", *names[:4]] or probe.gram_names == [*names[:4], "layer2"]
+    by_name = dict(zip(probe.gram_names, grams))
+    assert not torch.allclose(by_name["layer2.0"], by_name["layer2.2"], rtol=1e-3)
