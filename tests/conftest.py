@@ -72,3 +72,12 @@ def digits16():
 def base_case() -> str:
     """The text of a small valid case file; its line numbers are fixed (see ``BASE_CASE``)."""
     return BASE_CASE
+
+
+@pytest.fixture
+def pytester(pytester, monkeypatch):
+    """pytest's own ``pytester``, its inner runs as a plain pytest session even when these tests run under
+    pytest-xdist (a worker's ``PYTEST_XDIST_*`` variables would make the inner session act as a worker)."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+    return pytester

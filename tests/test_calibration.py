@@ -22,7 +22,7 @@ from surgery.calibration import load_record, record_path
 from surgery.case import experiment_hash, load_case, parse_case
 from surgery.checks.base import resolve_threshold
 from surgery.errors import SurgeryInputError
-from surgery.numerics import pin_numerics
+from surgery.numerics import pin_numerics, requested_threads
 
 from cli_runs import run_cli  # the in-process CLI harness of tests/
 
@@ -181,7 +181,7 @@ def test_a_run_shows_the_calibrated_distribution_in_its_messages(calibrated, tmp
     assert after["calibration"]["k"] == 1 and after["status"] == "passed"
     assert results["calibration"].startswith("calibrated at alpha = 0.01")
     prov = results["provenance"]
-    assert prov["threads"] == 2 and prov["cpu_capability"] and "deterministic_algorithms" in prov
+    assert prov["threads"] == requested_threads() and prov["cpu_capability"] and "deterministic_algorithms" in prov
     assert "<svg" in (tmp_path / "r" / "tiny-calibrated" / "report.html").read_text()
 
 

@@ -335,7 +335,8 @@ print("rc", rc)
 import pytest
 print("pytest", int(pytest.main([{str(tmp_path / "cases")!r}, "--surgery-ray", "-p", "no:cacheprovider", "-q"])))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a plain session, not a worker
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert "rc 2" in proc.stdout and "pytest 4" in proc.stdout, proc.stdout + proc.stderr
     lines = proc.stderr.splitlines()
     assert lines[0] == f"surgery: error: --ray: Ray is not installed; install the extra: {INSTALL_HINT}"
