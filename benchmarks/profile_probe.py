@@ -1,9 +1,9 @@
-"""Where a probe's time goes: ``python benchmarks/profile_probe.py [resnet50|resnet18]``.
+"""Where a probe's time goes: ``python -m benchmarks.profile_probe [resnet50|resnet18]``.
 
-Times a bare ``inference_mode`` forward and the probe (``surgery.probe.probe_activations``) the way
-``test_probe_cost.py`` does (alternating, fastest of 5), then profiles 3 probes with cProfile and prints
-the self time per probe of the calls that cost most: the model's own ops (conv2d, batch_norm, ...) are the
-forward; the rest (sum, amin, amax, sub, le, indexing, NumPy) is the probe's statistics.
+Times a bare ``inference_mode`` forward and the probe (``surgery.probe.probe_activations``) as
+``test_probe_cost.py`` does, with its helpers (alternating, fastest of 5), then profiles 3 probes with
+cProfile and prints the self time per probe of the calls that cost most: the model's own ops (conv2d,
+batch_norm, ...) are the forward; the rest (sum, amin, amax, sub, le, indexing, NumPy) is the probe's statistics.
 """
 
 from __future__ import annotations
@@ -11,40 +11,30 @@ from __future__ import annotations
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
 import torchvision
 
+from benchmarks.test_probe_cost import BATCH, IMAGE_SIZE, MODELS, SAMPLES, alternate, bare_forward
 from surgery.probe import probe_activations, resolve_layers
 
-LAYERS = {"resnet50": ["layer?.?"], "resnet18": ["layer?"]}
-SAMPLES, IMAGE_SIZE, BATCH, ROUNDS = 512, 32, 256, 3
+ROUNDS = 3
 
 
 def main(arch: str = "resnet50") -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=10).eval()
     x = torch.randn(SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE)
-    layers = resolve_layers(model, LAYERS[arch])
-
-    @torch.inference_mode()
-    def bare() -> None:
-        for i in range(0, SAMPLES, BATCH):
-            model(x[i:i + BATCH])
+    layers = resolve_layers(model, MODELS[arch])
+    cpu = torch.device("cpu")
 
     def probe() -> None:
         probe_activations(model, x, layers, batch_size=BATCH)
 
-    bare(), probe()  # warm-up
-    best = {"bare": float("inf"), "probe": float("inf")}
-    for _ in range(5):
-        for name, fn in (("bare", bare), ("probe", probe)):
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+    bare_forward(model, x, cpu), probe()  # warm-up
+    bare, probed = alternate(lambda: bare_forward(model, x, cpu), probe, rounds=5)
     print(f"{arch}, {len(layers)} layers, {SAMPLES} samples, {IMAGE_SIZE} px, {torch.get_num_threads()} threads: "
-          f"bare forward {best['bare']:.4f} s, probe {best['probe']:.4f} s, ratio {best['probe'] / best['bare']:.3f}")
+          f"bare forward {bare:.4f} s, probe {probed:.4f} s, ratio {probed / bare:.3f}")
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(ROUNDS):

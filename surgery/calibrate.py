@@ -96,11 +96,11 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
 
 def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> dict[str, Any]:
     """Run a profile's seeds in ``jobs`` subprocesses; merge their figures."""
+    from surgery.numerics import outside_xdist
+
     # NOTE: idle OpenMP threads sleep instead of spinning, so a 2-thread profile does not collapse when
     # something else runs beside it. This changes how threads wait, not which sums they compute.
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **profile_env(profile)}
-    for key in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):
-        env.pop(key, None)
+    env = outside_xdist({**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **profile_env(profile)})
     chunks = [seeds[i::jobs] for i in range(jobs) if seeds[i::jobs]]
     with tempfile.TemporaryDirectory(prefix="surgery-calibrate-") as tmp:
         procs = []

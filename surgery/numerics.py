@@ -14,6 +14,7 @@ environment before torch is imported; it is recorded, not set, here.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,6 +23,12 @@ from surgery.errors import SurgeryInputError
 
 DEFAULT_THREADS = 2
 THREADS_ENV = "SURGERY_THREADS"
+
+
+def outside_xdist(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without pytest-xdist's ``PYTEST_XDIST_*`` variables: for a process started from a worker that must
+    run as a session of its own (its thread count chosen as outside pytest, no worker's behaviour)."""
+    return {key: value for key, value in env.items() if not key.startswith("PYTEST_XDIST_")}
 
 
 def requested_threads(threads: int | None = None) -> int:

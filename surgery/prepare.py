@@ -169,20 +169,23 @@ def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Mod
                         in_chans=case.data.channels, build=lambda spec, field, **kw: build(case, spec, field, **kw))
 
 
-def probe_field(case: Case) -> str | None:
-    """The expectation whose ``layers`` the probe follows: ``expect.activations``, else ``expect.similarity``."""
+def probed_expectation(case: Case) -> tuple[str, Any] | None:
+    """The expectation whose ``layers`` the probe follows, as (field, spec): ``expect.activations``, else
+    ``expect.similarity``; None when the case has neither."""
     if case.expect.activations is not None:
-        return "expect.activations"
-    return "expect.similarity" if case.expect.similarity is not None else None
+        return "expect.activations", case.expect.activations
+    if case.expect.similarity is not None:
+        return "expect.similarity", case.expect.similarity
+    return None
 
 
 def probed_layers(case: Case, model: nn.Module, *, reference: bool = False) -> list[str]:
     """The module names of ``model`` that ``case`` probes (its ``reference_layers`` with ``reference``), in model
     order; [] when the case probes nothing. A name that matches no module is bad input at its line."""
-    field = probe_field(case)
-    if field is None:
+    probed = probed_expectation(case)
+    if probed is None:
         return []
-    spec = case.expect.activations if field == "expect.activations" else case.expect.similarity
+    field, spec = probed
     patterns, key = spec.layers, f"{field}.layers"
     if reference and spec.reference_layers:
         patterns, key = spec.reference_layers, f"{field}.reference_layers"
@@ -204,8 +207,8 @@ class Probes:
                  device: torch.device, seed: int):
         self.layers = probed_layers(case, patient)
         self.ref_layers = probed_layers(case, reference, reference=True)
-        field = probe_field(case)
         if len(self.layers) != len(self.ref_layers):
+            field, _ = probed_expectation(case)
             raise SurgeryInputError(
                 f"{case.where(field + '.layers')}: {len(self.layers)} patient layers {self.layers[:4]} but "
                 f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them")

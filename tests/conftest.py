@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
 from torch import nn
+
+from surgery.numerics import outside_xdist
 
 # A small, self-contained valid case (does not depend on cases/, which evolves): every line is known,
 # so error tests can name the exact line a problem is on.
@@ -78,6 +81,6 @@ def base_case() -> str:
 def pytester(pytester, monkeypatch):
     """pytest's own ``pytester``, its inner runs as a plain pytest session even when these tests run under
     pytest-xdist (a worker's ``PYTEST_XDIST_*`` variables would make the inner session act as a worker)."""
-    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
-        monkeypatch.delenv(name, raising=False)
+    for name in os.environ.keys() - outside_xdist(os.environ).keys():
+        monkeypatch.delenv(name)
     return pytester

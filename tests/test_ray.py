@@ -25,6 +25,7 @@ import pytest
 
 from surgery.case import load_case, parse_case
 from surgery.errors import SurgeryInputError
+from surgery.numerics import outside_xdist
 from surgery.ray_runner import (INSTALL_HINT, RayOptions, RemoteError, install_weights, run_cases_on_ray,
                                 task_device)
 from surgery.recipes import ZOO
@@ -230,18 +231,18 @@ def test_ctrl_c_cancels_the_tasks_and_writes_nothing(runs, driver_cache, ray_clu
     case = load_case(write_case(tmp_path, "interrupted", steps=100_000, baseline=False))  # minutes, alone
     report = tmp_path / "reports"
     key = f"{case.path} seed 0"
-    first_seen: list[float] = []
-    seen_running: list[bool] = []
+    interrupts: list[bool] = []  # per Ctrl-C sent: whether the task showed as running then
 
     def interrupt(run) -> None:
         # Ctrl-C while the driver waits on the task: once it shows as running, or, on a machine so busy that its
         # start is not reported yet, 20 s after the run began (then the task is cancelled while pending).
-        first_seen.append(first_seen[0] if first_seen else time.monotonic())
-        if key in run.running() or time.monotonic() - first_seen[0] > 20:
-            seen_running.append(key in run.running())
+        running = key in run.running()
+        if running or time.monotonic() - started > 20:
+            interrupts.append(running)
             os.kill(os.getpid(), signal.SIGINT)
 
     outcomes: list = []
+    started = time.monotonic()
     try:
         for _, outcome in run_cases_on_ray([case], RunOptions(max_seeds=1, threads=1), RayOptions(progress=False),
                                            on_progress=interrupt):
@@ -250,7 +251,7 @@ def test_ctrl_c_cancels_the_tasks_and_writes_nothing(runs, driver_cache, ray_clu
         interrupted = False
     except KeyboardInterrupt:
         interrupted = True
-    assert interrupted, f"the run was not interrupted (interrupts sent: {len(seen_running)}; outcomes: {outcomes})"
+    assert interrupted, f"the run was not interrupted (interrupts sent: {interrupts}; outcomes: {outcomes})"
     assert not report.exists() and not outcomes
     deadline = time.monotonic() + 30  # far less than the task alone would run
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:  # the task was cancelled
@@ -335,8 +336,8 @@ print("rc", rc)
 import pytest
 print("pytest", int(pytest.main([{str(tmp_path / "cases")!r}, "--surgery-ray", "-p", "no:cacheprovider", "-q"])))
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a plain session, not a worker
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=outside_xdist(os.environ))  # a plain session, not a worker
     assert "rc 2" in proc.stdout and "pytest 4" in proc.stdout, proc.stdout + proc.stderr
     lines = proc.stderr.splitlines()
     assert lines[0] == f"surgery: error: --ray: Ray is not installed; install the extra: {INSTALL_HINT}"
