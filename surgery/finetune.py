@@ -110,6 +110,12 @@ class FinetuneResult:
     nonfinite_step: int | None = None
     seconds: float = 0.0
     samples_per_second: float = 0.0
+    final_accuracy: float | None = None  # on the eval set after the last step; None if training stopped early
+
+    def accuracy_after(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device) -> float:
+        """The trained model's accuracy on ``(x, y)``, which must be the eval set this fine-tune was given:
+        the evaluation already taken at the last step when there was one (the same figure), else a new one."""
+        return self.final_accuracy if self.final_accuracy is not None else evaluate(model, x, y, device=device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +245,8 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
             result.curve.append({"step": result.steps_done, "loss": float(running) / seen, "accuracy": acc,
                                  "lr": spec.optimizer.lr * factor})  # the schedule, before any lr_scale
             bar.set_postfix(loss=f"{float(running) / seen:.3f}", acc=f"{acc:.3f}")
+            if result.steps_done == spec.steps:
+                result.final_accuracy = acc
             running, seen = 0.0, 0
     bar.close()
     _set_frozen(groups, spec.steps)  # leave the model's requires_grad as the policy ends

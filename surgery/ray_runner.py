@@ -40,6 +40,8 @@ import hashlib
 import logging
 import os
 import re
+import signal
+import threading
 import time
 import traceback
 import uuid
@@ -56,7 +58,7 @@ from surgery.prepare import device_for
 from surgery.ray_tracker import TaskTracker
 from surgery.recipes import ZOO
 from surgery.results import CaseResult
-from surgery.runner import (RunOptions, assemble, case_provenance, case_seeds, check_thresholds, has_baseline,
+from surgery.runner import (RunOptions, assemble, case_provenance, case_seeds, check_thresholds, runs_baseline,
                             model_specs, run_baseline, run_seed)
 from surgery.zoo import build as build_zoo, cache_dir, zoo_path
 
@@ -198,7 +200,15 @@ def install_weights(name: str, data: bytes) -> Path:
     return path
 
 
-def _report_start(tracker: Any, key: str) -> None:
+def _start_task(tracker: Any, key: str) -> None:
+    """Make the running task cancellable, then tell the tracker it started (key, worker pid).
+
+    Ray cancels a running task by interrupting its worker as Ctrl-C would; a worker whose process started with
+    SIGINT ignored (a cluster started from a background job or ``nohup``) ignores that too, and the cancelled task
+    would run to its end. So the task puts Python's own handler back (tasks run in the worker's main thread).
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if tracker is not None:
         tracker.started.remote(key, os.getpid())
 
@@ -211,7 +221,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 def zoo_task(name: str, threads: int, env: dict[str, str], inline: bool, tracker: Any = None) -> dict[str, Any]:
     """Build (or find cached) one zoo model, on the CPU with ``threads`` threads: ``{"value": path or bytes}``."""
-    _report_start(tracker, f"zoo:{name}")
+    _start_task(tracker, f"zoo:{name}")
     start = time.perf_counter()
     try:
         with environment(env):
@@ -226,7 +236,7 @@ def zoo_task(name: str, threads: int, env: dict[str, str], inline: bool, tracker
 def case_task(job: TaskJob, *builds: dict[str, Any]) -> dict[str, Any]:
     """Run one seed (:func:`~surgery.runner.run_seed`) or one baseline (:func:`~surgery.runner.run_baseline`) of a
     case in a Ray worker. ``builds``: the zoo tasks' results, in ``job.zoo`` order. Errors come back as data."""
-    _report_start(job.tracker, job.key)
+    _start_task(job.tracker, job.key)
     start = time.perf_counter()
     for build in builds:
         if "error" in build:
@@ -382,7 +392,8 @@ class RayRun:
         task_options = dataclasses.replace(options, device=device, threads=self.threads, progress=False,
                                            seeds=None, max_seeds=None)
         kinds = [("seed", s) for s in plan.seeds]
-        kinds += [("baseline", s) for s in plan.seeds] if has_baseline(case) else []
+        kinds += [("baseline", s) for s in plan.seeds] \
+            if runs_baseline(case, len(plan.seeds), plan.calibration, options) else []
         for index, (kind, seed) in enumerate(kinds):
             key = f"{case.path} {kind} {seed}"
             if key in plan.keys:  # a seed listed twice runs twice, as it does locally

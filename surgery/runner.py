@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 from surgery.case import Case, CaseCalibration, ModelSpec, ParamGroupSpec, case_calibration
-from surgery.checks.accuracy import recovery
+from surgery.checks.accuracy import baseline_undecidable, recovery
 from surgery.checks.coverage import coverage_summary, coverage_table
-from surgery.checks.base import SeedContext
+from surgery.checks.base import Judge, SeedContext
 from surgery.checks.expect import declared_checks, evaluate_expectations, uncalibrated_fields
 from surgery.data import Split
 from surgery.errors import SurgeryInputError
@@ -105,7 +105,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     run = finetune(patient, split.train_x, split.train_y, split.test_x, split.test_y, spec, seed=seed,
                    device=device, teacher=source if distill else None, distill=distill,
                    progress=options.progress, desc=f"{case.name} seed {seed}")
-    acc["after"] = evaluate(patient, split.test_x, split.test_y, device=device)
+    acc["after"] = run.accuracy_after(patient, split.test_x, split.test_y, device=device)
     acc["recovery"] = recovery(acc["after"], acc["source"])
     finite = run.finite and all_finite(patient)
     if probes is not None:
@@ -138,6 +138,15 @@ def has_baseline(case: Case) -> bool:
     return case.expect.accuracy is not None and case.expect.accuracy.beats_baseline is not None
 
 
+def runs_baseline(case: Case, seeds: int, calibration: CaseCalibration, options: RunOptions) -> bool:
+    """Whether a run of ``seeds`` seeds trains the baselines: the case asks for them, and its fresh calibration
+    does not say that ``beats_baseline`` is a claim these seeds cannot decide. Calibration always trains them."""
+    if not has_baseline(case):
+        return False
+    judge = Judge(seeds=seeds, record=calibration.usable)
+    return options.calibrating or not baseline_undecidable(case.expect.accuracy, judge)
+
+
 def run_baseline(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
     """The random-init baseline of one seed, fine-tuned on the same budget: ``{seed, accuracy, curve}``.
 
@@ -150,7 +159,7 @@ def run_baseline(case: Case, seed: int, device: torch.device, options: RunOption
     base = to_device(baseline_model(case, split), device)
     base_run = finetune(base, split.train_x, split.train_y, split.test_x, split.test_y, case.finetune,
                         seed=seed, device=device, progress=options.progress, desc=f"{case.name} baseline")
-    return {"seed": seed, "accuracy": evaluate(base, split.test_x, split.test_y, device=device),
+    return {"seed": seed, "accuracy": base_run.accuracy_after(base, split.test_x, split.test_y, device=device),
             "curve": base_run.curve}
 
 
@@ -258,6 +267,7 @@ def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
     seeds = case_seeds(case, options)
     calibration = case_calibration(case)  # a damaged record is bad input before anything runs
     per_seed = [run_seed(case, seed, device, options) for seed in seeds]
-    baselines = [run_baseline(case, seed, device, options) for seed in seeds] if has_baseline(case) else []
+    baselines = [run_baseline(case, seed, device, options) for seed in seeds] \
+        if runs_baseline(case, len(seeds), calibration, options) else []
     return assemble(case, per_seed, baselines, provenance=case_provenance(case, seeds, device, threads),
                     seconds=time.perf_counter() - start, calibration=calibration)

@@ -207,6 +207,46 @@ def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_t
     assert "1 skipped" in proc.stdout and "passed" in proc.stdout
 
 
+@pytest.fixture(scope="module")
+def calibrated_gap(tmp_path_factory) -> Path:
+    """The tiny case with a gap to calibrate against a ResNet-18 baseline (the patient's own architecture from
+    the seed's init would be the patient itself: a gap of exactly 0)."""
+    case = tmp_path_factory.mktemp("gap") / "gap.yaml"
+    case.write_text(CASE.format(steps=4, after_min="0.0")
+                    + '    beats_baseline: {margin: calibrate, model: {model: "torchvision:resnet18"}}\n')
+    rc, out, err = run_cli("calibrate", str(case), "--seeds", "4", "--profiles", "native", "--alpha", "0.01",
+                        "--write")
+    assert rc == 0, out + err
+    return case
+
+
+def _with_margin(calibrated: Path, folder: Path, margin: float) -> Path:
+    """A copy of the calibrated gap case (with its record) whose baseline margin is the claim ``margin``."""
+    case = folder / f"margin{margin:+.3f}.yaml"
+    text = calibrated.read_text()
+    start = text.index("beats_baseline:")
+    case.write_text(text[:start] + f'beats_baseline: {{margin: {margin:.6f}, model: {{model: "torchvision:resnet18"}}}}\n')
+    record_path(case).write_text(record_path(calibrated).read_text())
+    return case
+
+
+def test_a_baseline_claim_the_seeds_cannot_decide_trains_no_baseline(calibrated_gap, tmp_path):
+    import surgery
+
+    gap = load_record(record_path(calibrated_gap)).items["accuracy.beats_baseline"]
+    assert gap.std > 0
+    # A claim at the calibrated mean: one seed cannot decide it, so the baselines' fine-tunes would be wasted.
+    undecidable = surgery.run(surgery.load_case(_with_margin(calibrated_gap, tmp_path, gap.mean)), seeds=1)
+    verdict = next(e for e in undecidable.expectations if e.name == "accuracy.beats_baseline")
+    assert verdict.status == "undecided" and "the baseline was not run" in verdict.message, verdict.message
+    assert all("baseline" not in s["accuracy"] for s in undecidable.per_seed)
+    # A claim far below every calibrated gap is decided: the baseline trains and the gap is measured.
+    decidable = surgery.run(surgery.load_case(_with_margin(calibrated_gap, tmp_path, gap.mean - 1.0)), seeds=1)
+    verdict = next(e for e in decidable.expectations if e.name == "accuracy.beats_baseline")
+    assert verdict.status == "passed" and verdict.observed is not None, verdict.message
+    assert decidable.per_seed[0]["accuracy"]["baseline"] is not None
+
+
 def test_a_changed_experiment_makes_the_record_stale(calibrated, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(calibrated.read_text().replace("steps: 4", "steps: 3"))

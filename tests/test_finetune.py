@@ -155,6 +155,10 @@ def test_training_learns(make_tiny, digits16):
     assert run.curve[-1]["accuracy"] > max(0.85, before + 0.3)
     assert run.curve[-1]["accuracy"] == pytest.approx(evaluate(model, digits16.test_x, digits16.test_y, device=CPU))
     assert not model.training  # left in eval mode
+    # The accuracy after training is the last step's evaluation, not a second one that could differ.
+    assert run.final_accuracy == run.curve[-1]["accuracy"]
+    assert run.accuracy_after(model, digits16.test_x, digits16.test_y, device=CPU) == \
+        evaluate(model, digits16.test_x, digits16.test_y, device=CPU)
 
 
 def test_curve_records_last_partial_interval(make_tiny, digits16):
@@ -208,6 +212,7 @@ def test_huge_learning_rate_is_reported_not_raised(make_tiny, digits16, lr):
     assert run.finite is False
     assert isinstance(run.nonfinite_step, int) and 0 < run.nonfinite_step < 30
     assert run.steps_done == run.nonfinite_step  # stopped at the first non-finite loss, no update after it
+    assert run.final_accuracy is None  # no evaluation at the last step: accuracy_after evaluates afresh
     assert run.to_dict()["finite"] is False and run.to_dict()["nonfinite_step"] == run.nonfinite_step
 
 

@@ -154,6 +154,16 @@ class Judge:
     seeds: int
     record: CalibrationRecord | None = None
 
+    def foresee(self, name: str, raw: Threshold, direction: Direction, aggregate_by: Aggregate) -> bool:
+        """True when this run's seeds cannot decide the claim ``name`` whatever they observe: a fixed
+        threshold the fresh record calls undecided at this seed count (the figure need not be measured)."""
+        cal = self.record.items.get(name) if self.record is not None else None
+        threshold = resolve_threshold(raw, self.seeds)
+        if cal is None or threshold is None or isinstance(raw, dict):
+            return False
+        return decide(cal.calibrated(), threshold, alpha=self.record.alpha, k=self.seeds, direction=direction,
+                      aggregate=aggregate_by) == "undecided"
+
     def __call__(self, name: str, observed: float | None, raw: Threshold, direction: Direction,
                  aggregate_by: Aggregate, where: str, details: dict[str, Any] | None = None,
                  strict: bool = False) -> ExpectationResult:
