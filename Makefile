@@ -15,7 +15,7 @@ install: $(STAMP)
 
 # CI runs one seed per case; `surgery run cases` / `pytest cases` without the cap run them all (nightly).
 # Two pytest-xdist workers of one torch thread each (the calibrated `threads1` profile; a case's items stay on
-# one worker). Warm, on 2 cores: 673 s against 951 s in one process of 2 threads (606 s tests + 345 s cases).
+# one worker). Warm, on 2 cores: 351 s on an AVX-512 machine; 673 s on an AVX2 one (951 s in one process there).
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest tests cases -q --surgery-seeds 1 -n $(TEST_WORKERS)

@@ -47,7 +47,7 @@ PROFILES: dict[str, dict[str, str]] = {
     "isa-default": {"ATEN_CPU_CAPABILITY": "default"},
     "isa-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
     # A zoo trained again with one thread, in a cache of its own: how much the source models move.
-    "zoo-threads1": {"SURGERY_THREADS": "1", "SURGERY_CACHE": "{cache}/perturbed-zoo-threads1"},
+    "zoo-threads1": {"SURGERY_THREADS": "1", "SURGERY_ZOO_THREADS": "1", "SURGERY_CACHE": "{cache}/perturbed-zoo-threads1"},
 }
 DEFAULT_PROFILES = ("native", "threads1", "isa-default", "zoo-threads1")
 

@@ -8,13 +8,15 @@ documented default instead of "all cores", and writes what it ran under into ``r
 The thread count comes from, in order: an explicit argument (``--threads``, ``--surgery-threads``,
 ``surgery.run(threads=...)``), the ``SURGERY_THREADS`` environment variable, cores / workers in a
 pytest-xdist worker (so workers never oversubscribe the cores), then :data:`DEFAULT_THREADS`. ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``) must be set in the
-environment before torch is imported; it is recorded, not set, here.
+environment before torch is imported; it is recorded, not set, here. The zoo trains with a count of
+its own (:func:`zoo_threads`), whatever the caller pinned.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from surgery.errors import SurgeryInputError
 
 DEFAULT_THREADS = 2
 THREADS_ENV = "SURGERY_THREADS"
+ZOO_THREADS_ENV = "SURGERY_ZOO_THREADS"
 
 
 def outside_xdist(env: Mapping[str, str]) -> dict[str, str]:
@@ -63,6 +66,36 @@ def pin_numerics(threads: int | None = None) -> int:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     return count
+
+
+def zoo_threads() -> int:
+    """The thread count a zoo model trains with: ``$SURGERY_ZOO_THREADS``, else :data:`DEFAULT_THREADS`.
+
+    Never the caller's count: the thread count moves a trained model's weights (and, through them, figures
+    such as a swap's activation drift by a factor of two), and a recipe has one cached file per machine,
+    whoever trains it first (a 1-thread pytest-xdist worker, a Ray task of one CPU, ``surgery zoo build``).
+    """
+    raw = os.environ.get(ZOO_THREADS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_THREADS
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise SurgeryInputError(f"{ZOO_THREADS_ENV}={raw!r}: expected a positive integer")
+    return count
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[int]:
+    """torch's intra-op thread count set to ``count`` inside the block, put back after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(previous)
 
 
 def numeric_profile() -> dict[str, Any]:

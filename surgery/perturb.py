@@ -25,7 +25,7 @@ MATRIX = ("native", "threads1", "isa-default", "zoo-fresh-threads1")
 def matrix_env(profile: str, fresh_cache: Path) -> dict[str, str]:
     """The environment of one column; ``zoo-fresh-threads1`` points the zoo cache at ``fresh_cache``."""
     if profile == "zoo-fresh-threads1":
-        return {"SURGERY_THREADS": "1", "SURGERY_CACHE": str(fresh_cache)}
+        return {"SURGERY_THREADS": "1", "SURGERY_ZOO_THREADS": "1", "SURGERY_CACHE": str(fresh_cache)}
     return profile_env(profile)
 
 

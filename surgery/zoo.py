@@ -25,6 +25,7 @@ from surgery.data import load_split
 from surgery.finetune import evaluate, finetune, to_device
 from surgery.model_refs import validate_model_ref
 from surgery.models import build_architecture, load_state_dict_file, load_weights
+from surgery.numerics import torch_threads, zoo_threads
 from surgery.recipes import ZOO, Recipe
 from surgery.errors import SurgeryInputError
 
@@ -110,11 +111,12 @@ def build(name: str, *, device: torch.device | str = "cpu", progress: bool | Non
         log.info("zoo: training %s (%s on %s, %d steps; cached for later runs)", name, recipe.arch, recipe.dataset,
                  recipe.steps)
         start = time.perf_counter()
-        model, accuracy = train_recipe(recipe, device=torch.device(device), progress=progress)
+        with torch_threads(zoo_threads()) as threads:  # the zoo's own count, not the caller's (see zoo_threads)
+            model, accuracy = train_recipe(recipe, device=torch.device(device), progress=progress)
         log.info("zoo: %s trained in %.0f s, test accuracy %.4f", name, time.perf_counter() - start, accuracy)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         meta = {"recipe": json.dumps(asdict(recipe)), "test_accuracy": f"{accuracy:.6f}",
-                "torch": torch.__version__}
+                "torch": torch.__version__, "threads": str(threads)}
         write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return path
 

@@ -111,6 +111,26 @@ def test_build_is_deterministic(small_zoo, tmp_path, monkeypatch):
     assert torch.equal(first["weight"], second["weight"])
 
 
+def test_the_zoo_trains_with_its_own_thread_count_whatever_the_caller_pinned(small_zoo, tmp_path, monkeypatch):
+    """A 1-thread pytest worker and a 2-thread ``surgery zoo build`` cache the same model (threads move weights)."""
+    weights, before = {}, torch.get_num_threads()
+    try:
+        for caller, zoo_env in ((1, None), (2, None), (2, "1")):
+            if zoo_env is None:
+                monkeypatch.delenv("SURGERY_ZOO_THREADS", raising=False)
+            else:
+                monkeypatch.setenv("SURGERY_ZOO_THREADS", zoo_env)
+            monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / f"caller{caller}-zoo{zoo_env}"))
+            torch.set_num_threads(caller)
+            weights[caller, zoo_env] = load_state_dict_file(zoo.build(NAME))["weight"]
+            assert torch.get_num_threads() == caller  # the caller's count is back
+            assert zoo.metadata(NAME)["threads"] == (zoo_env or "2")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weights[1, None], weights[2, None])
+    assert not torch.equal(weights[2, "1"], weights[2, None])  # so the thread count does matter here
+
+
 def test_unknown_name(small_zoo):
     with pytest.raises(SurgeryInputError, match="unknown zoo model 'nope'.*mnist-resnet18"):
         zoo.build("nope")
