@@ -34,15 +34,21 @@ def outside_xdist(env: Mapping[str, str]) -> dict[str, str]:
     return {key: value for key, value in env.items() if not key.startswith("PYTEST_XDIST_")}
 
 
+def _env_int(name: str) -> int | None:
+    """The integer an environment variable holds, None when unset or blank; anything else is bad input."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise SurgeryInputError(f"{name}={raw!r}: expected a positive integer") from None
+
+
 def requested_threads(threads: int | None = None) -> int:
     """The thread count a run should use: ``threads``, else ``$SURGERY_THREADS``, else the default."""
     if threads is None:
-        raw = os.environ.get(THREADS_ENV, "").strip()
-        if raw:
-            try:
-                threads = int(raw)
-            except ValueError:
-                raise SurgeryInputError(f"{THREADS_ENV}={raw!r}: expected a positive integer") from None
+        threads = _env_int(THREADS_ENV)
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if threads is None and workers:
         threads = max(1, (os.cpu_count() or 1) // int(workers))
@@ -75,15 +81,11 @@ def zoo_threads() -> int:
     such as a swap's activation drift by a factor of two), and a recipe has one cached file per machine,
     whoever trains it first (a 1-thread pytest-xdist worker, a Ray task of one CPU, ``surgery zoo build``).
     """
-    raw = os.environ.get(ZOO_THREADS_ENV, "").strip()
-    if not raw:
+    count = _env_int(ZOO_THREADS_ENV)
+    if count is None:
         return DEFAULT_THREADS
-    try:
-        count = int(raw)
-    except ValueError:
-        count = 0
     if count < 1:
-        raise SurgeryInputError(f"{ZOO_THREADS_ENV}={raw!r}: expected a positive integer")
+        raise SurgeryInputError(f"{ZOO_THREADS_ENV}={count}: expected a positive integer")
     return count
 
 

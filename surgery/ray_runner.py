@@ -219,13 +219,13 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return {"error": "internal", "message": f"{exc.__class__.__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
-def zoo_task(name: str, threads: int, env: dict[str, str], inline: bool, tracker: Any = None) -> dict[str, Any]:
-    """Build (or find cached) one zoo model, on the CPU with ``threads`` threads: ``{"value": path or bytes}``."""
+def zoo_task(name: str, env: dict[str, str], inline: bool, tracker: Any = None) -> dict[str, Any]:
+    """Build (or find cached) one zoo model, on the CPU with the zoo's own threads (:func:`surgery.numerics.zoo_threads`):
+    ``{"value": path or bytes}``."""
     _start_task(tracker, f"zoo:{name}")
     start = time.perf_counter()
     try:
         with environment(env):
-            pin_numerics(threads)
             path = build_zoo(name, progress=False)
             value: str | bytes = path.read_bytes() if inline else str(path)
     except Exception as exc:  # noqa: BLE001 - returned as data: the driver reports it as the dependent cases' error
@@ -373,7 +373,7 @@ class RayRun:
         if name not in self.zoo_refs:
             ref = self.remote_zoo_task.options(num_cpus=self.threads, num_gpus=0, max_retries=self.options.max_retries,
                                                retry_exceptions=False) \
-                .remote(name, self.threads, self.env, self.weights == "object-store", self.tracker)
+                .remote(name, self.env, self.weights == "object-store", self.tracker)
             self.zoo_refs[name] = ref
             self.refs[ref] = f"zoo:{name}"
             self.total += 1

@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from surgery.bounds import Aggregate, Direction, decide, prediction_bound, seeds_to_decide
-from surgery.calibration import CalibrationRecord
+from surgery.bounds import Aggregate, Decision, Direction, decide, prediction_bound, seeds_to_decide
+from surgery.calibration import CalibrationRecord, ItemCalibration
 from surgery.results import ExpectationResult
 from surgery.spec import CALIBRATE, Strict, Threshold
 
@@ -161,8 +161,13 @@ class Judge:
         threshold = resolve_threshold(raw, self.seeds)
         if cal is None or threshold is None or isinstance(raw, dict):
             return False
+        return self._claim_decision(cal, threshold, direction, aggregate_by) == "undecided"
+
+    def _claim_decision(self, cal: ItemCalibration, threshold: float, direction: Direction,
+                        aggregate_by: Aggregate) -> Decision:
+        """What the record says a run of this many seeds makes of a fixed threshold: holds, fails or undecided."""
         return decide(cal.calibrated(), threshold, alpha=self.record.alpha, k=self.seeds, direction=direction,
-                      aggregate=aggregate_by) == "undecided"
+                      aggregate=aggregate_by)
 
     def __call__(self, name: str, observed: float | None, raw: Threshold, direction: Direction,
                  aggregate_by: Aggregate, where: str, details: dict[str, Any] | None = None,
@@ -201,8 +206,7 @@ class Judge:
             result.message += (f"; calibrated {shown}; threshold for {self.seeds} seed{plural} "
                                f"({aggregate_by}) at α = {self.record.alpha:g}")
             return result
-        decision = decide(cal.calibrated(), threshold, alpha=self.record.alpha, k=self.seeds, direction=direction,
-                          aggregate=aggregate_by)
+        decision = self._claim_decision(cal, threshold, direction, aggregate_by)
         calibration["decision"] = decision
         if decision != "undecided":
             result.message += f"; calibrated {shown}: a claim decided ({decision}) for {self.seeds} seed{plural}"
