@@ -10,8 +10,11 @@ The task graph of a run::
 Resources: a task takes ``num_cpus`` = the run's pinned thread count (:mod:`surgery.numerics`), so the
 tasks on a node never ask for more threads than it has cores, and ``num_gpus=1`` when its case runs on
 CUDA or is marked ``gpu``, so it never lands on a node without one. Zoo builds train on the CPU, as they
-do in a local run. A task whose worker dies is retried (``max_retries``); a case that raises comes back as
-that case's error, as data, and the other cases go on.
+do in a local run, with the zoo's own thread count, and take that many CPUs (at most the largest node's).
+A local cluster that :func:`connect` starts runs its workers at normal priority (``RAY_worker_niceness=0``
+unless set): Ray's default of nice 15 starves torch's OpenMP threads beside any other busy process (a zoo
+build at 2 threads beside one busy process took 75 s instead of 3 s). A task whose worker dies is retried
+(``max_retries``); a case that raises comes back as that case's error, as data, and the other cases go on.
 
 Weights reach the tasks one of two ways (``RayOptions.weights``, ``surgery run --ray-weights``):
 
@@ -53,7 +56,7 @@ from typing import Any, Callable, Iterator
 from surgery._io import write_atomic
 from surgery.case import Case, CaseCalibration, case_calibration, parse_case
 from surgery.errors import SurgeryInputError
-from surgery.numerics import pin_numerics, requested_threads
+from surgery.numerics import pin_numerics, requested_threads, zoo_threads
 from surgery.prepare import device_for
 from surgery.ray_tracker import TaskTracker
 from surgery.recipes import ZOO
@@ -66,6 +69,7 @@ INSTALL_HINT = "pip install 'surgery[ray]'"
 WEIGHTS = ("auto", "shared", "object-store")
 CACHE_ENV = ("SURGERY_CACHE", "TORCH_HOME")  # what a task on a shared file system reads from the driver
 POLL_SECONDS = 0.2
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's workers' nice value; read by a cluster when it starts
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -113,9 +117,11 @@ def connect(address: str | None, *, option: str = "--ray", quiet: bool = False) 
     ray = require_ray(option)
     if ray.is_initialized():
         return False
+    started_here = {} if address else {WORKER_NICENESS_ENV: os.environ.get(WORKER_NICENESS_ENV, "0")}
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=not quiet,
-                 logging_level=logging.ERROR if quiet else logging.WARNING)
+        with environment(started_here):  # the raylet reads it once, at start
+            ray.init(address=address, include_dashboard=False, log_to_driver=not quiet,
+                     logging_level=logging.ERROR if quiet else logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"{option} {address}" if address else option
         raise SurgeryInputError(f"{where}: cannot join or start a Ray cluster: {str(exc).splitlines()[0]}") from None
@@ -342,6 +348,7 @@ class RayRun:
             raise SurgeryInputError(f"--threads {self.threads}: each task takes {self.threads} CPUs, and the largest "
                                     f"node of the Ray cluster has {largest:g}")
         gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+        self.zoo_cpus = min(zoo_threads(), largest)  # a zoo build trains with the zoo's threads, not the run's
         self.weights = self.options.weights
         if self.weights == "auto":
             self.weights = "shared" if shares_cache(ray, cache_dir()) else "object-store"
@@ -371,7 +378,7 @@ class RayRun:
 
     def _submit_zoo(self, name: str) -> Any:
         if name not in self.zoo_refs:
-            ref = self.remote_zoo_task.options(num_cpus=self.threads, num_gpus=0, max_retries=self.options.max_retries,
+            ref = self.remote_zoo_task.options(num_cpus=self.zoo_cpus, num_gpus=0, max_retries=self.options.max_retries,
                                                retry_exceptions=False) \
                 .remote(name, self.env, self.weights == "object-store", self.tracker)
             self.zoo_refs[name] = ref

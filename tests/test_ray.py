@@ -83,6 +83,9 @@ def ray_cluster(tmp_path_factory):
     node_cache = tmp_path_factory.mktemp("ray-node-cache")
     with pytest.MonkeyPatch.context() as mp:  # the cluster's processes inherit the environment at start
         mp.setenv("SURGERY_CACHE", str(node_cache))
+        # workers at normal priority, as a cluster surgery starts has them (Ray's nice 15 starves the zoo
+        # build's 2 OpenMP threads beside the other pytest-xdist worker: 75 s instead of 3 s)
+        mp.setenv("RAY_worker_niceness", "0")
         # and SIGINT ignored, as a cluster started from a background job has it: a cancelled task must stop anyway
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -314,7 +317,8 @@ def test_surgery_run_joins_a_cluster_started_with_ray_start(runs, driver_cache, 
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                              "--port", str(port), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                              "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_worker_niceness": "0"})  # as in ray_cluster
     try:
         for line in head.stdout:
             if "Ray runtime started" in line:
@@ -337,6 +341,23 @@ def test_surgery_run_joins_a_cluster_started_with_ray_start(runs, driver_cache, 
             os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_local_cluster_started_by_connect_runs_its_workers_at_normal_priority():
+    """A cluster :func:`connect` starts (``--ray`` with no address) has ``RAY_worker_niceness=0`` unless the user
+    set it: at Ray's nice 15, torch's OpenMP threads stall beside any other busy process."""
+    code = """
+import os, ray
+from surgery.ray_runner import connect, disconnect
+assert connect(None, quiet=True)
+print("nice", ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()))
+disconnect()
+"""
+    unset = ("RAY_worker_niceness", "RAY_ADDRESS")
+    env = {key: value for key, value in outside_xdist(os.environ).items() if key not in unset}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"nice {os.nice(0)}" in proc.stdout.splitlines(), proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------- no cluster needed
