@@ -37,7 +37,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from scipy import stats
 
 Direction = Literal["lower", "upper"]     # the figure must be >= threshold (lower) or <= threshold (upper)
 Aggregate = Literal["mean", "worst"]
@@ -62,6 +61,8 @@ class Calibrated:
 
 def _quantile(calibrated: Calibrated, alpha: float, k: int, aggregate: Aggregate) -> tuple[float, float]:
     """(t quantile, scale) such that the bound is mean -/+ t * scale."""
+    from scipy import stats  # here: scipy.stats takes about a second to import, and parsing a case needs none
+
     n = calibrated.seeds
     if aggregate == "worst":
         per_seed_alpha = 1.0 - (1.0 - alpha) ** (1.0 / k)

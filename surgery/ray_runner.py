@@ -107,11 +107,12 @@ def check_address(address: str | None, option: str = "--ray") -> None:
                                 f"case files, or write {option}=ADDRESS")
 
 
-def connect(address: str | None, *, option: str = "--ray", quiet: bool = False) -> bool:
-    """Connect to Ray: join ``address``, or start a local cluster sized to this machine when None.
+def connect(address: str | None, *, option: str = "--ray", quiet: bool = False, num_cpus: int | None = None) -> bool:
+    """Connect to Ray: join ``address``, or start a local cluster when None (of ``num_cpus`` CPUs; default: this
+    machine's), its workers at normal priority unless ``$RAY_worker_niceness`` says otherwise.
 
     Returns whether this call connected (the caller then calls :func:`disconnect`); an existing connection (a
-    notebook's, the tests') is used as it is.
+    notebook's) is used as it is.
     """
     check_address(address, option)
     ray = require_ray(option)
@@ -120,8 +121,8 @@ def connect(address: str | None, *, option: str = "--ray", quiet: bool = False) 
     started_here = {} if address else {WORKER_NICENESS_ENV: os.environ.get(WORKER_NICENESS_ENV, "0")}
     try:
         with environment(started_here):  # the raylet reads it once, at start
-            ray.init(address=address, include_dashboard=False, log_to_driver=not quiet,
-                     logging_level=logging.ERROR if quiet else logging.WARNING)
+            ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                     log_to_driver=not quiet, logging_level=logging.ERROR if quiet else logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"{option} {address}" if address else option
         raise SurgeryInputError(f"{where}: cannot join or start a Ray cluster: {str(exc).splitlines()[0]}") from None

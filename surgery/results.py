@@ -110,7 +110,8 @@ def _git_commit() -> str | None:
 
 def provenance(*, device: str, case_hash: str, seeds: list[int]) -> dict[str, Any]:
     """Where a result came from, as pytest-benchmark records it: versions, machine, commit, case."""
-    import timm
+    from importlib.metadata import version  # timm's version without importing timm (a second or two)
+
     import torch
     import torchvision
 
@@ -118,7 +119,7 @@ def provenance(*, device: str, case_hash: str, seeds: list[int]) -> dict[str, An
 
     return {
         "surgery": surgery.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "timm": timm.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "timm": version("timm"), "python": platform.python_version(), "machine": platform.machine(),
         "device": device, "cuda": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "git_commit": _git_commit(), "case_hash": case_hash, "seeds": seeds,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

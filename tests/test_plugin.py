@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -60,3 +61,25 @@ def test_bad_case_is_one_failing_item_naming_the_line(pytester: pytest.Pytester,
     result = pytester.runpytest_subprocess("cases", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*bad input: *typo.yaml:9: surgery.stratgy: unknown key 'stratgy'*"])
+
+
+def test_xdist_workers_wait_passively_unless_the_user_chose(pytester: pytest.Pytester, monkeypatch):
+    """Under ``-n``, the workers start with ``OMP_WAIT_POLICY=PASSIVE`` (see ``_workers_wait_passively``);
+    a policy the user set is kept, and the controller's environment is restored after the session."""
+    pytester.makepyfile(test_env="""
+        import os
+
+        def test_policy():
+            assert os.environ.get("PYTEST_XDIST_WORKER")
+            assert os.environ.get("OMP_WAIT_POLICY") == os.environ["EXPECTED_POLICY"]
+        """)
+    for key in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:  # a session of its own, not a worker's
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("EXPECTED_POLICY", "PASSIVE")
+    pytester.runpytest_inprocess("-n", "1", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setenv("EXPECTED_POLICY", "ACTIVE")
+    pytester.runpytest_inprocess("-n", "1", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

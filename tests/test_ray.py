@@ -1,16 +1,15 @@
 """``surgery run --ray`` and ``pytest --surgery-ray`` against a real local Ray cluster (never a mock).
 
-One cluster of 2 CPUs serves the module (``ray.init`` in a session fixture); one test starts its own with
-``ray start --head`` and drives it from a subprocess. The case is tiny: a ResNet stem trained in the zoo
-(``zoo:mnist-stem``, about 3 s to train) grafted into a small net on 240 UCI digits at 16 px, so most of
-the time is Ray's: starting workers that import torch.
+One cluster of 2 CPUs serves the module (started by ``surgery.ray_runner.connect`` in a session fixture);
+one test starts its own with ``ray start --head`` and drives it from a subprocess. The case is tiny: a
+ResNet stem trained in the zoo (``zoo:mnist-stem``, about 3 s to train) grafted into a small net on 240 UCI
+digits at 16 px, so most of the time is Ray's: starting workers that import torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -26,8 +25,8 @@ import pytest
 from surgery.case import load_case, parse_case
 from surgery.errors import SurgeryInputError
 from surgery.numerics import outside_xdist
-from surgery.ray_runner import (INSTALL_HINT, RayOptions, RemoteError, install_weights, run_cases_on_ray,
-                                task_device)
+from surgery.ray_runner import (INSTALL_HINT, RayOptions, RemoteError, connect, disconnect, install_weights,
+                                run_cases_on_ray, task_device)
 from surgery.recipes import ZOO
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
@@ -79,21 +78,20 @@ def report_files(report: Path) -> list[str]:
 def ray_cluster(tmp_path_factory):
     """A real local cluster of 2 CPUs for the session. Its workers' own ``SURGERY_CACHE`` (the node's disk, for
     object-store weights) is a directory of their own, apart from any test's."""
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     node_cache = tmp_path_factory.mktemp("ray-node-cache")
     with pytest.MonkeyPatch.context() as mp:  # the cluster's processes inherit the environment at start
         mp.setenv("SURGERY_CACHE", str(node_cache))
-        # workers at normal priority, as a cluster surgery starts has them (Ray's nice 15 starves the zoo
-        # build's 2 OpenMP threads beside the other pytest-xdist worker: 75 s instead of 3 s)
-        mp.setenv("RAY_worker_niceness", "0")
+        mp.delenv("RAY_worker_niceness", raising=False)  # connect's own default, which a test below checks
+        mp.delenv("RAY_ADDRESS", raising=False)
         # and SIGINT ignored, as a cluster started from a background job has it: a cancelled task must stop anyway
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            assert connect(None, quiet=True, num_cpus=2)  # what `surgery run --ray` with no address starts
         finally:
             signal.signal(signal.SIGINT, previous)
     yield node_cache
-    ray.shutdown()
+    disconnect()
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +142,15 @@ def test_ray_export_writes_the_local_runs_patients(runs):
     assert all(ray_state[k].equal(local_state[k]) for k in local_state)
     assert read_metadata(ray_file) == read_metadata(local_file)
     assert read_metadata(ray_file)["verdict"] == "pass"
+
+
+def test_a_cluster_connect_starts_runs_its_workers_at_normal_priority(ray_cluster):
+    """At Ray's default nice 15, torch's OpenMP threads stall beside any other busy process (a 2-thread zoo
+    build beside the other pytest-xdist worker took 75 s instead of 3 s); a cluster :func:`connect` starts
+    runs them at the driver's own priority."""
+    import ray
+
+    assert ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()) == os.nice(0)
 
 
 def test_object_store_weights_reach_workers_without_the_drivers_disk(runs, ray_cluster, tmp_path, monkeypatch,
@@ -341,23 +348,6 @@ def test_surgery_run_joins_a_cluster_started_with_ray_start(runs, driver_cache, 
             os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_a_local_cluster_started_by_connect_runs_its_workers_at_normal_priority():
-    """A cluster :func:`connect` starts (``--ray`` with no address) has ``RAY_worker_niceness=0`` unless the user
-    set it: at Ray's nice 15, torch's OpenMP threads stall beside any other busy process."""
-    code = """
-import os, ray
-from surgery.ray_runner import connect, disconnect
-assert connect(None, quiet=True)
-print("nice", ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()))
-disconnect()
-"""
-    unset = ("RAY_worker_niceness", "RAY_ADDRESS")
-    env = {key: value for key, value in outside_xdist(os.environ).items() if key not in unset}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"nice {os.nice(0)}" in proc.stdout.splitlines(), proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------- no cluster needed

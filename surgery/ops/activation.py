@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import importlib
 import inspect
+import sys
 from collections import Counter
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-import torchvision
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
@@ -47,7 +49,7 @@ TARGETS: dict[str, Callable[[], nn.Module]] = {
     "Softplus": nn.Softplus,
 }
 
-# Module class -> canonical kind. torch.nn first; timm's classes are added below when timm imports.
+# Module class -> canonical kind, for torch.nn's classes; timm's are in TIMM_CLASS_KINDS.
 # NOTE: parametrised activations (PReLU) are left out on purpose: swapping them would drop or add
 # weights, and this op promises that every weight is kept.
 _CLASS_KINDS: dict[type, str] = {cls: kind for kind, cls in {
@@ -56,7 +58,8 @@ _CLASS_KINDS: dict[type, str] = {cls: kind for kind, cls in {
     "Sigmoid": nn.Sigmoid, "ELU": nn.ELU, "SELU": nn.SELU, "CELU": nn.CELU, "Softplus": nn.Softplus,
 }.items()}
 
-# timm's own activation classes (timm.layers.activations / activations_me) -> canonical kind.
+# timm's own activation classes (timm.layers.activations / activations_me) -> canonical kind. Named, not
+# imported: timm takes a second or two to import, and parsing a case needs none of it.
 TIMM_CLASS_KINDS: dict[str, str] = {
     "timm.layers.activations.Swish": "SiLU",
     "timm.layers.activations.Mish": "Mish",
@@ -76,22 +79,22 @@ TIMM_CLASS_KINDS: dict[str, str] = {
 }
 
 
-def _load_timm_classes() -> None:
-    import importlib
-
+@functools.cache
+def _timm_class_kinds() -> dict[type, str]:
+    """TIMM_CLASS_KINDS by class, for the classes this timm has; called only once timm is imported."""
+    kinds: dict[type, str] = {}
     for dotted, kind in TIMM_CLASS_KINDS.items():
         mod_name, cls_name = dotted.rsplit(".", 1)
         try:
-            cls = getattr(importlib.import_module(mod_name), cls_name)
+            kinds[getattr(importlib.import_module(mod_name), cls_name)] = kind
         except (ImportError, AttributeError):  # an older/newer timm without this class
             continue
-        _CLASS_KINDS[cls] = kind
+    return kinds
 
-
-_load_timm_classes()
 
 # Every kind that can be found in a model (``kinds`` accepts these): targets plus timm-only kinds.
-ACTIVATION_KINDS: tuple[str, ...] = tuple(dict.fromkeys([*TARGETS, *_CLASS_KINDS.values()]))
+ACTIVATION_KINDS: tuple[str, ...] = tuple(dict.fromkeys([*TARGETS, *_CLASS_KINDS.values(),
+                                                         *TIMM_CLASS_KINDS.values()]))
 
 # Other spellings users write (compared after lower-casing and dropping "_" and "-").
 _ALIASES = {"swish": "SiLU", "hswish": "Hardswish", "hsigmoid": "Hardsigmoid", "geluapprox": "GELUTanh"}
@@ -123,8 +126,9 @@ def canonical_kind(name: str, *, known: Sequence[str] = ACTIVATION_KINDS, what: 
 
 def kind_of(module: nn.Module) -> str | None:
     """The canonical kind of an activation module, or None if it is not a known activation."""
+    timm_kinds = _timm_class_kinds() if "timm" in sys.modules else {}  # no timm module exists before timm does
     for cls in type(module).__mro__:
-        kind = _CLASS_KINDS.get(cls)
+        kind = _CLASS_KINDS.get(cls) or timm_kinds.get(cls)
         if kind is not None:
             if kind == "GELU" and getattr(module, "approximate", "none") == "tanh":
                 return "GELUTanh"
@@ -163,6 +167,8 @@ class _ActivationTracer(fx.Tracer):
 
 def tracer_leaves() -> tuple[list[type], list[Callable]]:
     """Leaf module types and autowrapped functions for tracing: timm's no-trace registry and torchvision.ops."""
+    import torchvision.ops  # here, not at the top: parsing a case needs neither torchvision nor timm
+
     leaves: list[type] = []
     functions: list[Callable] = []
     try:

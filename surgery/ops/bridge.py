@@ -26,7 +26,6 @@ from typing import Any, Literal, Sequence, get_args
 import torch
 from torch import Tensor, nn
 from pydantic import Field
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from surgery.errors import SurgeryInputError, first_line
 from surgery.ops.record import SurgeryRecord, recordable_state
@@ -61,6 +60,9 @@ def _with_prefixes(names: Sequence[str]) -> list[str]:
 
 def _graph_nodes(model: nn.Module) -> list[str] | None:
     """Eval-mode fx node names (prefixes included), or None when the model is not traceable."""
+    # torchvision (and timm, in _tracer_kwargs) are imported when a bridge is built, not when a case is parsed
+    from torchvision.models.feature_extraction import get_graph_node_names
+
     try:
         _, eval_nodes = get_graph_node_names(model, tracer_kwargs=_tracer_kwargs(), suppress_diff_warning=True)
     except Exception:  # fx raises many types on untraceable code
@@ -257,6 +259,8 @@ def bridge(source: nn.Module, nodes: Sequence[str], head: Head,
     backbone: nn.Module | None = None
     if graph_nodes is not None:
         _check_nodes(source, nodes, graph_nodes)
+        from torchvision.models.feature_extraction import create_feature_extractor
+
         try:
             backbone = create_feature_extractor(source, return_nodes=nodes, tracer_kwargs=_tracer_kwargs(),
                                                 suppress_diff_warning=True)

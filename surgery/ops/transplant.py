@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
-from timm.models import adapt_input_conv  # the public export of timm.models._manipulate
 from torch import Tensor, nn
 
 from surgery.errors import SurgeryInputError
@@ -246,17 +245,17 @@ def adapt_input_weight(source: Tensor, target_shape: Sequence[int], *, select: b
     return adapted
 
 
-# timm >= 1.0.2x takes the channel count the weights were trained on (``base_chans``, default 3).
-_TIMM_HAS_BASE_CHANS = "base_chans" in inspect.signature(adapt_input_conv).parameters
-
-
 def _timm_adapt(in_chans: int, weight: Tensor) -> Tensor:
+    # imported here: timm takes a second or two to import, and parsing a case or transplanting without
+    # adaptation needs none of it. timm.models exports it from timm.models._manipulate.
+    from timm.models import adapt_input_conv
+
     source_chans = weight.shape[1]
     # NOTE: the source's physical input channels: its weight's dim 1, except a space-to-depth stem
     # (dim 1 a multiple of 3 above 3), which timm treats as RGB. So RGB → grey sums, grey → RGB
     # repeats and divides by 3 (same response to a grey image replicated on 3 channels).
     base_chans = 3 if source_chans % 3 == 0 else source_chans
-    if _TIMM_HAS_BASE_CHANS:
+    if "base_chans" in inspect.signature(adapt_input_conv).parameters:  # timm >= 1.0.2x: the trained count
         return adapt_input_conv(in_chans, weight, base_chans=base_chans)
     if base_chans == 1 and in_chans != 1:
         # Older timm assumes an RGB source: lift the grey weight to the equivalent RGB weight first.
