@@ -72,22 +72,42 @@ def pytest_configure(config: pytest.Config) -> None:
     # Items of one case share one run: keep a file's items on one xdist worker.
     if getattr(config.option, "dist", "no") == "load":
         config.option.dist = "loadfile"
-    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+    if _workers_oversubscribe(config):
         _workers_wait_passively(config)
     if config.getoption("surgery_ray", None) is not None:
         _check_ray_options(config)
 
 
+def _workers_oversubscribe(config: pytest.Config) -> bool:
+    """Whether this session starts xdist workers whose threads, with a zoo build's in one of them, outnumber
+    the cores (``make test``: 2 workers of 1 thread on 2 cores, and a build of 2 threads)."""
+    workers = getattr(config.option, "numprocesses", None)
+    if not isinstance(workers, int) or workers < 1 or os.environ.get("PYTEST_XDIST_WORKER"):
+        return False
+    from surgery.numerics import THREADS_ENV, requested_threads, zoo_threads  # torch: only for xdist sessions
+
+    cores = os.cpu_count() or 1
+    try:
+        explicit = config.getoption("surgery_threads") or os.environ.get(THREADS_ENV)
+        per_worker = requested_threads(config.getoption("surgery_threads")) if explicit \
+            else max(1, cores // workers)  # what requested_threads gives a worker
+        build = zoo_threads()
+    except SurgeryInputError:  # reported where the count is used
+        return False
+    return (workers - 1) * per_worker + max(per_worker, build) > cores
+
+
 def _workers_wait_passively(config: pytest.Config) -> None:
     """``OMP_WAIT_POLICY=PASSIVE`` for the xdist workers this session starts, unless the user set a policy.
 
-    The workers share the cores, and a zoo build trains with the zoo's 2 threads whatever a worker's count
-    (:func:`surgery.numerics.zoo_threads`). Beside the other, busy worker, OpenMP's default (threads spin at
-    each barrier) left one thread waiting for the other to be scheduled: on 2 cores beside one busy process,
-    training ``zoo:mnist-resnet18`` took 134 s spinning and 77 s passive, its weights bit for bit the same
-    (alone on the machine, 40 s spinning and 56 s passive: the price when the other worker is idle). Workers
-    of one thread never reach a barrier, so their own runs do not change. Set before the
-    workers start, since OpenMP reads it once, when torch loads it.
+    Called when the workers oversubscribe the cores (:func:`_workers_oversubscribe`): a zoo build trains with
+    the zoo's 2 threads whatever a worker's count (:func:`surgery.numerics.zoo_threads`), and beside the other,
+    busy worker OpenMP's default (threads spin at each barrier) left one thread waiting for the other to be
+    scheduled: on 2 cores beside one busy process, training ``zoo:mnist-resnet18`` took 134 s spinning and
+    77 s passive, its weights bit for bit the same. Alone on the machine it took 40 s spinning and 56 s
+    passive, which is why a session whose workers fit the cores keeps the default. Workers of one thread
+    never reach a barrier, so their own runs do not change. Set before the workers start: OpenMP reads it
+    once, when torch loads it.
     """
     if "OMP_WAIT_POLICY" in os.environ:
         return

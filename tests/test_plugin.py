@@ -63,23 +63,31 @@ def test_bad_case_is_one_failing_item_naming_the_line(pytester: pytest.Pytester,
     result.stdout.fnmatch_lines(["*bad input: *typo.yaml:9: surgery.stratgy: unknown key 'stratgy'*"])
 
 
-def test_xdist_workers_wait_passively_unless_the_user_chose(pytester: pytest.Pytester, monkeypatch):
-    """Under ``-n``, the workers start with ``OMP_WAIT_POLICY=PASSIVE`` (see ``_workers_wait_passively``);
-    a policy the user set is kept, and the controller's environment is restored after the session."""
+def test_xdist_workers_wait_passively_when_they_oversubscribe_the_cores(pytester: pytest.Pytester, monkeypatch):
+    """Workers whose threads, with a zoo build's, outnumber the cores start with ``OMP_WAIT_POLICY=PASSIVE``
+    (see ``_workers_oversubscribe``); workers that fit keep OpenMP's default; a policy the user set is kept;
+    the controller's environment is as it was after the session."""
     pytester.makepyfile(test_env="""
         import os
 
         def test_policy():
             assert os.environ.get("PYTEST_XDIST_WORKER")
-            assert os.environ.get("OMP_WAIT_POLICY") == os.environ["EXPECTED_POLICY"]
+            assert os.environ.get("OMP_WAIT_POLICY", "") == os.environ["EXPECTED_POLICY"]
         """)
     for key in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:  # a session of its own, not a worker's
         monkeypatch.delenv(key)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setenv("EXPECTED_POLICY", "PASSIVE")
-    pytester.runpytest_inprocess("-n", "1", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    cores = os.cpu_count() or 1
+
+    def session(workers: int, zoo_threads: int, expected: str) -> None:
+        monkeypatch.setenv("SURGERY_ZOO_THREADS", str(zoo_threads))
+        monkeypatch.setenv("EXPECTED_POLICY", expected)
+        result = pytester.runpytest_inprocess("-n", str(workers), "--surgery-threads", "1", "-p", "no:cacheprovider")
+        result.assert_outcomes(passed=1)
+
+    session(2, cores, "PASSIVE")  # 1 thread beside a build of every core
     assert "OMP_WAIT_POLICY" not in os.environ
+    session(1, 1, "")             # one worker of 1 thread, builds of 1 thread: they fit
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    monkeypatch.setenv("EXPECTED_POLICY", "ACTIVE")
-    pytester.runpytest_inprocess("-n", "1", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    session(2, cores, "ACTIVE")
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
