@@ -45,13 +45,15 @@ def _env_int(name: str) -> int | None:
         raise SurgeryInputError(f"{name}={raw!r}: expected a positive integer") from None
 
 
-def requested_threads(threads: int | None = None) -> int:
-    """The thread count a run should use: ``threads``, else ``$SURGERY_THREADS``, else the default."""
+def requested_threads(threads: int | None = None, *, workers: int | None = None) -> int:
+    """The thread count a run should use: ``threads``, else ``$SURGERY_THREADS``, else the cores shared among
+    ``workers`` pytest-xdist workers (default: this worker's session's count, when in one), else the default."""
     if threads is None:
         threads = _env_int(THREADS_ENV)
-    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None and os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     if threads is None and workers:
-        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        threads = max(1, (os.cpu_count() or 1) // workers)
     threads = DEFAULT_THREADS if threads is None else threads
     if threads < 1:
         raise SurgeryInputError(f"threads: got {threads}; expected a positive integer")

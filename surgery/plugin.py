@@ -84,17 +84,14 @@ def _workers_oversubscribe(config: pytest.Config) -> bool:
     workers = getattr(config.option, "numprocesses", None)
     if not isinstance(workers, int) or workers < 1 or os.environ.get("PYTEST_XDIST_WORKER"):
         return False
-    from surgery.numerics import THREADS_ENV, requested_threads, zoo_threads  # torch: only for xdist sessions
+    from surgery.numerics import requested_threads, zoo_threads  # torch: only for xdist sessions
 
-    cores = os.cpu_count() or 1
     try:
-        explicit = config.getoption("surgery_threads") or os.environ.get(THREADS_ENV)
-        per_worker = requested_threads(config.getoption("surgery_threads")) if explicit \
-            else max(1, cores // workers)  # what requested_threads gives a worker
+        per_worker = requested_threads(config.getoption("surgery_threads"), workers=workers)
         build = zoo_threads()
     except SurgeryInputError:  # reported where the count is used
         return False
-    return (workers - 1) * per_worker + max(per_worker, build) > cores
+    return (workers - 1) * per_worker + max(per_worker, build) > (os.cpu_count() or 1)
 
 
 def _workers_wait_passively(config: pytest.Config) -> None:

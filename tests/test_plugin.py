@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from surgery.numerics import outside_xdist
+
 pytest_plugins = ["pytester"]
 
 TINY = """\
@@ -74,7 +76,7 @@ def test_xdist_workers_wait_passively_when_they_oversubscribe_the_cores(pytester
             assert os.environ.get("PYTEST_XDIST_WORKER")
             assert os.environ.get("OMP_WAIT_POLICY", "") == os.environ["EXPECTED_POLICY"]
         """)
-    for key in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:  # a session of its own, not a worker's
+    for key in os.environ.keys() - outside_xdist(os.environ).keys():  # a session of its own, not a worker's
         monkeypatch.delenv(key)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     cores = os.cpu_count() or 1

@@ -25,8 +25,8 @@ import pytest
 from surgery.case import load_case, parse_case
 from surgery.errors import SurgeryInputError
 from surgery.numerics import outside_xdist
-from surgery.ray_runner import (INSTALL_HINT, RayOptions, RemoteError, connect, disconnect, install_weights,
-                                run_cases_on_ray, task_device)
+from surgery.ray_runner import (INSTALL_HINT, WORKER_NICENESS_ENV, RayOptions, RemoteError, connect, disconnect,
+                                install_weights, run_cases_on_ray, task_device)
 from surgery.recipes import ZOO
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
@@ -82,7 +82,7 @@ def ray_cluster(tmp_path_factory):
     node_cache = tmp_path_factory.mktemp("ray-node-cache")
     with pytest.MonkeyPatch.context() as mp:  # the cluster's processes inherit the environment at start
         mp.setenv("SURGERY_CACHE", str(node_cache))
-        mp.delenv("RAY_worker_niceness", raising=False)  # connect's own default, which a test below checks
+        mp.delenv(WORKER_NICENESS_ENV, raising=False)  # connect's own default, which a test below checks
         mp.delenv("RAY_ADDRESS", raising=False)
         # and SIGINT ignored, as a cluster started from a background job has it: a cancelled task must stop anyway
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -325,7 +325,7 @@ def test_surgery_run_joins_a_cluster_started_with_ray_start(runs, driver_cache, 
                              "--port", str(port), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                              "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_worker_niceness": "0"})  # as in ray_cluster
+                            env={**os.environ, WORKER_NICENESS_ENV: "0"})  # as connect sets it
     try:
         for line in head.stdout:
             if "Ray runtime started" in line:
