@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -80,6 +81,14 @@ def weight_files(spec) -> list[Path]:
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
+def digest_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed ``name``, dtype, shape and bytes of ``tensor`` to a hashlib ``digest``."""
+    tensor = tensor.detach().contiguous().cpu()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    if tensor.numel():
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def weights_digest(path: str | Path) -> str:
     """SHA-256 of a weight file's tensors: names, dtypes, shapes and bytes, in name order.
 
@@ -93,8 +102,6 @@ def weights_digest(path: str | Path) -> str:
         digest = hashlib.sha256()
         state = load_state_dict_file(path)
         for name in sorted(state):
-            tensor = state[name].detach().contiguous().cpu()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            digest_tensor(digest, name, state[name])
         _DIGESTS[key] = digest.hexdigest()
     return _DIGESTS[key]

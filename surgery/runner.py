@@ -7,6 +7,7 @@ data in the result, never an exception.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,9 @@ from surgery.ops.record import SurgeryRecord
 from surgery.prepare import (Probes, architecture_ref, blame, build, build_source, check_patient, device_for, load_data,
                              model_spec, perform_surgery, probe_inputs)
 from surgery.results import CaseResult, provenance
+from surgery.reuse import BASELINES, baseline_key, source_accuracy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,7 +81,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     source, patient = to_device(source, device), to_device(patient, device)
 
     acc: dict[str, float | None] = {}
-    acc["source"] = evaluate(source, split.test_x, split.test_y, device=device) \
+    acc["source"] = source_accuracy(source, split.test_x, split.test_y, device=device) \
         if source_width == split.num_classes else None
     acc["before"] = evaluate(patient, split.test_x, split.test_y, device=device)
 
@@ -151,16 +155,23 @@ def run_baseline(case: Case, seed: int, device: torch.device, options: RunOption
     """The random-init baseline of one seed, fine-tuned on the same budget: ``{seed, accuracy, curve}``.
 
     It depends on the seed alone (the split and the initialisation are drawn from it), so it runs
-    apart from :func:`run_seed`, in any order and any process, with the same figures.
+    apart from :func:`run_seed`, in any order and any process, with the same figures. A baseline
+    this process trained on equal inputs for another case is reused (:mod:`surgery.reuse`).
     """
     torch.manual_seed(seed)
     split = load_data(case, seed)
     torch.manual_seed(seed)
     base = to_device(baseline_model(case, split), device)
+    key = baseline_key(base, split, case.finetune, seed=seed, device=device)
+    if (reused := BASELINES.get(key)) is not None:
+        log.info("%s: baseline of seed %d reused (trained on equal inputs for an earlier case)", case.name, seed)
+        return reused
     base_run = finetune(base, split.train_x, split.train_y, split.test_x, split.test_y, case.finetune,
                         seed=seed, device=device, progress=options.progress, desc=f"{case.name} baseline")
-    return {"seed": seed, "accuracy": base_run.accuracy_after(base, split.test_x, split.test_y, device=device),
-            "curve": base_run.curve}
+    result = {"seed": seed, "accuracy": base_run.accuracy_after(base, split.test_x, split.test_y, device=device),
+              "curve": base_run.curve}
+    BASELINES.put(key, result)
+    return result
 
 
 def model_specs(case: Case) -> list[ModelSpec]:

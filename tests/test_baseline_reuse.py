@@ -1,0 +1,64 @@
+"""A baseline trained, or a source evaluated, on inputs equal to an earlier case's is reused, with equal figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from surgery.case import parse_case
+from surgery.reuse import BASELINES, SOURCE_ACCURACIES
+from surgery.runner import RunOptions, run_case
+
+CASE = """\
+name: reuse-{strategy}
+seed: {seed}
+device: cpu
+data: {{train: {{name: digits, limit: 240}}, image_size: 16, split_seed: 0}}
+source: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+surgery:
+  op: transplant
+  target: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+  strategy: {strategy}
+finetune: {{steps: {steps}, batch_size: 16, eval_every: {steps}, optimizer: {{name: adamw, lr: 0.003}}}}
+expect:
+  accuracy: {{after_min: 0.0, beats_baseline: {{margin: -1.0}}}}
+"""
+
+
+def baseline_figures(strategy: str = "exact", *, seed: int = 0, steps: int = 4, threads: int = 1) -> tuple:
+    """Source accuracy, baseline accuracy and curve of a one-seed run of the case (baseline: a fresh small CNN)."""
+    case = parse_case(CASE.format(strategy=strategy, seed=seed, steps=steps), f"reuse-{strategy}.yaml")
+    result = run_case(case, RunOptions(threads=threads, progress=False))
+    (only,) = result.per_seed
+    return only["accuracy"]["source"], only["accuracy"]["baseline"], only["baseline_curve"]
+
+
+@pytest.fixture(autouse=True)
+def empty_memos():
+    clear_memos()
+    yield
+    clear_memos()
+
+
+def clear_memos() -> None:
+    BASELINES.clear()
+    SOURCE_ACCURACIES.clear()
+
+
+def test_a_second_case_with_the_same_baseline_inputs_reuses_figures_equal_to_a_fresh_training():
+    first = baseline_figures("exact")
+    reused = baseline_figures("order")  # another surgery, the same baseline: the target's architecture, fresh
+    assert (BASELINES.misses, BASELINES.hits) == (SOURCE_ACCURACIES.misses, SOURCE_ACCURACIES.hits) == (1, 1)
+    clear_memos()
+    trained = baseline_figures("order")
+    assert (BASELINES.misses, BASELINES.hits) == (SOURCE_ACCURACIES.misses, SOURCE_ACCURACIES.hits) == (1, 0)
+    assert reused == first == trained
+    reused[2].clear()  # the caller owns what it got: the memo keeps its own copy
+    assert baseline_figures("exact") == trained
+
+
+@pytest.mark.parametrize("changed", [{"seed": 1}, {"steps": 5}, {"threads": 2}])
+def test_a_baseline_with_any_input_changed_is_trained_again(changed):
+    baseline_figures("exact")
+    baseline_figures("order", **changed)
+    assert (BASELINES.misses, BASELINES.hits) == (2, 0)
+    assert SOURCE_ACCURACIES.hits == (0 if changed != {"steps": 5} else 1)  # the source is the same there
