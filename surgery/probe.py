@@ -194,12 +194,22 @@ class _SamplePlan:
         self.offset = 0
         self.values: list[Tensor] = []
 
-    def take(self, flat: Tensor) -> None:
-        """Keep the values of ``flat`` (the next ``flat.numel()`` values in order) that the plan chose."""
+    def take(self, flat: Tensor, channels_last_shape: Sequence[int] | None = None) -> None:
+        """Keep the values of ``flat`` (the next ``flat.numel()`` values in order) that the plan chose.
+
+        With ``channels_last_shape`` (N, C, H, W), ``flat`` holds a channels_last tensor in memory order
+        (N, H, W, C); the plan's positions count in the logical (N, C, H, W) order all the same.
+        """
         n = flat.numel()
         lo, hi = np.searchsorted(self.host, [self.offset, self.offset + n])
         if hi > lo:
-            self.values.append(flat[self.device_positions[lo:hi] - self.offset])
+            index = self.device_positions[lo:hi] - self.offset
+            if channels_last_shape is not None:
+                _, c, h, w = channels_last_shape
+                image, rest = index // (c * h * w), index % (c * h * w)
+                channel, pixel = rest // (h * w), rest % (h * w)
+                index = image * (c * h * w) + pixel * c + channel
+            self.values.append(flat[index])
         self.offset += n
 
 
@@ -260,9 +270,12 @@ class _LayerAccumulator:
         self.max_calls = max(self.max_calls, self.call)
         if not self.shape:
             self.shape = list(x.shape[1:])
-        flat = x.reshape(-1)
-        self._plan(ordinal, flat.numel()).take(flat)
-        channel_max = self._update_channels(x, ordinal)
+        # A channels_last output (what the harness's models give) is read in memory order: reshaping it
+        # to logical order would copy it, and its per-channel maxima are then a column reduction.
+        pixels = _channels_last_pixels(x)
+        flat = x.reshape(-1) if pixels is None else pixels.reshape(-1)
+        self._plan(ordinal, flat.numel()).take(flat, None if pixels is None else x.shape)
+        channel_max = self._update_channels(x, ordinal, pixels)
         if flat.numel():
             self._update_values(flat, channel_max)
 
@@ -281,10 +294,14 @@ class _LayerAccumulator:
                 f"{self.per_sample[ordinal]} per sample; the probe needs outputs of one size per sample")
         return self.plans[ordinal]
 
-    def _update_channels(self, x: Tensor, ordinal: int) -> Tensor | None:
+    def _update_channels(self, x: Tensor, ordinal: int, pixels: Tensor | None) -> Tensor | None:
         if x.dim() >= 2:
-            # Over the batch first (an elementwise max of contiguous slabs), then the small rest.
-            channel_max = (x.amax(0).flatten(1).amax(1) if x.dim() > 2 else x.amax(0)) if x.numel() else None
+            if not x.numel():
+                channel_max = None
+            elif pixels is not None:  # channels_last: (pixels, channels) rows, reduced over the rows
+                channel_max = pixels.amax(0)
+            else:  # over the batch first (an elementwise max of contiguous slabs), then the small rest
+                channel_max = x.amax(0).flatten(1).amax(1) if x.dim() > 2 else x.amax(0)
             fired = channel_max > 0 if channel_max is not None else torch.zeros(x.shape[1], dtype=torch.bool,
                                                                                 device=x.device)
         else:
@@ -402,6 +419,13 @@ class _LayerAccumulator:
             parts = [part[torch.from_numpy(self.rng.permutation(len(part))[:k])] for part, k in zip(parts, keep)]
         sample = torch.cat(parts) if parts else torch.empty(0)
         return sample[torch.isfinite(sample)].float().clone()
+
+
+def _channels_last_pixels(x: Tensor) -> Tensor | None:
+    """For a 4-D channels_last ``x`` that is not also contiguous: a (N·H·W, C) view of it, else None."""
+    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def _equal_width_edges(lo: float, hi: float, bins: int) -> Tensor:

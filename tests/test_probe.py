@@ -86,6 +86,24 @@ def test_batching_does_not_change_the_statistics():
     assert torch.equal(small.sample, whole.sample) and torch.equal(small.hist_counts, whole.hist_counts)
 
 
+def test_a_channels_last_output_gives_the_statistics_of_its_contiguous_copy():
+    # The harness's models run channels_last; the probe reads such outputs in memory order, and must
+    # sample the same values and find the same dead channels as on the logical (N, C, H, W) order.
+    x = torch.randn(300, 6, 5, 7, generator=torch.Generator().manual_seed(3)).relu()
+    x[:, 2] = 0.0  # a dead channel
+    x[:, 4, 1:] = -1.0
+    layouts = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+    assert not layouts["channels_last"].is_contiguous()
+    stats = {name: probe_activations(identity_model(), inputs, ["act"], batch_size=128, sample_size=900)["act"]
+             for name, inputs in layouts.items()}
+    logical, memory = stats["contiguous"], stats["channels_last"]
+    assert torch.equal(memory.sample, logical.sample) and torch.equal(memory.hist_counts, logical.hist_counts)
+    assert (memory.count, memory.min, memory.max, memory.near_zero_frac, memory.dead_channels) == \
+        (logical.count, logical.min, logical.max, logical.near_zero_frac, logical.dead_channels) and \
+        logical.dead_channels == [2]
+    assert memory.mean == pytest.approx(logical.mean, rel=1e-6) and memory.std == pytest.approx(logical.std, rel=1e-6)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e3, -1e5])
 def test_moments_are_float64_accurate_far_from_zero(offset):
     # Two-pass float32 moments per call, merged in float64: no cancellation when |mean| >> std.
