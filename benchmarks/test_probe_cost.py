@@ -4,7 +4,8 @@ The goal of the probe issue: a probe costs at most 1.10x a bare ``inference_mode
 ResNet-50 (its 16 bottleneck outputs) and ResNet-18 (its 4 stages), 512 samples at 32 px, and its
 peak memory above the model and data does not grow with the probe set (512 vs 8,192 samples within
 10%). Each ratio is measured side by side in one run: the bare forward and the probe alternate, and
-each keeps its fastest round, so a busy machine slows both alike.
+each keeps its fastest round, so a busy machine slows both alike. Each ratio is measured twice: with
+contiguous (N, C, H, W) models and inputs, and channels_last, the layout the harness runs its models in.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ MODELS = {"resnet50": ["layer?.?"],   # its 16 bottleneck outputs
 SAMPLES, IMAGE_SIZE, BATCH = 512, 32, 256
 
 
-def _setup(arch: str, n: int, device):
+def _setup(arch: str, n: int, device, layout: str = "contiguous"):
+    """A seeded torchvision model and inputs; ``layout="channels_last"`` as the harness runs its models."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=10).to(device).eval()
     x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE)
+    if layout == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     return model, x
 
 
@@ -73,9 +77,10 @@ def alternate(first, second, rounds: int = 7) -> tuple[float, float]:
     return best[0], best[1]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_probe_vs_bare_forward(benchmark, record_ratio, device, arch):
-    model, x = _setup(arch, SAMPLES, device)
+def test_probe_vs_bare_forward(benchmark, record_ratio, device, arch, layout):
+    model, x = _setup(arch, SAMPLES, device, layout)
     layers = resolve_layers(model, MODELS[arch])
     assert len(layers) == (16 if arch == "resnet50" else 4)
 
@@ -86,8 +91,9 @@ def test_probe_vs_bare_forward(benchmark, record_ratio, device, arch):
     probe()
     bare, probed = alternate(lambda: bare_forward(model, x, device), probe)
     benchmark.pedantic(probe, rounds=1, warmup_rounds=0)
-    record_ratio(f"probe_over_bare_forward_{arch}", probed / bare, "<= 1.10")
-    if arch == "resnet50":
+    suffix = "" if layout == "contiguous" else "_channels_last"
+    record_ratio(f"probe_over_bare_forward_{arch}{suffix}", probed / bare, "<= 1.10")
+    if arch == "resnet50" and layout == "contiguous":
         naive, _ = alternate(lambda: naive_probe(model, x, layers, device), lambda: None, rounds=1)
         record_ratio("probe_over_naive_probe_resnet50", probed / naive, "< 1.0")
 
