@@ -32,9 +32,10 @@ zoo: install
 perturb: install
 	$(BIN)/python -m surgery.perturb cases --report reports/perturb
 
-# Recalibrate every case (about an hour on 2 cores): records beside the cases, thresholds written back.
+# Recalibrate every case (2-3 hours on 2 cores; 6-27 minutes a case on the machines of 2026-12-02): records
+# beside the cases, thresholds written back. 2 seeds per perturbed profile, as the committed records.
 calibrate: install
-	$(BIN)/surgery calibrate cases --seeds 8 --perturbed-seeds 4 \
+	$(BIN)/surgery calibrate cases --seeds 8 --perturbed-seeds 2 \
 		--profiles native,threads1,isa-default,isa-avx2,zoo-threads1 --write
 
 # Benchmarks: results saved as JSON under .benchmarks/; compare two nights with
