@@ -3,9 +3,10 @@
 The probe hooks named modules, runs the probe set through the model batch by batch and keeps,
 per layer, a constant amount of state whatever the probe-set size:
 
-- moments: per call, the batch's mean and centred sum of squares in float32 on the device
-  (two-pass: sum, then the squares of the deviations), merged across calls in float64 with
-  Chan's parallel formula; min and max;
+- moments: per call, the batch's mean and centred sum of squares (on a CPU, from one read of
+  the sum and one of the sum of squares; two-pass, from deviations to a shift, where the mean is
+  large against the spread and on other devices), merged across calls in float64 with Chan's
+  parallel formula; min and max;
 - the near-zero count (``|x| <= near_zero_eps``) and, per channel, whether it ever fired
   (a value > 0);
 - a uniform sample of ``sample_size`` values, drawn without replacement. The probe knows the
@@ -63,6 +64,10 @@ NEAR_ZERO_EPS = 1e-6
 SAMPLE_SIZE = 16_384
 # Examples per minibatch of the streamed CKA: its Gram matrices cost examples x this x features.
 GRAM_BATCH = 64
+# Values per row whose squares are summed in float32 (the rows' sums are added in float64).
+SQUARES_ROW = 4096
+# The one-read moments are used while sum(x^2) <= this x M2 (|mean| <= 3.9 std): their error stays below 1e-6.
+CANCELLATION_LIMIT = 16.0
 
 
 # ----------------------------------------------------------------------------- layer names
@@ -326,28 +331,44 @@ class _LayerAccumulator:
         None when ``flat`` holds a NaN or an infinity (the masked path handles those).
         """
         n = flat.numel()
-        # Shifted two-pass moments: deviations from a float32 shift (the running mean, or the first
-        # value of the first call), then their sum and the sum of their squares, both cascade sums
-        # (float32 BLAS dot products lose 1e-4 relative over millions of values). The deviations'
-        # own sum corrects mean and M2 for the shift, so no pass is spent on the batch's mean.
-        shift = float(np.float32(self.mean if self.n else flat[0]))
-        scratch = self.scratch.get(flat)
-        deviation_sum = float(torch.sub(flat, shift, out=scratch).sum())
-        squares = float(scratch.square_().sum())
-        if not (math.isfinite(deviation_sum) and math.isfinite(squares)):
+        # One read each for the sum and the sum of squares, nothing written: M2 = sum(x^2) - sum(x)^2 / n,
+        # which is exact to ~4e-8 x sum(x^2) / M2 (cascade sum; squares summed per row of SQUARES_ROW values in
+        # float32, the rows in float64). Where the mean is large against the spread that cancels: the
+        # shifted two-pass moments then (two passes more, one written).
+        total = float(flat.sum())
+        squares = _sum_of_squares(flat)
+        if not (math.isfinite(total) and math.isfinite(squares)):
             return None
-        m2 = squares - deviation_sum * deviation_sum / n
-        mean = shift + deviation_sum / n
+        m2 = squares - total * total / n
+        if squares > CANCELLATION_LIMIT * m2:
+            mean, m2 = self._shifted_moments(flat)
+        else:
+            mean = total / n
         lo = float(flat.amin())
         hi = float(channel_max.amax() if channel_max is not None else flat.amax())
         # A compare written as floats and summed is 3x faster than counting a bool tensor.
         # NOTE: float sums of ones are exact below 2**24, so larger outputs are counted in slices.
+        scratch = self.scratch.get(flat)
         if lo < -self.eps:
             torch.abs(flat, out=scratch).le_(self.eps)
         else:
             torch.le(flat, self.eps, out=scratch)
         near_zero = sum(int(part.sum()) for part in scratch.split(1 << 24))
         return n, mean, m2, lo, hi, near_zero
+
+    def _shifted_moments(self, flat: Tensor) -> tuple[float, float]:
+        """(mean, M2) of finite ``flat`` from deviations to a float32 shift: no cancellation when |mean| >> std.
+
+        The shift is the running mean, or the first value of the first call; the deviations' own sum
+        corrects mean and M2 for it, so no pass is spent on the batch's mean. Both sums are cascade
+        sums (float32 BLAS dot products lose 1e-4 relative over millions of values).
+        """
+        n = flat.numel()
+        shift = float(np.float32(self.mean if self.n else flat[0]))
+        scratch = self.scratch.get(flat)
+        deviation_sum = float(torch.sub(flat, shift, out=scratch).sum())
+        squares = float(scratch.square_().sum())
+        return shift + deviation_sum / n, squares - deviation_sum * deviation_sum / n
 
     def _moments_masked(self, flat: Tensor) -> tuple:
         """The same as device tensors, leaving out non-finite values; no host synchronisation."""
@@ -426,6 +447,15 @@ def _channels_last_pixels(x: Tensor) -> Tensor | None:
     if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return None
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _sum_of_squares(flat: Tensor) -> float:
+    """The sum of the squares of contiguous ``flat``, read once: float32 norms of its rows, their squares in float64."""
+    rows = flat.numel() // SQUARES_ROW
+    head = flat[: rows * SQUARES_ROW].view(rows, SQUARES_ROW)
+    total = float(torch.linalg.vector_norm(head, dim=1).double().square().sum()) if rows else 0.0
+    tail = flat[rows * SQUARES_ROW:]
+    return total + (float(torch.linalg.vector_norm(tail)) ** 2 if tail.numel() else 0.0)
 
 
 def _equal_width_edges(lo: float, hi: float, bins: int) -> Tensor:

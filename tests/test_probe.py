@@ -121,6 +121,17 @@ def test_moments_are_float64_accurate_far_from_zero(offset):
     assert masked.std == pytest.approx(finite.std(), rel=1e-6)
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.8])
+def test_one_read_moments_are_float64_accurate_over_millions_of_values(offset):
+    # The CPU's one-read moments (sum and sum of squares) serve while |mean| <= 3.9 std: at the edge,
+    # over calls of 4M values plus a tail that fills no row of squares, still within 1e-6 of float64.
+    x = torch.randn(3, 4_194_304 + 77, generator=torch.Generator().manual_seed(2)) * 0.5 + offset * 0.5
+    s = probe_activations(identity_model(), x, ["act"], batch_size=2)["act"]
+    values = x.double().numpy()
+    assert s.mean == pytest.approx(values.mean(), rel=1e-6, abs=1e-7)
+    assert s.std == pytest.approx(values.std(), rel=1e-6)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=200), st.integers(1, 50),
        st.floats(-100, 100), st.floats(0.01, 100))
