@@ -1,4 +1,4 @@
-"""Where a probe's time goes: ``python -m benchmarks.profile_probe [resnet50|resnet18]``.
+"""Where a probe's time goes: ``python -m benchmarks.profile_probe [resnet50|resnet18] [contiguous|channels_last]``.
 
 Times a bare ``inference_mode`` forward and the probe (``surgery.probe.probe_activations``) as
 ``test_probe_cost.py`` does, with its helpers (alternating, fastest of 5), then profiles 3 probes with
@@ -13,27 +13,25 @@ import pstats
 import sys
 
 import torch
-import torchvision
 
-from benchmarks.test_probe_cost import BATCH, IMAGE_SIZE, MODELS, SAMPLES, alternate, bare_forward
+from benchmarks.test_probe_cost import BATCH, MODELS, SAMPLES, alternate, bare_forward, seeded_model_and_inputs
 from surgery.probe import probe_activations, resolve_layers
 
 ROUNDS = 3
 
 
-def main(arch: str = "resnet50") -> None:
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=10).eval()
-    x = torch.randn(SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE)
-    layers = resolve_layers(model, MODELS[arch])
+def main(arch: str = "resnet50", layout: str = "contiguous") -> None:
+    """Print the bare forward, the probe and their ratio, then the probe's costliest calls."""
     cpu = torch.device("cpu")
+    model, x = seeded_model_and_inputs(arch, SAMPLES, cpu, layout)
+    layers = resolve_layers(model, MODELS[arch])
 
     def probe() -> None:
         probe_activations(model, x, layers, batch_size=BATCH)
 
     bare_forward(model, x, cpu), probe()  # warm-up
     bare, probed = alternate(lambda: bare_forward(model, x, cpu), probe, rounds=5)
-    print(f"{arch}, {len(layers)} layers, {SAMPLES} samples, {IMAGE_SIZE} px, {torch.get_num_threads()} threads: "
+    print(f"{arch} ({layout}), {len(layers)} layers, {SAMPLES} samples, {x.shape[-1]} px, {torch.get_num_threads()} threads: "
           f"bare forward {bare:.4f} s, probe {probed:.4f} s, ratio {probed / bare:.3f}")
     profiler = cProfile.Profile()
     profiler.enable()

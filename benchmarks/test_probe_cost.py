@@ -30,7 +30,7 @@ MODELS = {"resnet50": ["layer?.?"],   # its 16 bottleneck outputs
 SAMPLES, IMAGE_SIZE, BATCH = 512, 32, 256
 
 
-def _setup(arch: str, n: int, device, layout: str = "contiguous"):
+def seeded_model_and_inputs(arch: str, n: int, device, layout: str = "contiguous"):
     """A seeded torchvision model and inputs; ``layout="channels_last"`` as the harness runs its models."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=10).to(device).eval()
@@ -80,7 +80,7 @@ def alternate(first, second, rounds: int = 7) -> tuple[float, float]:
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_probe_vs_bare_forward(benchmark, record_ratio, device, arch, layout):
-    model, x = _setup(arch, SAMPLES, device, layout)
+    model, x = seeded_model_and_inputs(arch, SAMPLES, device, layout)
     layers = resolve_layers(model, MODELS[arch])
     assert len(layers) == (16 if arch == "resnet50" else 4)
 
