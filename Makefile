@@ -16,7 +16,8 @@ install: $(STAMP)
 # CI runs one seed per case; `surgery run cases` / `pytest cases` without the cap run them all (nightly).
 # Two pytest-xdist workers of one torch thread each (the calibrated `threads1` profile; a case's items stay on
 # one worker). Warm, on 2 cores: 291-322 s on the AVX-512 machines of 2026-12-02; 428 s on the AVX2 one of
-# 2026-12-03 (README, Performance); 673 s on an AVX2 one of 2026-12-01 (951 s in one process there). The plugin runs the workers with OMP_WAIT_POLICY=PASSIVE (README).
+# 2026-12-03 (README, Performance); 673 s on an AVX2 one of 2026-12-01 (951 s in one process there).
+# The plugin runs the workers with OMP_WAIT_POLICY=PASSIVE (README).
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest tests cases -q --surgery-seeds 1 -n $(TEST_WORKERS)

@@ -31,7 +31,8 @@ def main(arch: str = "resnet50", layout: str = "contiguous") -> None:
 
     bare_forward(model, x, cpu), probe()  # warm-up
     bare, probed = alternate(lambda: bare_forward(model, x, cpu), probe, rounds=5)
-    print(f"{arch} ({layout}), {len(layers)} layers, {SAMPLES} samples, {x.shape[-1]} px, {torch.get_num_threads()} threads: "
+    print(f"{arch} ({layout}), {len(layers)} layers, {SAMPLES} samples, {x.shape[-1]} px, "
+          f"{torch.get_num_threads()} threads: "
           f"bare forward {bare:.4f} s, probe {probed:.4f} s, ratio {probed / bare:.3f}")
     profiler = cProfile.Profile()
     profiler.enable()
