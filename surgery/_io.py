@@ -24,6 +24,14 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe
 
 
+def cache_dir() -> Path:
+    """``$SURGERY_CACHE``, else ``$XDG_CACHE_HOME/surgery``, else ``~/.cache/surgery``: zoo weights, decoded images."""
+    if os.environ.get("SURGERY_CACHE"):
+        return Path(os.environ["SURGERY_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "surgery"
+
+
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``; on failure the old file stays, no partial file."""
     path = Path(path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -85,10 +86,11 @@ def create_model(model: str, *, num_classes: int | None = None, in_chans: int | 
     return build_model(spec)
 
 
-def probe(model: nn.Module, inputs: torch.Tensor, layers: Sequence[str], *, batch_size: int = 256,
+def probe(model: nn.Module, inputs: Any, layers: Sequence[str], *, batch_size: int = 256,
           reference: Mapping[str, LayerStats] | None = None, device: str | torch.device = "cpu",
           seed: int = 0) -> ProbeStats:
-    """Streamed statistics of the outputs of ``layers`` (names or globs) on ``inputs``.
+    """Streamed statistics of the outputs of ``layers`` (names or globs) on ``inputs``: a tensor, a
+    ``DataLoader`` (batches of images or of ``(images, labels)``) or a list of batches.
 
     Per layer: exact count, mean, std, min, max, near-zero and dead-channel fractions; a
     uniform sample of 16,384 values and a histogram counted on it; memory that does not grow

@@ -1,7 +1,14 @@
-"""Embedded datasets as tensors: mnist5k, digits, shapes, imagefolder. Nothing is ever downloaded.
+"""The datasets a case reads, split train/test by a seed. Nothing is ever downloaded.
 
-Every dataset comes out the same way: float32 images ``(N, C, S, S)`` normalised to about
-[-1, 1] (``(x - 0.5) / 0.5``), int64 labels, and a deterministic train/test split from a seed.
+Two paths, one :class:`Split`:
+
+- the embedded sets (mnist5k, digits, shapes) are small: held as float32 tensors ``(N, C, S, S)``,
+  normalised once by the model's preprocessing (the zoo's ``(x - 0.5) / 0.5`` by default);
+- an image folder, a tar of one, or a map-style Dataset by reference is decoded once into the uint8
+  image cache (:mod:`surgery.image_cache`) and read a batch at a time: its split holds
+  :class:`~surgery.image_cache.CachedImages` views, indexed like tensors, normalised per batch.
+
+Labels are int64 tensors; the train/test split is a deterministic permutation drawn from a seed.
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from surgery.errors import SurgeryInputError
+from surgery.image_cache import CachedImages, cached_entry, subset
+from surgery.image_sources import Geometry, ImageSource, dataset_source, folder_source
+from surgery.preprocess import ZOO_PREPROCESS, Preprocess
+
+Images = torch.Tensor | CachedImages
 
 
 @dataclass
@@ -24,17 +36,18 @@ class Split:
     """A dataset at the case's image size, split into train and test tensors."""
 
     name: str
-    train_x: torch.Tensor
+    train_x: Images
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: Images
     test_y: torch.Tensor
     num_classes: int
     # Indices into the dataset (after ``limit``) of each part; the holdout is kept for the release gate.
     train_index: torch.Tensor | None = None
     test_index: torch.Tensor | None = None
     holdout_index: torch.Tensor | None = None
-    holdout_x: torch.Tensor | None = None
+    holdout_x: Images | None = None
     holdout_y: torch.Tensor | None = None
+    preprocess: Preprocess = ZOO_PREPROCESS
 
     def __repr__(self) -> str:
         return (f"Split({self.name}: train {tuple(self.train_x.shape)}, test {tuple(self.test_x.shape)}, "
@@ -129,37 +142,12 @@ def make_shapes(n: int, size: int, *, seed: int, background: float = 0.0, color_
     return images.clamp(0, 1), labels
 
 
-def _imagefolder(root: str, size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a torchvision ImageFolder, resized and centre-cropped to ``size``."""
-    from torchvision import datasets, transforms
-
-    steps = [transforms.Resize(size), transforms.CenterCrop(size)]
-    if channels == 1:
-        steps.append(transforms.Grayscale(1))
-    steps.append(transforms.ToTensor())
-    if not Path(root).is_dir():
-        raise SurgeryInputError(f"imagefolder root {root!r} is not a directory; expected one folder per class")
-    try:
-        folder = datasets.ImageFolder(root, transform=transforms.Compose(steps))
-    except (FileNotFoundError, OSError) as exc:
-        raise SurgeryInputError(f"imagefolder root {root!r}: {exc}") from None
-    images, labels = [], []
-    for i, (path, label) in enumerate(folder.samples):
-        try:
-            img, _ = folder[i]
-        except Exception as exc:  # PIL raises several types for unreadable files
-            raise SurgeryInputError(f"imagefolder {root!r}: cannot read image {path}: {exc.__class__.__name__}") \
-                from None
-        images.append(img[:3] if img.shape[0] >= 3 else img)
-        labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-
-
 # --------------------------------------------------------------------------- public
 
 
 def load_images(spec, *, image_size: int, channels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [0, 1] at ``image_size`` with ``channels`` channels, and labels, for a DatasetSpec."""
+    """Images in [0, 1] at ``image_size`` with ``channels`` channels, and labels, for an embedded DatasetSpec
+    (or, decoded whole, a small folder: tests and tools; runs read folders through :func:`load_split`)."""
     if spec.name == "mnist5k":
         images, labels = _mnist5k()
     elif spec.name == "digits":
@@ -167,16 +155,16 @@ def load_images(spec, *, image_size: int, channels: int, seed: int = 0) -> tuple
     elif spec.name == "shapes":
         images, labels = make_shapes(spec.size, image_size, seed=seed, background=spec.background,
                                      color_shift=spec.color_shift, noise=spec.noise, blur=spec.blur)
-    elif spec.name == "imagefolder":
-        images, labels = _imagefolder(spec.root, image_size, channels)
+    elif spec.name in ("imagefolder", "dataset"):
+        cached = cached_images(spec, image_size=image_size, channels=channels, preprocess=ZOO_PREPROCESS)
+        return cached.read(slice(None)).float() / 255, cached.labels
     else:  # the schema rejects other names; keep the error honest if it is bypassed
         raise SurgeryInputError(f"data: unknown dataset {spec.name!r}; expected one of mnist5k, digits, shapes, "
-                                "imagefolder")
+                                "imagefolder, dataset")
     if len(images) == 0:
         raise SurgeryInputError(f"data: dataset {spec.name!r} is empty")
     if spec.limit is not None and spec.limit < len(images):
-        # A fixed random subset: the first N rows of a file sorted by class (mnist5k is) would hold one class.
-        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: spec.limit]
+        keep = limited(len(images), spec.limit)
         images, labels = images[keep], labels[keep]
     if images.shape[-1] != image_size or images.shape[-2] != image_size:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True,
@@ -184,6 +172,37 @@ def load_images(spec, *, image_size: int, channels: int, seed: int = 0) -> tuple
     if images.shape[1] != channels:
         images = images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, channels, -1, -1)
     return images.contiguous(), labels
+
+
+def limited(n: int, limit: int) -> torch.Tensor:
+    """The indices of a fixed random subset of ``limit`` of ``n`` examples.
+
+    A random subset, not the first rows: a file sorted by class (mnist5k is) would give one class.
+    """
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit]
+
+
+def image_source(spec) -> ImageSource:
+    """The listed source of a folder, tar or dataset-reference DatasetSpec."""
+    if spec.name == "imagefolder":
+        return folder_source(spec.root)
+    kwargs = dict(spec.kwargs or {})
+    if spec.root is not None:
+        kwargs["root"] = str(Path(spec.root).expanduser())
+    return dataset_source(spec.dataset, kwargs)
+
+
+def cached_images(spec, *, image_size: int, channels: int, preprocess: Preprocess,
+                  workers: int | None = None) -> CachedImages:
+    """A folder, tar or dataset decoded once into the image cache at the case's geometry (``limit`` applied)."""
+    source = image_source(spec)
+    geometry = Geometry(resize=preprocess.resize_for(image_size), crop=image_size, channels=channels,
+                        interpolation=preprocess.interpolation)
+    entry = cached_entry(source, geometry, workers=workers)
+    rows = np.arange(entry.count)
+    if spec.limit is not None and spec.limit < entry.count:
+        rows = limited(entry.count, spec.limit).numpy()
+    return CachedImages(entry, rows, preprocess.for_channels(channels))
 
 
 # NOTE: a fixed seed of its own, so that the held-out examples are the same whatever the run's seed
@@ -200,17 +219,29 @@ def holdout_indices(n: int, fraction: float) -> torch.Tensor:
     return order[:count].sort().values
 
 
+def dataset_images(spec, *, image_size: int, channels: int, seed: int, preprocess: Preprocess = ZOO_PREPROCESS,
+                   workers: int | None = None) -> tuple[Images, torch.Tensor]:
+    """A whole dataset, normalised by ``preprocess``: a tensor for an embedded set, cached images otherwise."""
+    if spec.embedded:
+        images, labels = load_images(spec, image_size=image_size, channels=channels, seed=seed)
+        return preprocess.normalize(images), labels
+    cached = cached_images(spec, image_size=image_size, channels=channels, preprocess=preprocess, workers=workers)
+    return cached, cached.labels
+
+
 def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction: float = 0.2,
-               holdout: float = 0.0) -> Split:
-    """The dataset normalised to about [-1, 1] and split train/test by a permutation drawn from ``seed``.
+               holdout: float = 0.0, preprocess: Preprocess = ZOO_PREPROCESS, workers: int | None = None) -> Split:
+    """The dataset normalised by ``preprocess`` (default: the zoo's [-1, 1]) and split train/test by a
+    permutation drawn from ``seed``.
 
     ``holdout`` > 0 first sets aside that fraction of the examples with a fixed draw of its own
     (:func:`holdout_indices`): they are in no seed's train or test split, and come back as the split's
     ``holdout_x`` / ``holdout_y`` for the release gate. At 0 the split is exactly what it was without it.
     """
     generator = seeded_generator(seed)  # before any work: a seed out of range is bad input
-    images, labels = load_images(spec, image_size=image_size, channels=channels, seed=seed)
-    n = len(images)
+    x, labels = dataset_images(spec, image_size=image_size, channels=channels, seed=seed, preprocess=preprocess,
+                               workers=workers)
+    n = len(x)
     held = holdout_indices(n, holdout)
     if len(held):
         mask = torch.ones(n, dtype=torch.bool)
@@ -223,15 +254,16 @@ def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction
         raise SurgeryInputError(f"data: dataset {spec.name!r} has {n} samples ({len(held)} held out); too few to "
                                 "split train/test")
     order = pool[torch.randperm(len(pool), generator=generator)]
-    x = (images - 0.5) / 0.5
     test, train = order[:n_test], order[n_test:]
     num_classes = int(labels.max()) + 1
-    return Split(spec.name, x[train], labels[train], x[test], labels[test], num_classes, train_index=train,
-                 test_index=test, holdout_index=held, holdout_x=x[held] if len(held) else None,
-                 holdout_y=labels[held] if len(held) else None)
+    return Split(spec.name, subset(x, train), labels[train], subset(x, test), labels[test], num_classes,
+                 train_index=train, test_index=test, holdout_index=held,
+                 holdout_x=subset(x, held) if len(held) else None, holdout_y=labels[held] if len(held) else None,
+                 preprocess=preprocess)
 
 
-def load_eval_set(spec, *, image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_eval_set(spec, *, image_size: int, channels: int, preprocess: Preprocess = ZOO_PREPROCESS,
+                  workers: int | None = None) -> tuple[Images, torch.Tensor]:
     """A whole dataset, normalised as :func:`load_split` normalises, for evaluation only (no split)."""
-    images, labels = load_images(spec, image_size=image_size, channels=channels, seed=0)
-    return (images - 0.5) / 0.5, labels
+    return dataset_images(spec, image_size=image_size, channels=channels, seed=0, preprocess=preprocess,
+                          workers=workers)

@@ -1,4 +1,9 @@
-"""The fine-tune engine: a short, deterministic training loop on tensors held on the device.
+"""The fine-tune engine: a short, deterministic training loop.
+
+Embedded sets sit on the device as tensors. Cached images (a user's folder: :mod:`surgery.image_cache`)
+stream: each step reads its batch as uint8, moves it (pinned, non-blocking on CUDA) and normalises it
+on the device, while a background thread reads the next one. ``finetune.augment`` applies to each
+training batch on the device (:mod:`surgery.augment`).
 
 Parameter groups are chosen by glob on parameter names, each with ``freeze``, ``lr_scale`` and
 ``unfreeze_at``. A non-finite loss stops the run and is reported, never raised.
@@ -10,6 +15,7 @@ import fnmatch
 import math
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -19,8 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from surgery.augment import augment_batch, augment_generator
 from surgery.spec import DistillSpec, FinetuneSpec, ParamGroupSpec
 from surgery.errors import SurgeryInputError
+from surgery.image_cache import CachedImages, on_device
+
+Images = torch.Tensor | CachedImages
+
+# Cached images are evaluated in batches of at most this many float32 values (256 MB): 445 images at 224 px.
+EVAL_BATCH_VALUES = 2**26
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -50,23 +63,33 @@ def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device=device, memory_format=torch.channels_last)
 
 
-def _input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
+def _input(x: Images, device: torch.device, positions: object = slice(None)) -> torch.Tensor:
+    """The images of ``x`` at ``positions`` on ``device`` in channels_last, normalised."""
+    x = on_device(x, positions, device)
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def eval_batch_size(x: Images, batch_size: int) -> int:
+    """``batch_size``, made smaller for large cached images so a batch stays within ``EVAL_BATCH_VALUES``."""
+    if not isinstance(x, CachedImages):
+        return batch_size
+    _, c, h, w = x.shape
+    return max(1, min(batch_size, EVAL_BATCH_VALUES // (c * h * w)))
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+def predict(model: nn.Module, x: Images, *, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     """Logits for every row of ``x`` (eval mode), float32, on the CPU."""
     model.eval()
     out = []
-    for i in range(0, len(x), batch_size):
+    step = eval_batch_size(x, batch_size)
+    for i in range(0, len(x), step):
         with autocast(device):
-            out.append(model(_input(x[i:i + batch_size], device)).float().cpu())
+            out.append(model(_input(x, device, slice(i, i + step))).float().cpu())
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.device,
              batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)``."""
     logits = predict(model, x, device=device, batch_size=batch_size)
@@ -74,7 +97,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torc
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, device: torch.device, batches: int = 20,
+def recalibrate_bn(model: nn.Module, x: Images, *, device: torch.device, batches: int = 20,
                    batch_size: int = 64, seed: int = 0) -> int:
     """AdaBN: reset BatchNorm running statistics and re-estimate them on unlabelled ``x``.
 
@@ -92,7 +115,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, device: torch.device, b
         for _ in range(batches):
             idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=g)
             with autocast(device):
-                model(_input(x[idx], device))
+                model(_input(x, device, idx))
     finally:
         for m, momentum in zip(bns, saved):
             m.momentum = momentum
@@ -112,7 +135,7 @@ class FinetuneResult:
     samples_per_second: float = 0.0
     final_accuracy: float | None = None  # on the eval set after the last step; None if training stopped early
 
-    def accuracy_after(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device) -> float:
+    def accuracy_after(self, model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.device) -> float:
         """The trained model's accuracy on ``(x, y)``, which must be the eval set this fine-tune was given:
         the evaluation already taken at the last step when there was one (the same figure), else a new one."""
         return self.final_accuracy if self.final_accuracy is not None else evaluate(model, x, y, device=device)
@@ -178,7 +201,42 @@ def _set_frozen(groups: list[_Group], step: int) -> None:
             p.requires_grad_(not frozen)
 
 
-def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor,
+class BatchFeed:
+    """The training batches of a fine-tune in order, on the device.
+
+    A tensor set moves to the device once and is indexed there. Cached images are read a batch at a
+    time; a background thread reads the next batch while the current one trains.
+    """
+
+    def __init__(self, x: Images, y: torch.Tensor, device: torch.device):
+        self.cached = isinstance(x, CachedImages)
+        self.device = device
+        self.x = x if self.cached else _input(x, device)
+        self.y = y.to(device)
+        self.pool = ThreadPoolExecutor(max_workers=1) if self.cached else None
+        self.pending: tuple[torch.Tensor, object] | None = None
+
+    def _read(self, idx: torch.Tensor) -> torch.Tensor:
+        return _input(self.x, self.device, idx)
+
+    def get(self, idx: torch.Tensor, following: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at ``idx`` (with ``following``, the next one, read ahead)."""
+        if not self.cached:
+            return self.x[idx], self.y[idx]
+        assert self.pool is not None
+        if self.pending is not None and torch.equal(self.pending[0], idx):
+            x = self.pending[1].result()  # type: ignore[attr-defined]
+        else:
+            x = self._read(idx)
+        self.pending = (following, self.pool.submit(self._read, following)) if following is not None else None
+        return x, self.y[idx.to(self.device)]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def finetune(model: nn.Module, train_x: Images, train_y: torch.Tensor, eval_x: Images,
              eval_y: torch.Tensor, spec: FinetuneSpec, *, seed: int, device: torch.device,
              teacher: nn.Module | None = None, distill: DistillSpec | None = None,
              progress: bool | None = None, desc: str = "fine-tune") -> FinetuneResult:
@@ -192,7 +250,8 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
     g = torch.Generator().manual_seed(seed)
     groups = _assign_groups(model, spec.groups)
     optimizer = _optimizer(groups, spec)
-    train_x_dev, train_y_dev = _input(train_x, device), train_y.to(device)
+    feed = BatchFeed(train_x, train_y, device)
+    augment = augment_generator(seed) if spec.augment is not None else None
     result = FinetuneResult()
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=spec.steps, desc=desc, disable=not show, leave=False, unit="step")
@@ -200,8 +259,9 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
         teacher.eval()
     running, seen, start = 0.0, 0, time.perf_counter()
     nonfinite: torch.Tensor | None = None
-    # Batch order is drawn on the CPU (deterministic) and lives on the device: no copy per step.
-    order = torch.randperm(len(train_x), generator=g).to(device)
+    # Batch order is drawn on the CPU (deterministic); for a tensor set it lives on the device: no copy per step.
+    order_device = torch.device("cpu") if feed.cached else device
+    order = torch.randperm(len(train_x), generator=g).to(order_device)
     cursor = 0
     for step in range(spec.steps):
         _set_frozen(groups, step)
@@ -209,10 +269,13 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
         for pg in optimizer.param_groups:
             pg["lr"] = pg["base_lr"] * factor
         if cursor + spec.batch_size > len(order):
-            order, cursor = torch.randperm(len(train_x), generator=g).to(device), 0
+            order, cursor = torch.randperm(len(train_x), generator=g).to(order_device), 0
         idx = order[cursor:cursor + spec.batch_size]
         cursor += spec.batch_size
-        x, y = train_x_dev[idx], train_y_dev[idx]
+        ahead = order[cursor:cursor + spec.batch_size] if cursor + spec.batch_size <= len(order) else None
+        x, y = feed.get(idx, ahead if step + 1 < spec.steps else None)
+        if augment is not None:
+            x = augment_batch(x, spec.augment, augment)
         model.train()
         with autocast(device):
             logits = model(x)
@@ -249,6 +312,7 @@ def finetune(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, eva
                 result.final_accuracy = acc
             running, seen = 0.0, 0
     bar.close()
+    feed.close()
     _set_frozen(groups, spec.steps)  # leave the model's requires_grad as the policy ends
     result.seconds = time.perf_counter() - start
     result.samples_per_second = result.steps_done * spec.batch_size / max(result.seconds, 1e-9)

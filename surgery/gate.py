@@ -253,7 +253,7 @@ DEFAULT_RULE = NotWorseThanSpec(accuracy=0.01, confidence=0.95)  # with a champi
 class GateData:
     """The examples a gate scores on, and what they are."""
 
-    x: torch.Tensor
+    x: torch.Tensor | CachedImages
     y: torch.Tensor
     description: str
     held_out: bool           # disjoint from every seed's train split
@@ -268,9 +268,9 @@ def gate_data(case: Case, split: Split, seed: int) -> GateData:
     if spec.data == "holdout":
         return GateData(split.holdout_x, split.holdout_y, f"{len(split.holdout_y)} held-out {split.name} examples "
                         f"(data.holdout {case.data.holdout:g}, in no seed's train or test split)", True)
-    with blame(case, "gate.data.root" if spec.data.name == "imagefolder" else "gate.data"):
+    with blame(case, dataset_field("gate.data", spec.data)):
         x, y = load_eval_set(dataset_spec(case, spec.data), image_size=case.data.image_size,
-                             channels=case.data.channels)
+                             channels=case.data.channels, preprocess=split.preprocess, workers=case.data.workers)
         if int(y.max()) >= split.num_classes:
             raise SurgeryInputError(f"{spec.data.name} has labels up to {int(y.max())} but the case's data has "
                                     f"{split.num_classes} classes; expected the same classes")

@@ -27,6 +27,8 @@ from surgery.drift import drift
 from surgery.cka import CKAAccumulator
 from surgery.probe import ProbePass, ProbeStats, batches, resolve_layers
 from surgery.data import Split, load_split
+from surgery.image_cache import CachedImages, head
+from surgery.preprocess import Preprocess, resolve_preprocess
 from surgery.errors import SurgeryInputError
 from surgery.finetune import resolve_device
 from surgery.builder import build_model
@@ -35,8 +37,16 @@ from surgery.ops.record import SurgeryRecord
 from surgery.recipes import ZOO
 
 
-# Examples per forward when probing: the batch the benchmarks time.
+# Examples per forward when probing: the batch the benchmarks time; fewer for large images, so that a
+# batch holds at most PROBE_BATCH_VALUES float32 inputs (32 MB: 55 images at 224 px).
 PROBE_BATCH = 256
+PROBE_BATCH_VALUES = 2**23
+
+
+def probe_batch_size(x: torch.Tensor | CachedImages) -> int:
+    """Examples per probe forward: ``PROBE_BATCH``, fewer when the images are large."""
+    _, c, h, w = x.shape
+    return max(1, min(PROBE_BATCH, PROBE_BATCH_VALUES // (c * h * w)))
 
 
 @contextlib.contextmanager
@@ -91,26 +101,41 @@ def device_for(case: Case, override: str | None) -> torch.device:
         return resolve_device(case.device)
 
 
+def case_preprocess(case: Case) -> Preprocess:
+    """The preprocessing of every image of the case: the source model's, with ``data.preprocess`` over it."""
+    with blame(case, "data.preprocess" if case.data.preprocess is not None else "source.model"):
+        return resolve_preprocess(case.source.model, pretrained=case.source.pretrained,
+                                  override=case.data.preprocess)
+
+
+def dataset_field(prefix: str, spec: DatasetSpec) -> str:
+    """The field to blame when reading ``spec`` fails: its root, its dataset reference, or the set itself."""
+    if spec.name == "dataset":
+        return f"{prefix}.dataset"
+    return f"{prefix}.root" if spec.name == "imagefolder" else prefix
+
+
 def load_data(case: Case, seed: int) -> Split:
     """The train/test split of ``seed`` (or of ``data.split_seed`` when the case fixes it)."""
     data = case.data
-    field = "data.train.root" if data.train.name == "imagefolder" else "data.train"
-    with blame(case, field):
+    preprocess = case_preprocess(case)
+    with blame(case, dataset_field("data.train", data.train)):
         return load_split(dataset_spec(case, data.train), image_size=data.image_size, channels=data.channels,
                           seed=seed if data.split_seed is None else data.split_seed,
-                          test_fraction=data.test_fraction, holdout=data.holdout)
+                          test_fraction=data.test_fraction, holdout=data.holdout, preprocess=preprocess,
+                          workers=data.workers)
 
 
-def probe_inputs(case: Case, split: Split, seed: int) -> torch.Tensor:
+def probe_inputs(case: Case, split: Split, seed: int) -> torch.Tensor | CachedImages:
     """The probe set: ``data.probe``'s test split, or the train data's test split, ``probe_size`` images."""
     data = case.data
     if data.probe is None:
-        return split.test_x[: data.probe_size]
-    field = "data.probe.root" if data.probe.name == "imagefolder" else "data.probe"
-    with blame(case, field):
+        return head(split.test_x, data.probe_size)
+    with blame(case, dataset_field("data.probe", data.probe)):
         probe = load_split(dataset_spec(case, data.probe), image_size=data.image_size, channels=data.channels,
-                           seed=seed, test_fraction=data.test_fraction)
-    return probe.test_x[: data.probe_size]
+                           seed=seed, test_fraction=data.test_fraction, preprocess=split.preprocess,
+                           workers=data.workers)
+    return head(probe.test_x, data.probe_size)
 
 
 def check_patient(case: Case, patient: nn.Module, split: Split) -> int:
@@ -130,6 +155,7 @@ def build_source(case: Case, split: Split) -> tuple[nn.Module, int]:
 
 
 def example_inputs(split: Split) -> torch.Tensor:
+    """Two test images, normalised: what a forward is checked on."""
     return split.test_x[:2]
 
 
@@ -203,7 +229,7 @@ class Probes:
     patient layer map) is computed from the same batches at constant memory.
     """
 
-    def __init__(self, case: Case, reference: nn.Module, patient: nn.Module, probe_x: torch.Tensor,
+    def __init__(self, case: Case, reference: nn.Module, patient: nn.Module, probe_x: torch.Tensor | CachedImages,
                  device: torch.device, seed: int):
         self.layers = probed_layers(case, patient)
         self.ref_layers = probed_layers(case, reference, reference=True)
@@ -240,7 +266,7 @@ class Probes:
             # batch_grams() lists each pass's Grams in its gram_names order (model order)
             cka = {stage: CKAAccumulator(ref.gram_names, probe.gram_names, device=self.device)
                    for stage, probe in stages.items()}
-            for batch in batches(self.x, PROBE_BATCH):
+            for batch in batches(self.x, probe_batch_size(self.x)):
                 ref.feed(batch)
                 row_grams = ref.batch_grams()
                 for stage, probe in stages.items():

@@ -42,7 +42,7 @@ import difflib
 import fnmatch
 import math
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -609,17 +609,55 @@ def _hook(acc: _LayerAccumulator):
     return hook
 
 
-def batches(inputs: Tensor, batch_size: int) -> Iterator[Tensor]:
-    """``inputs`` in consecutive slices of ``batch_size`` along dim 0."""
+def batches(inputs: Any, batch_size: int) -> Iterator[Tensor]:
+    """``inputs`` (a tensor, or cached images indexed like one) in consecutive slices of ``batch_size``."""
     for start in range(0, inputs.shape[0], batch_size):
         yield inputs[start:start + batch_size]
 
 
-def probe_activations(model: nn.Module, inputs: Tensor, layers: Sequence[str], *, batch_size: int = 256,
+def _batch_images(batch: Any) -> Tensor:
+    """The images of one batch of a DataLoader: the batch itself, or the first item of an (images, labels) pair."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise SurgeryInputError(f"a probe batch is a {type(batch).__name__}; expected a tensor or an (images, labels) "
+                            "pair")
+
+
+def input_batches(inputs: Any, batch_size: int) -> tuple[int, Iterable[Tensor]]:
+    """The number of samples in ``inputs`` and its batches.
+
+    ``inputs``: a tensor or cached images (sliced by ``batch_size``), a ``DataLoader`` (its dataset's
+    length; batches as it gives them, ``(images, labels)`` or images), or a list of batches. A one-shot
+    iterator is refused: the sample plan needs the count before the first batch.
+    """
+    if hasattr(inputs, "shape"):
+        return int(inputs.shape[0]) if len(inputs.shape) else 0, batches(inputs, batch_size)
+    if isinstance(inputs, torch.utils.data.DataLoader):
+        dataset = inputs.dataset
+        if not hasattr(dataset, "__len__"):
+            raise SurgeryInputError("probe: the DataLoader's dataset has no length (an IterableDataset); pass a "
+                                    "map-style dataset or a list of batches")
+        total = len(dataset)  # type: ignore[arg-type]
+        if inputs.drop_last and inputs.batch_size:
+            total -= total % inputs.batch_size
+        return total, (_batch_images(b) for b in inputs)
+    if isinstance(inputs, Sequence):
+        images = [_batch_images(b) for b in inputs]
+        return sum(int(b.shape[0]) for b in images), images
+    raise SurgeryInputError(f"probe: inputs are a {type(inputs).__name__}; expected a tensor, a DataLoader or a "
+                            "list of batches")
+
+
+def probe_activations(model: nn.Module, inputs: Any, layers: Sequence[str], *, batch_size: int = 256,
                       device: str | torch.device = "cpu", sample_size: int = SAMPLE_SIZE, bins: int = 40,
                       edges: Mapping[str, Tensor | LayerStats] | None = None, seed: int = 0,
                       near_zero_eps: float = NEAR_ZERO_EPS) -> ProbeStats:
     """Stream ``inputs`` through ``model`` and summarise the output of each selected layer.
+
+    ``inputs``: a tensor ``(N, ...)``, cached images, a ``DataLoader`` or a list of batches
+    (:func:`input_batches`); a DataLoader's batches may be ``(images, labels)`` pairs.
 
     ``layers`` are names or globs (see ``resolve_layers``). The model is moved to ``device``
     (as ``nn.Module.to`` does, in place) and run in eval mode under ``torch.inference_mode``;
@@ -632,12 +670,17 @@ def probe_activations(model: nn.Module, inputs: Tensor, layers: Sequence[str], *
     bins. Without, ``bins`` equal-width bins cover the layer's [min, max]. The sample of
     ``sample_size`` values is uniform and deterministic given ``seed`` and the layer name.
     """
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise SurgeryInputError("the probe set is empty")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    with ProbePass(model, layers, total_samples=inputs.shape[0], device=device, sample_size=sample_size,
+    total, stream = input_batches(inputs, batch_size)
+    if total == 0:
+        raise SurgeryInputError("the probe set is empty")
+    with ProbePass(model, layers, total_samples=total, device=device, sample_size=sample_size,
                    bins=bins, edges=edges, seed=seed, near_zero_eps=near_zero_eps) as probe:
-        for batch in batches(inputs, batch_size):
+        fed = 0
+        for batch in stream:
+            fed += int(batch.shape[0])
+            if fed > total:
+                raise SurgeryInputError(f"probe: the inputs gave more than the {total} samples their length says")
             probe.feed(batch)
     return probe.finish()

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from surgery.builder import digest_tensor
 from surgery.data import Split
+from surgery.image_cache import CachedImages
 from surgery.finetune import evaluate
 from surgery.spec import FinetuneSpec
 
@@ -46,16 +47,24 @@ def baseline_key(model: nn.Module, split: Split, spec: FinetuneSpec, *, seed: in
     _digest_numerics(digest, device)
     digest.update(f"{spec.model_dump_json()}|seed {seed}|".encode())
     for name in ("train_x", "train_y", "test_x", "test_y"):
-        digest_tensor(digest, name, getattr(split, name))
+        _digest_images(digest, name, getattr(split, name))
     return digest.hexdigest()
 
 
-def evaluation_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device) -> str:
+def _digest_images(digest: Any, name: str, images: torch.Tensor | CachedImages) -> None:
+    if isinstance(images, CachedImages):
+        digest.update(f"{name}|cached|".encode() + images.fingerprint())
+    else:
+        digest_tensor(digest, name, images)
+
+
+def evaluation_key(model: nn.Module, x: torch.Tensor | CachedImages, y: torch.Tensor, *,
+                   device: torch.device) -> str:
     """SHA-256 of everything an evaluation of ``model`` on ``(x, y)`` reads."""
     digest = hashlib.sha256()
     _digest_model(digest, model)
     _digest_numerics(digest, device)
-    digest_tensor(digest, "x", x)
+    _digest_images(digest, "x", x)
     digest_tensor(digest, "y", y)
     return digest.hexdigest()
 
@@ -93,7 +102,8 @@ BASELINES = ResultMemo()  # this process's baselines, by :func:`baseline_key`
 SOURCE_ACCURACIES = ResultMemo()  # this process's source-model accuracies, by :func:`evaluation_key`
 
 
-def source_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device) -> float:
+def source_accuracy(model: nn.Module, x: torch.Tensor | CachedImages, y: torch.Tensor, *,
+                    device: torch.device) -> float:
     """``evaluate(model, x, y)``, or the figure of an earlier evaluation of equal weights on equal data."""
     key = evaluation_key(model, x, y, device=device)
     accuracy = SOURCE_ACCURACIES.get(key)

@@ -29,8 +29,8 @@ from surgery.models import build_architecture
 from surgery.numerics import numeric_profile, pin_numerics
 from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
-from surgery.prepare import (Probes, architecture_ref, blame, build, build_source, check_patient, device_for, load_data,
-                             model_spec, perform_surgery, probe_inputs)
+from surgery.prepare import (Probes, architecture_ref, blame, build, build_source, case_preprocess, check_patient,
+                             device_for, load_data, model_spec, perform_surgery, probe_inputs)
 from surgery.results import CaseResult, provenance
 from surgery.reuse import BASELINES, baseline_key, source_accuracy
 
@@ -123,7 +123,8 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         "seed": seed, "accuracy": acc, "finite": finite, "finetune": run.to_dict(),
         "baseline_curve": None, "record": record.to_dict(),  # the baseline's curve: filled in by assemble()
         "coverage": coverage_summary(record), "data": {"name": split.name, "train": len(split.train_x),
-                                                       "test": len(split.test_x), "classes": split.num_classes},
+                                                       "test": len(split.test_x), "classes": split.num_classes,
+                                                       "preprocess": split.preprocess.origin},
     }
     if check_figures:
         out["checks"] = check_figures
@@ -226,7 +227,8 @@ def case_provenance(case: Case, seeds: list[int], device: torch.device, threads:
     """What the figures of a run depend on, read in the process that ran its seeds (after they ran, so the
     zoo files it read exist): versions, commit, numeric profile, threads, device, weight digests."""
     out = provenance(device=str(device), case_hash=case.file_hash, seeds=seeds)
-    out.update(numeric_profile(), threads=threads, device_type=device.type, weights=weight_digests(case))
+    out.update(numeric_profile(), threads=threads, device_type=device.type, weights=weight_digests(case),
+               preprocess=case_preprocess(case).to_dict(case.data.image_size))
     return out
 
 

@@ -7,6 +7,7 @@ sections each operation and each check registers (:mod:`surgery.checks.base`).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -15,7 +16,8 @@ from pydantic_core import PydanticCustomError
 
 from surgery.model_refs import validate_model_ref
 
-DATASETS = ("mnist5k", "digits", "shapes", "imagefolder")
+DATASETS = ("mnist5k", "digits", "shapes", "imagefolder", "dataset")
+EMBEDDED_DATASETS = ("mnist5k", "digits", "shapes")  # held as tensors; the others stream from a uint8 cache
 
 
 class Strict(BaseModel):
@@ -111,11 +113,35 @@ def threshold(lo: float | None = None, hi: float | None = None) -> Any:
 UnitThreshold = threshold(0.0, 1.0)
 
 
-class DatasetSpec(Strict):
-    """One dataset. A bare string (``digits``) is shorthand for ``{name: digits}``."""
+def check_reference_syntax(ref: str, what: str) -> str:
+    """A ``package.module:Name`` reference checked as text (no import): syntax, and the trust rules that refuse
+    the standard library and private names before anything is imported. Importing it is the run's job."""
+    module_name, sep, name = ref.partition(":")
+    parts = module_name.split(".")
+    if not sep or not all(part.isidentifier() for part in parts) or not name.isidentifier():
+        raise ValueError(f"{what} {ref!r}: expected package.module:Name, e.g. torchvision.datasets:CIFAR10")
+    private = next((part for part in [*parts, name] if part.startswith("_")), None)
+    if private is not None:
+        raise ValueError(f"{what} {ref!r}: {private!r} is a private name; expected a public package.module:Name")
+    if parts[0] in sys.stdlib_module_names or parts[0] in sys.builtin_module_names:
+        raise ValueError(f"{what} {ref!r}: {parts[0]!r} is a module of the standard library, not a dataset; "
+                         "expected a package.module:Name such as torchvision.datasets:CIFAR10")
+    return ref
 
-    name: Literal["mnist5k", "digits", "shapes", "imagefolder"]
-    root: str | None = Field(None, description="imagefolder: directory of class folders")
+
+class DatasetSpec(Strict):
+    """One dataset. A bare string (``digits``) is shorthand for ``{name: digits}``.
+
+    ``{dataset: "torchvision.datasets:CIFAR10", root: ~/data, train: true}`` names any map-style
+    ``torch.utils.data.Dataset`` by reference; its other keys are the dataset's keyword arguments.
+    """
+
+    name: Literal["mnist5k", "digits", "shapes", "imagefolder", "dataset"]
+    root: str | None = Field(None, description="imagefolder: a directory of class folders, or a .tar of one; "
+                             "dataset: passed as its root argument")
+    dataset: str | None = Field(None, description="a map-style Dataset by reference, package.module:Name "
+                                "(same trust rules as model factories)")
+    kwargs: dict[str, Any] | None = Field(None, description="dataset: keyword arguments (written inline beside 'dataset')")
     limit: int | None = Field(None, gt=0, description="use at most this many samples")
     size: int = Field(3000, gt=0, description="shapes: number of images generated")
     background: float = Field(0.0, ge=0, le=1, description="shapes: background brightness")
@@ -126,12 +152,57 @@ class DatasetSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
+        if isinstance(data, str):
+            return {"name": data}
+        if isinstance(data, dict) and "dataset" in data:
+            own = {"name", "dataset", "root", "limit"}
+            kwargs = {k: v for k, v in data.items() if k not in own}
+            return {**{k: v for k, v in data.items() if k in own}, "name": data.get("name", "dataset"),
+                    "kwargs": kwargs or None}
+        return data
+
+    @field_validator("dataset")
+    @classmethod
+    def _reference(cls, ref: str | None) -> str | None:
+        return None if ref is None else check_reference_syntax(ref, "dataset")
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self) -> "DatasetSpec":
         if self.name == "imagefolder" and not self.root:
-            raise ValueError("imagefolder needs 'root': a directory with one folder per class")
+            raise ValueError("imagefolder needs 'root': a directory with one folder per class, or a .tar of one")
+        if self.name == "dataset" and not self.dataset:
+            raise ValueError("name 'dataset' needs 'dataset': a reference such as torchvision.datasets:CIFAR10")
+        if self.dataset and self.name != "dataset":
+            raise ValueError(f"'dataset' is a reference of its own; drop 'name: {self.name}'")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True for the embedded sets, held as tensors; False for files and datasets read through the cache."""
+        return self.name in EMBEDDED_DATASETS
+
+
+class PreprocessSpec(Strict):
+    """``data.preprocess``: overrides of the source model's preprocessing (any field left out keeps the model's)."""
+
+    preset: Literal["zoo", "imagenet"] | None = Field(None, description="start from a preset instead of the "
+                                                      "source's own: zoo ([-1, 1]) or imagenet (mean/std, crop 0.875)")
+    mean: list[float] | None = Field(None, min_length=1, max_length=3, description="per-channel mean in [0, 1] units")
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, max_length=3,
+                                                            description="per-channel std")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="centre crop / resized shorter side "
+                                   "(torchvision's ResNet-50: 224 / 232)")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_shorthand(cls, data: Any) -> Any:
+        return {"preset": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "PreprocessSpec":
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std {len(self.std)}; give one per channel")
         return self
 
 
@@ -146,6 +217,10 @@ class DataSpec(Strict):
     probe_size: int = Field(256, gt=0, description="samples probed for activation statistics")
     holdout: float = Field(0.0, ge=0, lt=1, description="fraction of data.train kept for the release gate "
                            "(`gate: {data: holdout}`): a fixed draw that no seed's train or test split contains")
+    preprocess: PreprocessSpec | None = Field(None, description="mean, std, crop_pct, interpolation; default: the "
+                                              "source model's own (pretrained torchvision/timm), else the zoo's")
+    workers: int | None = Field(None, ge=0, le=64, description="processes decoding images on the first read "
+                                "(default: the CPU count, at most 8)")
 
 
 class ModelSpec(Strict):
@@ -179,6 +254,19 @@ class ScheduleSpec(Strict):
     warmup_steps: int = Field(0, ge=0)
 
 
+class RandomResizedCropSpec(Strict):
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.08, 1.0)
+    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (3 / 4, 4 / 3)
+
+
+class AugmentSpec(Strict):
+    """``finetune.augment``: seeded augmentation of each training batch, on the device; none by default."""
+
+    hflip: bool = Field(False, description="flip half the images left-right")
+    random_resized_crop: RandomResizedCropSpec | None = Field(None, description="a random crop of area in "
+                                                              "'scale' and aspect in 'ratio', resized back")
+
+
 class ParamGroupSpec(Strict):
     params: str = Field(description="glob over parameter names, e.g. 'conv1.*' or 'layer4.*'")
     freeze: bool = False
@@ -195,6 +283,7 @@ class FinetuneSpec(Strict):
     clip_grad: float | None = Field(None, gt=0)
     groups: list[ParamGroupSpec] = []
     bn_recalibrate: bool = Field(False, description="AdaBN on the train split before the first step")
+    augment: AugmentSpec | None = Field(None, description="hflip, random_resized_crop; none by default")
 
 
 class NotWorseThanSpec(Strict):

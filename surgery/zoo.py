@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery._io import write_atomic
+from surgery._io import cache_dir, write_atomic
 from surgery.spec import DatasetSpec, FinetuneSpec, OptimizerSpec, ScheduleSpec
 from surgery.data import load_split
 from surgery.finetune import evaluate, finetune, to_device
@@ -52,14 +51,6 @@ def stem_trainer(num_classes: int = 10, in_chans: int = 3) -> StemTrainer:
 def make_stem(in_chans: int = 3) -> nn.Conv2d:
     """The torchvision ResNet stem conv: in_chans→64, 7×7, stride 2, padding 3, no bias."""
     return nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-
-
-def cache_dir() -> Path:
-    """``$SURGERY_CACHE``, else ``$XDG_CACHE_HOME/surgery``, else ``~/.cache/surgery``."""
-    if os.environ.get("SURGERY_CACHE"):
-        return Path(os.environ["SURGERY_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "surgery"
 
 
 def zoo_path(recipe: Recipe) -> Path:

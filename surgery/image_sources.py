@@ -1,0 +1,210 @@
+"""Where a user's images come from, and how one image becomes uint8 pixels at the case's size.
+
+Two kinds of source, behind one :class:`ImageSource`:
+
+- an image folder (one sub-folder per class) or a ``.tar`` of one, listed by timm's readers
+  (``timm.data.create_reader``: the same classes, order and extensions as ``timm.create_dataset``);
+- any map-style ``torch.utils.data.Dataset`` named by reference (``torchvision.datasets:CIFAR10``),
+  built with the case's keyword arguments, whose items are ``(image, label)``.
+
+Each image is decoded with PIL, converted to RGB or L (grayscale, RGBA, CMYK and palette images are
+converted, not refused), its shorter side resized and centre-cropped as torchvision's
+``ImageClassification`` transform does. An image that cannot be decoded (unreadable, truncated) is bad
+input naming its path. Decoding runs in DataLoader workers; :mod:`surgery.image_cache` stores the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from surgery.errors import SurgeryInputError, first_line
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What every image becomes: ``channels`` × ``crop`` × ``crop`` uint8, its shorter side resized to ``resize``."""
+
+    resize: int
+    crop: int
+    channels: int
+    interpolation: str = "bilinear"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop, "channels": self.channels,
+                "interpolation": self.interpolation}
+
+
+def to_pixels(image: Any, geometry: Geometry) -> np.ndarray:
+    """One image (PIL, a CHW tensor or an HWC array) as a ``(C, crop, crop)`` uint8 array."""
+    if isinstance(image, torch.Tensor):
+        image = TF.to_pil_image(image)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"an item's image is a {type(image).__name__}; expected a PIL image, a tensor or an array")
+    image.load()  # a truncated file fails here, not later
+    image = image.convert("L" if geometry.channels == 1 else "RGB")
+    image = TF.resize(image, [geometry.resize], interpolation=InterpolationMode(geometry.interpolation),
+                      antialias=True)
+    image = TF.center_crop(image, [geometry.crop])
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+@dataclass
+class ImageSource:
+    """A listed source: its items, labels and class names, and a fingerprint of its content for the cache key."""
+
+    description: str
+    labels: list[int]
+    classes: list[str]
+    fingerprint: str
+    reader: Any = None  # a timm reader (folder or tar)
+    dataset: Any = None  # a map-style Dataset
+    names: list[str] = field(default_factory=list)  # per item, what an error names (a file path)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def item_name(self, index: int) -> str:
+        return self.names[index] if self.names else f"item {index} of {self.description}"
+
+    def open(self, index: int) -> Any:
+        """The image of item ``index`` (a PIL image, tensor or array), not yet decoded for a file."""
+        if self.reader is not None:
+            fileobj, _ = self.reader[index]
+            with fileobj:
+                return Image.open(io.BytesIO(fileobj.read()))
+        image, _ = self.dataset[index]
+        return image
+
+
+class DecodeItems(torch.utils.data.Dataset):
+    """The items of a source as ``(pixels or None, error or None)``, for a DataLoader's workers.
+
+    A worker returns its error as text instead of raising it: the DataLoader would wrap it in a
+    multi-line traceback, and the error the user sees is one line naming the image.
+    """
+
+    def __init__(self, source: ImageSource, geometry: Geometry):
+        self.source, self.geometry = source, geometry
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return to_pixels(self.source.open(index), self.geometry), None
+        except Exception as exc:  # PIL raises several types for an unreadable or truncated file
+            return None, f"cannot read image {self.source.item_name(index)}: {first_line(exc)}"
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def folder_source(root: str) -> ImageSource:
+    """An image folder (one sub-folder per class) or a ``.tar`` of one, listed by timm's reader."""
+    from timm.data import create_reader  # NOTE: deferred on purpose: timm's import is seconds; embedded sets skip it
+
+    path = Path(root).expanduser()
+    is_tar = path.is_file() and path.suffix.lower() == ".tar"
+    if not path.is_dir() and not is_tar:
+        raise SurgeryInputError(f"imagefolder root {root!r} is neither a directory nor a .tar file; expected one "
+                                "folder per class")
+    try:
+        reader = create_reader("", root=str(path), **({"cache_tarinfo": False} if is_tar else {}))
+    except (RuntimeError, AssertionError, OSError, ValueError) as exc:
+        raise SurgeryInputError(f"imagefolder root {root!r}: {first_line(exc)}") from None
+    labels = [int(t) for t in (reader.targets if is_tar else [t for _, t in reader.samples])]
+    classes = sorted(reader.class_name_to_idx if is_tar else reader.class_to_idx,
+                     key=lambda c: (reader.class_name_to_idx if is_tar else reader.class_to_idx)[c])
+    if "" in classes or "." in classes:
+        raise SurgeryInputError(f"imagefolder root {root!r} holds images outside any class folder; expected "
+                                "root/CLASS/IMAGE")
+    if not is_tar:
+        empty = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and entry.name not in classes)
+        if empty:
+            raise SurgeryInputError(f"imagefolder root {root!r}: class folder {empty[0]!r} holds no images "
+                                    f"(extensions timm reads: .jpg, .jpeg, .png, .webp, ...)")
+    if len(classes) < 2:
+        raise SurgeryInputError(f"imagefolder root {root!r} has {len(classes)} class folder(s) "
+                                f"{classes}; a classification needs at least 2")
+    if is_tar:
+        stat = path.stat()
+        names = [f"{path}:{reader.filename(i)}" for i in range(len(reader))]
+        fingerprint = _digest("tar", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    else:
+        names = [p for p, _ in reader.samples]
+        stats = [os.stat(p) for p in names]
+        fingerprint = _digest("folder", str(path.resolve()),
+                              [(os.path.relpath(p, path), s.st_size, s.st_mtime_ns) for p, s in zip(names, stats)])
+    return ImageSource(description=f"imagefolder {root}", labels=labels, classes=classes, fingerprint=fingerprint,
+                       reader=reader, names=names)
+
+
+def resolve_dataset_class(ref: str) -> Any:
+    """The class or function ``package.module:Name`` names: defined in that module or a submodule of it.
+
+    The trust rules are those of model factories (the case schema has refused private names and the
+    standard library already); nothing is called here.
+    """
+    module_name, _, name = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module's own code raised
+        raise SurgeryInputError(f"dataset {ref!r}: cannot import {module_name!r} ({first_line(exc)})") from None
+    target = getattr(module, name, None)
+    if target is None:
+        raise SurgeryInputError(f"dataset {ref!r}: {module_name!r} has no {name!r}")
+    home = getattr(target, "__module__", "") or ""
+    if not callable(target) or not (home == module_name or home.startswith(module_name + ".")):
+        raise SurgeryInputError(f"dataset {ref!r}: expected a Dataset class or function defined in {module_name!r}")
+    return target
+
+
+def dataset_source(ref: str, kwargs: dict[str, Any]) -> ImageSource:
+    """A map-style Dataset built from ``ref`` and ``kwargs``; its labels are read once, item by item."""
+    factory = resolve_dataset_class(ref)
+    try:
+        dataset = factory(**kwargs)
+    except Exception as exc:  # the user's constructor: a missing root, a wrong keyword, ...
+        raise SurgeryInputError(f"dataset {ref!r}: building it with {kwargs} fails: {first_line(exc)}") from None
+    if not isinstance(dataset, torch.utils.data.Dataset) or not hasattr(dataset, "__len__"):
+        raise SurgeryInputError(f"dataset {ref!r} returned a {type(dataset).__name__}, not a map-style "
+                                "torch.utils.data.Dataset with __len__ and __getitem__")
+    labels = _dataset_labels(ref, dataset)
+    classes = [str(c) for c in getattr(dataset, "classes", [])] or [str(i) for i in range(max(labels) + 1)]
+    if len(set(labels)) < 2:
+        raise SurgeryInputError(f"dataset {ref!r} has {len(set(labels))} class(es); a classification needs at least 2")
+    fingerprint = _digest("dataset", ref, kwargs, len(dataset), getattr(dataset, "root", None))
+    return ImageSource(description=f"dataset {ref}", labels=labels, classes=classes, fingerprint=fingerprint,
+                       dataset=dataset)
+
+
+def _dataset_labels(ref: str, dataset: Any) -> list[int]:
+    """The labels of a dataset: its ``targets`` when it lists them (torchvision's do), else item by item."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return [int(t) for t in targets]
+    labels = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise SurgeryInputError(f"dataset {ref!r}: item {index} is a {type(item).__name__}; expected "
+                                    "(image, label)")
+        labels.append(int(item[1]))
+    return labels

@@ -1,0 +1,60 @@
+"""A real image folder the harness writes itself: procedural shapes saved as JPEG files, one folder per class.
+
+For the 224 px cases and benchmarks (``cases/scale/``, ``benchmarks/``): real files that go through the
+same path as a user's folder (listing, JPEG decoding, resize and crop, the image cache), at any count
+and size, with nothing downloaded. ``surgery data synth DIR --count N --size S`` writes one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from surgery._io import cache_dir, write_atomic
+from surgery.data import SHAPE_CLASSES, make_shapes
+
+CHUNK = 256  # images generated at once (a 224 px float chunk is 154 MB)
+
+
+def write_shapes_folder(root: str | Path, *, count: int, size: int, seed: int = 0, quality: int = 90,
+                        noise: float = 0.04) -> Path:
+    """Write ``count`` shape images of ``size`` px as JPEG files under ``root/CLASS/NNNNNN.jpg``; return ``root``.
+
+    Deterministic for a seed. Written once: a folder that already holds this count, size and seed (its
+    ``surgery-synth.json``) is left as it is.
+    """
+    root = Path(root)
+    stamp = {"count": count, "size": size, "seed": seed, "quality": quality, "noise": noise,
+             "classes": list(SHAPE_CLASSES)}
+    marker = root / "surgery-synth.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return root
+    for name in SHAPE_CLASSES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for start in range(0, count, CHUNK):
+        n = min(CHUNK, count - start)
+        images, labels = make_shapes(n, size, seed=seed * 1_000_003 + start, noise=noise)
+        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i in range(n):
+            path = root / SHAPE_CLASSES[int(labels[i])] / f"{start + i:06d}.jpg"
+            write_atomic(path, lambda tmp, p=pixels[i]: Image.fromarray(np.ascontiguousarray(p)).save(
+                tmp, format="JPEG", quality=quality))
+    write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(stamp)))
+    return root
+
+
+def synthetic_folder(count: int, size: int, seed: int = 0) -> Path:
+    """The shapes folder of ``count`` images at ``size`` px under ``$SURGERY_CACHE/synth``, written if missing."""
+    root = cache_dir() / "synth" / f"shapes-{count}-{size}px-seed{seed}"
+    return write_shapes_folder(root, count=count, size=size, seed=seed)
+
+
+def folder_bytes(root: str | Path) -> int:
+    """The total size of the files under ``root``."""
+    return sum(entry.stat().st_size for entry in os.scandir(root) if entry.is_file()) + sum(
+        folder_bytes(entry.path) for entry in os.scandir(root) if entry.is_dir())
