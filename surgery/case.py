@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from surgery.calibration import MEASUREMENT, CalibrationRecord, is_threshold_key, load_record, record_path
 from surgery.checks import CHECKS  # importing the package registers the built-in checks
 from surgery.errors import SurgeryInputError
-from surgery.ops import OPS  # importing the package registers the built-in operations
+from surgery.model_refs import is_factory_ref, resolve_factory
+from surgery.ops import SPECS  # importing the package registers the built-in operations' specs (no torch)
 from surgery.spec import (CALIBRATE, DATASETS, DatasetSpec, DataSpec, DistillSpec, FinetuneSpec, GateSpec,
                           ModelSpec, NotWorseThanSpec, OptimizerSpec, ParamGroupSpec, ScheduleSpec, Strict, Threshold, ThresholdRange,
                           UnitThreshold, threshold, threshold_range)
 
-__all__ = ["Case", "parse_case", "load_case", "find_cases", "experiment_hash", "case_calibration", "CALIBRATE",
+__all__ = ["Case", "parse_case", "load_case", "load_cases", "check_factories", "model_fields", "find_cases", "experiment_hash", "case_calibration", "CALIBRATE",
            "DATASETS", "DatasetSpec", "DataSpec", "DistillSpec", "FinetuneSpec", "GateSpec", "NotWorseThanSpec", "ModelSpec", "OptimizerSpec",
            "ParamGroupSpec", "ScheduleSpec", "Strict", "Threshold", "ThresholdRange", "UnitThreshold", "threshold",
            "threshold_range", "CaseCalibration", "expectations_model"]
@@ -153,7 +154,7 @@ def _models(keys: tuple[str, ...], ops: tuple[str, ...]) -> tuple[type[Strict], 
                                 "registered check (surgery.checks), plus ``finite``.",
                                 **{key: (CHECKS[key].spec | None, None) for key in keys},
                                 finite=(bool, Field(True, description="no NaN/inf in the loss or the weights")))
-    operations = tuple(OPS[name].spec for name in ops)
+    operations = tuple(SPECS[name] for name in ops)
     surgery = Annotated[Union[operations], Field(discriminator="op")] if len(operations) > 1 else operations[0]
     case = create_model("Case", __base__=Case, surgery=(surgery, ...), expect=(expectations, ...))
     return expectations, case
@@ -161,7 +162,7 @@ def _models(keys: tuple[str, ...], ops: tuple[str, ...]) -> tuple[type[Strict], 
 
 def expectations_model() -> type[Strict]:
     """The ``expect`` section's model, built from the checks registered now."""
-    return _models(tuple(CHECKS), tuple(OPS))[0]
+    return _models(tuple(CHECKS), tuple(SPECS))[0]
 
 
 class Case(Strict):
@@ -248,7 +249,7 @@ def _error_message(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return "missing required field"
     if err["type"] == "union_tag_not_found":
-        return f"missing required field; expected one of: {', '.join(OPS)}"
+        return f"missing required field; expected one of: {', '.join(SPECS)}"
     if err["type"] == "union_tag_invalid":
         tags = err.get("ctx", {}).get("expected_tags", "")
         return f"got {err['input'].get('op')!r}; expected one of: {tags}" if isinstance(err["input"], dict) \
@@ -267,7 +268,7 @@ def parse_case(text: str, filename: str = "<memory>") -> Case:
     if not isinstance(data, dict):
         raise SurgeryInputError(f"{filename}:1: <top>: expected a mapping with name, data, source, surgery, expect")
     try:
-        case = _models(tuple(CHECKS), tuple(OPS))[1].model_validate(data)
+        case = _models(tuple(CHECKS), tuple(SPECS))[1].model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         line, field = _error_line(err, data, lines)
@@ -289,6 +290,48 @@ def load_case(path: str | Path) -> Case:
     except (OSError, UnicodeDecodeError) as exc:
         raise SurgeryInputError(f"{path}: cannot read case file: {exc.__class__.__name__}: {exc}") from None
     return parse_case(text, str(path))
+
+
+def model_fields(case: Case) -> list[tuple[str, ModelSpec]]:
+    """Every model section of ``case`` with its dotted field (``source``, ``surgery.donor`` …), in file order."""
+    found: list[tuple[str, ModelSpec]] = []
+
+    def walk(value: Any, field: str) -> None:
+        if isinstance(value, ModelSpec):
+            found.append((field, value))
+        elif isinstance(value, BaseModel):
+            for name, info in type(value).model_fields.items():
+                if not info.exclude:
+                    walk(getattr(value, name), f"{field}.{info.alias or name}".lstrip("."))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{field}[{i}]")
+
+    walk(case, "")
+    return sorted(found, key=lambda item: case.lines.get(item[0], 0))
+
+
+def check_factories(case: Case) -> None:
+    """The second stage of loading a case: import each ``package.module:factory`` it names and check the factory
+    (:func:`surgery.model_refs.resolve_factory`); a bad one is a SurgeryInputError at its line.
+
+    Parsing (:func:`load_case`) imports no torch; this imports the factories' packages, which usually do.
+    """
+    for field, spec in model_fields(case):
+        if is_factory_ref(spec.model):
+            try:
+                resolve_factory(spec.model)
+            except ValueError as exc:
+                raise SurgeryInputError(f"{case.where(field + '.model')}: {exc}") from None
+
+
+def load_cases(paths: list[str | Path]) -> list[Case]:
+    """Load case files in two stages: every file parsed first (no torch: a typo in the last one costs a second),
+    then every factory they name imported and checked (:func:`check_factories`)."""
+    cases = [load_case(p) for p in paths]
+    for case in cases:
+        check_factories(case)
+    return cases
 
 
 def find_cases(paths: list[str | Path]) -> list[Path]:

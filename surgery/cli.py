@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from surgery import nights
 from surgery.errors import SurgeryInputError
 
 
@@ -55,19 +56,21 @@ def _run_locally(cases: list[Any], options: Any) -> Iterator[tuple[Any, Any]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from surgery.case import find_cases, load_case
-    from surgery.report.render import write_case_report, write_index
-    from surgery.runner import RunOptions
+    from surgery.case import find_cases, load_cases
+    from surgery.ray_check import check_address, require_ray
 
-    if args.ray is not None:  # before anything is loaded: without Ray installed this is one line, exit 2
-        from surgery.ray_runner import check_address, require_ray
-
+    if args.ray is not None:  # before the cases: an address that is a path took a case argument
         check_address(None if args.ray == LOCAL_CLUSTER else args.ray)
-        require_ray()
     paths = find_cases(args.cases)
     if not paths:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
-    cases = [load_case(p) for p in paths]  # every file is validated before anything runs
+    cases = load_cases(paths)  # every file is validated before anything heavy is imported, let alone run
+    if args.ray is not None:  # without Ray installed this is one line, exit 2
+        require_ray()
+    # Imported once the cases are known to be good: the runner imports torch, the report matplotlib (seconds).
+    from surgery.report.render import write_case_report, write_index
+    from surgery.runner import RunOptions
+
     options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False,
                          threads=args.threads, export=args.export is not None)
     if args.ray is not None:
@@ -78,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=False if args.quiet else None))
     else:
         outcomes = _run_locally(cases, options)
+    report = nights.new_dated_dir(args.report) if args.dated else Path(args.report)  # --dated: one folder a run
     failed = bad = internal = False
     ran = 0
     for case, outcome in outcomes:
@@ -92,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             internal = True
             continue
-        _print_result(outcome, write_case_report(outcome, Path(args.report)))
+        _print_result(outcome, write_case_report(outcome, report))
         if args.export is not None:
             from surgery.case import experiment_hash
             from surgery.export import export_patients
@@ -103,7 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         failed |= not outcome.passed
         ran += 1
     if ran:
-        print(f"index: {write_index(Path(args.report))}")
+        print(f"index: {write_index(report)}")
+        if args.dated and nights.point_latest(report):
+            print(f"latest: {report.parent / nights.LATEST} -> {report.name}")
+    elif args.dated:
+        report.rmdir()  # nothing was written: no empty night
     return ExitCode.INTERNAL if internal else ExitCode.BAD_INPUT if bad else ExitCode.FAILED if failed \
         else ExitCode.OK
 
@@ -111,13 +119,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from surgery.calibrate import calibrate_case, format_table
     from surgery.calibration import load_record, record_path
-    from surgery.case import find_cases, load_case
+    from surgery.case import check_factories, find_cases, load_case
 
     paths = find_cases(args.cases)
     if not paths:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
-    for path in paths:
-        load_case(path)  # every file is validated before anything runs
+    cases = [load_case(path) for path in paths]  # every file is validated before anything runs
     if args.show:
         for path in paths:
             record_file = record_path(path)
@@ -128,6 +135,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not 0 < args.alpha < 1:
         raise SurgeryInputError(f"--alpha: got {args.alpha}; expected a false-alarm rate in (0, 1), e.g. 0.001")
     profiles = tuple(p.strip() for p in args.profiles.split(",") if p.strip())
+    for case in cases:
+        check_factories(case)
     for path in paths:
         calibrate_case(path, seeds=args.seeds, perturbed_seeds=args.perturbed_seeds, profiles=profiles,
                        alpha=args.alpha, write=args.write)
@@ -135,10 +144,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from surgery.case import load_case
-    from surgery.gate import run_gate
+    from surgery.case import load_cases
 
-    case = load_case(args.case)
+    case = load_cases([args.case])[0]
+    # Imported once the case is known to be good: they import torch (seconds).
+    from surgery.gate import run_gate
     from surgery.numerics import pin_numerics
 
     pin_numerics(args.threads)
@@ -166,11 +176,12 @@ def _print_gate_context(gate: dict[str, Any]) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from surgery.report.render import render_report
     from surgery.results import load_results
 
     result = load_results(args.results)
     other = load_results(args.compare) if args.compare else None
+    from surgery.report.render import render_report  # once the results are read: matplotlib takes a second
+
     out = Path(args.output) if args.output else Path(args.results).with_name(
         "compare.html" if other else "report.html")
     render_report(result, out, compare=other)
@@ -179,11 +190,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from surgery.report.render import summary_table
-
     if not Path(args.report_dir).is_dir():
         raise SurgeryInputError(f"{args.report_dir}: no such report directory")
+    from surgery.report.render import summary_table  # once the directory is known: matplotlib takes a second
+
     print(summary_table(Path(args.report_dir)))
+    return ExitCode.OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    nights.find_nights(args.dirs)  # bad directories are one line before scipy and matplotlib load (seconds)
+    from surgery.history import read_history
+    from surgery.report.history import write_history
+
+    history = read_history(args.dirs, window=args.window, p_max=args.p)
+    out = Path(args.output) if args.output else Path(args.dirs[0] if len(args.dirs) == 1 else ".") / "history.html"
+    print(write_history(history, out))
+    for series in history.series:
+        if series.flags:
+            print(f"    {series.case}: {series.name}: {', '.join(series.flags)}")
     return ExitCode.OK
 
 
@@ -203,6 +228,17 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         acc = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
         print(f"{r['name']:<18} {r['arch']:<22} {r['dataset']:<9} {acc:>8}  {'yes' if r['cached'] else 'no'}")
     print(f"cache: {zoo.cache_dir()}")
+    return ExitCode.OK
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from surgery.synthetic import folder_bytes, write_shapes_folder
+
+    if args.count < 10 or args.size < 8:
+        raise SurgeryInputError(f"data synth: --count {args.count} --size {args.size}; expected at least 10 images "
+                                "of at least 8 px")
+    root = write_shapes_folder(args.out, count=args.count, size=args.size, seed=args.seed)
+    print(f"{root}: {args.count} JPEG images of {args.size} px in 5 class folders ({folder_bytes(root) / 1e6:.1f} MB)")
     return ExitCode.OK
 
 
@@ -236,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("cases", nargs="+", help="case files or directories")
     run.add_argument("--report", default="reports", metavar="DIR",
                      help="write results.json and report.html per case, and index.html, here (default: reports)")
+    run.add_argument("--dated", action="store_true",
+                     help="write into a new DIR/<UTC date and time>/ and point DIR/latest at it, so that nights "
+                          "stay side by side for `surgery history DIR`")
     run.add_argument("--device", default=None, help="override the cases' device: auto, cpu, cuda, cuda:N")
     run.add_argument("--seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -286,10 +325,30 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("report_dir")
     summary.set_defaults(func=cmd_summary)
 
+    history = sub.add_parser("history", help="every expectation over many report directories (nights), against "
+                                             "its calibrated band; failed, undecided and drifting runs flagged")
+    history.add_argument("dirs", nargs="+", metavar="DIR",
+                         help="report directories, or folders holding one per night (as --dated writes them)")
+    history.add_argument("-o", "--output", default=None, metavar="FILE",
+                         help="the page (default: DIR/history.html for one DIR, else ./history.html)")
+    history.add_argument("--window", type=int, default=7, metavar="K",
+                         help="the drift test compares the last K runs with the K before (default 7)")
+    history.add_argument("--p", type=float, default=0.002, metavar="P",
+                         help="flag a drift at Mann-Whitney p < P (default 0.002, as ASV)")
+    history.set_defaults(func=cmd_history)
+
     zoo = sub.add_parser("zoo", help="build or list the zoo of source models")
     zoo.add_argument("action", choices=["build", "list"])
     zoo.add_argument("names", nargs="*")
     zoo.set_defaults(func=cmd_zoo)
+
+    data = sub.add_parser("data", help="write a synthetic image folder (real JPEG files) to try the folder path")
+    data.add_argument("action", choices=["synth"])
+    data.add_argument("out", type=Path, help="the folder to write: OUT/CLASS/NNNNNN.jpg")
+    data.add_argument("--count", type=int, default=1000)
+    data.add_argument("--size", type=int, default=224)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=cmd_data)
 
     inspect = sub.add_parser("inspect", help="module names, parameter shapes and graph nodes of a model")
     inspect.add_argument("model", help="torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")

@@ -1,6 +1,10 @@
 """Model references as a case file writes them: ``torchvision:NAME``, ``timm:NAME``, ``zoo:NAME``,
-``package.module:factory``. Validating one imports no torch of ours (torchvision or timm only when the
-reference names them); building one is :mod:`surgery.builder`'s job.
+``package.module:factory``. Building one is :mod:`surgery.builder`'s job.
+
+Checking one has two stages, so that a case file is checked without importing torch (issue 30):
+:func:`validate_model_ref` imports nothing (torchvision's and timm's names come from
+:mod:`surgery.model_names`; a factory ref is checked for its syntax and the trust rules), and
+:func:`resolve_factory` imports a factory's module and checks the factory, before anything heavy runs.
 """
 
 from __future__ import annotations
@@ -9,18 +13,18 @@ import difflib
 import importlib
 import inspect
 import sys
-from functools import lru_cache
 from typing import Any
 
 from surgery.errors import first_line
+from surgery.model_names import known_names
 from surgery.recipes import ZOO
 
+LIBRARY_KINDS = ("torchvision", "timm", "zoo")  # the prefixes that name no factory
 
-@lru_cache(maxsize=1)
-def _torchvision_names() -> frozenset[str]:
-    import torchvision
 
-    return frozenset(torchvision.models.list_models())
+def is_factory_ref(ref: str) -> bool:
+    """Whether ``ref`` is a ``package.module:factory`` reference (not one of :data:`LIBRARY_KINDS`)."""
+    return ref.partition(":")[0] not in LIBRARY_KINDS
 
 
 def _suggest(name: str, known: Any) -> str:
@@ -29,19 +33,23 @@ def _suggest(name: str, known: Any) -> str:
 
 
 def validate_model_ref(ref: str) -> None:
-    """Raise ValueError (for the case schema) when ``ref`` names no model this harness can build."""
+    """Raise ValueError (for the case schema) when ``ref`` names no model this harness can build.
+
+    Imports nothing: a ``package.module:factory`` ref is checked for its syntax and the trust rules only
+    (:func:`refuse_untrusted`); :func:`resolve_factory` imports it and checks the factory.
+    """
     kind, sep, name = ref.partition(":")
     if not sep or not name:
         raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
     if kind == "torchvision":
-        if name not in _torchvision_names():
-            hint = _suggest(name, _torchvision_names()) or "; expected a name in torchvision.models.list_models()"
+        if name not in known_names("torchvision"):
+            hint = _suggest(name, known_names("torchvision")) or \
+                "; expected a name in torchvision.models.list_models()"
             raise ValueError(f"unknown torchvision model {name!r}{hint}")
     elif kind == "timm":
-        import timm
-
-        if not timm.is_model(name):
-            hint = _suggest(name, timm.list_models()) or "; expected a name in timm.list_models()"
+        arch = name.split(".", 1)[0]  # timm.is_model's rule: a pretrained tag (resnet50.a1_in1k) is not checked
+        if arch not in known_names("timm"):
+            hint = _suggest(name, known_names("timm")) or "; expected a name in timm.list_models()"
             raise ValueError(f"unknown timm model {name!r}{hint}")
     elif kind == "zoo":
         if name not in ZOO:
@@ -50,18 +58,12 @@ def validate_model_ref(ref: str) -> None:
     elif not all(part.isidentifier() for part in kind.split(".")) or not name.isidentifier():
         raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
     else:
-        resolve_factory(ref)
+        refuse_untrusted(ref)
 
 
-def resolve_factory(ref: str) -> Any:
-    """The class or function a ``package.module:factory`` ref names, refused (ValueError) unless safe to call.
-
-    A case file is code (see README, Trust model), yet a ref may not reach what no model factory is:
-    a module of the standard library or ``builtins`` and private names are refused before anything is
-    imported; otherwise the named module is imported (only it and its parents) and the factory must be a
-    class or a function defined in that module or one of its submodules, not one it imports from
-    elsewhere. Nothing is called.
-    """
+def refuse_untrusted(ref: str) -> None:
+    """Refuse (ValueError) a ``package.module:factory`` ref to a private name, or to a module of the standard
+    library or ``builtins``: no model factory is there. Imports nothing."""
     module_name, _, name = ref.partition(":")
     parts = module_name.split(".")
     private = next((part for part in [*parts, name] if part.startswith("_")), None)
@@ -71,6 +73,19 @@ def resolve_factory(ref: str) -> Any:
     if parts[0] in sys.stdlib_module_names or parts[0] in sys.builtin_module_names:
         raise ValueError(f"model {ref!r}: {parts[0]!r} is a module of the standard library, not a model factory; "
                          "expected a package.module:factory of your own")
+
+
+def resolve_factory(ref: str) -> Any:
+    """The class or function a ``package.module:factory`` ref names, refused (ValueError) unless safe to call.
+
+    A case file is code (see README, Trust model), yet a ref may not reach what no model factory is:
+    a module of the standard library or ``builtins`` and private names are refused before anything is
+    imported (:func:`refuse_untrusted`); otherwise the named module is imported (only it and its parents)
+    and the factory must be a class or a function defined in that module or one of its submodules, not one
+    it imports from elsewhere. Nothing is called.
+    """
+    refuse_untrusted(ref)
+    module_name, _, name = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module's own code raised on import

@@ -151,7 +151,10 @@ def build_architecture(ref: str, *, num_classes: int | None = None, in_chans: in
         return timm.create_model(name, pretrained=False, **kwargs)
     if kind == "zoo":
         raise SurgeryInputError(f"{ref}: zoo models are trained weights; use build_model")
-    factory = resolve_factory(ref)  # validate_model_ref above has vetted it: this only looks it up again
+    try:  # validate_model_ref checked the syntax and the trust rules; this imports the module and looks
+        factory = resolve_factory(ref)
+    except ValueError as exc:
+        raise SurgeryInputError(str(exc)) from None
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     try:  # pass only the keywords the factory takes: a no-argument factory is a fixed architecture

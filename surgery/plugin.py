@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from surgery import nights
 from surgery.errors import SurgeryInputError
 
 
@@ -27,6 +28,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("surgery", "model-surgery cases (YAML files under a 'cases' directory)")
     group.addoption("--surgery-device", default=None, help="device for every case: auto, cpu, cuda, cuda:N")
     group.addoption("--surgery-report", default=None, metavar="DIR", help="write results and HTML reports here")
+    group.addoption("--surgery-report-dated", action="store_true",
+                    help="write the reports into a new DIR/<UTC date and time>/ and point DIR/latest at it "
+                         "(nights side by side, for `surgery history DIR`)")
     group.addoption("--surgery-seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
     group.addoption("--surgery-threads", type=int, default=None, metavar="N",
                     help="torch threads per process (default: $SURGERY_THREADS, else 2; under xdist cores / workers)")
@@ -55,6 +59,7 @@ RAY_RUN = pytest.StashKey[Any]()        # the RayRun the collected cases were su
 RAY_CONNECTED = pytest.StashKey[bool]()  # whether this session connected to Ray (and so disconnects)
 CASE = pytest.StashKey[Any]()      # a case file's parsed Case, or the SurgeryInputError its parsing raised
 OUTCOME = pytest.StashKey[Any]()   # a case file's run: its CaseResult or the SurgeryInputError it raised
+DATED = pytest.StashKey[bool]()     # --surgery-report-dated: this session named a new dated report directory
 ZOO_LOGGER = "surgery.zoo"
 
 
@@ -76,6 +81,10 @@ def pytest_configure(config: pytest.Config) -> None:
         _workers_wait_passively(config)
     if config.getoption("surgery_ray", None) is not None:
         _check_ray_options(config)
+    if config.getoption("surgery_report_dated", False) and config.getoption("surgery_report", None) \
+            and not os.environ.get("PYTEST_XDIST_WORKER"):  # named once, before xdist copies the options
+        config.option.surgery_report = str(nights.new_dated_dir(config.getoption("surgery_report")))
+        config.stash[DATED] = True
 
 
 def _workers_oversubscribe(config: pytest.Config) -> bool:
@@ -121,7 +130,7 @@ def _check_ray_options(config: pytest.Config) -> None:
     """--surgery-ray without Ray installed, with a path for an address, or beside xdist: a usage error."""
     if getattr(config.option, "numprocesses", None) or os.environ.get("PYTEST_XDIST_WORKER"):
         raise pytest.UsageError("--surgery-ray and pytest-xdist (-n) both spread the cases: use one")
-    from surgery.ray_runner import check_address, require_ray
+    from surgery.ray_check import check_address, require_ray
 
     try:
         check_address(_ray_address(config), "--surgery-ray")
@@ -329,7 +338,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     report_dir = session.config.getoption("surgery_report", None)
+    dated = session.config.stash.get(DATED, False)
+    if dated and not nights.is_night(Path(report_dir)):  # no case wrote a report: leave no empty night
+        if not any(Path(report_dir).iterdir()):
+            Path(report_dir).rmdir()
+        return
     if report_dir and Path(report_dir).is_dir() and not os.environ.get("PYTEST_XDIST_WORKER"):
         from surgery.report.render import write_index
 
         write_index(Path(report_dir))
+        if dated:
+            nights.point_latest(Path(report_dir))

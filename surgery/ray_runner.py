@@ -58,6 +58,7 @@ from surgery.case import Case, CaseCalibration, case_calibration, parse_case
 from surgery.errors import SurgeryInputError
 from surgery.numerics import pin_numerics, requested_threads, zoo_threads
 from surgery.prepare import device_for
+from surgery.ray_check import check_address, require_ray
 from surgery.ray_tracker import TaskTracker
 from surgery.recipes import ZOO
 from surgery.results import CaseResult
@@ -65,7 +66,6 @@ from surgery.runner import (RunOptions, assemble, case_provenance, case_seeds, c
                             model_specs, run_baseline, run_seed)
 from surgery.zoo import build as build_zoo, cache_dir, zoo_path
 
-INSTALL_HINT = "pip install 'surgery[ray]'"
 WEIGHTS = ("auto", "shared", "object-store")
 CACHE_ENV = ("SURGERY_CACHE", "TORCH_HOME")  # what a task on a shared file system reads from the driver
 POLL_SECONDS = 0.2
@@ -89,22 +89,6 @@ class RemoteError(Exception):
     def __init__(self, message: str, remote_traceback: str = ""):
         super().__init__(message)
         self.remote_traceback = remote_traceback
-
-
-def require_ray(option: str = "--ray") -> ModuleType:
-    """The ``ray`` module; without it, bad input naming the extra to install."""
-    try:
-        import ray
-    except ImportError:
-        raise SurgeryInputError(f"{option}: Ray is not installed; install the extra: {INSTALL_HINT}") from None
-    return ray
-
-
-def check_address(address: str | None, option: str = "--ray") -> None:
-    """An address that is a path (``--ray cases/``) took a case argument by mistake: bad input that says so."""
-    if address and (Path(address).exists() or address.endswith((".yaml", ".yml"))):
-        raise SurgeryInputError(f"{option}: {address!r} is a path, not a Ray address; put {option} after the "
-                                f"case files, or write {option}=ADDRESS")
 
 
 def connect(address: str | None, *, option: str = "--ray", quiet: bool = False, num_cpus: int | None = None) -> bool:

@@ -25,8 +25,9 @@ import pytest
 from surgery.case import load_case, parse_case
 from surgery.errors import SurgeryInputError
 from surgery.numerics import outside_xdist
-from surgery.ray_runner import (INSTALL_HINT, WORKER_NICENESS_ENV, RayOptions, RemoteError, connect, disconnect,
-                                install_weights, run_cases_on_ray, task_device)
+from surgery.ray_check import INSTALL_HINT
+from surgery.ray_runner import (WORKER_NICENESS_ENV, RayOptions, RemoteError, connect, disconnect, install_weights,
+                                run_cases_on_ray, task_device)
 from surgery.recipes import ZOO
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult

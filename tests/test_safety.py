@@ -24,7 +24,7 @@ from surgery import cli
 from surgery.case import ModelSpec, parse_case
 from surgery.errors import SurgeryInputError
 from surgery.builder import build_model
-from surgery.model_refs import validate_model_ref
+from surgery.model_refs import resolve_factory, validate_model_ref
 from surgery.models import build_architecture
 
 from cli_runs import CaseRun, run_case_file  # the in-process CLI harness of tests/
@@ -195,29 +195,32 @@ def test_private_names_in_a_case_file(tmp_path: Path):
 
 def test_a_callable_instance_is_refused_without_calling_it(package):
     name, marks = package
+    validate_model_ref(f"{name}:maker")  # parsing a case imports nothing
+    assert not list(marks.iterdir())
     with pytest.raises(ValueError, match="maker is a Maker, expected a factory"):
-        validate_model_ref(f"{name}:maker")
+        resolve_factory(f"{name}:maker")
     assert [p.name for p in marks.iterdir()] == ["imported"]  # imported to look, never called
 
 
 def test_a_missing_name_does_not_run_the_module_getattr(package):
     name, marks = package
     with pytest.raises(ValueError, match="cannot import 'net' from .*: no such name"):
-        validate_model_ref(f"{name}.lazy:net")
+        resolve_factory(f"{name}.lazy:net")
     assert "getattr" not in {p.name for p in marks.iterdir()}
 
 
 @pytest.mark.parametrize("ref, fragment", [
     ("surgery.models:Path", "Path is defined in 'pathlib', not in 'surgery.models'"),  # a re-exported class
-    ("surgery.model_refs:lru_cache", "lru_cache is defined in 'functools', not in 'surgery.model_refs'"),
+    ("surgery.model_names:lru_cache", "lru_cache is defined in 'functools', not in 'surgery.model_names'"),
     ("surgery.zoo:ZOO", "ZOO is a dict, expected a factory"),
     ("surgery.models:PREFIXES", "PREFIXES is a tuple, expected a factory"),
     ("surgery.zoo:no_such_factory", "cannot import 'no_such_factory' from 'surgery.zoo'"),
     ("nosuchpkg.models:net", "cannot import 'nosuchpkg.models' (ModuleNotFoundError"),
 ])
 def test_what_is_not_a_factory_defined_in_its_module(tmp_path: Path, ref: str, fragment: str):
+    validate_model_ref(ref)  # the syntax and the trust rules hold: only importing the module tells
     with pytest.raises(ValueError, match=re.escape(fragment)):
-        validate_model_ref(ref)
+        resolve_factory(ref)
     with pytest.raises(SurgeryInputError, match=re.escape(fragment)):
         build_architecture(ref)
     message = _assert_bad_input(_run(tmp_path, model=ref), MODEL_LINE, "source.model")

@@ -14,7 +14,6 @@ from pydantic import Field
 
 from surgery.checks.accuracy import aggregate
 from surgery.checks.base import Check, SeedContext, register_check, seeds_label
-from surgery.finetune import evaluate, recalibrate_bn
 from surgery.spec import Strict, threshold
 
 
@@ -36,6 +35,9 @@ class BnRecalibrationCheck(Check):
         return ["bn_recalibration.gain_min"]
 
     def after_surgery(self, spec: BnRecalibrationExpect, context: SeedContext) -> dict[str, Any]:
+        # here, not at the top: parsing a case imports this module, and surgery.finetune imports torch
+        from surgery.finetune import evaluate, recalibrate_bn
+
         split = context.split
         calibrated = copy.deepcopy(context.patient)
         recalibrate_bn(calibrated, split.train_x, device=context.device, batches=spec.batches,

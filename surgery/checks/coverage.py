@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from surgery.checks.base import Check, register_check
-from surgery.ops.record import SurgeryRecord
 from surgery.spec import Strict, UnitThreshold
+
+if TYPE_CHECKING:  # parsing a case imports this module: it must import neither torch nor pandas (issue 30)
+    import pandas as pd
+
+    from surgery.ops.record import SurgeryRecord
 
 METHODS = ("exact", "sliced", "adapted", "fresh")
 
 
-def coverage_summary(record: SurgeryRecord) -> dict[str, Any]:
+def coverage_summary(record: "SurgeryRecord") -> dict[str, Any]:
     """Fractions of target tensors and elements set from the source, and the fresh ones counted by reason."""
     tensors = record.tensors
     total_n = len(tensors) or 1
@@ -35,8 +37,10 @@ def coverage_summary(record: SurgeryRecord) -> dict[str, Any]:
     }
 
 
-def coverage_table(record: SurgeryRecord) -> pd.DataFrame:
+def coverage_table(record: "SurgeryRecord") -> "pd.DataFrame":
     """One row per target layer (module path): tensor counts per method, element coverage, fresh reasons."""
+    import pandas as pd  # here, not at the top: parsing a case imports this module and needs no pandas
+
     rows = []
     for t in record.tensors:
         rows.append({"layer": t.layer, "tensor": t.target_key, "method": t.method, "numel": t.numel,

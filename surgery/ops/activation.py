@@ -10,27 +10,26 @@ that torch.fx cannot trace is reported as not inspected. Nothing is missed silen
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import importlib
 import inspect
 import sys
 from collections import Counter
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from surgery.errors import SurgeryInputError, first_line
 from surgery.models import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
+from surgery.ops.activation_spec import (ACTIVATION_KINDS, TARGET_KINDS, TIMM_CLASS_KINDS, ActivationSwapSpec,
+                                         canonical_kind)
 from surgery.ops.base import Operation, register_op
-from surgery.spec import Strict
 
-# Canonical kind -> factory of the replacement module. These are the names ``to`` accepts.
+# Canonical kind -> factory of the replacement module: one for each name ``to`` accepts (TARGET_KINDS).
 TARGETS: dict[str, Callable[[], nn.Module]] = {
     "ReLU": nn.ReLU,
     "ReLU6": nn.ReLU6,
@@ -58,26 +57,6 @@ _CLASS_KINDS: dict[type, str] = {cls: kind for kind, cls in {
     "Sigmoid": nn.Sigmoid, "ELU": nn.ELU, "SELU": nn.SELU, "CELU": nn.CELU, "Softplus": nn.Softplus,
 }.items()}
 
-# timm's own activation classes (timm.layers.activations / activations_me) -> canonical kind. Named, not
-# imported: timm takes a second or two to import, and parsing a case needs none of it.
-TIMM_CLASS_KINDS: dict[str, str] = {
-    "timm.layers.activations.Swish": "SiLU",
-    "timm.layers.activations.Mish": "Mish",
-    "timm.layers.activations.Sigmoid": "Sigmoid",
-    "timm.layers.activations.Tanh": "Tanh",
-    "timm.layers.activations.HardSwish": "Hardswish",
-    "timm.layers.activations.HardSigmoid": "Hardsigmoid",
-    "timm.layers.activations.HardMish": "HardMish",
-    "timm.layers.activations.GELU": "GELU",
-    "timm.layers.activations.GELUTanh": "GELUTanh",
-    "timm.layers.activations.QuickGELU": "QuickGELU",
-    "timm.layers.activations_me.SwishMe": "SiLU",
-    "timm.layers.activations_me.MishMe": "Mish",
-    "timm.layers.activations_me.HardSwishMe": "Hardswish",
-    "timm.layers.activations_me.HardSigmoidMe": "Hardsigmoid",
-    "timm.layers.activations_me.HardMishMe": "HardMish",
-}
-
 
 @functools.cache
 def _timm_class_kinds() -> dict[type, str]:
@@ -92,13 +71,6 @@ def _timm_class_kinds() -> dict[type, str]:
     return kinds
 
 
-# Every kind that can be found in a model (``kinds`` accepts these): targets plus timm-only kinds.
-ACTIVATION_KINDS: tuple[str, ...] = tuple(dict.fromkeys([*TARGETS, *_CLASS_KINDS.values(),
-                                                         *TIMM_CLASS_KINDS.values()]))
-
-# Other spellings users write (compared after lower-casing and dropping "_" and "-").
-_ALIASES = {"swish": "SiLU", "hswish": "Hardswish", "hsigmoid": "Hardsigmoid", "geluapprox": "GELUTanh"}
-
 # Functional activations that fx records as call_function / call_method nodes -> kind.
 _FUNCTIONAL_KINDS: dict[Any, str] = {
     F.relu: "ReLU", F.relu_: "ReLU", torch.relu: "ReLU", torch.relu_: "ReLU",
@@ -110,18 +82,6 @@ _FUNCTIONAL_KINDS: dict[Any, str] = {
 }
 _METHOD_KINDS = {"relu": "ReLU", "relu_": "ReLU", "sigmoid": "Sigmoid", "sigmoid_": "Sigmoid",
                  "tanh": "Tanh", "tanh_": "Tanh"}
-
-
-def canonical_kind(name: str, *, known: Sequence[str] = ACTIVATION_KINDS, what: str = "activation kind") -> str:
-    """The canonical spelling of an activation name (case-insensitive; ``_``/``-`` ignored)."""
-    norm = str(name).lower().replace("_", "").replace("-", "")
-    table = {k.lower(): k for k in known}
-    table.update({a: k for a, k in _ALIASES.items() if k in known})
-    if norm in table:
-        return table[norm]
-    close = difflib.get_close_matches(norm, list(table), n=3, cutoff=0.6)
-    hint = f" (did you mean {', '.join(table[c] for c in close)}?)" if close else ""
-    raise SurgeryInputError(f"unknown {what} {name!r}{hint}; known: {', '.join(known)}")
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -277,7 +237,7 @@ def activation_swap(model: nn.Module, kinds: Sequence[str], to: str, *,
     if not kinds:
         raise SurgeryInputError(f"activation_swap: no kinds given; known: {', '.join(ACTIVATION_KINDS)}")
     from_kinds = list(dict.fromkeys(canonical_kind(k) for k in kinds))
-    to_kind = canonical_kind(to, known=tuple(TARGETS), what="target activation")
+    to_kind = canonical_kind(to, known=TARGET_KINDS, what="target activation")
     wanted = set(from_kinds)
 
     model = copy.deepcopy(model)
@@ -368,35 +328,6 @@ def _count_calls(model: nn.Module, replacements: dict[int, nn.Module], old_kind:
         for m, mode in modes.items():
             m.training = mode
     return dict(counts)
-
-
-class ActivationSwapSpec(Strict):
-    """``surgery: {op: activation_swap}``: every activation of the kinds ``from`` replaced by ``to``."""
-
-    op: Literal["activation_swap"]
-    from_: list[str] = Field(alias="from", min_length=1)
-    to: str
-
-    @field_validator("from_", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("from_")
-    @classmethod
-    def _known_kinds(cls, kinds: list[str]) -> list[str]:
-        try:
-            return [canonical_kind(kind) for kind in kinds]
-        except SurgeryInputError as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("to")
-    @classmethod
-    def _known_target(cls, kind: str) -> str:
-        try:
-            return canonical_kind(kind, known=tuple(TARGETS), what="target activation")
-        except SurgeryInputError as exc:
-            raise ValueError(str(exc)) from None
 
 
 @register_op

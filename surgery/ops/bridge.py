@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from pydantic import Field
 
 from surgery.errors import SurgeryInputError, first_line
 from surgery.ops.record import SurgeryRecord, recordable_state
 from surgery.ops.base import Operation, register_op
-from surgery.spec import DistillSpec, Strict
-
-Head = Literal["linear", "mlp", "transformer"]
-HEADS: tuple[str, ...] = get_args(Head)
+from surgery.ops.bridge_spec import HEADS, BridgeSpec, Head
 
 
 def _tracer_kwargs() -> dict[str, Any]:
@@ -321,19 +317,6 @@ def bridge(source: nn.Module, nodes: Sequence[str], head: Head,
         "param_glob": "head.*",
     }
     return model, record
-
-
-class BridgeSpec(Strict):
-    """``surgery: {op: bridge}``: the frozen source as a feature extractor at ``nodes``, a new ``head`` on top."""
-
-    op: Literal["bridge"]
-    nodes: list[str] = Field(min_length=1)
-    head: Head = "linear"
-    num_classes: int | None = Field(None, gt=0, description="default: the train dataset's class count")
-    hidden: int = Field(256, gt=0)
-    depth: int = Field(1, gt=0)
-    num_heads: int = Field(4, gt=0)
-    distill: DistillSpec | None = None
 
 
 @register_op

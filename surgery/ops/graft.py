@@ -12,16 +12,15 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pydantic import Field
-
 from surgery.errors import SurgeryInputError, first_line
 from surgery.ops.base import Operation, register_op
-from surgery.spec import ModelSpec, ParamGroupSpec, Strict
+from surgery.ops.graft_spec import GraftSpec
+from surgery.spec import ParamGroupSpec
 from surgery.models import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
 
@@ -219,23 +218,6 @@ def donor_from_state_dict(state_dict: Mapping[str, Tensor], *, in_channels: int 
             module.bias.copy_(bias.to(module.bias.dtype))
     setattr(module, SOURCE_SHAPES_ATTR, source_shapes)
     return module
-
-
-class GraftPolicy(Strict):
-    """How the grafted module trains: frozen, at a scaled learning rate, or unfrozen at a step."""
-
-    freeze: bool = False
-    lr_scale: float = Field(1.0, ge=0, le=1e6)
-    unfreeze_at: int | None = Field(None, ge=0, description="step at which a frozen graft starts training")
-
-
-class GraftSpec(Strict):
-    """``surgery: {op: graft}``: a donor module put into the source at a dotted ``path``."""
-
-    op: Literal["graft"]
-    donor: ModelSpec
-    path: str
-    policy: GraftPolicy = GraftPolicy()
 
 
 @register_op

@@ -37,7 +37,7 @@ import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ from surgery.errors import SurgeryInputError
 from surgery.models import clean_key, clean_prefixes
 from surgery.ops.record import Method, SurgeryRecord
 from surgery.ops.base import Operation, register_op
-from surgery.spec import ModelSpec, Strict
+from surgery.ops.transplant_spec import STRATEGIES, Strategy, TransplantSpec
 
 __all__ = [
     "Strategy",
@@ -67,8 +67,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-Strategy = Literal["exact", "order", "select"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 # Prefixes added by wrappers: nn.DataParallel / DistributedDataParallel and torch.compile.
 
@@ -571,15 +569,6 @@ def assert_outputs_match(a: nn.Module, b: nn.Module, x: Tensor, *, atol: float =
     if not diff <= atol:
         raise AssertionError(f"outputs differ: max abs difference {diff:.3g} > atol {atol:.3g}")
     return diff
-
-
-class TransplantSpec(Strict):
-    """``surgery: {op: transplant}``: the source's tensors copied into a different target architecture."""
-
-    op: Literal["transplant"]
-    target: ModelSpec
-    strategy: Strategy = "exact"
-    adapt_input: bool = True
 
 
 @register_op
