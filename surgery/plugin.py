@@ -245,11 +245,11 @@ class CaseFile(pytest.File):
     """A YAML case file: parses at collection, runs the case once when its first item runs."""
 
     def collect(self):
-        from surgery.case import load_case
+        from surgery.case import load_cases
         from surgery.checks.expect import expectation_names
 
         try:
-            self.stash[CASE] = load_case(self.path)
+            self.stash[CASE] = load_cases([self.path])[0]  # parsed, and its factories imported and checked
         except SurgeryInputError as exc:
             self.stash[CASE] = exc
             yield CaseItem.from_parent(self, name="case", expectation="case")
