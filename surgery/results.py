@@ -77,6 +77,13 @@ class CaseResult:
         """The claims the seeds run could not decide."""
         return [e for e in self.expectations if e.undecided]
 
+    @property
+    def verdict(self) -> str:
+        """``error``, ``fail``, ``undecided`` (nothing failed, a claim undecided) or ``pass`` (every claim held)."""
+        if self.error is not None:
+            return "error"
+        return "fail" if not self.passed else "undecided" if self.undecided else "pass"
+
     def _repr_html_(self) -> str:
         """The report page, for a notebook cell (Jupyter renders it inline)."""
         from surgery.report.html import case_html  # matplotlib and jinja2 only when a notebook asks

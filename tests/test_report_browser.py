@@ -38,7 +38,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
 WINDOW = (1280, 2400)
 
 
-def _chromium() -> str:
+def find_chromium() -> str:
     found = next((p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and os.access(p, os.X_OK)), None)
     if found is None:
         if os.environ.get("CI") == "true":
@@ -47,7 +47,7 @@ def _chromium() -> str:
     return found
 
 
-def _open(chromium: str, page: Path, work: Path, name: str) -> tuple[str, Path, list[dict]]:
+def open_page(chromium: str, page: Path, work: Path, name: str) -> tuple[str, Path, list[dict]]:
     """Load ``page`` headless: return the dumped DOM, the screenshot path and the page's own requests."""
     shot, netlog = work / f"{name}.png", work / f"{name}-net.json"
     cmd = [chromium, *FLAGS, f"--user-data-dir={work / (name + '-profile')}", f"--log-net-log={netlog}",
@@ -74,13 +74,13 @@ def _page_requests(netlog: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    return _chromium()
+    return find_chromium()
 
 
 def test_report_in_headless_chromium(chromium, tmp_path):
     result = synthetic_result()
     page = write_case_report(result, tmp_path / "reports")
-    dom, shot, requests = _open(chromium, page, tmp_path, "report")
+    dom, shot, requests = open_page(chromium, page, tmp_path, "report")
 
     # the page asked for nothing (its own file is loaded without a network request)
     assert requests == [], requests
@@ -99,12 +99,12 @@ def test_report_in_headless_chromium(chromium, tmp_path):
     assert dom.count("<svg") == 22   # 20 before the layer maps: one heatmap per stage
 
     # the screenshot is not blank: varied pixels, the verdict banner's red and the plots' colours painted
-    image = _rgb(shot)
+    image = rgb(shot)
     assert image.shape[:2] == (WINDOW[1], WINDOW[0])
     assert image.std() > 0.1
     assert (image.mean(axis=2) < 0.9).mean() > 0.03  # a real share of the page is ink, not background
     for colour in ("#cf222e", "#e66100", "#5d3a9b"):  # banner (fail), after surgery, after fine-tune
-        assert _pixels_near(image, colour) > 200, colour
+        assert pixels_near(image, colour) > 200, colour
 
 
 def test_the_request_detector_sees_a_leaky_page(chromium, tmp_path):
@@ -112,17 +112,17 @@ def test_the_request_detector_sees_a_leaky_page(chromium, tmp_path):
     leaky = tmp_path / "leaky.html"
     leaky.write_text("<!doctype html><style>body{background:url(http://127.0.0.1:9/bg.png)}</style>"
                      "<p>control</p><img src='https://example.invalid/pixel.png'>", encoding="utf-8")
-    _, _, requests = _open(chromium, leaky, tmp_path, "control")
+    _, _, requests = open_page(chromium, leaky, tmp_path, "control")
     assert {r["url"] for r in requests} >= {"http://127.0.0.1:9/bg.png", "https://example.invalid/pixel.png"}
 
 
-def _rgb(path: Path) -> np.ndarray:
+def rgb(path: Path) -> np.ndarray:
     import matplotlib.image
 
     image = matplotlib.image.imread(path)  # PNG: floats in [0, 1]
     return np.asarray(image[..., :3], dtype=float)
 
 
-def _pixels_near(image: np.ndarray, colour: str, tol: float = 0.04) -> int:
+def pixels_near(image: np.ndarray, colour: str, tol: float = 0.04) -> int:
     target = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
     return int((np.abs(image - target).max(axis=2) < tol).sum())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import html
 import io
 import itertools
 import math
@@ -483,3 +484,91 @@ def _num(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+HISTORY_COLORS = {"band": "#c6dbef", "threshold": "#b2182b", "line": "#8c959f", "outside": "#bf8700",
+                  "change": "#8250df", "drift": "#fff1b8"}
+_LINK = re.compile(r'<a href="([^"]*)"[^>]*>')
+
+
+def _ylim(values: np.ndarray, thresholds: np.ndarray) -> tuple[float, float, bool]:
+    """Limits that show the figures and bands; a threshold far from them is left off scale (True)."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return 0.0, 1.0, False
+    lo, hi = float(finite.min()), float(finite.max())
+    span = max(hi - lo, 1e-6 * max(1.0, abs(hi)), 1e-9)
+    near = thresholds[np.isfinite(thresholds) & (thresholds > lo - 1.5 * span) & (thresholds < hi + 1.5 * span)]
+    if near.size:
+        lo, hi = min(lo, float(near.min())), max(hi, float(near.max()))
+        span = max(hi - lo, span)
+    off = bool((np.isfinite(thresholds) & ((thresholds < lo) | (thresholds > hi))).any())
+    return lo - 0.08 * span, hi + 0.08 * span, off
+
+
+@_styled
+def history_panels(panels: Sequence[dict[str, Any]], ticks: Sequence[tuple[int, str]], nights: int,
+                   changes: Sequence[tuple[int, str]] = ()) -> str | None:
+    """One case's expectations over the nights, one panel each, sharing the x axis (night index).
+
+    ``panels``: dicts with ``title``, ``note`` (right-hand text), ``drift`` (``(first, last)`` night of a
+    flagged window, or None) and ``points``: dicts with ``x`` (night), ``y``, ``status``, ``outside``,
+    ``lo``/``hi`` (band, or None), ``threshold``, ``url`` and ``tip`` (a link and its tooltip per point).
+    ``changes``: ``(night, label)`` where provenance changed (a dotted line before that night).
+    """
+    panels = [p for p in panels if p.get("points")]
+    if not panels:
+        return None
+    height = 1.25 * len(panels) + 0.75
+    fig = Figure(figsize=(9.6, height))
+    fig.subplots_adjust(left=0.55 / 9.6, right=1 - 0.15 / 9.6, bottom=0.5 / height, top=1 - 0.3 / height,
+                        hspace=0.45 * len(panels) / max(len(panels), 1))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    tips: dict[str, str] = {}
+    for n, (ax, panel) in enumerate(zip(axes, panels)):
+        pts = sorted(panel["points"], key=lambda p: p["x"])
+        x = np.array([p["x"] for p in pts], dtype=float)
+        y, lo, hi, thr = (_finite(p.get(k) for p in pts) for k in ("y", "lo", "hi", "threshold"))
+        if panel.get("drift"):
+            first, last = panel["drift"]
+            ax.axvspan(first - 0.5, last + 0.5, color=HISTORY_COLORS["drift"], linewidth=0, zorder=0)
+        has_band = np.isfinite(lo) & np.isfinite(hi)
+        if has_band.any():
+            ax.fill_between(x, np.where(has_band, lo, np.nan), np.where(has_band, hi, np.nan), step="mid",
+                            color=HISTORY_COLORS["band"], linewidth=0, zorder=1)
+        if np.isfinite(thr).any():
+            ax.step(x, thr, where="mid", color=HISTORY_COLORS["threshold"], linestyle="--", linewidth=1.0, zorder=2)
+        for night, _ in changes:
+            ax.axvline(night - 0.5, color=HISTORY_COLORS["change"], linestyle=":", linewidth=1.0, zorder=2)
+        ax.plot(x, y, color=HISTORY_COLORS["line"], linewidth=0.9, zorder=3)
+        for status, style in (("passed", dict(marker="o", s=16, color=STATUS_COLORS["passed"])),
+                              ("failed", dict(marker="X", s=46, color=STATUS_COLORS["failed"])),
+                              ("undecided", dict(marker="o", s=30, facecolors="white",
+                                                 edgecolors=STATUS_COLORS["undecided"], linewidths=1.3))):
+            chosen = [p for p in pts if p["status"] == status and _num(p.get("y")) is not None]
+            if chosen:
+                dots = ax.scatter([p["x"] for p in chosen], [p["y"] for p in chosen], zorder=5, **style)
+                dots.set_urls([p.get("url") for p in chosen])
+                tips.update({p["url"]: p.get("tip", "") for p in chosen if p.get("url")})
+        outside = [p for p in pts if p.get("outside") and _num(p.get("y")) is not None]
+        if outside:
+            ax.scatter([p["x"] for p in outside], [p["y"] for p in outside], s=110, facecolors="none",
+                       edgecolors=HISTORY_COLORS["outside"], linewidths=1.6, zorder=4)
+        low, high, off = _ylim(np.concatenate([y, lo[has_band], hi[has_band]]), thr)
+        ax.set_ylim(low, high)
+        ax.locator_params(axis="y", nbins=3)
+        ax.set_title(str(panel["title"]), loc="left", fontsize=8, pad=2)
+        note = str(panel.get("note") or "") + ("  (threshold off scale)" if off else "")
+        if note:
+            ax.set_title(note, loc="right", fontsize=7, pad=2, color="#57606a")
+        if n == 0:
+            for night, label in changes:
+                ax.annotate(label, (night - 0.5, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -8),
+                            textcoords="offset points", fontsize=6.5, color=HISTORY_COLORS["change"])
+    axes[-1].set_xlim(-0.6, max(nights - 1, 1) + 0.6)
+    axes[-1].set_xticks([t for t, _ in ticks])
+    axes[-1].set_xticklabels([label for _, label in ticks], fontsize=6.5)
+    svg = to_svg(fig, tight=False)
+    # Each point links to its night's report; its <title> is the tooltip (figure, outcome, night).
+    return _LINK.sub(lambda m: m.group(0) + "<title>" + html.escape(tips.get(html.unescape(m.group(1)), "")) +
+                     "</title>", svg)

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from surgery._io import write_atomic
-from surgery.report.html import case_html, compare_html, figures, render_page, verdict_of
+from surgery.report.html import case_html, compare_html, figures, render_page
 from surgery.results import CaseResult, load_results, safe_name, write_results
 
 
@@ -52,16 +52,20 @@ def _index_row(result: CaseResult, folder: Path) -> dict[str, Any]:
     figs = figures(result)
     drifts = [v for v in (figs["drift.surgery"], figs["drift.finetune"]) if v is not None]
     has_report = (folder / "report.html").is_file()
-    return {"case": result.case, "description": result.description, "verdict": verdict_of(result),
+    return {"case": result.case, "description": result.description, "verdict": result.verdict,
             "href": f"{quote(folder.name)}/report.html" if has_report else f"{quote(folder.name)}/results.json",
             "has_report": has_report, "held": sum(1 for e in result.expectations if e.passed),
-            "total": len(result.expectations), "failed": [e.name for e in result.expectations if not e.passed],
-            "error": result.error, "figures": figs,
+            "total": len(result.expectations), "failed": [e.name for e in result.failures],
+            "undecided": [e.name for e in result.undecided], "error": result.error, "figures": figs,
             "worst_drift": (math.nan if any(math.isnan(v) for v in drifts) else max(drifts)) if drifts else None}
 
 
+INDEX_ORDER = {"error": 0, "fail": 0, "undecided": 1, "pass": 2}  # what needs attention first
+
+
 def write_index(report_dir: Path) -> Path:
-    """Write ``report_dir/index.html``: one row per ``*/results.json`` (unreadable ones listed as notes)."""
+    """Write ``report_dir/index.html``: one line per ``*/results.json``, failed (and errors) first, then undecided,
+    then passed (unreadable files listed as notes)."""
     report_dir = Path(report_dir)
     rows, notes = [], []
     for path in sorted(report_dir.glob("*/results.json")):
@@ -71,9 +75,10 @@ def write_index(report_dir: Path) -> Path:
         except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
             where = f"{path.parent.name}/results.json"
             notes.append(f"{where} skipped: {exc.__class__.__name__}: {str(exc).replace(str(path) + ': ', '')}")
-    passed = sum(1 for r in rows if r["verdict"] == "pass")
-    page = render_page("index.html.j2", rows=rows, notes=notes, passed=passed, title="surgery reports",
-                        report_dir=str(report_dir))
+    rows.sort(key=lambda r: (INDEX_ORDER[r["verdict"]], r["case"]))
+    counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in ("pass", "undecided", "fail", "error")}
+    page = render_page("index.html.j2", rows=rows, notes=notes, counts=counts, title="surgery reports",
+                       report_dir=str(report_dir))
     return _write_page(report_dir / "index.html", page)
 
 
