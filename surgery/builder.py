@@ -38,9 +38,12 @@ def build_model(spec, *, device: torch.device | str = "cpu", num_classes: int | 
                 in_chans: int | None = None) -> nn.Module:
     """Build the model a case's ``ModelSpec`` describes, with its checkpoint or cached weights loaded.
 
-    ``num_classes`` / ``in_chans`` are defaults the spec's own fields override.
+    ``num_classes`` / ``in_chans`` are defaults the spec's own fields override (a pretrained model keeps
+    its own class count unless the spec sets one).
     """
-    num_classes = spec.num_classes or num_classes
+    # NOTE: pretrained weights keep their own head (ImageNet's 1,000 classes) unless the spec says otherwise:
+    # the data's class count is a default for models whose head the harness trains.
+    num_classes = spec.num_classes or (None if spec.pretrained else num_classes)
     in_chans = spec.in_chans or in_chans
     kind, _, name = spec.model.partition(":")
     if kind == "zoo":

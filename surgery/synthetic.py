@@ -2,7 +2,8 @@
 
 For the 224 px cases and benchmarks (``cases/scale/``, ``benchmarks/``): real files that go through the
 same path as a user's folder (listing, JPEG decoding, resize and crop, the image cache), at any count
-and size, with nothing downloaded. ``surgery data synth DIR --count N --size S`` writes one.
+and size, with nothing downloaded. ``surgery data synth DIR --count N --size S`` writes one; a case
+reads one with ``data.train: {dataset: "surgery.synthetic:ShapesFolder", count: N, size: S}``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from torchvision.datasets import ImageFolder
 
 from surgery._io import cache_dir, write_atomic
 from surgery.data import SHAPE_CLASSES, make_shapes
@@ -58,3 +61,13 @@ def folder_bytes(root: str | Path) -> int:
     """The total size of the files under ``root``."""
     return sum(entry.stat().st_size for entry in os.scandir(root) if entry.is_file()) + sum(
         folder_bytes(entry.path) for entry in os.scandir(root) if entry.is_dir())
+
+
+class ShapesFolder(ImageFolder):
+    """torchvision's ``ImageFolder`` over :func:`synthetic_folder` (written into the cache on first use).
+
+    Items are ``(PIL image, label)`` decoded from the JPEG files, as a user's folder gives them.
+    """
+
+    def __init__(self, count: int = 1000, size: int = 224, seed: int = 0):
+        super().__init__(str(synthetic_folder(count, size, seed)))
