@@ -60,6 +60,7 @@ RAY_CONNECTED = pytest.StashKey[bool]()  # whether this session connected to Ray
 CASE = pytest.StashKey[Any]()      # a case file's parsed Case, or the SurgeryInputError its parsing raised
 OUTCOME = pytest.StashKey[Any]()   # a case file's run: its CaseResult or the SurgeryInputError it raised
 DATED = pytest.StashKey[bool]()     # --surgery-report-dated: this session named a new dated report directory
+DATED_INPUT = "surgery_report_dated"  # the key of that directory in an xdist worker's workerinput
 ZOO_LOGGER = "surgery.zoo"
 
 
@@ -81,10 +82,20 @@ def pytest_configure(config: pytest.Config) -> None:
         _workers_wait_passively(config)
     if config.getoption("surgery_ray", None) is not None:
         _check_ray_options(config)
-    if config.getoption("surgery_report_dated", False) and config.getoption("surgery_report", None) \
-            and not os.environ.get("PYTEST_XDIST_WORKER"):  # named once, before xdist copies the options
+    dated = getattr(config, "workerinput", {}).get(DATED_INPUT)
+    if dated:  # an xdist worker writes where its controller's --surgery-report-dated said
+        config.option.surgery_report = dated
+    elif config.getoption("surgery_report_dated", False) and config.getoption("surgery_report", None) \
+            and not os.environ.get("PYTEST_XDIST_WORKER"):
         config.option.surgery_report = str(nights.new_dated_dir(config.getoption("surgery_report")))
         config.stash[DATED] = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist: each worker re-parses the command line, so it is told the dated directory its controller named."""
+    if node.config.stash.get(DATED, False):
+        node.workerinput[DATED_INPUT] = node.config.option.surgery_report
 
 
 def _workers_oversubscribe(config: pytest.Config) -> bool:

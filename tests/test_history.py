@@ -22,8 +22,11 @@ from surgery.nights import LATEST, find_nights, new_dated_dir, point_latest
 from cli_runs import run_cli
 from history_nights import CPU_FROM, TORCH_FROM, expectation, real_runs, thirty_nights
 from history_nights import NAME as CASE
+from history_nights import case_text
 from test_report import NETWORK_URL
 from test_report_browser import find_chromium, open_page, pixels_near, rgb
+
+pytest_plugins = ["pytester"]
 
 STEP_FROM, STEP = 23, -0.25   # the planted step: accuracy 0.25 lower from night 23 on (inside its wide band)
 
@@ -104,6 +107,18 @@ def test_history_of_a_folder_without_reports_is_bad_input(tmp_path):
     assert rc == 2 and err.startswith(f"surgery: error: {tmp_path}: no report directory here")
     rc, out, err = run_cli("history", tmp_path / "missing")
     assert rc == 2 and "no such directory" in err
+
+
+def test_pytest_report_dated_names_one_night_for_all_xdist_workers(pytester, tmp_path):
+    (pytester.mkdir("cases") / "tiny.yaml").write_text(case_text(seed=0, drift_max="6.0", after_min="0.0"))
+    report = tmp_path / "nightly"
+    options = ("cases", "-p", "no:cacheprovider", f"--surgery-report={report}", "--surgery-report-dated")
+    pytester.runpytest_subprocess(*options, "--collect-only").assert_outcomes()
+    assert not any(report.iterdir())  # nothing ran: no empty night is left behind
+    pytester.runpytest_subprocess(*options, "-n", "1").assert_outcomes(passed=4)  # the worker writes the case
+    found = find_nights([report])
+    assert len(found) == 1 and found[0].parent == report and (report / LATEST).resolve() == found[0].resolve()
+    assert (found[0] / "index.html").is_file() and (found[0] / CASE / "results.json").is_file()
 
 
 @pytest.fixture(scope="module")
