@@ -346,3 +346,28 @@ def test_report_without_activations_or_record(tmp_path):
         seed.pop("activations"), seed.pop("histograms")
     text = _text(render_report(result, tmp_path / "r.html").read_text(encoding="utf-8"))
     assert "Activations were not probed" in text and "No coverage table" in text
+
+
+def test_index_is_one_line_per_case_failed_then_undecided_then_passed(tmp_path):
+    for name, status in (("a-pass", "passed"), ("b-fail", "failed"), ("c-undecided", "undecided")):
+        result = synthetic_result(name=name, n_layers=2, steps=100, blocks=SMALL)
+        drift = result.expectation("activations.drift_max")
+        drift.status, drift.passed = status, status == "passed"
+        write_case_report(result, tmp_path)
+    write_case_report(CaseResult(case="d-error", path="cases/d.yaml", error="RuntimeError: boom"), tmp_path)
+    page = write_index(tmp_path).read_text(encoding="utf-8")
+    rows = re.findall(r'<tr class="(\w*)">\s*<td><a href="[^"]+">([^<]+)</a>', page)
+    assert rows == [("fail", "b-fail"), ("fail", "d-error"), ("undecided", "c-undecided"), ("", "a-pass")]
+    text = _text(page)
+    assert "1/4 cases passed · 1 undecided · 1 failed · 1 error" in text  # undecided is not counted as passed
+    assert re.search(r'<div class="banner fail" id="verdict">', page)
+    for badge in ("PASS", "FAIL", "UNDECIDED", "ERROR"):
+        assert f">{badge}</span>" in page
+    # the description is folded into the row's last cell, behind what went wrong
+    assert "<summary>failed: activations.drift_max</summary>" in page
+    assert "<summary>undecided: activations.drift_max</summary>" in page
+    assert "<summary>error: RuntimeError: boom</summary>" in page
+    cells = re.findall(r'<td class="why small">(.*?)</td>', page, re.S)
+    assert len(cells) == 4 and all(c.startswith("<details>") and c.rstrip().endswith("</details>") for c in cells)
+    description = "ResNet-50 weights selected into a ResNet-50 on digits."
+    assert page.count(description) == 3 == sum(c.count(description) for c in cells)
