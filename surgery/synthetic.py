@@ -28,27 +28,33 @@ def write_shapes_folder(root: str | Path, *, count: int, size: int, seed: int = 
                         noise: float = 0.04) -> Path:
     """Write ``count`` shape images of ``size`` px as JPEG files under ``root/CLASS/NNNNNN.jpg``; return ``root``.
 
-    Deterministic for a seed. Written once: a folder that already holds this count, size and seed (its
+    The class folders are ``0-circle`` … ``4-ring``: sorted, they give the labels of the embedded
+    ``shapes`` set, so the zoo's shapes models score them as they score it. Deterministic for a seed. Written once: a folder that already holds this count, size and seed (its
     ``surgery-synth.json``) is left as it is.
     """
     root = Path(root)
-    stamp = {"count": count, "size": size, "seed": seed, "quality": quality, "noise": noise,
-             "classes": list(SHAPE_CLASSES)}
+    classes = class_folders()
+    stamp = {"count": count, "size": size, "seed": seed, "quality": quality, "noise": noise, "classes": classes}
     marker = root / "surgery-synth.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return root
-    for name in SHAPE_CLASSES:
+    for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
     for start in range(0, count, CHUNK):
         n = min(CHUNK, count - start)
         images, labels = make_shapes(n, size, seed=seed * 1_000_003 + start, noise=noise)
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for i in range(n):
-            path = root / SHAPE_CLASSES[int(labels[i])] / f"{start + i:06d}.jpg"
+            path = root / classes[int(labels[i])] / f"{start + i:06d}.jpg"
             write_atomic(path, lambda tmp, p=pixels[i]: Image.fromarray(np.ascontiguousarray(p)).save(
                 tmp, format="JPEG", quality=quality))
     write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(stamp)))
     return root
+
+
+def class_folders() -> list[str]:
+    """The class folder names, in label order: ``0-circle``, ``1-square``, …"""
+    return [f"{i}-{name}" for i, name in enumerate(SHAPE_CLASSES)]
 
 
 def synthetic_folder(count: int, size: int, seed: int = 0) -> Path:
