@@ -130,6 +130,11 @@ class Series:
         return [p for p in self.points if p.outside]
 
     @property
+    def steady(self) -> bool:
+        """The same figure and threshold in every run, nothing flagged (coverage, finiteness): nothing to draw."""
+        return not self.flags and len({(p.observed, p.threshold, p.band) for p in self.points}) == 1
+
+    @property
     def flags(self) -> list[str]:
         """What needs attention: failed, undecided, outside band, drifting (in that order)."""
         return [name for name, on in (("failed", self.failed), ("undecided", self.undecided),

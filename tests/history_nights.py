@@ -64,10 +64,11 @@ def _commit(i: int) -> str:
     return hashlib.sha1(f"night {i}".encode()).hexdigest()
 
 
-def thirty_nights(runs: Path, out: Path, *, nights: int = 30,
+def thirty_nights(runs: Path, out: Path, *, nights: int = 30, cases: int = 1,
                   edit: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
     """``out/<dated night>/`` × ``nights``, each a copy of a real run (round robin) with its provenance
-    edited as the module says and ``edit(i, results)`` applied; an index per night, and ``out/latest``."""
+    edited as the module says and ``edit(i, results)`` applied; an index per night, and ``out/latest``.
+    ``cases > 1`` adds copies of the case under other names (``<name>-2`` …), for a suite-sized history."""
     real = sorted(p for p in runs.iterdir() if p.is_dir() and not p.is_symlink())
     case_hash = None
     night = out
@@ -76,6 +77,10 @@ def thirty_nights(runs: Path, out: Path, *, nights: int = 30,
         created = FIRST_NIGHT + timedelta(days=i)
         night = out / created.strftime(STAMP)
         shutil.copytree(source, night)
+        for n in range(2, cases + 1):
+            shutil.copytree(night / NAME, night / f"{NAME}-{n}")
+            file = night / f"{NAME}-{n}" / "results.json"
+            file.write_text(file.read_text().replace(f'"case": "{NAME}"', f'"case": "{NAME}-{n}"', 1))
         for file in night.glob("*/results.json"):
             data = json.loads(file.read_text())
             prov = data["provenance"]

@@ -34,14 +34,18 @@ FLAG_ORDER = {"failed": 0, "outside band": 1, "drifting": 2, "undecided": 3}
 
 
 def _link(target: Path, base: Path) -> str:
-    """``target`` relative to the page's folder, percent-encoded (never a scheme: a path only)."""
-    return quote(Path(os.path.relpath(target.resolve(), base.resolve())).as_posix())
+    """``target`` relative to the page's folder (``base``, resolved), percent-encoded (a path, never a scheme)."""
+    return quote(Path(os.path.relpath(target.resolve(), base)).as_posix())
 
 
-def _report_link(night: Night, case: str, base: Path) -> str:
-    results = night.files[case]
-    page = results.with_name("report.html")
-    return _link(page if page.is_file() else results, base)
+def _report_links(nights: list[Night], case: str, base: Path) -> dict[int, str]:
+    """Night index -> the link to that night's report of ``case`` (its results.json where no page was written)."""
+    links = {}
+    for i, night in enumerate(nights):
+        if case in night.files:
+            page = night.files[case].with_name("report.html")
+            links[i] = _link(page if page.is_file() else night.files[case], base)
+    return links
 
 
 def _ticks(nights: list[Night]) -> list[tuple[int, str]]:
@@ -65,11 +69,11 @@ def _note(series: Series) -> str:
     return " · ".join(p for p in parts if p)
 
 
-def _panel(series: Series, nights: list[Night], base: Path) -> dict[str, Any]:
+def _panel(series: Series, nights: list[Night], links: dict[int, str]) -> dict[str, Any]:
     points = []
     for p in series.points:
         night = nights[p.night]
-        url = f"{_report_link(night, series.case, base)}#{quote(series.name, safe='')}"
+        url = f"{links[p.night]}#{quote(series.name, safe='')}"
         points.append({"x": p.night, "y": p.observed, "status": p.status, "outside": p.outside,
                        "lo": p.band[0] if p.band else None, "hi": p.band[1] if p.band else None,
                        "threshold": p.threshold, "url": url, "tip": _tip(series, p, night)})
@@ -90,7 +94,7 @@ def _series_row(series: Series) -> dict[str, Any]:
     last = series.points[-1]
     return {"name": series.name, "anchor": _anchor(series.case), "case": series.case, "flags": series.flags,
             "observed": last.observed, "threshold": last.threshold, "status": last.status, "band": last.band,
-            "drift": series.drift.describe(), "drifting": series.drift.flagged,
+            "drift": series.drift.describe(), "drifting": series.drift.flagged, "steady": series.steady,
             "towards": series.drift.towards_threshold, "direction": series.direction}
 
 
@@ -105,13 +109,15 @@ def _case_view(case: str, history: History, base: Path) -> dict[str, Any]:
     label = dict(marks)
     nights = history.nights
     latest = next((n for n in reversed(nights) if case in n.results), None)
-    svg = plots.history_panels([_panel(s, nights, base) for s in series], _ticks(nights), len(nights), marks)
+    links = _report_links(nights, case, base)
+    drawn = [_panel(s, nights, links) for s in series if not s.steady]  # a flat line says nothing: a table row does
+    svg = plots.history_panels(drawn, _ticks(nights), len(nights), marks)
     by_night: dict[int, list[Change]] = {}
     for c in changes:
         by_night.setdefault(c.night, []).append(c)
     return {"case": case, "anchor": _anchor(case), "svg": Markup(svg) if svg else None,
             "verdict": latest and latest.results[case].verdict, "latest": latest and latest.label,
-            "latest_href": latest and _report_link(latest, case, base),
+            "latest_href": latest and links[nights.index(latest)],
             "description": latest.results[case].description if latest else "",
             "rows": [_series_row(s) for s in series],
             "changes": [{"label": label[n], "night": nights[n].label, "date": nights[n].date,
@@ -124,6 +130,7 @@ def _case_view(case: str, history: History, base: Path) -> dict[str, Any]:
 
 def history_view(history: History, base: Path) -> dict[str, Any]:
     """Everything the history template shows; links relative to ``base`` (the page's folder)."""
+    base = Path(base).resolve()
     cases = sorted((_case_view(c, history, base) for c in history.cases()), key=lambda v: (v["rank"], v["case"]))
     nights = []
     for night in history.nights:

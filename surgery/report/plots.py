@@ -27,6 +27,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 # Colours shared by the plots and the page's CSS legend (render.py passes them to the templates).
 STAGE_COLORS = {"reference": "#4d4d4d", "surgery": "#e66100", "finetune": "#5d3a9b", "gate": "#1a7f37"}
@@ -509,7 +510,7 @@ def _ylim(values: np.ndarray, thresholds: np.ndarray) -> tuple[float, float, boo
 @_styled
 def history_panels(panels: Sequence[dict[str, Any]], ticks: Sequence[tuple[int, str]], nights: int,
                    changes: Sequence[tuple[int, str]] = ()) -> str | None:
-    """One case's expectations over the nights, one panel each, sharing the x axis (night index).
+    """One case's expectations over the nights, one panel each, on one x axis (night index).
 
     ``panels``: dicts with ``title``, ``note`` (right-hand text), ``drift`` (``(first, last)`` night of a
     flagged window, or None) and ``points``: dicts with ``x`` (night), ``y``, ``status``, ``outside``,
@@ -519,11 +520,13 @@ def history_panels(panels: Sequence[dict[str, Any]], ticks: Sequence[tuple[int, 
     panels = [p for p in panels if p.get("points")]
     if not panels:
         return None
-    height = 1.25 * len(panels) + 0.75
-    fig = Figure(figsize=(9.6, height))
-    fig.subplots_adjust(left=0.55 / 9.6, right=1 - 0.15 / 9.6, bottom=0.5 / height, top=1 - 0.3 / height,
-                        hspace=0.45 * len(panels) / max(len(panels), 1))
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    width, height = 12.4, 1.25 * len(panels) + 0.75
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.55 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.3 / height,
+                        hspace=0.45)
+    # Not sharex: shared axes share their tick locator, and ticks are most of the drawing time; the upper
+    # panels get no x ticks at all, the bottom one the night labels.
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     tips: dict[str, str] = {}
     for n, (ax, panel) in enumerate(zip(axes, panels)):
         pts = sorted(panel["points"], key=lambda p: p["x"])
@@ -538,8 +541,9 @@ def history_panels(panels: Sequence[dict[str, Any]], ticks: Sequence[tuple[int, 
                             color=HISTORY_COLORS["band"], linewidth=0, zorder=1)
         if np.isfinite(thr).any():
             ax.step(x, thr, where="mid", color=HISTORY_COLORS["threshold"], linestyle="--", linewidth=1.0, zorder=2)
-        for night, _ in changes:
-            ax.axvline(night - 0.5, color=HISTORY_COLORS["change"], linestyle=":", linewidth=1.0, zorder=2)
+        if changes:
+            ax.vlines([night - 0.5 for night, _ in changes], 0, 1, transform=ax.get_xaxis_transform(),
+                      colors=HISTORY_COLORS["change"], linestyles=":", linewidth=1.0, zorder=2)
         ax.plot(x, y, color=HISTORY_COLORS["line"], linewidth=0.9, zorder=3)
         for status, style in (("passed", dict(marker="o", s=16, color=STATUS_COLORS["passed"])),
                               ("failed", dict(marker="X", s=46, color=STATUS_COLORS["failed"])),
@@ -556,18 +560,18 @@ def history_panels(panels: Sequence[dict[str, Any]], ticks: Sequence[tuple[int, 
                        edgecolors=HISTORY_COLORS["outside"], linewidths=1.6, zorder=4)
         low, high, off = _ylim(np.concatenate([y, lo[has_band], hi[has_band]]), thr)
         ax.set_ylim(low, high)
-        ax.locator_params(axis="y", nbins=3)
-        ax.set_title(str(panel["title"]), loc="left", fontsize=8, pad=2)
+        ax.set_xlim(-0.6, max(nights - 1, 1) + 0.6)
+        ax.yaxis.set_major_locator(MaxNLocator(3))
+        ax.xaxis.set_major_locator(NullLocator())
+        ax.text(0, 1.03, str(panel["title"]), transform=ax.transAxes, fontsize=8, va="bottom")
         note = str(panel.get("note") or "") + ("  (threshold off scale)" if off else "")
         if note:
-            ax.set_title(note, loc="right", fontsize=7, pad=2, color="#57606a")
+            ax.text(1, 1.03, note, transform=ax.transAxes, fontsize=7, va="bottom", ha="right", color="#57606a")
         if n == 0:
             for night, label in changes:
-                ax.annotate(label, (night - 0.5, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -8),
-                            textcoords="offset points", fontsize=6.5, color=HISTORY_COLORS["change"])
-    axes[-1].set_xlim(-0.6, max(nights - 1, 1) + 0.6)
-    axes[-1].set_xticks([t for t, _ in ticks])
-    axes[-1].set_xticklabels([label for _, label in ticks], fontsize=6.5)
+                ax.text(night - 0.4, 0.97, label, transform=ax.get_xaxis_transform(), fontsize=6.5, va="top",
+                        color=HISTORY_COLORS["change"])
+    axes[-1].set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=6.5)
     svg = to_svg(fig, tight=False)
     # Each point links to its night's report; its <title> is the tooltip (figure, outcome, night).
     return _LINK.sub(lambda m: m.group(0) + "<title>" + html.escape(tips.get(html.unescape(m.group(1)), "")) +
