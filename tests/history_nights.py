@@ -29,10 +29,10 @@ NAME = "tiny-calibrated"
 
 
 def case_text(*, seed: int, drift_max: str, after_min: str) -> str:
-    """test_calibration's tiny case fine-tuned 12 steps (4 barely move it), its activations probed after fine-tune."""
+    """test_calibration's tiny case fine-tuned 12 steps (4 barely move it), activations probed after fine-tune."""
     return (CALIBRATED_CASE.format(steps=12, after_min=after_min).replace("seed: [0, 1]", f"seed: [{seed}]")
-            .replace("  accuracy:\n", f"  activations: {{layers: [conv1, body.3], at: finetune, drift_max: {drift_max}}}"
-                                      "\n  accuracy:\n"))
+            .replace("  accuracy:\n", "  activations: {layers: [conv1, body.3], at: finetune, drift_max: "
+                                      f"{drift_max}}}\n  accuracy:\n"))
 
 
 FIRST_NIGHT = datetime(2026, 11, 1, 3, 15, tzinfo=timezone.utc)
