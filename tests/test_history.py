@@ -176,11 +176,12 @@ def test_history_of_thirty_nights_renders_flags_and_links(history_dir):
     assert (TORCH_FROM, CPU_FROM) == (12, 20)
     # each point links to its night's report (2 drawn expectations × 30 nights), and the files exist; the two that
     # never moved (coverage, finite) are table rows, not plots
-    links = re.findall(r'<a href="([^"#]+)#([^"]+)"[^>]*><title>([^<]*)</title>', page)
+    links = re.findall(r'<a href="([^"#]+)#e-([^"]+)"[^>]*><title>([^<]*)</title>', page)
     assert len(links) == 60 and {f for _, f, _ in links} == {"accuracy.after_min", "activations.drift_max"}
     assert text.count("steady: the same figure in every run (not drawn)") == 2
     for href, fragment, tip in links:
         assert (history_dir / unquote(href)).is_file() and unquote(href).endswith(f"{CASE}/report.html")
+        assert f'<tr id="e-{fragment}"' in (history_dir / unquote(href)).read_text(encoding="utf-8")  # its row
     tips = {html.unescape(t) for _, _, t in links}
     assert any(t.startswith("activations.drift_max = ") and "(failed;" in t and "OUTSIDE BAND" in t for t in tips)
     # the nights table links each night's index

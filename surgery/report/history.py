@@ -73,7 +73,7 @@ def _panel(series: Series, nights: list[Night], links: dict[int, str]) -> dict[s
     points = []
     for p in series.points:
         night = nights[p.night]
-        url = f"{links[p.night]}#{quote(series.name, safe='')}"
+        url = f"{links[p.night]}#e-{quote(series.name, safe='')}"  # the expectation's row on the night's page
         points.append({"x": p.night, "y": p.observed, "status": p.status, "outside": p.outside,
                        "lo": p.band[0] if p.band else None, "hi": p.band[1] if p.band else None,
                        "threshold": p.threshold, "url": url, "tip": _tip(series, p, night)})
