@@ -8,6 +8,8 @@ import html
 import itertools
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -87,6 +89,13 @@ def test_calibrated_band_is_the_runs_two_sided_prediction_interval():
     del judged["bound"]  # an older result: computed from the calibration itself
     assert calibrated_band(judged) == pytest.approx((lo, hi))
     assert calibrated_band(None) is None and calibrated_band({"mean": 1}) is None
+
+
+def test_history_imports_no_torch():
+    code = ("import sys; import surgery.cli, surgery.nights, surgery.history, surgery.report.history; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 # ----------------------------------------------------------------------------- nights on disk
