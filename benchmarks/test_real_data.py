@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm.data  # noqa: F401  imported here as torchvision is: the decode timings are of decoding, not of imports
 import torch
 import torchvision
 from torchvision.transforms import CenterCrop, Compose, Normalize, PILToTensor, Resize, ToTensor
@@ -92,10 +93,11 @@ def test_peak_memory_does_not_grow_with_the_folder(benchmark, record_ratio, tmp_
 
 
 def _torchvision_first_read(root: Path, count: int) -> float:
+    """Seconds to list the folder and decode, resize and crop every image: ImageFolder + DataLoader, uint8."""
+    start = time.perf_counter()
     folder = torchvision.datasets.ImageFolder(str(root), transform=Compose([Resize(SIZE), CenterCrop(SIZE),
                                                                              PILToTensor()]))
     loader = torch.utils.data.DataLoader(folder, batch_size=64, num_workers=WORKERS)
-    start = time.perf_counter()
     seen = sum(len(x) for x, _ in loader)
     assert seen == count
     return time.perf_counter() - start
@@ -125,9 +127,14 @@ def _surgery_reads(root: Path, count: int) -> tuple[float, float]:
 def test_decoding_once_and_reading_the_cache(benchmark, record_ratio):
     count = 1_000
     root = synthetic_folder(count, SIZE)
-    reference = _torchvision_first_read(root, count)  # warms the page cache for both
+    _torchvision_first_read(root, count)  # warms the page cache for both
+    # Alternating rounds, the fastest of each kept: a busy machine slows both alike.
     first, second = benchmark.pedantic(_surgery_reads, args=(root, count), rounds=1)
-    reference = min(reference, _torchvision_first_read(root, count))
+    reference = _torchvision_first_read(root, count)
+    for _ in range(2):
+        again = _surgery_reads(root, count)
+        first, second = min(first, again[0]), min(second, again[1])
+        reference = min(reference, _torchvision_first_read(root, count))
     record_ratio("decode_images_per_s", count / first, "")
     record_ratio("torchvision_images_per_s", count / reference, "")
     record_ratio("first_read_vs_torchvision", reference / first, ">= 1.0")

@@ -70,8 +70,9 @@ from surgery.finetune import predict, to_device
 from surgery.models import load_state_dict_file, load_weights
 from surgery._io import file_sha256, strict_json, write_atomic
 from surgery.results import CaseResult, ExpectationResult, provenance
-from surgery.prepare import (FORWARD_ERRORS, Probes, blame, build, dataset_spec, device_for, forward_error, load_data,
-                             map_layers, perform_surgery, probe_inputs, probed_layers, resolve_relative)
+from surgery.prepare import (FORWARD_ERRORS, Probes, blame, build, dataset_field, dataset_spec, device_for,
+                             forward_error, load_data, map_layers, perform_surgery, probe_inputs, probed_layers,
+                             resolve_relative)
 
 __all__ = ["GATE_FILE", "run_gate", "write_verdict", "file_sha256", "bn_stats_rows", "nonfinite_weights",
            "nonfinite_outputs", "gate_schema_path", "gate_data", "GateData", "champion_drift", "origin_warnings"]

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from surgery._io import cache_dir, write_atomic, write_json
 from surgery.errors import SurgeryInputError
-from surgery.image_sources import DecodeItems, Geometry, ImageSource
+from surgery.image_sources import DecodeItems, Geometry, ImageSource, stack_decoded
 from surgery.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _decode_into(path: Path, source: ImageSource, geometry: Geometry, *, workers
     """Decode every item of ``source`` in order and write its pixels to ``path`` (atomically)."""
     log.info("decoding %d images of %s once into the cache (%s)", len(source), source.description, path.parent)
     loader = torch.utils.data.DataLoader(DecodeItems(source, geometry), batch_size=DECODE_BATCH,
-                                         num_workers=workers, collate_fn=list,
+                                         num_workers=workers, collate_fn=stack_decoded,
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
     show = sys.stderr.isatty() if progress is None else progress
     record = geometry.channels * geometry.crop * geometry.crop
@@ -123,13 +123,12 @@ def _decode_into(path: Path, source: ImageSource, geometry: Geometry, *, workers
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as out, tqdm(total=len(source), desc=f"decoding {source.description}", unit="img",
                                           disable=not show, leave=False) as bar:
-            for items in loader:
-                for pixels, error in items:
-                    if error is not None:
-                        raise SurgeryInputError(error)
-                    assert pixels is not None and pixels.size == record
-                    out.write(np.ascontiguousarray(pixels).data)
-                bar.update(len(items))
+            for pixels, error in loader:
+                if error is not None:
+                    raise SurgeryInputError(error)
+                assert pixels[0].numel() == record
+                out.write(np.ascontiguousarray(pixels.numpy()).data)
+                bar.update(len(pixels))
 
     write_atomic(path, write)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ def to_pixels(image: Any, geometry: Geometry) -> np.ndarray:
                       antialias=True)
     image = TF.center_crop(image, [geometry.crop])
     pixels = np.asarray(image, dtype=np.uint8)
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 @dataclass
@@ -87,7 +86,9 @@ class ImageSource:
         if self.reader is not None:
             fileobj, _ = self.reader[index]
             with fileobj:
-                return Image.open(io.BytesIO(fileobj.read()))
+                image = Image.open(fileobj)
+                image.load()  # decoded before the file closes; a truncated file fails here
+                return image
         image, _ = self.dataset[index]
         return image
 
@@ -110,6 +111,15 @@ class DecodeItems(torch.utils.data.Dataset):
             return to_pixels(self.source.open(index), self.geometry), None
         except Exception as exc:  # PIL raises several types for an unreadable or truncated file
             return None, f"cannot read image {self.source.item_name(index)}: {first_line(exc)}"
+
+
+def stack_decoded(items: list[tuple[np.ndarray | None, str | None]]) -> tuple[torch.Tensor, str | None]:
+    """A DataLoader batch of decoded items: one uint8 tensor (it crosses from a worker in shared memory, not
+    through a pipe) and the first error of the batch, if any."""
+    error = next((e for _, e in items if e is not None), None)
+    if error is not None:
+        return torch.empty(0, dtype=torch.uint8), error
+    return torch.from_numpy(np.stack([p for p, _ in items])), None
 
 
 def _digest(*parts: Any) -> str:

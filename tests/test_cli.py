@@ -73,7 +73,8 @@ def test_run_exits_0_when_expectations_hold(passing):
     assert results["metrics"]["coverage"] == {"tensors": 1.0, "elements": 1.0}
     acc = results["per_seed"][0]["accuracy"]
     assert acc["source"] == acc["before"]  # an exact transplant into the same architecture changes nothing
-    assert results["per_seed"][0]["data"] == {"name": "digits", "train": 320, "test": 80, "classes": 10}
+    assert results["per_seed"][0]["data"] == {"name": "digits", "train": 320, "test": 80, "classes": 10,
+                                              "preprocess": "zoo ([-1, 1])"}
     assert results["per_seed"][0]["finetune"]["steps_done"] == 5
     assert (passing.report / "tiny-pass" / "report.html").is_file()
 
