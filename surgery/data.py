@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from surgery.errors import SurgeryInputError
-from surgery.image_cache import CachedImages, cached_entry, subset
+from surgery.image_cache import CachedImages, Images, cached_entry, subset
 from surgery.image_sources import Geometry, ImageSource, dataset_source, folder_source
 from surgery.preprocess import ZOO_PREPROCESS, Preprocess
 
-Images = torch.Tensor | CachedImages
 
 
 @dataclass

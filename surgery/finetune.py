@@ -28,9 +28,8 @@ from tqdm.auto import tqdm
 from surgery.augment import augment_batch, augment_generator
 from surgery.spec import DistillSpec, FinetuneSpec, ParamGroupSpec
 from surgery.errors import SurgeryInputError
-from surgery.image_cache import CachedImages, on_device
+from surgery.image_cache import CachedImages, Images, on_device
 
-Images = torch.Tensor | CachedImages
 
 # Cached images are evaluated in batches of at most this many float32 values (256 MB): 445 images at 224 px.
 EVAL_BATCH_VALUES = 2**26

@@ -200,23 +200,26 @@ class CachedImages:
             os.close(self._fd)
 
 
+Images = torch.Tensor | CachedImages  # what a split holds: an embedded set's tensor, or cached images
+
+
 def _as_index(positions: Any) -> Any:
     if isinstance(positions, torch.Tensor):
         return positions.cpu().numpy()
     return positions
 
 
-def subset(images: torch.Tensor | CachedImages, positions: torch.Tensor) -> torch.Tensor | CachedImages:
+def subset(images: Images, positions: torch.Tensor) -> Images:
     """The images at ``positions``: a tensor's rows, or a view of cached images."""
     return images.subset(positions) if isinstance(images, CachedImages) else images[positions]
 
 
-def head(images: torch.Tensor | CachedImages, count: int) -> torch.Tensor | CachedImages:
+def head(images: Images, count: int) -> Images:
     """The first ``count`` images, as :func:`subset` gives them."""
     return subset(images, torch.arange(min(count, len(images))))
 
 
-def on_device(images: torch.Tensor | CachedImages, positions: Any, device: torch.device) -> torch.Tensor:
+def on_device(images: Images, positions: Any, device: torch.device) -> torch.Tensor:
     """Images at ``positions`` as float32 on ``device``, normalised (cached images: read and normalised here)."""
     if isinstance(images, CachedImages):
         return images.batch(positions, device)

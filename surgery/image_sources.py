@@ -16,7 +16,6 @@ input naming its path. Decoding runs in DataLoader workers; :mod:`surgery.image_
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from surgery.errors import SurgeryInputError, first_line
+from surgery.model_refs import resolve_factory
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,8 @@ def folder_source(root: str) -> ImageSource:
     except (RuntimeError, AssertionError, OSError, ValueError) as exc:
         raise SurgeryInputError(f"imagefolder root {root!r}: {first_line(exc)}") from None
     labels = [int(t) for t in (reader.targets if is_tar else [t for _, t in reader.samples])]
-    classes = sorted(reader.class_name_to_idx if is_tar else reader.class_to_idx,
-                     key=lambda c: (reader.class_name_to_idx if is_tar else reader.class_to_idx)[c])
+    class_to_idx = reader.class_name_to_idx if is_tar else reader.class_to_idx
+    classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
     if "" in classes or "." in classes:
         raise SurgeryInputError(f"imagefolder root {root!r} holds images outside any class folder; expected "
                                 "root/CLASS/IMAGE")
@@ -167,23 +167,12 @@ def folder_source(root: str) -> ImageSource:
 
 
 def resolve_dataset_class(ref: str) -> Any:
-    """The class or function ``package.module:Name`` names: defined in that module or a submodule of it.
-
-    The trust rules are those of model factories (the case schema has refused private names and the
-    standard library already); nothing is called here.
-    """
-    module_name, _, name = ref.partition(":")
+    """The class or function ``package.module:Name`` names, by the trust rules of model factories
+    (:func:`surgery.model_refs.resolve_factory`); nothing is called here."""
     try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module's own code raised
-        raise SurgeryInputError(f"dataset {ref!r}: cannot import {module_name!r} ({first_line(exc)})") from None
-    target = getattr(module, name, None)
-    if target is None:
-        raise SurgeryInputError(f"dataset {ref!r}: {module_name!r} has no {name!r}")
-    home = getattr(target, "__module__", "") or ""
-    if not callable(target) or not (home == module_name or home.startswith(module_name + ".")):
-        raise SurgeryInputError(f"dataset {ref!r}: expected a Dataset class or function defined in {module_name!r}")
-    return target
+        return resolve_factory(ref, "dataset")
+    except ValueError as exc:
+        raise SurgeryInputError(str(exc)) from None
 
 
 def dataset_source(ref: str, kwargs: dict[str, Any]) -> ImageSource:

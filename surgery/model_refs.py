@@ -61,46 +61,54 @@ def validate_model_ref(ref: str) -> None:
         refuse_untrusted(ref)
 
 
-def refuse_untrusted(ref: str) -> None:
+# What an error calls a reference of each kind: (what it is not, what was expected instead).
+REFERENCE_KINDS = {
+    "model": ("a model factory", "package.module:factory", "a package.module:factory of your own"),
+    "dataset": ("a dataset", "package.module:Name", "a package.module:Name such as torchvision.datasets:CIFAR10"),
+}
+
+
+def refuse_untrusted(ref: str, what: str = "model") -> None:
     """Refuse (ValueError) a ``package.module:factory`` ref to a private name, or to a module of the standard
-    library or ``builtins``: no model factory is there. Imports nothing."""
+    library or ``builtins``: no model factory (or dataset, ``what="dataset"``) is there. Imports nothing."""
+    kind, public, own = REFERENCE_KINDS[what]
     module_name, _, name = ref.partition(":")
     parts = module_name.split(".")
     private = next((part for part in [*parts, name] if part.startswith("_")), None)
     if private is not None:
-        raise ValueError(f"model {ref!r}: {private!r} is a private name; expected a public "
-                         "package.module:factory")
+        raise ValueError(f"{what} {ref!r}: {private!r} is a private name; expected a public {public}")
     if parts[0] in sys.stdlib_module_names or parts[0] in sys.builtin_module_names:
-        raise ValueError(f"model {ref!r}: {parts[0]!r} is a module of the standard library, not a model factory; "
-                         "expected a package.module:factory of your own")
+        raise ValueError(f"{what} {ref!r}: {parts[0]!r} is a module of the standard library, not {kind}; "
+                         f"expected {own}")
 
 
-def resolve_factory(ref: str) -> Any:
+def resolve_factory(ref: str, what: str = "model") -> Any:
     """The class or function a ``package.module:factory`` ref names, refused (ValueError) unless safe to call.
 
     A case file is code (see README, Trust model), yet a ref may not reach what no model factory is:
     a module of the standard library or ``builtins`` and private names are refused before anything is
     imported (:func:`refuse_untrusted`); otherwise the named module is imported (only it and its parents)
     and the factory must be a class or a function defined in that module or one of its submodules, not one
-    it imports from elsewhere. Nothing is called.
+    it imports from elsewhere. Nothing is called. ``what`` names the kind of reference in errors
+    (``model``, ``dataset``): a dataset reference follows the same rules.
     """
-    refuse_untrusted(ref)
+    refuse_untrusted(ref, what)
     module_name, _, name = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module's own code raised on import
-        raise ValueError(f"model {ref!r}: cannot import {module_name!r} ({first_line(exc)})") from None
+        raise ValueError(f"{what} {ref!r}: cannot import {module_name!r} ({first_line(exc)})") from None
     factory = module.__dict__.get(name)
     if factory is None:
-        raise ValueError(f"model {ref!r}: cannot import {name!r} from {module_name!r}: no such name")
+        raise ValueError(f"{what} {ref!r}: cannot import {name!r} from {module_name!r}: no such name")
     if not (inspect.isclass(factory) or inspect.isfunction(factory)):
-        raise ValueError(f"model {ref!r}: {name} is a {type(factory).__name__}, expected a factory "
+        raise ValueError(f"{what} {ref!r}: {name} is a {type(factory).__name__}, expected a factory "
                          f"(a class or function defined in {module_name})")
     # NOTE: a package's public re-export of its own code counts (torch.nn:Identity lives in
     # torch.nn.modules.linear, torchvision.models:resnet18 in torchvision.models.resnet); an import
     # from elsewhere (a module re-exporting os.system) does not.
     defined_in = getattr(factory, "__module__", None) or ""
     if defined_in != module_name and not defined_in.startswith(module_name + "."):
-        raise ValueError(f"model {ref!r}: {name} is defined in {defined_in!r}, not in {module_name!r} or "
+        raise ValueError(f"{what} {ref!r}: {name} is defined in {defined_in!r}, not in {module_name!r} or "
                          f"its submodules; expected a factory defined in the package named")
     return factory

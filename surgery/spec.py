@@ -7,14 +7,13 @@ sections each operation and each check registers (:mod:`surgery.checks.base`).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from surgery.model_refs import validate_model_ref
+from surgery.model_refs import refuse_untrusted, validate_model_ref
 
 DATASETS = ("mnist5k", "digits", "shapes", "imagefolder", "dataset")
 EMBEDDED_DATASETS = ("mnist5k", "digits", "shapes")  # held as tensors; the others stream from a uint8 cache
@@ -114,18 +113,12 @@ UnitThreshold = threshold(0.0, 1.0)
 
 
 def check_reference_syntax(ref: str, what: str) -> str:
-    """A ``package.module:Name`` reference checked as text (no import): syntax, and the trust rules that refuse
-    the standard library and private names before anything is imported. Importing it is the run's job."""
+    """A ``package.module:Name`` reference checked as text (no import): syntax, and the trust rules of model
+    factories (:func:`surgery.model_refs.refuse_untrusted`). Importing it is the run's job."""
     module_name, sep, name = ref.partition(":")
-    parts = module_name.split(".")
-    if not sep or not all(part.isidentifier() for part in parts) or not name.isidentifier():
+    if not sep or not all(part.isidentifier() for part in module_name.split(".")) or not name.isidentifier():
         raise ValueError(f"{what} {ref!r}: expected package.module:Name, e.g. torchvision.datasets:CIFAR10")
-    private = next((part for part in [*parts, name] if part.startswith("_")), None)
-    if private is not None:
-        raise ValueError(f"{what} {ref!r}: {private!r} is a private name; expected a public package.module:Name")
-    if parts[0] in sys.stdlib_module_names or parts[0] in sys.builtin_module_names:
-        raise ValueError(f"{what} {ref!r}: {parts[0]!r} is a module of the standard library, not a dataset; "
-                         "expected a package.module:Name such as torchvision.datasets:CIFAR10")
+    refuse_untrusted(ref, what)
     return ref
 
 
