@@ -113,15 +113,6 @@ class DecodeItems(torch.utils.data.Dataset):
             return None, f"cannot read image {self.source.item_name(index)}: {first_line(exc)}"
 
 
-def stack_decoded(items: list[tuple[np.ndarray | None, str | None]]) -> tuple[torch.Tensor, str | None]:
-    """A DataLoader batch of decoded items: one uint8 tensor (it crosses from a worker in shared memory, not
-    through a pipe) and the first error of the batch, if any."""
-    error = next((e for _, e in items if e is not None), None)
-    if error is not None:
-        return torch.empty(0, dtype=torch.uint8), error
-    return torch.from_numpy(np.stack([p for p, _ in items])), None
-
-
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
