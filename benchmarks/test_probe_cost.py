@@ -23,7 +23,7 @@ import torchvision
 
 from surgery.cka import CKAAccumulator
 from surgery.prepare import map_layers
-from surgery.probe import ProbePass, batches, probe_activations, resolve_layers
+from surgery.activation_probe import ProbePass, batches, probe_activations, resolve_layers
 
 MODELS = {"resnet50": ["layer?.?"],   # its 16 bottleneck outputs
           "resnet18": ["layer?"]}     # its 4 stages
@@ -133,7 +133,7 @@ _MEMORY_SCRIPT = r"""
 import json, resource, sys, threading, time, torch, torchvision
 from surgery.cka import CKAAccumulator
 from surgery.prepare import map_layers
-from surgery.probe import ProbePass, batches, probe_activations, resolve_layers
+from surgery.activation_probe import ProbePass, batches, probe_activations, resolve_layers
 from benchmarks.test_probe_cost import naive_probe, MODELS
 n, how = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)

@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 
 from surgery.case import Case, ModelSpec
-from surgery.probe import LayerStats, ProbeStats, probe_activations
+from surgery.activation_probe import LayerStats, ProbeStats, probe_activations
 from surgery.errors import SurgeryInputError
-from surgery.gate import run_gate
+from surgery.release_gate import run_gate
 from surgery.builder import build_model
 from surgery.ops import list_ops as registered_ops
 from surgery.report.render import write_case_report
@@ -66,7 +66,7 @@ def gate(checkpoint: str | Path, *, case: Case, report_dir: str | Path, champion
     """Judge a release candidate against a case (and a champion) on the case's gate data; writes the verdict.
 
     ``result.passed`` is the verdict; ``result.provenance["gate"]`` holds every figure with its interval
-    (what ``gate.json`` holds). See :mod:`surgery.gate`.
+    (what ``gate.json`` holds). See :mod:`surgery.release_gate`.
     """
     return run_gate(Path(checkpoint), case, report_dir=Path(report_dir), device=device,
                     champion=Path(champion) if champion else None)

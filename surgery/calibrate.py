@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from surgery._io import write_atomic
+from surgery.files import write_atomic
 from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
 from surgery.calibration import (CalibrationRecord, ItemCalibration, record_path, save_record,
                                  yaml_path)

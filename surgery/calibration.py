@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery._io import write_json
+from surgery.files import write_json
 from surgery.bounds import Aggregate, Calibrated, Direction
 from surgery.errors import SurgeryInputError
 

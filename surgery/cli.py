@@ -148,7 +148,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     case = load_cases([args.case])[0]
     # Imported once the case is known to be good: they import torch (seconds).
-    from surgery.gate import run_gate
+    from surgery.release_gate import run_gate
     from surgery.numerics import pin_numerics
 
     pin_numerics(args.threads)

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from surgery._io import strict_json, write_atomic
+from surgery.files import strict_json, write_atomic
 from surgery.errors import SurgeryInputError
 from surgery.results import CaseResult, safe_name
 

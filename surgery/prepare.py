@@ -25,7 +25,7 @@ import torch.nn as nn
 from surgery.case import Case, DatasetSpec, ModelSpec
 from surgery.drift import drift
 from surgery.cka import CKAAccumulator
-from surgery.probe import ProbePass, ProbeStats, batches, resolve_layers
+from surgery.activation_probe import ProbePass, ProbeStats, batches, resolve_layers
 from surgery.data import Split, load_split
 from surgery.image_cache import CachedImages, head
 from surgery.preprocess import Preprocess, resolve_preprocess

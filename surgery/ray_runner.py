@@ -53,7 +53,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from surgery._io import write_atomic
+from surgery.files import write_atomic
 from surgery.case import Case, CaseCalibration, case_calibration, parse_case
 from surgery.errors import SurgeryInputError
 from surgery.numerics import pin_numerics, requested_threads, zoo_threads

@@ -61,14 +61,14 @@ from surgery.compare import DEFAULT_RESAMPLES, PairedComparison, accuracy_interv
 from surgery.drift import drift
 from surgery.errors import SurgeryInputError
 from surgery.export import read_metadata
-from surgery.probe import probe_activations
+from surgery.activation_probe import probe_activations
 from surgery.checks.accuracy import aggregate, recovery
 from surgery.checks.base import (at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row,
                                    worst_drift_row)
 from surgery.data import Split, load_eval_set
 from surgery.finetune import predict, to_device
 from surgery.models import load_state_dict_file, load_weights
-from surgery._io import file_sha256, strict_json, write_atomic
+from surgery.files import file_sha256, strict_json, write_atomic
 from surgery.results import CaseResult, ExpectationResult, provenance
 from surgery.prepare import (FORWARD_ERRORS, Probes, blame, build, dataset_field, dataset_spec, device_for,
                              forward_error, load_data, map_layers, perform_surgery, probe_inputs, probed_layers,

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from surgery._io import strict_json, write_atomic
+from surgery.files import strict_json, write_atomic
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery._io import cache_dir, write_atomic
+from surgery.files import cache_dir, write_atomic
 from surgery.spec import DatasetSpec, FinetuneSpec, OptimizerSpec, ScheduleSpec
 from surgery.data import load_split
 from surgery.finetune import evaluate, finetune, to_device

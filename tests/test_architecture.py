@@ -15,8 +15,7 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_private_names_imported_across_modules(path):
-    """``from x import _y`` is refused, for our modules and third-party ones alike (``surgery._io`` is a private
-    *module* with public names, as timm's ``_builder``: importing its public names is fine)."""
+    """``from x import _y`` is refused, for our modules and third-party ones alike."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     private = [f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                for alias in node.names if alias.name.startswith("_") and alias.name != "__version__"]
@@ -52,7 +51,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_import_cycles_counting_imports_inside_functions():
-    """Arrows point one way (cli/plugin -> run -> ops/checks -> models/data -> _io/errors); entry points aside."""
+    """Arrows point one way (cli/plugin -> run -> ops/checks -> models/data -> files/errors); entry points aside."""
     names = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
              for p in MODULES}
     entry = {"surgery", "surgery.cli", "surgery.plugin"}

@@ -10,7 +10,7 @@ from surgery.case import parse_case
 from surgery.cka import CKAAccumulator, gram, hsic_unbiased, linear_cka
 from surgery.drift import drift
 from surgery.prepare import Probes, build_source, load_data, perform_surgery
-from surgery.probe import probe_activations
+from surgery.activation_probe import probe_activations
 
 
 def _features(n: int, d: int, seed: int) -> torch.Tensor:
@@ -143,7 +143,7 @@ def test_probe_grams_are_each_layers_own_output_even_where_memory_is_reused():
     # block (the very same tensor), never another block's that lay at the same address.
     import torchvision
 
-    from surgery.probe import ProbePass
+    from surgery.activation_probe import ProbePass
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).eval()

@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 
 from surgery.drift import DRIFT_COLUMNS, drift, drift_table, ks_statistic, psi, wasserstein_1d
-from surgery.probe import probe_activations
+from surgery.activation_probe import probe_activations
 from probe_helpers import identity_model, one_thread, resnet, seeded_inputs  # noqa: F401 (one_thread: autouse)
 
 

@@ -27,7 +27,7 @@ from surgery.case import DatasetSpec
 from surgery.cli import main
 from surgery.data import load_split
 from surgery.finetune import predict, recalibrate_bn
-from surgery.gate import GATE_FILE, bn_stats_rows, write_verdict
+from surgery.release_gate import GATE_FILE, bn_stats_rows, write_verdict
 from surgery.results import CaseResult, ExpectationResult
 
 IMAGE_SIZE, LIMIT, SEED = 16, 400, 0

@@ -335,7 +335,7 @@ def test_weights_digest_is_of_the_tensors_not_the_file(tmp_path):
     """Two files of the same tensors (other metadata, so other bytes) share a digest; one changed value does not."""
     from safetensors.torch import save_file
 
-    from surgery._io import file_sha256
+    from surgery.files import file_sha256
     from surgery.builder import weights_digest
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The probe (surgery.probe): streamed statistics against every value stored, the sample, hooks, CUDA."""
+"""The probe (surgery.activation_probe): streamed statistics against every value stored, the sample, hooks, CUDA."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from surgery.errors import SurgeryInputError
-from surgery.probe import LayerStats, ProbePass, ProbeStats, histogram, probe_activations, resolve_layers, shared_edges
+from surgery.activation_probe import LayerStats, ProbePass, ProbeStats, histogram, probe_activations, resolve_layers, shared_edges
 from probe_helpers import identity_model, one_thread, resnet, seeded_inputs, stored_outputs  # noqa: F401 (one_thread: autouse)
 
 

@@ -25,7 +25,7 @@ from surgery.finetune import finetune
 from surgery.image_cache import CachedImages
 from surgery.prepare import load_data
 from surgery.preprocess import IMAGENET_PREPROCESS, ZOO_PREPROCESS, torchvision_preprocess
-from surgery.probe import probe_activations
+from surgery.activation_probe import probe_activations
 from surgery.spec import AugmentSpec, DatasetSpec, FinetuneSpec
 from surgery.augment import augment_batch, augment_generator
 from surgery.synthetic import write_shapes_folder

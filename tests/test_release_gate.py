@@ -22,7 +22,7 @@ from surgery.case import load_case
 from surgery.compare import compare_predictions
 from surgery.data import holdout_indices
 from surgery.export import read_metadata
-from surgery.gate import GATE_FILE, gate_schema_path
+from surgery.release_gate import GATE_FILE, gate_schema_path
 from surgery.prepare import load_data
 
 CASE = """\

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from surgery import zoo
-from surgery._io import write_atomic
+from surgery.files import write_atomic
 from surgery.errors import SurgeryInputError
 from surgery.models import load_state_dict_file
 

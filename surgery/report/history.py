@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from markupsafe import Markup
 
-from surgery._io import write_atomic
+from surgery.files import write_atomic
 from surgery.history import Change, History, Night, Series
 from surgery.report import plots
 from surgery.report.html import fmt, render_page

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from surgery._io import write_atomic
+from surgery.files import write_atomic
 from surgery.report.html import case_html, compare_html, figures, render_page
 from surgery.results import CaseResult, load_results, safe_name, write_results
 
