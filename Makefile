@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench bench-gpu zoo perturb calibrate clean
+.PHONY: install test test-slow demo bench bench-gpu zoo perturb calibrate schema docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ bench-gpu: install
 		--benchmark-compare --benchmark-compare-fail=mean:10%
 	$(BIN)/python -m pytest cases --surgery-device cuda --surgery-report reports/nightly --surgery-report-dated -q \
 		$(if $(RAY),--surgery-ray=$(RAY)); status=$$?; $(BIN)/surgery history reports/nightly; exit $$status
+
+# The case file's JSON Schema for editors (seed cases point at it: `# yaml-language-server: $schema=…`);
+# tests/test_case_schema.py fails when the committed file is stale.
+schema: install
+	$(BIN)/surgery schema -o schema/case.schema.json
 
 clean:
 	rm -rf $(VENV) reports/* .benchmarks

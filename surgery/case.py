@@ -26,7 +26,7 @@ from surgery.spec import (CALIBRATE, DATASETS, DatasetSpec, DataSpec, DistillSpe
                           ModelSpec, NotWorseThanSpec, OptimizerSpec, ParamGroupSpec, ScheduleSpec, Strict, Threshold, ThresholdRange,
                           UnitThreshold, threshold, threshold_range)
 
-__all__ = ["Case", "parse_case", "load_case", "load_cases", "check_factories", "model_fields", "find_cases", "experiment_hash", "case_calibration", "CALIBRATE",
+__all__ = ["Case", "case_schema", "parse_case", "load_case", "load_cases", "check_factories", "model_fields", "find_cases", "experiment_hash", "case_calibration", "CALIBRATE",
            "DATASETS", "DatasetSpec", "DataSpec", "DistillSpec", "FinetuneSpec", "GateSpec", "NotWorseThanSpec", "ModelSpec", "OptimizerSpec",
            "ParamGroupSpec", "ScheduleSpec", "Strict", "Threshold", "ThresholdRange", "UnitThreshold", "threshold",
            "threshold_range", "CaseCalibration", "expectations_model"]
@@ -210,6 +210,54 @@ class Case(Strict):
                     raise PydanticCustomError("unknown_key", "unknown key {shown}; it is set by the loader",
                                               {"key": key, "shown": repr(key)})
         return data
+
+
+SCHEMA_ID = "https://surgery.invalid/case.schema.json"
+LOADER_FIELDS = ("path", "file_hash", "lines")
+
+
+# Shorthands the models' ``mode="before"`` validators accept, which pydantic's schema cannot see:
+# a section written as a string, and a list field written as one item.
+STRING_SHORTHANDS = {"DatasetSpec": "a dataset name, short for {name: …}",
+                     "PreprocessSpec": "a preset (zoo | imagenet), short for {preset: …}"}
+ONE_OR_MANY = {None: ("seed",), "ActivationSwapSpec": ("from",)}  # None: the case itself
+
+
+def _accept_shorthands(schema: dict[str, Any]) -> None:
+    defs = schema.get("$defs", {})
+    for name, description in STRING_SHORTHANDS.items():
+        if name in defs:
+            defs[name] = {"anyOf": [{"type": "string", "description": description}, defs[name]],
+                          "title": defs[name].get("title", name), "description": defs[name].get("description", "")}
+    if "DatasetSpec" in defs:  # {dataset: pkg.mod:Name, …}: keys other than these are the Dataset's keyword arguments
+        defs["DatasetSpec"]["anyOf"].append({
+            "type": "object", "required": ["dataset"], "additionalProperties": True,
+            "description": "a map-style Dataset by reference; its other keys are the Dataset's keyword arguments",
+            "properties": {"dataset": {"type": "string"}, "name": {"const": "dataset"}, "root": {"type": "string"},
+                           "limit": {"type": "integer", "exclusiveMinimum": 0}}})
+    for owner, fields in ONE_OR_MANY.items():
+        model = schema if owner is None else defs.get(owner, {})
+        for field in fields:
+            prop = model.get("properties", {}).get(field)
+            if prop and prop.get("type") == "array":
+                model["properties"][field] = {"anyOf": [prop["items"], prop], "title": prop.get("title", field),
+                                              **({"description": prop["description"]} if "description" in prop
+                                                 else {})}
+
+
+def case_schema() -> dict[str, Any]:
+    """The case file's JSON Schema, from the same pydantic models :func:`parse_case` validates with.
+
+    Built from the operations and checks registered now (a third-party check's section included, once
+    its module is imported or named in the ``surgery.checks`` entry points). Editors use it through a
+    ``# yaml-language-server: $schema=…`` line; ``surgery schema`` prints it.
+    """
+    schema = _models(tuple(CHECKS), tuple(SPECS))[1].model_json_schema()
+    for key in LOADER_FIELDS:  # set by load_case, refused in a file
+        schema["properties"].pop(key, None)
+    _accept_shorthands(schema)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            "title": "surgery case file", **{k: v for k, v in schema.items() if k != "title"}}
 
 
 # --------------------------------------------------------------------------- loading

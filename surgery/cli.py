@@ -264,6 +264,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+
+    for module in args.imports:  # a check registered by importing its module (entry points load by themselves)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise SurgeryInputError(f"schema --import {module}: {exc}") from None
+    from surgery.case import case_schema
+
+    text = json.dumps(case_schema(), indent=2, sort_keys=False) + "\n"
+    if args.output:
+        from surgery.files import write_atomic
+
+        write_atomic(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    else:
+        sys.stdout.write(text)
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgery", description="Verify model surgery with YAML cases.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -350,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_data)
 
+    schema = sub.add_parser("schema", help="print the case file's JSON Schema (for editors: yaml-language-server)")
+    schema.add_argument("-o", "--output", default=None, help="write it to this file instead of stdout")
+    schema.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module that registers a check first (repeatable)")
+    schema.set_defaults(func=cmd_schema)
     inspect = sub.add_parser("inspect", help="module names, parameter shapes and graph nodes of a model")
     inspect.add_argument("model", help="torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
     inspect.add_argument("--num-classes", type=int, default=None)
