@@ -223,7 +223,8 @@ def calibrated_band(calibration: dict[str, Any] | None) -> tuple[float, float] |
     return (mean - half, mean + half) if math.isfinite(half) else None
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
+    """``value`` as a float, or ``None`` where it is not a finite number (missing, a string, NaN, inf)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -316,10 +317,10 @@ def build_series(nights: list[Night], *, window: int = WINDOW, p_max: float = P_
         for case, result in night.results.items():
             for exp in result.expectations:
                 key = (case, exp.name)
-                observed = _finite(exp.observed)
+                observed = finite(exp.observed)
                 band = calibrated_band(exp.calibration)
                 points.setdefault(key, []).append(Point(
-                    night=i, observed=observed, threshold=_finite(exp.threshold), status=exp.status,
+                    night=i, observed=observed, threshold=finite(exp.threshold), status=exp.status,
                     band=band, outside=_outside(observed, band), message=exp.message))
                 directions[key] = directions.get(key) or _direction(exp.name, exp)
     out = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import html
 import io
 import itertools
 import math
@@ -27,7 +26,6 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator, NullLocator
 
 # Colours shared by the plots and the page's CSS legend (render.py passes them to the templates).
 STAGE_COLORS = {"reference": "#4d4d4d", "surgery": "#e66100", "finetune": "#5d3a9b", "gate": "#1a7f37"}
@@ -465,11 +463,11 @@ def calibration_bands(rows: Sequence[dict[str, Any]]) -> str | None:
         if samples.size:
             jitter = np.linspace(-0.25, 0.25, samples.size)
             ax.scatter(samples, jitter, s=6, color="#636363", alpha=0.7, linewidths=0)
-        threshold = _num(row.get("threshold"))
-        if threshold is not None:
+        threshold = _finite([row.get("threshold")])[0]
+        if math.isfinite(threshold):
             ax.axvline(threshold, color="#b2182b", linestyle="--", linewidth=1.0)
-        observed = _num(row.get("observed"))
-        if observed is not None:
+        observed = _finite([row.get("observed")])[0]
+        if math.isfinite(observed):
             ax.scatter([observed], [0], marker="D", s=28, zorder=3,
                        color=STATUS_COLORS.get(row.get("status", ""), "#000000"))
         ax.set_ylim(-0.6, 0.6)
@@ -477,102 +475,3 @@ def calibration_bands(rows: Sequence[dict[str, Any]]) -> str | None:
         ax.grid(False)
         ax.set_title(str(row["name"]), loc="left", fontsize=7, pad=2)
     return _render(fig)
-
-
-def _num(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-HISTORY_COLORS = {"band": "#c6dbef", "threshold": "#b2182b", "line": "#8c959f", "outside": "#bf8700",
-                  "change": "#8250df", "drift": "#fff1b8"}
-_LINK = re.compile(r'<a href="([^"]*)"[^>]*>')
-
-
-def _ylim(values: np.ndarray, thresholds: np.ndarray) -> tuple[float, float, bool]:
-    """Limits that show the figures and bands; a threshold far from them is left off scale (True)."""
-    finite = values[np.isfinite(values)]
-    if not finite.size:
-        return 0.0, 1.0, False
-    lo, hi = float(finite.min()), float(finite.max())
-    span = max(hi - lo, 1e-6 * max(1.0, abs(hi)), 1e-9)
-    near = thresholds[np.isfinite(thresholds) & (thresholds > lo - 1.5 * span) & (thresholds < hi + 1.5 * span)]
-    if near.size:
-        lo, hi = min(lo, float(near.min())), max(hi, float(near.max()))
-        span = max(hi - lo, span)
-    off = bool((np.isfinite(thresholds) & ((thresholds < lo) | (thresholds > hi))).any())
-    return lo - 0.08 * span, hi + 0.08 * span, off
-
-
-@_styled
-def history_panels(panels: Sequence[dict[str, Any]], ticks: Sequence[tuple[int, str]], nights: int,
-                   changes: Sequence[tuple[int, str]] = ()) -> str | None:
-    """One case's expectations over the nights, one panel each, on one x axis (night index).
-
-    ``panels``: dicts with ``title``, ``note`` (right-hand text), ``drift`` (``(first, last)`` night of a
-    flagged window, or None) and ``points``: dicts with ``x`` (night), ``y``, ``status``, ``outside``,
-    ``lo``/``hi`` (band, or None), ``threshold``, ``url`` and ``tip`` (a link and its tooltip per point).
-    ``changes``: ``(night, label)`` where provenance changed (a dotted line before that night).
-    """
-    panels = [p for p in panels if p.get("points")]
-    if not panels:
-        return None
-    width, height = 12.4, 1.25 * len(panels) + 0.75
-    fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=0.55 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.3 / height,
-                        hspace=0.45)
-    # Not sharex: shared axes share their tick locator, and ticks are most of the drawing time; the upper
-    # panels get no x ticks at all, the bottom one the night labels.
-    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    tips: dict[str, str] = {}
-    for n, (ax, panel) in enumerate(zip(axes, panels)):
-        pts = sorted(panel["points"], key=lambda p: p["x"])
-        x = np.array([p["x"] for p in pts], dtype=float)
-        y, lo, hi, thr = (_finite(p.get(k) for p in pts) for k in ("y", "lo", "hi", "threshold"))
-        if panel.get("drift"):
-            first, last = panel["drift"]
-            ax.axvspan(first - 0.5, last + 0.5, color=HISTORY_COLORS["drift"], linewidth=0, zorder=0)
-        has_band = np.isfinite(lo) & np.isfinite(hi)
-        if has_band.any():
-            ax.fill_between(x, np.where(has_band, lo, np.nan), np.where(has_band, hi, np.nan), step="mid",
-                            color=HISTORY_COLORS["band"], linewidth=0, zorder=1)
-        if np.isfinite(thr).any():
-            ax.step(x, thr, where="mid", color=HISTORY_COLORS["threshold"], linestyle="--", linewidth=1.0, zorder=2)
-        if changes:
-            ax.vlines([night - 0.5 for night, _ in changes], 0, 1, transform=ax.get_xaxis_transform(),
-                      colors=HISTORY_COLORS["change"], linestyles=":", linewidth=1.0, zorder=2)
-        ax.plot(x, y, color=HISTORY_COLORS["line"], linewidth=0.9, zorder=3)
-        for status, style in (("passed", dict(marker="o", s=16, color=STATUS_COLORS["passed"])),
-                              ("failed", dict(marker="X", s=46, color=STATUS_COLORS["failed"])),
-                              ("undecided", dict(marker="o", s=30, facecolors="white",
-                                                 edgecolors=STATUS_COLORS["undecided"], linewidths=1.3))):
-            chosen = [p for p in pts if p["status"] == status and _num(p.get("y")) is not None]
-            if chosen:
-                dots = ax.scatter([p["x"] for p in chosen], [p["y"] for p in chosen], zorder=5, **style)
-                dots.set_urls([p.get("url") for p in chosen])
-                tips.update({p["url"]: p.get("tip", "") for p in chosen if p.get("url")})
-        outside = [p for p in pts if p.get("outside") and _num(p.get("y")) is not None]
-        if outside:
-            ax.scatter([p["x"] for p in outside], [p["y"] for p in outside], s=110, facecolors="none",
-                       edgecolors=HISTORY_COLORS["outside"], linewidths=1.6, zorder=4)
-        low, high, off = _ylim(np.concatenate([y, lo[has_band], hi[has_band]]), thr)
-        ax.set_ylim(low, high)
-        ax.set_xlim(-0.6, max(nights - 1, 1) + 0.6)
-        ax.yaxis.set_major_locator(MaxNLocator(3))
-        ax.xaxis.set_major_locator(NullLocator())
-        ax.text(0, 1.03, str(panel["title"]), transform=ax.transAxes, fontsize=8, va="bottom")
-        note = str(panel.get("note") or "") + ("  (threshold off scale)" if off else "")
-        if note:
-            ax.text(1, 1.03, note, transform=ax.transAxes, fontsize=7, va="bottom", ha="right", color="#57606a")
-        if n == 0:
-            for night, label in changes:
-                ax.text(night - 0.4, 0.97, label, transform=ax.get_xaxis_transform(), fontsize=6.5, va="top",
-                        color=HISTORY_COLORS["change"])
-    axes[-1].set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=6.5)
-    svg = to_svg(fig, tight=False)
-    # Each point links to its night's report; its <title> is the tooltip (figure, outcome, night).
-    return _LINK.sub(lambda m: m.group(0) + "<title>" + html.escape(tips.get(html.unescape(m.group(1)), "")) +
-                     "</title>", svg)
