@@ -138,13 +138,15 @@ def _steps(cells: Sequence[tuple[float, float]]) -> list[list[tuple[float, float
     previous = None
     for x, y in cells:
         if previous is None or x - previous[0] > 1:
+            if runs:
+                runs[-1].append((previous[0] + 0.5, previous[1]))
             runs.append([(x - 0.5, y)])
         else:
             mid = (previous[0] + x) / 2
             runs[-1] += [(mid, previous[1]), (mid, y)]
         previous = (x, y)
-    for run in runs:
-        run.append((run[-1][0] + 0.5, run[-1][1]))
+    if previous is not None:
+        runs[-1].append((previous[0] + 0.5, previous[1]))
     return runs
 
 
