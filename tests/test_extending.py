@@ -12,7 +12,7 @@ import surgery
 from surgery.checks import CHECKS, load_plugin_checks, register_check
 from surgery.checks.expect import expectation_names
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "extending.md"  # the docs' page, code run as written
 CASE = """\
 name: params-example
 data: {train: {name: digits, limit: 200}, image_size: 16, split_seed: 0}
@@ -26,7 +26,7 @@ expect:
 
 
 def _example_code() -> str:
-    section = README.read_text(encoding="utf-8").split("## Extending", 1)[1]
+    section = README.read_text(encoding="utf-8").split("# Extending", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

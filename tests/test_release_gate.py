@@ -226,9 +226,10 @@ def test_paired_statistics_agree_with_scipy_and_a_direct_bootstrap():
 
 
 def test_readme_gating_pipeline_runs_as_written(tmp_path, monkeypatch):
-    """The commands of the README's "Gating a release" block, run in a scratch copy of the seed case."""
+    """The commands of the docs' "Gating a release" block (docs/release-gate.md), run in a scratch copy of the
+    seed case."""
     root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "release-gate.md").read_text()
     block = readme.split("<!-- gate-pipeline: run by tests/test_release_gate.py -->", 1)[1].split("```sh", 1)[1]
     commands = " ".join(block.split("```", 1)[0].replace("\\\n", " ").split("\n")).split("surgery ")[1:]
     (tmp_path / "cases" / "shift").mkdir(parents=True)
