@@ -60,6 +60,17 @@ bench-gpu: install
 	$(BIN)/python -m pytest cases --surgery-device cuda --surgery-report reports/nightly --surgery-report-dated -q \
 		$(if $(RAY),--surgery-ray=$(RAY)); status=$$?; $(BIN)/surgery history reports/nightly; exit $$status
 
+# Lint and types, as the pre-commit hooks run them (.pre-commit-config.yaml) and CI (.ci/run).
+lint: install
+	$(BIN)/ruff check surgery tests benchmarks
+	$(BIN)/ruff format --check surgery tests benchmarks
+	$(BIN)/mypy surgery
+
+# The docs site (MkDocs + Material) into site/; the case-file reference is generated from the pydantic models
+# at build time (docs/hooks.py), so it cannot drift from the code.
+docs: install
+	$(BIN)/mkdocs build --strict
+
 # The case file's JSON Schema for editors (seed cases point at it: `# yaml-language-server: $schema=…`);
 # tests/test_case_schema.py fails when the committed file is stale.
 schema: install

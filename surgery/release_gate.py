@@ -67,6 +67,7 @@ from surgery.checks.base import (at_least, at_most, below, check, fmt, resolve_t
                                    worst_drift_row)
 from surgery.data import Split, load_eval_set
 from surgery.finetune import predict, to_device
+from surgery.image_cache import CachedImages
 from surgery.models import load_state_dict_file, load_weights
 from surgery.files import file_sha256, strict_json, write_atomic
 from surgery.results import CaseResult, ExpectationResult, provenance

@@ -188,7 +188,7 @@ def test_history_of_thirty_nights_renders_flags_and_links(history_dir):
     links = re.findall(r'<a href="([^"#]+)#e-([^"]+)"[^>]*><title>([^<]*)</title>', page)
     assert len(links) == 60 and {f for _, f, _ in links} == {"accuracy.after_min", "activations.drift_max"}
     assert text.count("steady: the same figure in every run (not drawn)") == 2
-    for href, fragment, tip in links:
+    for href, fragment, _tip in links:
         assert (history_dir / unquote(href)).is_file() and unquote(href).endswith(f"{CASE}/report.html")
         assert f'<tr id="e-{fragment}"' in (history_dir / unquote(href)).read_text(encoding="utf-8")  # its row
     tips = {html.unescape(t) for _, _, t in links}

@@ -62,7 +62,6 @@ def test_given_edges_count_the_sample_and_clamp_to_end_bins():
     ref = probe_activations(ref_model, x, ["layer1", "layer2"], batch_size=16)
     pat = probe_activations(pat_model, x, ["layer1", "layer2"], batch_size=16, edges=shared_edges(ref))
     same = probe_activations(pat_model, x, ["layer1", "layer2"], batch_size=16, edges=ref)  # LayerStats work too
-    stored = stored_outputs(pat_model, x, ["layer1", "layer2"], batch_size=16)
     for name in ["layer1", "layer2"]:
         p = pat[name]
         assert torch.equal(p.hist_edges, ref[name].hist_edges)

@@ -165,7 +165,7 @@ def test_empty_and_single_class_folders_are_bad_input(tmp_path: Path, isolated_c
         for i in range(count):
             Image.new("RGB", (50, 50), (i * 40, 0, 0)).save(root / name / f"{i}.png")
     rc, err, _ = _bad_run(tmp_path, f"{{name: imagefolder, root: {root}}}")
-    assert rc == 2 and f"own.yaml:4: data.train.root:" in err and fragment in err, err
+    assert rc == 2 and "own.yaml:4: data.train.root:" in err and fragment in err, err
 
 
 def test_a_reference_that_is_not_a_dataset_is_bad_input(tmp_path: Path, isolated_cache: Path):
