@@ -94,8 +94,8 @@ def probe(model: nn.Module, inputs: Any, layers: Sequence[str], *, batch_size: i
 
     Per layer: exact count, mean, std, min, max, near-zero and dead-channel fractions; a
     uniform sample of 16,384 values and a histogram counted on it; memory that does not grow
-    with the inputs, and a cost within about 10% of a bare forward (see the README's
-    Performance table). With ``reference`` (another probe's result for the same layer names)
+    with the inputs, and a cost within about 10% of a bare forward (see docs/performance.md,
+    the probe rows). With ``reference`` (another probe's result for the same layer names)
     the histograms use the reference's bins, so :func:`surgery.drift_table` compares
     the two::
 

@@ -85,7 +85,7 @@ def refuse_untrusted(ref: str, what: str = "model") -> None:
 def resolve_factory(ref: str, what: str = "model") -> Any:
     """The class or function a ``package.module:factory`` ref names, refused (ValueError) unless safe to call.
 
-    A case file is code (see README, Trust model), yet a ref may not reach what no model factory is:
+    A case file is code (see docs/safety.md, Trust model), yet a ref may not reach what no model factory is:
     a module of the standard library or ``builtins`` and private names are refused before anything is
     imported (:func:`refuse_untrusted`); otherwise the named module is imported (only it and its parents)
     and the factory must be a class or a function defined in that module or one of its submodules, not one

@@ -1,7 +1,7 @@
 """The checks of a case's ``expect`` section, one module each; importing the package registers them all.
 
 Registration order is the order of a case's expectations (pytest items, report rows). Checks of
-other packages register through the ``surgery.checks`` entry point group (see README, "Extending").
+other packages register through the ``surgery.checks`` entry point group (see docs/extending.md).
 """
 
 from importlib.metadata import entry_points

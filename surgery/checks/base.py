@@ -13,7 +13,7 @@ model builder::
         ...
 
 :mod:`surgery.case` builds the ``expect`` section from the registry at parse time, and the runner,
-the report and pytest read the results; adding a check edits no other file (README, "Extending").
+the report and pytest read the results; adding a check edits no other file (docs/extending.md).
 """
 
 from __future__ import annotations
