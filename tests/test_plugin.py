@@ -11,14 +11,15 @@ from surgery.numerics import outside_xdist
 
 pytest_plugins = ["pytester"]
 
+# The zoo's stem trainer (a 7x7 conv and a small body) at 16 px: a run is a second or two, not ResNet-18's ten.
 TINY = """\
 name: tiny-{name}
 seed: 0
-data: {{train: {{name: digits, limit: 300}}, image_size: 32}}
-source: {{model: "torchvision:resnet18", num_classes: 10}}
+data: {{train: {{name: digits, limit: 300}}, image_size: 16}}
+source: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
 surgery:
   op: transplant
-  target: {{model: "torchvision:resnet18", num_classes: 10}}
+  target: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
   strategy: exact
 finetune: {{steps: 3, batch_size: 16, eval_every: 3}}
 expect:
