@@ -10,10 +10,11 @@ empty string, a huge list, or a missing field) and runs ``surgery run CASE --rep
 - an exit of 2 comes with exactly one stderr line, which names the case file, and nothing is
   written under ``--report``.
 
-The CI profile is fixed (derandomized, 50 examples, about 20-30 s on two busy cores) so that it
-adds well under a minute to ``make test``; ``SURGERY_FUZZ_EXAMPLES=N`` runs N examples instead
-(randomized when ``SURGERY_FUZZ_RANDOM=1``), for a longer hunt. What such a hunt finds is kept as
-a plain regression test at the end of this file.
+Two forms of the same test, both derandomized: the fast one runs 8 examples in ``make test`` (well
+under a minute on two busy cores), the long one (marked ``slow``, run by ``make test-slow`` nightly)
+300. ``SURGERY_FUZZ_EXAMPLES=N`` runs N examples in both instead (randomized when
+``SURGERY_FUZZ_RANDOM=1``), for a longer hunt. What such a hunt finds is kept as a plain regression
+test at the end of this file.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ CASES = sorted(CASES_DIR.rglob("*.yaml"))
 # --------------------------------------------------------------------------- the hypothesis profile
 
 PROFILE = "surgery-pipeline-fuzz"
+FAST_EXAMPLES, LONG_EXAMPLES = (int(os.environ.get("SURGERY_FUZZ_EXAMPLES", n)) for n in ("8", "300"))
 settings.register_profile(
     PROFILE,
-    max_examples=int(os.environ.get("SURGERY_FUZZ_EXAMPLES", "50")),
+    max_examples=FAST_EXAMPLES,
     derandomize=os.environ.get("SURGERY_FUZZ_RANDOM") != "1",
     deadline=None,
     database=None,
@@ -62,9 +64,9 @@ ZOO_STANDINS = {f"zoo:{r.name}": (r.arch if r.kind == "classifier" else "surgery
 # fine-tune is slow, not wrong), so a mutation may not make them larger than this, nor drop them
 # (their defaults are larger) nor null a ``limit`` (all the data): the fuzz checks how bad input
 # is handled, not how long a machine can train.
-BUDGET = {"steps": 3, "batch_size": 32, "limit": 100, "size": 100, "probe_size": 16, "batches": 2,
-          "hidden": 128, "depth": 2, "num_heads": 8, "num_classes": 64, "in_chans": 8, "warmup_steps": 10,
-          "eval_every": 1000, "unfreeze_at": 1000}
+BUDGET = {"steps": 3, "batch_size": 32, "limit": 100, "size": 100, "count": 100, "image_size": 32,
+          "probe_size": 16, "batches": 2, "hidden": 128, "depth": 2, "num_heads": 8, "num_classes": 64,
+          "in_chans": 8, "warmup_steps": 10, "eval_every": 1000, "unfreeze_at": 1000}
 
 Key = Union[str, int]
 Path_ = tuple[Key, ...]
@@ -94,7 +96,7 @@ def quick(doc: dict[str, Any]) -> dict[str, Any]:
     bn = doc.get("expect", {}).get("bn_recalibration")
     if isinstance(bn, dict):
         bn["batches"] = BUDGET["batches"]
-    return doc
+    return within_budget(doc)  # a 224 px case of 1,000 generated images runs at 32 px on 100
 
 
 def _replace_strings(node: Any, table: dict[str, Any]) -> Any:
@@ -266,14 +268,27 @@ def test_seed_cases_are_there():
     assert len(CASES) >= 4, "the fuzz draws from the seed cases in cases/"
 
 
-@settings(settings.get_profile(PROFILE))
-@given(data=st.data())
-def test_fuzzed_case_exits_0_1_or_2_with_one_line(quick_docs: dict[str, dict[str, Any]], data: st.DataObject):
-    """Any one-leaf mutation of a seed case: exit 0, 1 or 2, and a 2 is one line naming the case, nothing written."""
+def fuzz_drawn(quick_docs: dict[str, dict[str, Any]], data: st.DataObject) -> None:
+    """Draw a seed case and a mutation of it, and run it (:func:`fuzz_one`)."""
     name = data.draw(st.sampled_from(sorted(quick_docs)), label="case")
     doc = quick_docs[name]
     mutation = data.draw(mutations(doc), label="mutation")
     fuzz_one(doc, mutation)
+
+
+@settings(settings.get_profile(PROFILE))
+@given(data=st.data())
+def test_fuzzed_case_exits_0_1_or_2_with_one_line(quick_docs: dict[str, dict[str, Any]], data: st.DataObject):
+    """Any one-leaf mutation of a seed case: exit 0, 1 or 2, and a 2 is one line naming the case, nothing written."""
+    fuzz_drawn(quick_docs, data)
+
+
+@pytest.mark.slow
+@settings(settings.get_profile(PROFILE), max_examples=LONG_EXAMPLES)
+@given(data=st.data())
+def test_fuzzed_case_exits_0_1_or_2_with_one_line_long(quick_docs: dict[str, dict[str, Any]], data: st.DataObject):
+    """The same contract over many more mutations (the nightly's ``make test-slow``)."""
+    fuzz_drawn(quick_docs, data)
 
 
 # --------------------------------------------------------------------------- what the fuzz found
