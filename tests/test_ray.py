@@ -1,9 +1,11 @@
 """``surgery run --ray`` and ``pytest --surgery-ray`` against a real local Ray cluster (never a mock).
 
-One cluster of 2 CPUs serves the module (started by ``surgery.ray_runner.connect`` in a session fixture);
-one test starts its own with ``ray start --head`` and drives it from a subprocess. The case is tiny: a
-ResNet stem trained in the zoo (``zoo:mnist-stem``, about 3 s to train) grafted into a small net on 240 UCI
-digits at 16 px, so most of the time is Ray's: starting workers that import torch.
+One cluster of 2 CPUs serves the module (started by ``surgery.ray_runner.connect`` in a session fixture); a
+subprocess joins it by its address. The long forms are marked ``slow`` (``make test-slow``, nightly): a test that
+starts a second cluster with ``ray start --head`` and drives it from a subprocess, and the killed-worker tests
+on a task five times longer. The case is tiny: a ResNet stem trained in the zoo (``zoo:mnist-stem``, about 3 s
+to train) grafted into a small net on 240 UCI digits at 16 px, so most of the time is Ray's: starting workers
+that import torch.
 """
 
 from __future__ import annotations
@@ -188,10 +190,16 @@ def test_install_weights_writes_the_bytes_once_and_replaces_others(runs, driver_
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_killed_worker_is_retried_and_nothing_is_lost(runs, driver_cache, tmp_path):
+# How long a seed task a test kills runs: long enough to be seen running (its process id is known at its start,
+# polled every 0.2 s), short enough for CI; the long form (minutes on 2 busy cores) is the nightly's.
+KILLED_STEPS = [300, pytest.param(1500, marks=pytest.mark.slow, id="1500-slow")]
+
+
+@pytest.mark.parametrize("steps", KILLED_STEPS)
+def test_a_killed_worker_is_retried_and_nothing_is_lost(runs, driver_cache, tmp_path, steps):
     """SIGKILL the worker process of a running seed task: Ray retries it, the case completes with the figures
     of a local run."""
-    case = load_case(write_case(tmp_path, "long", steps=1500, baseline=False))
+    case = load_case(write_case(tmp_path, "long", steps=steps, baseline=False))
     key = f"{case.path} seed 0"
     killed: list[int] = []
 
@@ -210,8 +218,9 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(runs, driver_cache, tmp_
     assert figures(as_json(result)) == figures(as_json(local))
 
 
-def test_a_worker_killed_past_its_retries_is_that_cases_internal_error(runs, driver_cache, tmp_path):
-    cases = [load_case(write_case(tmp_path, "doomed", steps=1500, baseline=False)),
+@pytest.mark.parametrize("steps", KILLED_STEPS)
+def test_a_worker_killed_past_its_retries_is_that_cases_internal_error(runs, driver_cache, tmp_path, steps):
+    cases = [load_case(write_case(tmp_path, "doomed", steps=steps, baseline=False)),
              load_case(write_case(tmp_path, "fine", steps=5, baseline=False))]
     key = f"{cases[0].path} seed 0"
 
@@ -317,6 +326,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _run_joining(address: str, runs, report: Path) -> None:
+    """``surgery run --ray ADDRESS`` in a process of its own on the tiny case: exit 0 and the local run's figures."""
+    proc = subprocess.run([*SURGERY, "run", str(runs["local"].case), "--report", str(report), "--quiet",
+                           *ONE_SEED, "--ray", address], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert figures(json.loads((report / "tiny" / "results.json").read_text())) == figures(runs["local"].results)
+
+
+def test_surgery_run_joins_a_running_cluster_by_its_address(runs, driver_cache, ray_cluster, tmp_path):
+    """Another process joins the session's cluster by its address (``surgery run --ray HOST:PORT``), as it would
+    join one started with ``ray start`` (that form, which starts a second cluster, is the slow test below)."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    assert address and ":" in address
+    _run_joining(address, runs, tmp_path / "reports")
+
+
+@pytest.mark.slow
 def test_surgery_run_joins_a_cluster_started_with_ray_start(runs, driver_cache, tmp_path):
     """``ray start --head`` on 127.0.0.1 (its own temp dir and process group, so stopping it stops nothing
     else: ``ray stop`` would stop every Ray process on the machine), then ``surgery run --ray 127.0.0.1:P``."""
@@ -333,12 +361,7 @@ def test_surgery_run_joins_a_cluster_started_with_ray_start(runs, driver_cache, 
                 break
         else:
             pytest.fail("ray start --head did not start")
-        report = tmp_path / "reports"
-        proc = subprocess.run([*SURGERY, "run", str(runs["local"].case), "--report", str(report), "--quiet",
-                               *ONE_SEED, "--ray", f"127.0.0.1:{port}"], capture_output=True, text=True,
-                              cwd=ROOT, timeout=240)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert figures(json.loads((report / "tiny" / "results.json").read_text())) == figures(runs["local"].results)
+        _run_joining(f"127.0.0.1:{port}", runs, tmp_path / "reports")
     finally:  # the cluster's processes share the group of `ray start` (its session): stop them all, and only them
         try:
             os.killpg(head.pid, signal.SIGTERM)
