@@ -141,25 +141,38 @@ def test_experiment_hash_ignores_thresholds_but_not_the_experiment():
 # ----------------------------------------------------------------------------- end to end
 
 
+# (seeds, perturbed seeds) of the calibration the end-to-end tests share: 2 × native + 1 thread (1 seed) in CI,
+# the long form 3 × native + 1 thread (2 seeds) nightly (``slow``): each profile is a subprocess that imports torch.
+CALIBRATIONS = [(2, 1), pytest.param((3, 2), marks=pytest.mark.slow, id="3x2-slow")]
+
+
+@pytest.fixture(scope="module", params=CALIBRATIONS, ids=lambda p: f"{p[0]}x{p[1]}")
+def calibration(request) -> tuple[int, int]:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory) -> Path:
-    """A tiny case with a placeholder, calibrated with 3 seeds × native + 1 thread (2 seeds), written back."""
+def calibrated(calibration, tmp_path_factory) -> Path:
+    """A tiny case with a placeholder, calibrated with native + 1 thread profiles (``calibration``), written back."""
+    seeds, perturbed = calibration
     case = tmp_path_factory.mktemp("calibrated") / "tiny.yaml"
     case.write_text(CASE.format(steps=4, after_min="calibrate"))
-    rc, out, err = run_cli("calibrate", str(case), "--seeds", "3", "--perturbed-seeds", "2",
+    rc, out, err = run_cli("calibrate", str(case), "--seeds", str(seeds), "--perturbed-seeds", str(perturbed),
                         "--profiles", "native,threads1", "--alpha", "0.01", "--write")
     assert rc == 0, out + err
     return case
 
 
-def test_calibrate_writes_a_record_and_the_thresholds_keeping_comments(calibrated):
+def test_calibrate_writes_a_record_and_the_thresholds_keeping_comments(calibrated, calibration):
+    seeds, perturbed = calibration
     record = load_record(record_path(calibrated))
     case = load_case(calibrated)
     assert record.experiment_hash == experiment_hash(case)
-    assert record.seeds == [0, 1, 2] and set(record.profiles) == {"native", "threads1"}
+    assert record.seeds == list(range(seeds)) and set(record.profiles) == {"native", "threads1"}
     after = record.items["accuracy.after_min"]
-    assert set(after.samples) == {"native", "threads1"} and set(after.samples["threads1"]) == {"0", "1"}
-    assert after.runs == 5 and after.seeds == 3
+    assert set(after.samples) == {"native", "threads1"}
+    assert set(after.samples["threads1"]) == {str(s) for s in range(perturbed)}
+    assert after.runs == seeds + perturbed and after.seeds == seeds
     assert record.profiles["threads1"]["threads"] == 1 and record.profiles["native"]["threads"] == 2
     # The placeholder became the bounds for 1 seed and for the case's 2 seeds; the comment survived.
     text = calibrated.read_text()
@@ -172,12 +185,12 @@ def test_calibrate_writes_a_record_and_the_thresholds_keeping_comments(calibrate
     assert record.thresholds["coverage.tensors_min"]["decision"] == {"1": "holds", "2": "holds"}
 
 
-def test_a_run_shows_the_calibrated_distribution_in_its_messages(calibrated, tmp_path):
+def test_a_run_shows_the_calibrated_distribution_in_its_messages(calibrated, calibration, tmp_path):
     rc, out, err = run_cli("run", str(calibrated), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
     assert rc == 0, out + err
     results = json.loads(next((tmp_path / "r").glob("*/results.json")).read_text())
     after = next(e for e in results["expectations"] if e["name"] == "accuracy.after_min")
-    assert "calibrated" in after["message"] and "3 seeds × 2 numeric profiles" in after["message"]
+    assert "calibrated" in after["message"] and f"{calibration[0]} seeds × 2 numeric profiles" in after["message"]
     assert after["calibration"]["k"] == 1 and after["status"] == "passed"
     assert results["calibration"].startswith("calibrated at alpha = 0.01")
     prov = results["provenance"]
