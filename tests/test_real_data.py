@@ -296,6 +296,9 @@ def test_the_folder_case_records_what_it_read(folder: Path, tmp_path: Path):
     seed = results["per_seed"][0]
     assert seed["data"]["train"] + seed["data"]["test"] == 40 and seed["data"]["classes"] == 5
     assert json.loads(json.dumps(results))  # strict JSON
+    # The page states the preprocessing in words (a figure per key), never a Python dict's repr.
+    page = next(run.report.glob("*/report.html")).read_text()
+    assert "mean 0.5 · std 0.5" in page and "crop 48" in page and "{&#39;" not in page and "{'" not in page
 
 
 def test_the_tiny_224px_folder_case_runs(tmp_path: Path):

@@ -321,9 +321,19 @@ def _curve_runs(result: CaseResult, *, label_prefix: str = "", style: str = "-")
     return runs
 
 
+def _provenance_text(value: Any) -> Any:
+    """A provenance value as the page shows it: lists comma-joined, a dict (the preprocessing) as
+    ``key value`` pairs separated by `` · ``, so no Python repr reaches the reader."""
+    if isinstance(value, list):
+        return ", ".join(fmt(v) if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, dict):
+        return " · ".join(f"{k} {_provenance_text(v)}" for k, v in value.items() if v is not None)
+    return value
+
+
 def _provenance_items(prov: dict[str, Any]) -> list[tuple[str, Any]]:
     keys = [k for k in PROVENANCE_ORDER if k in prov] + sorted(k for k in prov if k not in PROVENANCE_ORDER)
-    return [(k, ", ".join(map(str, prov[k])) if isinstance(prov[k], list) else prov[k]) for k in keys]
+    return [(k, _provenance_text(prov[k])) for k in keys]
 
 
 def _gate_view(prov: dict[str, Any]) -> dict[str, Any] | None:
