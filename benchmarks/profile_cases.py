@@ -55,6 +55,7 @@ class PhaseClock:
                 self.calls[label] += 1
                 if self._inner:
                     self._inner[-1] += total
+
         return timed
 
     def reset(self) -> None:
@@ -72,8 +73,11 @@ def main(argv: list[str]) -> int:
         surgery.run(surgery.load_case(path), seeds=1, progress=False)
         total = time.perf_counter() - start
         parts = sorted(clock.seconds.items(), key=lambda kv: -kv[1])
-        print(f"{path}: {total:.1f} s; " + ", ".join(f"{label} {s:.1f} s ({clock.calls[label]})"
-                                                   for label, s in parts if s >= 0.05), flush=True)
+        print(
+            f"{path}: {total:.1f} s; "
+            + ", ".join(f"{label} {s:.1f} s ({clock.calls[label]})" for label, s in parts if s >= 0.05),
+            flush=True,
+        )
     return 0
 
 

@@ -31,17 +31,23 @@ def main(arch: str = "resnet50", layout: str = "contiguous") -> None:
 
     bare_forward(model, x, cpu), probe()  # warm-up
     bare, probed = alternate(lambda: bare_forward(model, x, cpu), probe, rounds=5)
-    print(f"{arch} ({layout}), {len(layers)} layers, {SAMPLES} samples, {x.shape[-1]} px, "
-          f"{torch.get_num_threads()} threads: "
-          f"bare forward {bare:.4f} s, probe {probed:.4f} s, ratio {probed / bare:.3f}")
+    print(
+        f"{arch} ({layout}), {len(layers)} layers, {SAMPLES} samples, {x.shape[-1]} px, "
+        f"{torch.get_num_threads()} threads: "
+        f"bare forward {bare:.4f} s, probe {probed:.4f} s, ratio {probed / bare:.3f}"
+    )
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(ROUNDS):
         probe()
     profiler.disable()
-    rows = sorted(((tottime / ROUNDS, calls // ROUNDS, f"{file.rsplit('/', 1)[-1]}:{line}({name})")
-                   for (file, line, name), (_, calls, tottime, _, _) in pstats.Stats(profiler).stats.items()),
-                  reverse=True)
+    rows = sorted(
+        (
+            (tottime / ROUNDS, calls // ROUNDS, f"{file.rsplit('/', 1)[-1]}:{line}({name})")
+            for (file, line, name), (_, calls, tottime, _, _) in pstats.Stats(profiler).stats.items()
+        ),
+        reverse=True,
+    )
     print(f"self time per probe (cProfile adds its own overhead): {sum(r[0] for r in rows):.4f} s")
     for seconds, calls, where in rows[:20]:
         print(f"{seconds * 1000:8.1f} ms {calls:6d} calls  {where}")

@@ -2,10 +2,11 @@
 
 Both are fresh interpreters, timed in alternating rounds (each keeps its fastest), so a busy machine slows both
 alike. Each also keeps its CPU time (user + system, from the children's rusage): on a machine shared with
-other work the wall clock varies from round to round, the CPU time much less. The run is given two case files, the typo in the last one, so the time is what a user waits to learn of
-it after the first file parsed. Both run as a user's Python does, writing and reading its bytecode cache
-(``PYTHONDONTWRITEBYTECODE`` is dropped; the untimed warm-up round writes the cache). Goals (issue 30): at most
-1.0 s, and at most 3x the import.
+other work the wall clock varies from round to round, the CPU time much less. The run is given two case
+files, the typo in the last one, so the time is what a user waits to learn of it after the first file
+parsed. Both run as a user's Python does, writing and reading its bytecode cache (``PYTHONDONTWRITEBYTECODE``
+is dropped; the untimed warm-up round writes the cache). Goals (issue 30): at most 1.0 s, and at most 3x the
+import.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def test_bad_case_file_against_importing_yaml_and_pydantic(benchmark, record_rat
     assert "strategy: select" in text
     bad = tmp_path / "typo.yaml"
     bad.write_text(text.replace("strategy: select", "strategy: selct"), encoding="utf-8")
-    line = text[:text.index("strategy: select")].count("\n") + 1
+    line = text[: text.index("strategy: select")].count("\n") + 1
     run = [*_surgery_command(), "run", str(GOOD), str(bad), "--report", str(tmp_path / "reports")]
     imports: list[float] = []
     import_cpu: list[float] = []

@@ -25,8 +25,10 @@ from surgery.cka import CKAAccumulator
 from surgery.prepare import map_layers
 from surgery.activation_probe import ProbePass, batches, probe_activations, resolve_layers
 
-MODELS = {"resnet50": ["layer?.?"],   # its 16 bottleneck outputs
-          "resnet18": ["layer?"]}     # its 4 stages
+MODELS = {
+    "resnet50": ["layer?.?"],  # its 16 bottleneck outputs
+    "resnet18": ["layer?"],
+}  # its 4 stages
 SAMPLES, IMAGE_SIZE, BATCH = 512, 32, 256
 
 
@@ -43,7 +45,7 @@ def seeded_model_and_inputs(arch: str, n: int, device, layout: str = "contiguous
 @torch.inference_mode()
 def bare_forward(model, x, device, batch_size=BATCH) -> None:
     for i in range(0, len(x), batch_size):
-        model(x[i:i + batch_size].to(device))
+        model(x[i : i + batch_size].to(device))
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -51,8 +53,10 @@ def bare_forward(model, x, device, batch_size=BATCH) -> None:
 def naive_probe(model, x, layers, device, batch_size=BATCH) -> dict:
     """Hooks that keep every activation, statistics afterwards: what people write first."""
     stored: dict[str, list] = {name: [] for name in layers}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: stored[n].append(o.detach().cpu()))
-             for n in layers]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: stored[n].append(o.detach().cpu()))
+        for n in layers
+    ]
     try:
         bare_forward(model, x, device, batch_size)
     finally:
@@ -61,8 +65,13 @@ def naive_probe(model, x, layers, device, batch_size=BATCH) -> dict:
     out = {}
     for name, chunks in stored.items():
         v = torch.cat([c.flatten() for c in chunks])
-        out[name] = (v.mean().item(), v.std().item(), v.min().item(), v.max().item(),
-                     torch.quantile(v[torch.randperm(len(v))[:100_000]], 0.5).item())
+        out[name] = (
+            v.mean().item(),
+            v.std().item(),
+            v.min().item(),
+            v.max().item(),
+            torch.quantile(v[torch.randperm(len(v))[:100_000]], 0.5).item(),
+        )
     return out
 
 
@@ -103,8 +112,10 @@ def probe_side_by_side(reference, patient, x, *, with_cka: bool) -> None:
     statistics of the 4 stages; with ``with_cka``, also the stage pairs' CKA and the 16 x 8 block map."""
     ref_grams = ["layer1", "layer2", "layer3", "layer4", *map_layers(reference)] if with_cka else []
     pat_grams = ["layer1", "layer2", "layer3", "layer4", *map_layers(patient)] if with_cka else []
-    with ProbePass(reference, ["layer?"], total_samples=len(x), gram_layers=ref_grams) as ref, \
-            ProbePass(patient, ["layer?"], total_samples=len(x), gram_layers=pat_grams) as pat:
+    with (
+        ProbePass(reference, ["layer?"], total_samples=len(x), gram_layers=ref_grams) as ref,
+        ProbePass(patient, ["layer?"], total_samples=len(x), gram_layers=pat_grams) as pat,
+    ):
         cka = CKAAccumulator(ref.gram_names, pat.gram_names) if with_cka else None
         for batch in batches(x, BATCH):
             ref.feed(batch)
@@ -123,8 +134,11 @@ def test_cka_cost_on_top_of_a_probe(benchmark, record_ratio):
     patient = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE)
     probe_side_by_side(reference, patient, x, with_cka=True)  # warm-up
-    plain, with_cka = alternate(lambda: probe_side_by_side(reference, patient, x, with_cka=False),
-                                lambda: probe_side_by_side(reference, patient, x, with_cka=True), rounds=5)
+    plain, with_cka = alternate(
+        lambda: probe_side_by_side(reference, patient, x, with_cka=False),
+        lambda: probe_side_by_side(reference, patient, x, with_cka=True),
+        rounds=5,
+    )
     benchmark.pedantic(probe_side_by_side, args=(reference, patient, x), kwargs={"with_cka": True}, rounds=1)
     record_ratio("probe_with_cka_over_probe", with_cka / plain, "<= 1.15")
 
@@ -170,8 +184,14 @@ def _extra_memory_mb(n: int, how: str) -> float:
     # NOTE: a fixed mmap threshold turns off glibc's adaptive one, so large blocks go back to the
     # system when freed and the resident size follows live memory (without it, 18-150 MB run to run).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(n), how], capture_output=True, text=True,
-                         check=True, cwd=root, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(n), how],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env=env,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"]
 
 

@@ -46,8 +46,23 @@ def test_seed_suite_on_ray_against_local(benchmark, record_ratio, tmp_path):
         times: list[float] = []
 
         def on_ray() -> None:
-            times.append(_timed(["run", *cases, "--seeds", "1", "--threads", "1", "--quiet",
-                                 "--report", str(tmp_path / "r"), "--ray", address]))
+            times.append(
+                _timed(
+                    [
+                        "run",
+                        *cases,
+                        "--seeds",
+                        "1",
+                        "--threads",
+                        "1",
+                        "--quiet",
+                        "--report",
+                        str(tmp_path / "r"),
+                        "--ray",
+                        address,
+                    ]
+                )
+            )
 
         benchmark.pedantic(on_ray, rounds=1)
     finally:

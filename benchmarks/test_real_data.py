@@ -55,8 +55,12 @@ def _run_case_peak_rss(case: Path, cache: Path, report: Path) -> tuple[float, fl
     env = {**os.environ, "SURGERY_CACHE": str(cache)}
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "surgery.cli", "run", str(case), "--report", str(report),
-                                 "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "surgery.cli", "run", str(case), "--report", str(report), "--quiet"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
@@ -95,8 +99,9 @@ def test_peak_memory_does_not_grow_with_the_folder(benchmark, record_ratio, tmp_
 def _torchvision_first_read(root: Path, count: int) -> float:
     """Seconds to list the folder and decode, resize and crop every image: ImageFolder + DataLoader, uint8."""
     start = time.perf_counter()
-    folder = torchvision.datasets.ImageFolder(str(root), transform=Compose([Resize(SIZE), CenterCrop(SIZE),
-                                                                             PILToTensor()]))
+    folder = torchvision.datasets.ImageFolder(
+        str(root), transform=Compose([Resize(SIZE), CenterCrop(SIZE), PILToTensor()])
+    )
     loader = torch.utils.data.DataLoader(folder, batch_size=64, num_workers=WORKERS)
     seen = sum(len(x) for x, _ in loader)
     assert seen == count
@@ -109,8 +114,9 @@ def _surgery_reads(root: Path, count: int) -> tuple[float, float]:
         os.environ["SURGERY_CACHE"] = cache
         try:
             start = time.perf_counter()
-            split = load_split(DatasetSpec(name="imagefolder", root=str(root)), image_size=SIZE, channels=3,
-                               seed=0, workers=WORKERS)
+            split = load_split(
+                DatasetSpec(name="imagefolder", root=str(root)), image_size=SIZE, channels=3, seed=0, workers=WORKERS
+            )
             first = time.perf_counter() - start
             images: CachedImages = split.train_x
             everything = CachedImages(images.entry, torch.arange(images.entry.count).numpy(), images.preprocess)
@@ -150,10 +156,10 @@ def _bare_training(root: Path, steps: int) -> float:
     torch.manual_seed(0)
     model = to_device(torchvision.models.resnet18(num_classes=5), torch.device("cpu")).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    folder = torchvision.datasets.ImageFolder(str(root), transform=Compose([
-        Resize(SIZE), CenterCrop(SIZE), ToTensor(), Normalize([0.5] * 3, [0.5] * 3)]))
-    loader = torch.utils.data.DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=WORKERS,
-                                         drop_last=True)
+    folder = torchvision.datasets.ImageFolder(
+        str(root), transform=Compose([Resize(SIZE), CenterCrop(SIZE), ToTensor(), Normalize([0.5] * 3, [0.5] * 3)])
+    )
+    loader = torch.utils.data.DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=WORKERS, drop_last=True)
     start, done = time.perf_counter(), 0
     for x, y in loader:
         loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
@@ -167,14 +173,21 @@ def _bare_training(root: Path, steps: int) -> float:
 
 
 def _harness_training(root: Path, steps: int) -> float:
-    split = load_split(DatasetSpec(name="imagefolder", root=str(root)), image_size=SIZE, channels=3, seed=0,
-                       test_fraction=0.01, workers=WORKERS)
+    split = load_split(
+        DatasetSpec(name="imagefolder", root=str(root)),
+        image_size=SIZE,
+        channels=3,
+        seed=0,
+        test_fraction=0.01,
+        workers=WORKERS,
+    )
     torch.manual_seed(0)
     model = to_device(torchvision.models.resnet18(num_classes=5), torch.device("cpu"))
     spec = FinetuneSpec(steps=steps, batch_size=BATCH, eval_every=10 * steps, optimizer=OptimizerSpec(lr=1e-3))
     tiny_eval = split.test_x.subset(torch.arange(2)), split.test_y[:2]
-    run = finetune(model, split.train_x, split.train_y, *tiny_eval, spec, seed=0, device=torch.device("cpu"),
-                   progress=False)
+    run = finetune(
+        model, split.train_x, split.train_y, *tiny_eval, spec, seed=0, device=torch.device("cpu"), progress=False
+    )
     return run.samples_per_second
 
 

@@ -17,13 +17,25 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_case": "surgery.case", "parse_case": "surgery.case", "Case": "surgery.case",
-    "run": "surgery.api", "write_report": "surgery.api", "gate": "surgery.api", "create_model": "surgery.api",
-    "probe": "surgery.api", "list_ops": "surgery.api", "list_models": "surgery.api",
-    "ProbeStats": "surgery.activation_probe", "LayerStats": "surgery.activation_probe", "drift_table": "surgery.drift",
-    "transplant": "surgery.ops.transplant", "activation_swap": "surgery.ops.activation",
-    "graft": "surgery.ops.graft", "bridge": "surgery.ops.bridge",
-    "CaseResult": "surgery.results", "ExpectationResult": "surgery.results",
+    "load_case": "surgery.case",
+    "parse_case": "surgery.case",
+    "Case": "surgery.case",
+    "run": "surgery.api",
+    "write_report": "surgery.api",
+    "gate": "surgery.api",
+    "create_model": "surgery.api",
+    "probe": "surgery.api",
+    "list_ops": "surgery.api",
+    "list_models": "surgery.api",
+    "ProbeStats": "surgery.activation_probe",
+    "LayerStats": "surgery.activation_probe",
+    "drift_table": "surgery.drift",
+    "transplant": "surgery.ops.transplant",
+    "activation_swap": "surgery.ops.activation",
+    "graft": "surgery.ops.graft",
+    "bridge": "surgery.ops.bridge",
+    "CaseResult": "surgery.results",
+    "ExpectationResult": "surgery.results",
     "SurgeryInputError": "surgery.errors",
 }
 

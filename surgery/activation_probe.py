@@ -53,8 +53,17 @@ from torch import Tensor, nn
 from surgery.cka import gram
 from surgery.errors import SurgeryInputError
 
-__all__ = ["NEAR_ZERO_EPS", "SAMPLE_SIZE", "GRAM_BATCH", "LayerStats", "ProbeStats", "ProbePass", "resolve_layers",
-           "probe_activations", "shared_edges"]
+__all__ = [
+    "NEAR_ZERO_EPS",
+    "SAMPLE_SIZE",
+    "GRAM_BATCH",
+    "LayerStats",
+    "ProbeStats",
+    "ProbePass",
+    "resolve_layers",
+    "probe_activations",
+    "shared_edges",
+]
 
 # NOTE: an absolute threshold, chosen, not derived. It counts the exact zeros of ReLU-like
 # activations (and float32 round-off around them) without needing the layer's scale, which a
@@ -71,6 +80,7 @@ CANCELLATION_LIMIT = 16.0
 
 
 # ----------------------------------------------------------------------------- layer names
+
 
 def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Module names of ``model`` selected by exact names or ``fnmatch`` globs, in model order.
@@ -92,8 +102,8 @@ def resolve_layers(model: nn.Module, patterns: Sequence[str]) -> list[str]:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             raise SurgeryInputError(
-                f"layer {pattern!r} matches no module of {type(model).__name__}; "
-                f"{_suggest(pattern, names)}")
+                f"layer {pattern!r} matches no module of {type(model).__name__}; {_suggest(pattern, names)}"
+            )
         selected.update(hits)
     return [n for n in names if n in selected]
 
@@ -107,6 +117,7 @@ def _suggest(pattern: str, names: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- results
+
 
 @dataclass
 class LayerStats:
@@ -144,11 +155,20 @@ class LayerStats:
     def to_dict(self, *, sample: bool = True) -> dict[str, Any]:
         """Plain JSON-able numbers and lists (NaN stays a float NaN when ``count`` is 0)."""
         d: dict[str, Any] = {
-            "name": self.name, "count": int(self.count), "mean": float(self.mean), "std": float(self.std),
-            "min": float(self.min), "max": float(self.max), "near_zero_frac": float(self.near_zero_frac),
-            "near_zero_eps": float(self.near_zero_eps), "dead_channel_frac": float(self.dead_channel_frac),
-            "channels": int(self.channels), "dead_channels": [int(c) for c in self.dead_channels],
-            "calls": int(self.calls), "nonfinite": int(self.nonfinite), "shape": [int(s) for s in self.shape],
+            "name": self.name,
+            "count": int(self.count),
+            "mean": float(self.mean),
+            "std": float(self.std),
+            "min": float(self.min),
+            "max": float(self.max),
+            "near_zero_frac": float(self.near_zero_frac),
+            "near_zero_eps": float(self.near_zero_eps),
+            "dead_channel_frac": float(self.dead_channel_frac),
+            "channels": int(self.channels),
+            "dead_channels": [int(c) for c in self.dead_channels],
+            "calls": int(self.calls),
+            "nonfinite": int(self.nonfinite),
+            "shape": [int(s) for s in self.shape],
             "hist_counts": [int(c) for c in self.hist_counts.tolist()],
             "hist_edges": [float(e) for e in self.hist_edges.tolist()],
         }
@@ -185,6 +205,7 @@ def shared_edges(reference: Mapping[str, LayerStats]) -> dict[str, Tensor]:
 
 # ----------------------------------------------------------------------------- streaming
 
+
 class _SamplePlan:
     """Where a uniform sample of one call ordinal's values lies, drawn before the values arrive."""
 
@@ -194,7 +215,7 @@ class _SamplePlan:
         else:
             positions = np.sort(rng.choice(total, size=size, replace=False, shuffle=False)).astype(np.int64)
         self.total = total
-        self.host = positions                              # bounds per batch are found on the host ...
+        self.host = positions  # bounds per batch are found on the host ...
         self.device_positions = torch.from_numpy(positions).to(device)  # ... and gathered on the device
         self.offset = 0
         self.values: list[Tensor] = []
@@ -233,13 +254,22 @@ class _Scratch:
 class _LayerAccumulator:
     """Everything the probe keeps for one layer: O(sample + channels), whatever the probe size."""
 
-    def __init__(self, name: str, *, total_samples: int, sample_size: int, seed: int, near_zero_eps: float,
-                 device: torch.device, scratch: "_Scratch"):
+    def __init__(
+        self,
+        name: str,
+        *,
+        total_samples: int,
+        sample_size: int,
+        seed: int,
+        near_zero_eps: float,
+        device: torch.device,
+        scratch: "_Scratch",
+    ):
         self.name = name
         self.scratch = scratch
         self.total_samples = total_samples
         self.sample_size = sample_size
-        self.rng = np.random.default_rng((seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63)
+        self.rng = np.random.default_rng((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
         self.eps = near_zero_eps
         self.device = device
         self.sync_free = device.type != "cpu"  # on a CPU, reading a scalar costs nothing: take the fast path
@@ -253,11 +283,12 @@ class _LayerAccumulator:
         self.nonfinite: Any = 0
         if self.sync_free:  # made on the device now, so that merging never copies a Python number over
             self.n, self.mean, self.m2, self.lo, self.hi = (
-                torch.tensor(v, dtype=torch.float64, device=device) for v in (0.0, 0.0, 0.0, math.inf, -math.inf))
+                torch.tensor(v, dtype=torch.float64, device=device) for v in (0.0, 0.0, 0.0, math.inf, -math.inf)
+            )
             self.near_zero, self.nonfinite = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(2))
-        self.alive: list[Tensor] = []        # per call ordinal: bool[channels], True once a value > 0 was seen
-        self.plans: list[_SamplePlan] = []   # per call ordinal
-        self.per_sample: list[int] = []      # per call ordinal: values per input sample
+        self.alive: list[Tensor] = []  # per call ordinal: bool[channels], True once a value > 0 was seen
+        self.plans: list[_SamplePlan] = []  # per call ordinal
+        self.per_sample: list[int] = []  # per call ordinal: values per input sample
         self.call = 0
         self.batch = 0
         self.max_calls = 0
@@ -289,14 +320,17 @@ class _LayerAccumulator:
             if numel % self.batch:
                 raise SurgeryInputError(
                     f"layer {self.name!r}: its output ({numel} values for a batch of {self.batch}) does not scale "
-                    "with the batch; probe a module whose output has the batch as its first dimension")
+                    "with the batch; probe a module whose output has the batch as its first dimension"
+                )
             self.per_sample.append(numel // self.batch)
-            self.plans.append(_SamplePlan(self.per_sample[-1] * self.total_samples, self.sample_size, self.rng,
-                                          self.device))
+            self.plans.append(
+                _SamplePlan(self.per_sample[-1] * self.total_samples, self.sample_size, self.rng, self.device)
+            )
         elif numel != self.per_sample[ordinal] * self.batch:
             raise SurgeryInputError(
                 f"layer {self.name!r}: call {ordinal} gave {numel} values for a batch of {self.batch}, earlier "
-                f"{self.per_sample[ordinal]} per sample; the probe needs outputs of one size per sample")
+                f"{self.per_sample[ordinal]} per sample; the probe needs outputs of one size per sample"
+            )
         return self.plans[ordinal]
 
     def _update_channels(self, x: Tensor, ordinal: int, pixels: Tensor | None) -> Tensor | None:
@@ -307,16 +341,21 @@ class _LayerAccumulator:
                 channel_max = pixels.amax(0)
             else:  # over the batch first (an elementwise max of contiguous slabs), then the small rest
                 channel_max = x.amax(0).flatten(1).amax(1) if x.dim() > 2 else x.amax(0)
-            fired = channel_max > 0 if channel_max is not None else torch.zeros(x.shape[1], dtype=torch.bool,
-                                                                                device=x.device)
+            fired = (
+                channel_max > 0
+                if channel_max is not None
+                else torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+            )
         else:
             channel_max = None
             fired = (x > 0).any().reshape(1)  # NaN compares False: a NaN never makes a channel alive
         if ordinal == len(self.alive):
             self.alive.append(fired)
         elif self.alive[ordinal].numel() != fired.numel():
-            raise SurgeryInputError(f"layer {self.name!r}: call {ordinal} gave {fired.numel()} channels, "
-                                    f"earlier {self.alive[ordinal].numel()}")
+            raise SurgeryInputError(
+                f"layer {self.name!r}: call {ordinal} gave {fired.numel()} channels, "
+                f"earlier {self.alive[ordinal].numel()}"
+            )
         else:
             self.alive[ordinal] |= fired
         return channel_max
@@ -410,8 +449,10 @@ class _LayerAccumulator:
 
     def finish(self, bins: int, edges: Tensor | None) -> LayerStats:
         if self.max_calls == 0:
-            raise SurgeryInputError(f"layer {self.name!r} was not called in the forward pass (or its output "
-                                    "holds no tensor); pick a layer the forward uses")
+            raise SurgeryInputError(
+                f"layer {self.name!r} was not called in the forward pass (or its output "
+                "holds no tensor); pick a layer the forward uses"
+            )
         alive = torch.cat([a.cpu() for a in self.alive])
         dead = (~alive).nonzero().flatten().tolist()
         n = int(self.n)
@@ -422,12 +463,24 @@ class _LayerAccumulator:
             edges = _equal_width_edges(lo, hi, bins)
         counts = histogram(sample, edges)
         return LayerStats(
-            name=self.name, count=n, mean=float(self.mean) if n else nan,
-            std=math.sqrt(max(float(self.m2), 0.0) / n) if n else nan, min=lo, max=hi,
+            name=self.name,
+            count=n,
+            mean=float(self.mean) if n else nan,
+            std=math.sqrt(max(float(self.m2), 0.0) / n) if n else nan,
+            min=lo,
+            max=hi,
             near_zero_frac=int(self.near_zero) / n if n else nan,
             dead_channel_frac=len(dead) / alive.numel() if alive.numel() else 0.0,
-            channels=int(alive.numel()), dead_channels=dead, calls=self.max_calls, nonfinite=int(self.nonfinite),
-            shape=self.shape, near_zero_eps=self.eps, hist_counts=counts, hist_edges=edges, sample=sample)
+            channels=int(alive.numel()),
+            dead_channels=dead,
+            calls=self.max_calls,
+            nonfinite=int(self.nonfinite),
+            shape=self.shape,
+            near_zero_eps=self.eps,
+            hist_counts=counts,
+            hist_edges=edges,
+            sample=sample,
+        )
 
     def _sample(self) -> Tensor:
         """The finite sampled values of every call ordinal, merged into one uniform sample."""
@@ -454,7 +507,7 @@ def _sum_of_squares(flat: Tensor) -> float:
     rows = flat.numel() // SQUARES_ROW
     head = flat[: rows * SQUARES_ROW].view(rows, SQUARES_ROW)
     total = float(torch.linalg.vector_norm(head, dim=1).double().square().sum()) if rows else 0.0
-    tail = flat[rows * SQUARES_ROW:]
+    tail = flat[rows * SQUARES_ROW :]
     return total + (float(torch.linalg.vector_norm(tail)) ** 2 if tail.numel() else 0.0)
 
 
@@ -514,11 +567,21 @@ class ProbePass:
         stats = probe.finish()
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], *, total_samples: int,
-                 device: str | torch.device = "cpu", sample_size: int = SAMPLE_SIZE, bins: int = 40,
-                 edges: Mapping[str, Tensor | LayerStats] | None = None, seed: int = 0,
-                 near_zero_eps: float = NEAR_ZERO_EPS, gram_layers: Sequence[str] = (),
-                 gram_batch: int = GRAM_BATCH):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        *,
+        total_samples: int,
+        device: str | torch.device = "cpu",
+        sample_size: int = SAMPLE_SIZE,
+        bins: int = 40,
+        edges: Mapping[str, Tensor | LayerStats] | None = None,
+        seed: int = 0,
+        near_zero_eps: float = NEAR_ZERO_EPS,
+        gram_layers: Sequence[str] = (),
+        gram_batch: int = GRAM_BATCH,
+    ):
         self.names = resolve_layers(model, layers) if layers else []
         self.gram_names = resolve_layers(model, gram_layers) if gram_layers else []
         if not self.names and not self.gram_names:
@@ -530,9 +593,18 @@ class ProbePass:
         self.model, self.device, self.bins = model, torch.device(device), bins
         self.edges = {n: _edges_for(edges, n) for n in self.names}
         scratch = _Scratch()
-        self.accumulators = {n: _LayerAccumulator(n, total_samples=total_samples, sample_size=sample_size, seed=seed,
-                                                  near_zero_eps=near_zero_eps, device=self.device, scratch=scratch)
-                             for n in self.names}
+        self.accumulators = {
+            n: _LayerAccumulator(
+                n,
+                total_samples=total_samples,
+                sample_size=sample_size,
+                seed=seed,
+                near_zero_eps=near_zero_eps,
+                device=self.device,
+                scratch=scratch,
+            )
+            for n in self.names
+        }
         self.gram_batch = gram_batch
         self.grams: dict[str, list[Tensor]] = {}
         self.last_gram: tuple[Tensor, list[Tensor]] | None = None  # the latest output whose Grams were computed
@@ -568,7 +640,7 @@ class ProbePass:
     def _gram_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             tensor = _first_tensor(output)
-            if tensor is not None and name not in self.grams:   # the first call of a module called twice
+            if tensor is not None and name not in self.grams:  # the first call of a module called twice
                 # A container's output is often its last child's very tensor (ResNet's layer4 and layer4.1), and
                 # its hook fires right after the child's: the Grams of that one tensor are computed once.
                 # NOTE: matched by identity with the tensor held, never by address: a freed output's memory is
@@ -578,6 +650,7 @@ class ProbePass:
                 else:
                     self.grams[name] = [gram(part) for part in tensor.detach().split(self.gram_batch)]
                     self.last_gram = (tensor, self.grams[name])
+
         return hook
 
     def batch_grams(self) -> list[list[Tensor]]:
@@ -587,8 +660,10 @@ class ProbePass:
         """
         missing = [n for n in self.gram_names if n not in self.grams]
         if missing:
-            raise SurgeryInputError(f"layer {missing[0]!r} was not called in the forward pass (or its output holds "
-                                    "no tensor); pick a layer the forward uses")
+            raise SurgeryInputError(
+                f"layer {missing[0]!r} was not called in the forward pass (or its output holds "
+                "no tensor); pick a layer the forward uses"
+            )
         return [list(parts) for parts in zip(*(self.grams[n] for n in self.gram_names))]
 
     def finish(self, edges: Mapping[str, Tensor | LayerStats] | None = None) -> ProbeStats:
@@ -606,13 +681,14 @@ def _hook(acc: _LayerAccumulator):
         tensor = _first_tensor(output)
         if tensor is not None:
             acc.update(tensor)
+
     return hook
 
 
 def batches(inputs: Any, batch_size: int) -> Iterator[Tensor]:
     """``inputs`` (a tensor, or cached images indexed like one) in consecutive slices of ``batch_size``."""
     for start in range(0, inputs.shape[0], batch_size):
-        yield inputs[start:start + batch_size]
+        yield inputs[start : start + batch_size]
 
 
 def _batch_images(batch: Any) -> Tensor:
@@ -621,8 +697,7 @@ def _batch_images(batch: Any) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
-    raise SurgeryInputError(f"a probe batch is a {type(batch).__name__}; expected a tensor or an (images, labels) "
-                            "pair")
+    raise SurgeryInputError(f"a probe batch is a {type(batch).__name__}; expected a tensor or an (images, labels) pair")
 
 
 def input_batches(inputs: Any, batch_size: int) -> tuple[int, Iterable[Tensor]]:
@@ -637,8 +712,10 @@ def input_batches(inputs: Any, batch_size: int) -> tuple[int, Iterable[Tensor]]:
     if isinstance(inputs, torch.utils.data.DataLoader):
         dataset = inputs.dataset
         if not hasattr(dataset, "__len__"):
-            raise SurgeryInputError("probe: the DataLoader's dataset has no length (an IterableDataset); pass a "
-                                    "map-style dataset or a list of batches")
+            raise SurgeryInputError(
+                "probe: the DataLoader's dataset has no length (an IterableDataset); pass a "
+                "map-style dataset or a list of batches"
+            )
         total = len(dataset)  # type: ignore[arg-type]
         if inputs.drop_last and inputs.batch_size:
             total -= total % inputs.batch_size
@@ -646,14 +723,24 @@ def input_batches(inputs: Any, batch_size: int) -> tuple[int, Iterable[Tensor]]:
     if isinstance(inputs, Sequence):
         images = [_batch_images(b) for b in inputs]
         return sum(int(b.shape[0]) for b in images), images
-    raise SurgeryInputError(f"probe: inputs are a {type(inputs).__name__}; expected a tensor, a DataLoader or a "
-                            "list of batches")
+    raise SurgeryInputError(
+        f"probe: inputs are a {type(inputs).__name__}; expected a tensor, a DataLoader or a list of batches"
+    )
 
 
-def probe_activations(model: nn.Module, inputs: Any, layers: Sequence[str], *, batch_size: int = 256,
-                      device: str | torch.device = "cpu", sample_size: int = SAMPLE_SIZE, bins: int = 40,
-                      edges: Mapping[str, Tensor | LayerStats] | None = None, seed: int = 0,
-                      near_zero_eps: float = NEAR_ZERO_EPS) -> ProbeStats:
+def probe_activations(
+    model: nn.Module,
+    inputs: Any,
+    layers: Sequence[str],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    sample_size: int = SAMPLE_SIZE,
+    bins: int = 40,
+    edges: Mapping[str, Tensor | LayerStats] | None = None,
+    seed: int = 0,
+    near_zero_eps: float = NEAR_ZERO_EPS,
+) -> ProbeStats:
     """Stream ``inputs`` through ``model`` and summarise the output of each selected layer.
 
     ``inputs``: a tensor ``(N, ...)``, cached images, a ``DataLoader`` or a list of batches
@@ -675,8 +762,17 @@ def probe_activations(model: nn.Module, inputs: Any, layers: Sequence[str], *, b
     total, stream = input_batches(inputs, batch_size)
     if total == 0:
         raise SurgeryInputError("the probe set is empty")
-    with ProbePass(model, layers, total_samples=total, device=device, sample_size=sample_size,
-                   bins=bins, edges=edges, seed=seed, near_zero_eps=near_zero_eps) as probe:
+    with ProbePass(
+        model,
+        layers,
+        total_samples=total,
+        device=device,
+        sample_size=sample_size,
+        bins=bins,
+        edges=edges,
+        seed=seed,
+        near_zero_eps=near_zero_eps,
+    ) as probe:
         fed = 0
         for batch in stream:
             fed += int(batch.shape[0])

@@ -40,8 +40,14 @@ from surgery.runner import RunOptions, run_case
 from surgery.recipes import ZOO
 
 
-def run(case: Case, *, device: str | None = None, seeds: int | Sequence[int] | None = None,
-        threads: int | None = None, progress: bool | None = False) -> CaseResult:
+def run(
+    case: Case,
+    *,
+    device: str | None = None,
+    seeds: int | Sequence[int] | None = None,
+    threads: int | None = None,
+    progress: bool | None = False,
+) -> CaseResult:
     """Run a case (from :func:`load_case` or :func:`parse_case`) and check its expectations.
 
     ``seeds``: an int runs the case's first n seeds (as ``--seeds n``); a list runs exactly those.
@@ -61,34 +67,59 @@ def write_report(result: CaseResult, directory: str | Path) -> Path:
     return write_case_report(result, Path(directory))
 
 
-def gate(checkpoint: str | Path, *, case: Case, report_dir: str | Path, champion: str | Path | None = None,
-         device: str | None = None) -> CaseResult:
+def gate(
+    checkpoint: str | Path,
+    *,
+    case: Case,
+    report_dir: str | Path,
+    champion: str | Path | None = None,
+    device: str | None = None,
+) -> CaseResult:
     """Judge a release candidate against a case (and a champion) on the case's gate data; writes the verdict.
 
     ``result.passed`` is the verdict; ``result.provenance["gate"]`` holds every figure with its interval
     (what ``gate.json`` holds). See :mod:`surgery.release_gate`.
     """
-    return run_gate(Path(checkpoint), case, report_dir=Path(report_dir), device=device,
-                    champion=Path(champion) if champion else None)
+    return run_gate(
+        Path(checkpoint),
+        case,
+        report_dir=Path(report_dir),
+        device=device,
+        champion=Path(champion) if champion else None,
+    )
 
 
-def create_model(model: str, *, num_classes: int | None = None, in_chans: int | None = None,
-                 checkpoint: str | None = None, pretrained: bool = False) -> nn.Module:
+def create_model(
+    model: str,
+    *,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    checkpoint: str | None = None,
+    pretrained: bool = False,
+) -> nn.Module:
     """A model from a reference as a case file writes it: ``torchvision:``, ``timm:``, ``zoo:`` or a factory.
 
     A ``zoo:`` model is trained and cached on first use; weights never come from the network.
     """
     try:
-        spec = ModelSpec(model=model, num_classes=num_classes, in_chans=in_chans, checkpoint=checkpoint,
-                         pretrained=pretrained)
+        spec = ModelSpec(
+            model=model, num_classes=num_classes, in_chans=in_chans, checkpoint=checkpoint, pretrained=pretrained
+        )
     except ValueError as exc:
         raise SurgeryInputError(f"{model}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     return build_model(spec)
 
 
-def probe(model: nn.Module, inputs: Any, layers: Sequence[str], *, batch_size: int = 256,
-          reference: Mapping[str, LayerStats] | None = None, device: str | torch.device = "cpu",
-          seed: int = 0) -> ProbeStats:
+def probe(
+    model: nn.Module,
+    inputs: Any,
+    layers: Sequence[str],
+    *,
+    batch_size: int = 256,
+    reference: Mapping[str, LayerStats] | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> ProbeStats:
     """Streamed statistics of the outputs of ``layers`` (names or globs) on ``inputs``: a tensor, a
     ``DataLoader`` (batches of images or of ``(images, labels)``) or a list of batches.
 
@@ -103,8 +134,7 @@ def probe(model: nn.Module, inputs: Any, layers: Sequence[str], *, batch_size: i
         pat = surgery.probe(patient, x, ["layer?"], reference=ref)
         surgery.drift_table(ref, pat)      # pandas.DataFrame, one row per layer
     """
-    return probe_activations(model, inputs, layers, batch_size=batch_size, device=device, edges=reference,
-                             seed=seed)
+    return probe_activations(model, inputs, layers, batch_size=batch_size, device=device, edges=reference, seed=seed)
 
 
 def list_ops() -> list[str]:

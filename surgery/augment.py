@@ -50,5 +50,8 @@ def augment_batch(images: torch.Tensor, spec: AugmentSpec, generator: torch.Gene
     theta[:, 1, 2] = centre_y
     grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.contiguous(memory_format=torch.channels_last) if images.is_contiguous(
-        memory_format=torch.channels_last) else out
+    return (
+        out.contiguous(memory_format=torch.channels_last)
+        if images.is_contiguous(memory_format=torch.channels_last)
+        else out
+    )

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 
-Direction = Literal["lower", "upper"]     # the figure must be >= threshold (lower) or <= threshold (upper)
+Direction = Literal["lower", "upper"]  # the figure must be >= threshold (lower) or <= threshold (upper)
 Aggregate = Literal["mean", "worst"]
 Decision = Literal["holds", "fails", "undecided"]
 
@@ -70,8 +70,9 @@ def _quantile(calibrated: Calibrated, alpha: float, k: int, aggregate: Aggregate
     return float(stats.t.ppf(1.0 - alpha, n - 1)), calibrated.std * math.sqrt(1.0 / k + 1.0 / n)
 
 
-def prediction_bound(calibrated: Calibrated, *, alpha: float, k: int = 1, direction: Direction = "lower",
-                     aggregate: Aggregate = "mean") -> float:
+def prediction_bound(
+    calibrated: Calibrated, *, alpha: float, k: int = 1, direction: Direction = "lower", aggregate: Aggregate = "mean"
+) -> float:
     """The bound that the aggregate of ``k`` seeds stays on the right side of with probability >= 1 - alpha.
 
     >>> c = Calibrated(mean=0.9, std=0.01, seeds=10, runs=30)
@@ -90,23 +91,37 @@ def prediction_bound(calibrated: Calibrated, *, alpha: float, k: int = 1, direct
 
 def rounded_bound(value: float, direction: Direction, digits: int = 3) -> float:
     """Round a bound outward (down for a lower bound, up for an upper one), so rounding never tightens it."""
-    scale = 10 ** digits
+    scale = 10**digits
     return (math.floor(value * scale + 1e-9) if direction == "lower" else math.ceil(value * scale - 1e-9)) / scale
 
 
-def decide(calibrated: Calibrated, threshold: float, *, alpha: float, k: int, direction: Direction = "lower",
-           aggregate: Aggregate = "mean") -> Decision:
+def decide(
+    calibrated: Calibrated,
+    threshold: float,
+    *,
+    alpha: float,
+    k: int,
+    direction: Direction = "lower",
+    aggregate: Aggregate = "mean",
+) -> Decision:
     """Whether a k-seed run will meet a fixed ``threshold`` ("holds"), miss it ("fails"), or could do either."""
     good = prediction_bound(calibrated, alpha=alpha, k=k, direction=direction, aggregate=aggregate)
-    bad = prediction_bound(calibrated, alpha=alpha, k=k, direction="upper" if direction == "lower" else "lower",
-                           aggregate=aggregate)
+    bad = prediction_bound(
+        calibrated, alpha=alpha, k=k, direction="upper" if direction == "lower" else "lower", aggregate=aggregate
+    )
     if direction == "lower":
         return "holds" if good >= threshold else "fails" if bad < threshold else "undecided"
     return "holds" if good <= threshold else "fails" if bad > threshold else "undecided"
 
 
-def seeds_to_decide(calibrated: Calibrated, threshold: float, *, alpha: float, direction: Direction = "lower",
-                    aggregate: Aggregate = "mean") -> int | None:
+def seeds_to_decide(
+    calibrated: Calibrated,
+    threshold: float,
+    *,
+    alpha: float,
+    direction: Direction = "lower",
+    aggregate: Aggregate = "mean",
+) -> int | None:
     """The fewest seeds whose mean decides the claim, or None when more seeds alone cannot.
 
     Only a mean tightens with more seeds; the worst of more seeds only spreads further, so a claim on
@@ -115,8 +130,11 @@ def seeds_to_decide(calibrated: Calibrated, threshold: float, *, alpha: float, d
     ``m -/+ t * s / sqrt(n)``; a threshold inside that is undecidable without more calibration too.
     """
     if aggregate == "worst":
-        return 1 if decide(calibrated, threshold, alpha=alpha, k=1, direction=direction,
-                           aggregate=aggregate) != "undecided" else None
+        return (
+            1
+            if decide(calibrated, threshold, alpha=alpha, k=1, direction=direction, aggregate=aggregate) != "undecided"
+            else None
+        )
     lo, hi = 1, MAX_SEEDS_TO_DECIDE
     if decide(calibrated, threshold, alpha=alpha, k=hi, direction=direction) == "undecided":
         return None

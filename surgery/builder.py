@@ -29,13 +29,16 @@ def _pretrained_torchvision(name: str) -> dict[str, torch.Tensor]:
     weights = torchvision.models.get_model_weights(name).DEFAULT
     path = _hub_file(weights.url)
     if not path.is_file():
-        raise SurgeryInputError(f"torchvision:{name} pretrained weights are not in the local cache ({path}); "
-                                "surgery never downloads: put the file there or use 'checkpoint:'")
+        raise SurgeryInputError(
+            f"torchvision:{name} pretrained weights are not in the local cache ({path}); "
+            "surgery never downloads: put the file there or use 'checkpoint:'"
+        )
     return load_state_dict_file(path)
 
 
-def build_model(spec, *, device: torch.device | str = "cpu", num_classes: int | None = None,
-                in_chans: int | None = None) -> nn.Module:
+def build_model(
+    spec, *, device: torch.device | str = "cpu", num_classes: int | None = None, in_chans: int | None = None
+) -> nn.Module:
     """Build the model a case's ``ModelSpec`` describes, with its checkpoint or cached weights loaded.
 
     ``num_classes`` / ``in_chans`` are defaults the spec's own fields override (a pretrained model keeps
@@ -58,8 +61,10 @@ def build_model(spec, *, device: torch.device | str = "cpu", num_classes: int | 
                 url = cfg.get("url") or ""
                 path = _hub_file(url) if url else Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.safetensors"
                 if not path.is_file():
-                    raise SurgeryInputError(f"{spec.model} pretrained weights are not in the local cache ({path}); "
-                                            "surgery never downloads: put the file there or use 'checkpoint:'")
+                    raise SurgeryInputError(
+                        f"{spec.model} pretrained weights are not in the local cache ({path}); "
+                        "surgery never downloads: put the file there or use 'checkpoint:'"
+                    )
                 load_weights(model, load_state_dict_file(path), origin=str(path))
             else:
                 raise SurgeryInputError(f"{spec.model}: 'pretrained' applies to torchvision: and timm: models only")

@@ -31,8 +31,7 @@ from typing import Any, Callable
 
 from surgery.files import write_atomic
 from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
-from surgery.calibration import (CalibrationRecord, ItemCalibration, record_path, save_record,
-                                 yaml_path)
+from surgery.calibration import CalibrationRecord, ItemCalibration, record_path, save_record, yaml_path
 from surgery.case import Case, experiment_hash, load_case, threshold_range
 from surgery.checks.expect import evaluate_expectations, threshold_location
 from surgery.errors import SurgeryInputError
@@ -47,7 +46,11 @@ PROFILES: dict[str, dict[str, str]] = {
     "isa-default": {"ATEN_CPU_CAPABILITY": "default"},
     "isa-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
     # A zoo trained again with one thread, in a cache of its own: how much the source models move.
-    "zoo-threads1": {"SURGERY_THREADS": "1", "SURGERY_ZOO_THREADS": "1", "SURGERY_CACHE": "{cache}/perturbed-zoo-threads1"},
+    "zoo-threads1": {
+        "SURGERY_THREADS": "1",
+        "SURGERY_ZOO_THREADS": "1",
+        "SURGERY_CACHE": "{cache}/perturbed-zoo-threads1",
+    },
 }
 DEFAULT_PROFILES = ("native", "threads1", "isa-default", "zoo-threads1")
 
@@ -89,8 +92,17 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
                 continue
             figures.setdefault(item.name, {})[str(seed_figures["seed"])] = item.observed
             rules[item.name] = item.details["rule"]
-    keep = ("cpu_capability", "aten_cpu_capability_env", "threads", "torch", "cudnn", "device_type", "weights",
-            "machine", "python")
+    keep = (
+        "cpu_capability",
+        "aten_cpu_capability_env",
+        "threads",
+        "torch",
+        "cudnn",
+        "device_type",
+        "weights",
+        "machine",
+        "python",
+    )
     return {"figures": figures, "rules": rules, "provenance": {k: result.provenance.get(k) for k in keep}}
 
 
@@ -106,10 +118,24 @@ def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> d
         procs = []
         for i, chunk in enumerate(chunks):
             out = Path(tmp) / f"{i}.json"
-            cmd = [sys.executable, "-m", "surgery.calibrate", "--worker", case_path, "--worker-seeds",
-                   ",".join(map(str, chunk)), "--worker-out", str(out)]
-            procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                           text=True), out, chunk))
+            cmd = [
+                sys.executable,
+                "-m",
+                "surgery.calibrate",
+                "--worker",
+                case_path,
+                "--worker-seeds",
+                ",".join(map(str, chunk)),
+                "--worker-out",
+                str(out),
+            ]
+            procs.append(
+                (
+                    subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+                    out,
+                    chunk,
+                )
+            )
         merged: dict[str, Any] = {"figures": {}, "rules": {}, "provenance": None}
         for proc, out, chunk in procs:
             _, err = proc.communicate()
@@ -135,8 +161,15 @@ def summarise(samples: dict[str, dict[str, float | None]], rule: dict[str, str])
         return None
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return ItemCalibration(direction=rule["direction"], aggregate=rule["aggregate"], samples=samples, mean=mean,
-                           std=std, seeds=len(seeds), runs=len(values))
+    return ItemCalibration(
+        direction=rule["direction"],
+        aggregate=rule["aggregate"],
+        samples=samples,
+        mean=mean,
+        std=std,
+        seeds=len(seeds),
+        runs=len(values),
+    )
 
 
 def derive(case: Case, cal: ItemCalibration, item: str, alpha: float) -> dict[str, Any]:
@@ -155,10 +188,13 @@ def derive(case: Case, cal: ItemCalibration, item: str, alpha: float) -> dict[st
             out["vacuous"].append(str(k))
     if isinstance(raw, float):
         out["claim"] = raw
-        out["decision"] = {str(k): decide(calibrated, raw, alpha=alpha, k=k, direction=cal.direction,
-                                          aggregate=cal.aggregate) for k in counts}
-        out["seeds_to_decide"] = seeds_to_decide(calibrated, raw, alpha=alpha, direction=cal.direction,
-                                                 aggregate=cal.aggregate)
+        out["decision"] = {
+            str(k): decide(calibrated, raw, alpha=alpha, k=k, direction=cal.direction, aggregate=cal.aggregate)
+            for k in counts
+        }
+        out["seeds_to_decide"] = seeds_to_decide(
+            calibrated, raw, alpha=alpha, direction=cal.direction, aggregate=cal.aggregate
+        )
     return out
 
 
@@ -188,9 +224,11 @@ def write_thresholds(case: Case, thresholds: dict[str, dict[str, Any]]) -> list[
         node[keys[-1]] = value
         changed.append(".".join(keys))
     if changed:
+
         def dump(tmp: Path) -> None:
             with open(tmp, "w", encoding="utf-8") as fh:
                 yaml.dump(document, fh)
+
         write_atomic(path, dump)
     return changed
 
@@ -202,9 +240,16 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def calibrate_case(case_path: str | Path, *, seeds: int = DEFAULT_SEEDS, perturbed_seeds: int | None = None,
-                   profiles: tuple[str, ...] = DEFAULT_PROFILES, alpha: float = DEFAULT_ALPHA, write: bool = False,
-                   log: Callable[[str], None] = _log) -> CalibrationRecord:
+def calibrate_case(
+    case_path: str | Path,
+    *,
+    seeds: int = DEFAULT_SEEDS,
+    perturbed_seeds: int | None = None,
+    profiles: tuple[str, ...] = DEFAULT_PROFILES,
+    alpha: float = DEFAULT_ALPHA,
+    write: bool = False,
+    log: Callable[[str], None] = _log,
+) -> CalibrationRecord:
     """Calibrate one case file: run it, derive its thresholds, write its record (and the case with ``write``)."""
     from surgery.numerics import requested_threads
 
@@ -223,15 +268,22 @@ def calibrate_case(case_path: str | Path, *, seeds: int = DEFAULT_SEEDS, perturb
         jobs = max(1, min(len(chosen), cores // threads))
         start = time.perf_counter()
         merged = _run_profile(str(case.path), profile, chosen, jobs)
-        log(f"{case.name}: profile {profile}: {len(chosen)} seeds in {time.perf_counter() - start:.0f}s "
-            f"({jobs} process{'es' if jobs > 1 else ''} × {threads} thread{'s' if threads > 1 else ''})")
+        log(
+            f"{case.name}: profile {profile}: {len(chosen)} seeds in {time.perf_counter() - start:.0f}s "
+            f"({jobs} process{'es' if jobs > 1 else ''} × {threads} thread{'s' if threads > 1 else ''})"
+        )
         provenance[profile] = {**merged["provenance"], "env": env, "seeds": chosen}
         rules.update(merged["rules"])
         for item, per_seed in merged["figures"].items():
             samples.setdefault(item, {})[profile] = per_seed
-    record = CalibrationRecord(case=case.name, experiment_hash=experiment_hash(case), alpha=alpha, seeds=all_seeds,
-                               profiles=provenance,
-                               created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    record = CalibrationRecord(
+        case=case.name,
+        experiment_hash=experiment_hash(case),
+        alpha=alpha,
+        seeds=all_seeds,
+        profiles=provenance,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     for item, per_profile in samples.items():
         cal = summarise(per_profile, rules[item])
         if cal is None:
@@ -250,20 +302,25 @@ def calibrate_case(case_path: str | Path, *, seeds: int = DEFAULT_SEEDS, perturb
 
 def format_table(record: CalibrationRecord) -> str:
     """A Markdown table of a record: per expectation, the distribution, the bounds and claims' decisions."""
-    lines = [f"{record.case} (alpha = {record.alpha:g}; seeds {record.seeds}; profiles {', '.join(record.profiles)})",
-             "| expectation | calibrated mean ± sd | runs | thresholds by seed count | claim |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"{record.case} (alpha = {record.alpha:g}; seeds {record.seeds}; profiles {', '.join(record.profiles)})",
+        "| expectation | calibrated mean ± sd | runs | thresholds by seed count | claim |",
+        "|---|---|---|---|---|",
+    ]
     for item, derived in record.thresholds.items():
         cal = record.items[item]
-        bounds = ", ".join(f"{k}: {v:g}{' (vacuous)' if k in derived.get('vacuous', []) else ''}"
-                           for k, v in derived["bounds"].items())
+        bounds = ", ".join(
+            f"{k}: {v:g}{' (vacuous)' if k in derived.get('vacuous', []) else ''}" for k, v in derived["bounds"].items()
+        )
         claim = ""
         if derived["form"] == "claim":
             decisions = ", ".join(f"{k} seed{'s' if k != '1' else ''} {v}" for k, v in derived["decision"].items())
             needed = derived["seeds_to_decide"]
-            claim = (f"{derived['claim']:g}: {decisions}"
-                     + (f"; {needed} seeds decide it" if needed and "undecided" in decisions else "")
-                     + ("; seeds alone cannot decide it" if needed is None else ""))
+            claim = (
+                f"{derived['claim']:g}: {decisions}"
+                + (f"; {needed} seeds decide it" if needed and "undecided" in decisions else "")
+                + ("; seeds alone cannot decide it" if needed is None else "")
+            )
         spread = cal.std if cal.std > 1e-12 * max(1.0, abs(cal.mean)) else 0.0  # float noise of a constant
         lines.append(f"| {item} | {cal.mean:.4g} ± {spread:.2g} | {cal.runs} | {bounds} | {claim} |")
     return "\n".join(lines)

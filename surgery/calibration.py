@@ -44,7 +44,8 @@ def record_path(case_path: str | Path) -> Path:
 
 
 def yaml_path(item: str) -> tuple[str, ...]:
-    """The case-file keys of an expectation's threshold: ``accuracy.beats_baseline`` → expect.accuracy.beats_baseline.margin."""
+    """The case-file keys of an expectation's threshold:
+    ``accuracy.beats_baseline`` → expect.accuracy.beats_baseline.margin."""
     parts = ("expect",) + tuple(item.split("."))
     return parts + ("margin",) if item == "accuracy.beats_baseline" else parts
 
@@ -55,7 +56,7 @@ class ItemCalibration:
 
     direction: Direction
     aggregate: Aggregate
-    samples: dict[str, dict[str, float | None]]   # profile -> seed -> figure
+    samples: dict[str, dict[str, float | None]]  # profile -> seed -> figure
     mean: float
     std: float
     seeds: int
@@ -65,8 +66,15 @@ class ItemCalibration:
         return Calibrated(mean=self.mean, std=self.std, seeds=self.seeds, runs=self.runs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"direction": self.direction, "aggregate": self.aggregate, "mean": self.mean, "std": self.std,
-                "seeds": self.seeds, "runs": self.runs, "samples": self.samples}
+        return {
+            "direction": self.direction,
+            "aggregate": self.aggregate,
+            "mean": self.mean,
+            "std": self.std,
+            "seeds": self.seeds,
+            "runs": self.runs,
+            "samples": self.samples,
+        }
 
 
 @dataclass
@@ -77,11 +85,13 @@ class CalibrationRecord:
     experiment_hash: str
     alpha: float
     seeds: list[int]
-    profiles: dict[str, dict[str, Any]]          # profile name -> its environment and provenance
+    profiles: dict[str, dict[str, Any]]  # profile name -> its environment and provenance
     items: dict[str, ItemCalibration] = field(default_factory=dict)
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)  # item -> derived bounds / decisions
-    method: str = ("one-sided normal prediction bound for the mean (or worst) of k seeds, t quantile with "
-                   "n - 1 degrees of freedom, n = calibration seeds (surgery.bounds)")
+    method: str = (
+        "one-sided normal prediction bound for the mean (or worst) of k seeds, t quantile with "
+        "n - 1 degrees of freedom, n = calibration seeds (surgery.bounds)"
+    )
     created: str = ""
     schema: int = RECORD_SCHEMA
 
@@ -90,22 +100,40 @@ class CalibrationRecord:
         cal = self.items.get(item)
         if cal is None:
             return ""
-        return (f"{cal.mean:.4g} ± {cal.std:.2g} ({cal.seeds} seeds × {len(cal.samples)} numeric "
-                f"profile{'s' if len(cal.samples) != 1 else ''})")
+        return (
+            f"{cal.mean:.4g} ± {cal.std:.2g} ({cal.seeds} seeds × {len(cal.samples)} numeric "
+            f"profile{'s' if len(cal.samples) != 1 else ''})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": self.schema, "case": self.case, "experiment_hash": self.experiment_hash,
-                "alpha": self.alpha, "method": self.method, "created": self.created, "seeds": self.seeds,
-                "profiles": self.profiles, "thresholds": self.thresholds,
-                "items": {k: v.to_dict() for k, v in self.items.items()}}
+        return {
+            "schema": self.schema,
+            "case": self.case,
+            "experiment_hash": self.experiment_hash,
+            "alpha": self.alpha,
+            "method": self.method,
+            "created": self.created,
+            "seeds": self.seeds,
+            "profiles": self.profiles,
+            "thresholds": self.thresholds,
+            "items": {k: v.to_dict() for k, v in self.items.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CalibrationRecord":
         items = {k: ItemCalibration(**v) for k, v in data.get("items", {}).items()}
-        return cls(case=data["case"], experiment_hash=data["experiment_hash"], alpha=float(data["alpha"]),
-                   seeds=list(data["seeds"]), profiles=dict(data["profiles"]), items=items,
-                   thresholds=dict(data.get("thresholds", {})), method=data.get("method", ""),
-                   created=data.get("created", ""), schema=int(data.get("schema", RECORD_SCHEMA)))
+        return cls(
+            case=data["case"],
+            experiment_hash=data["experiment_hash"],
+            alpha=float(data["alpha"]),
+            seeds=list(data["seeds"]),
+            profiles=dict(data["profiles"]),
+            items=items,
+            thresholds=dict(data.get("thresholds", {})),
+            method=data.get("method", ""),
+            created=data.get("created", ""),
+            schema=int(data.get("schema", RECORD_SCHEMA)),
+        )
 
 
 def load_record(path: str | Path) -> CalibrationRecord:
@@ -117,8 +145,10 @@ def load_record(path: str | Path) -> CalibrationRecord:
             raise ValueError(f"schema {data.get('schema')!r}, expected {RECORD_SCHEMA}")
         return CalibrationRecord.from_dict(data)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise SurgeryInputError(f"{path}: not a readable calibration record ({exc.__class__.__name__}: {exc}); "
-                                "re-run `surgery calibrate` to rebuild it") from None
+        raise SurgeryInputError(
+            f"{path}: not a readable calibration record ({exc.__class__.__name__}: {exc}); "
+            "re-run `surgery calibrate` to rebuild it"
+        ) from None
 
 
 def save_record(record: CalibrationRecord, path: str | Path) -> Path:

@@ -22,14 +22,59 @@ from surgery.checks import CHECKS  # importing the package registers the built-i
 from surgery.errors import SurgeryInputError
 from surgery.model_refs import is_factory_ref, resolve_factory
 from surgery.ops import SPECS  # importing the package registers the built-in operations' specs (no torch)
-from surgery.spec import (CALIBRATE, DATASETS, DatasetSpec, DataSpec, DistillSpec, FinetuneSpec, GateSpec,
-                          ModelSpec, NotWorseThanSpec, OptimizerSpec, ParamGroupSpec, ScheduleSpec, Strict, Threshold, ThresholdRange,
-                          UnitThreshold, threshold, threshold_range)
+from surgery.spec import (
+    CALIBRATE,
+    DATASETS,
+    DatasetSpec,
+    DataSpec,
+    DistillSpec,
+    FinetuneSpec,
+    GateSpec,
+    ModelSpec,
+    NotWorseThanSpec,
+    OptimizerSpec,
+    ParamGroupSpec,
+    ScheduleSpec,
+    Strict,
+    Threshold,
+    ThresholdRange,
+    UnitThreshold,
+    threshold,
+    threshold_range,
+)
 
-__all__ = ["Case", "case_schema", "parse_case", "load_case", "load_cases", "check_factories", "model_fields", "find_cases", "experiment_hash", "case_calibration", "CALIBRATE",
-           "DATASETS", "DatasetSpec", "DataSpec", "DistillSpec", "FinetuneSpec", "GateSpec", "NotWorseThanSpec", "ModelSpec", "OptimizerSpec",
-           "ParamGroupSpec", "ScheduleSpec", "Strict", "Threshold", "ThresholdRange", "UnitThreshold", "threshold",
-           "threshold_range", "CaseCalibration", "expectations_model"]
+__all__ = [
+    "Case",
+    "case_schema",
+    "parse_case",
+    "load_case",
+    "load_cases",
+    "check_factories",
+    "model_fields",
+    "find_cases",
+    "experiment_hash",
+    "case_calibration",
+    "CALIBRATE",
+    "DATASETS",
+    "DatasetSpec",
+    "DataSpec",
+    "DistillSpec",
+    "FinetuneSpec",
+    "GateSpec",
+    "NotWorseThanSpec",
+    "ModelSpec",
+    "OptimizerSpec",
+    "ParamGroupSpec",
+    "ScheduleSpec",
+    "Strict",
+    "Threshold",
+    "ThresholdRange",
+    "UnitThreshold",
+    "threshold",
+    "threshold_range",
+    "CaseCalibration",
+    "expectations_model",
+]
 
 
 # --------------------------------------------------------------------------- YAML with marks
@@ -62,8 +107,10 @@ def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]
         try:
             return constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
-            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
-                                    f"{getattr(exc, 'problem', None) or exc}") from None
+            raise SurgeryInputError(
+                f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                f"{getattr(exc, 'problem', None) or exc}"
+            ) from None
 
     def pairs(node: yaml.MappingNode, path: Path_) -> list[tuple[yaml.Node, yaml.Node, bool]]:
         """(key, value, from_merge) in priority order, merge keys (``<<``) expanded as safe_load does."""
@@ -73,8 +120,10 @@ def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]
         try:
             constructor.flatten_mapping(node)  # puts the merged pairs first, the explicit ones last
         except yaml.YAMLError as exc:
-            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
-                                    f"{getattr(exc, 'problem', None) or exc}") from None
+            raise SurgeryInputError(
+                f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                f"{getattr(exc, 'problem', None) or exc}"
+            ) from None
         merged = len(node.value) - explicit
         return [(k, v, i < merged) for i, (k, v) in enumerate(node.value)]
 
@@ -82,18 +131,24 @@ def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]
         nonlocal count
         count += 1
         if count > MAX_NODES:
-            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
-                                    f"document expands to more than {MAX_NODES} nodes (aliases); "
-                                    "expected a case file")
+            raise SurgeryInputError(
+                f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                f"document expands to more than {MAX_NODES} nodes (aliases); "
+                "expected a case file"
+            )
         if id(node) in active:
-            raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
-                                    "recursive alias; expected a tree of values")
+            raise SurgeryInputError(
+                f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                "recursive alias; expected a tree of values"
+            )
         lines[path] = node.start_mark.line + 1
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
             if node.tag not in (PLAIN_MAP, PLAIN_SEQ):  # e.g. !!python/object/apply on a list: never ignored
-                raise SurgeryInputError(f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
-                                        f"could not determine a constructor for the tag {node.tag!r}; "
-                                        "expected plain YAML values")
+                raise SurgeryInputError(
+                    f"{filename}:{node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
+                    f"could not determine a constructor for the tag {node.tag!r}; "
+                    "expected plain YAML values"
+                )
             active.add(id(node))
             try:
                 return convert_collection(node, path)
@@ -113,17 +168,19 @@ def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]
             if not isinstance(key, str) and (isinstance(key, bool) or not isinstance(key, int)):
                 raise SurgeryInputError(
                     f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path) or '<top>'}: "
-                    f"key {key!r} is not a string; expected a field name")
+                    f"key {key!r} is not a string; expected a field name"
+                )
             if key in out and key not in merged_keys:
                 raise SurgeryInputError(
                     f"{filename}:{key_node.start_mark.line + 1}: {_dotted(path + (key,))}: "
-                    f"duplicate key; expected each field once")
+                    f"duplicate key; expected each field once"
+                )
             if from_merge:
                 merged_keys.add(key)
             else:
                 merged_keys.discard(key)
             if key in out:  # an explicit key overrides what a merge put there: forget its lines
-                for sub in [p for p in lines if p[:len(path) + 1] == path + (key,)]:
+                for sub in [p for p in lines if p[: len(path) + 1] == path + (key,)]:
                     del lines[sub]
             out[key] = convert(value_node, path + (key,))
             lines[path + (key,)] = key_node.start_mark.line + 1
@@ -146,14 +203,15 @@ def _dotted(path: Path_) -> str:
 # --------------------------------------------------------------------------- schema
 
 
-
-
 @lru_cache(maxsize=None)
 def _models(keys: tuple[str, ...], ops: tuple[str, ...]) -> tuple[type[Strict], type["Case"]]:
-    expectations = create_model("Expectations", __base__=Strict, __doc__="The ``expect`` section: one entry per "
-                                "registered check (surgery.checks), plus ``finite``.",
-                                **{key: (CHECKS[key].spec | None, None) for key in keys},
-                                finite=(bool, Field(True, description="no NaN/inf in the loss or the weights")))
+    expectations = create_model(
+        "Expectations",
+        __base__=Strict,
+        __doc__="The ``expect`` section: one entry per registered check (surgery.checks), plus ``finite``.",
+        **{key: (CHECKS[key].spec | None, None) for key in keys},
+        finite=(bool, Field(True, description="no NaN/inf in the loss or the weights")),
+    )
     operations = tuple(SPECS[name] for name in ops)
     surgery = Annotated[Union[operations], Field(discriminator="op")] if len(operations) > 1 else operations[0]
     case = create_model("Case", __base__=Case, surgery=(surgery, ...), expect=(expectations, ...))
@@ -168,11 +226,11 @@ def expectations_model() -> type[Strict]:
 class Case(Strict):
     """A case file. Its ``expect`` section's fields come from the registered checks (see :func:`parse_case`)."""
 
-
     name: str = Field(min_length=1)
     description: str = ""
     seed: list[Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]] = Field(
-        [0], min_length=1, description="one non-negative integer (below 2**63) or a list of them")
+        [0], min_length=1, description="one non-negative integer (below 2**63) or a list of them"
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     markers: list[Literal["slow", "gpu"]] = []
     data: DataSpec
@@ -207,8 +265,9 @@ class Case(Strict):
         if isinstance(data, dict):
             for key in ("path", "file_hash", "lines"):
                 if key in data:
-                    raise PydanticCustomError("unknown_key", "unknown key {shown}; it is set by the loader",
-                                              {"key": key, "shown": repr(key)})
+                    raise PydanticCustomError(
+                        "unknown_key", "unknown key {shown}; it is set by the loader", {"key": key, "shown": repr(key)}
+                    )
         return data
 
 
@@ -218,8 +277,10 @@ LOADER_FIELDS = ("path", "file_hash", "lines")
 
 # Shorthands the models' ``mode="before"`` validators accept, which pydantic's schema cannot see:
 # a section written as a string, and a list field written as one item.
-STRING_SHORTHANDS = {"DatasetSpec": "a dataset name, short for {name: …}",
-                     "PreprocessSpec": "a preset (zoo | imagenet), short for {preset: …}"}
+STRING_SHORTHANDS = {
+    "DatasetSpec": "a dataset name, short for {name: …}",
+    "PreprocessSpec": "a preset (zoo | imagenet), short for {preset: …}",
+}
 ONE_OR_MANY = {None: ("seed",), "ActivationSwapSpec": ("from",)}  # None: the case itself
 
 
@@ -227,22 +288,36 @@ def _accept_shorthands(schema: dict[str, Any]) -> None:
     defs = schema.get("$defs", {})
     for name, description in STRING_SHORTHANDS.items():
         if name in defs:
-            defs[name] = {"anyOf": [{"type": "string", "description": description}, defs[name]],
-                          "title": defs[name].get("title", name), "description": defs[name].get("description", "")}
+            defs[name] = {
+                "anyOf": [{"type": "string", "description": description}, defs[name]],
+                "title": defs[name].get("title", name),
+                "description": defs[name].get("description", ""),
+            }
     if "DatasetSpec" in defs:  # {dataset: pkg.mod:Name, …}: keys other than these are the Dataset's keyword arguments
-        defs["DatasetSpec"]["anyOf"].append({
-            "type": "object", "required": ["dataset"], "additionalProperties": True,
-            "description": "a map-style Dataset by reference; its other keys are the Dataset's keyword arguments",
-            "properties": {"dataset": {"type": "string"}, "name": {"const": "dataset"}, "root": {"type": "string"},
-                           "limit": {"type": "integer", "exclusiveMinimum": 0}}})
+        defs["DatasetSpec"]["anyOf"].append(
+            {
+                "type": "object",
+                "required": ["dataset"],
+                "additionalProperties": True,
+                "description": "a map-style Dataset by reference; its other keys are the Dataset's keyword arguments",
+                "properties": {
+                    "dataset": {"type": "string"},
+                    "name": {"const": "dataset"},
+                    "root": {"type": "string"},
+                    "limit": {"type": "integer", "exclusiveMinimum": 0},
+                },
+            }
+        )
     for owner, fields in ONE_OR_MANY.items():
         model = schema if owner is None else defs.get(owner, {})
         for field in fields:
             prop = model.get("properties", {}).get(field)
             if prop and prop.get("type") == "array":
-                model["properties"][field] = {"anyOf": [prop["items"], prop], "title": prop.get("title", field),
-                                              **({"description": prop["description"]} if "description" in prop
-                                                 else {})}
+                model["properties"][field] = {
+                    "anyOf": [prop["items"], prop],
+                    "title": prop.get("title", field),
+                    **({"description": prop["description"]} if "description" in prop else {}),
+                }
 
 
 def case_schema() -> dict[str, Any]:
@@ -256,8 +331,12 @@ def case_schema() -> dict[str, Any]:
     for key in LOADER_FIELDS:  # set by load_case, refused in a file
         schema["properties"].pop(key, None)
     _accept_shorthands(schema)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
-            "title": "surgery case file", **{k: v for k, v in schema.items() if k != "title"}}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "surgery case file",
+        **{k: v for k, v in schema.items() if k != "title"},
+    }
 
 
 # --------------------------------------------------------------------------- loading
@@ -300,12 +379,18 @@ def _error_message(err: dict[str, Any]) -> str:
         return f"missing required field; expected one of: {', '.join(SPECS)}"
     if err["type"] == "union_tag_invalid":
         tags = err.get("ctx", {}).get("expected_tags", "")
-        return f"got {err['input'].get('op')!r}; expected one of: {tags}" if isinstance(err["input"], dict) \
+        return (
+            f"got {err['input'].get('op')!r}; expected one of: {tags}"
+            if isinstance(err["input"], dict)
             else msg[0].lower() + msg[1:]
+        )
     if err["type"] == "literal_error":
         return f"got {err['input']!r}; {msg[0].lower()}{msg[1:]}"
-    if err["type"] not in ("unknown_key", "value_error", "union_tag_invalid", "missing") and "input" in err \
-            and not isinstance(err["input"], (dict, list)):
+    if (
+        err["type"] not in ("unknown_key", "value_error", "union_tag_invalid", "missing")
+        and "input" in err
+        and not isinstance(err["input"], (dict, list))
+    ):
         return f"{msg[0].lower()}{msg[1:]} (got {err['input']!r})"
     return msg[0].lower() + msg[1:] if msg else msg
 
@@ -325,8 +410,10 @@ def parse_case(text: str, filename: str = "<memory>") -> Case:
     case.file_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
     case.lines = {_dotted(path): line for path, line in lines.items() if path}
     if case.gate is not None and case.gate.data == "holdout" and not case.data.holdout:
-        raise SurgeryInputError(f"{case.where('gate.data')}: 'holdout' needs data.holdout > 0 (e.g. 0.2), or a "
-                                "dataset of its own, e.g. {name: imagefolder, root: release-eval}")
+        raise SurgeryInputError(
+            f"{case.where('gate.data')}: 'holdout' needs data.holdout > 0 (e.g. 0.2), or a "
+            "dataset of its own, e.g. {name: imagefolder, root: release-eval}"
+        )
     return case
 
 
@@ -440,8 +527,10 @@ class CaseCalibration:
         if self.record is None:
             return "not calibrated: thresholds are used as written (run `surgery calibrate`)"
         if not self.fresh:
-            return (f"calibration record {self.path} is stale (the case changed since); thresholds are used as "
-                    "written and claims are not judged for decidability (re-run `surgery calibrate`)")
+            return (
+                f"calibration record {self.path} is stale (the case changed since); thresholds are used as "
+                "written and claims are not judged for decidability (re-run `surgery calibrate`)"
+            )
         return f"calibrated at alpha = {self.record.alpha:g} over seeds {self.record.seeds} ({self.path})"
 
 

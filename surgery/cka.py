@@ -50,9 +50,10 @@ def _hsic_matrix(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tens
     """HSIC₁ between every Gram of ``a`` and every Gram of ``b`` (m_a × m_b), as matrix products."""
     ka, rows_a, total_a = a
     kb, rows_b, total_b = b
-    trace = ka @ kb.T                                   # tr(K̃ L̃) = sum(K̃ ∘ L̃) for symmetric K̃, L̃
-    return (trace + torch.outer(total_a, total_b) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (rows_a @ rows_b.T)) / (n * (n - 3))
+    trace = ka @ kb.T  # tr(K̃ L̃) = sum(K̃ ∘ L̃) for symmetric K̃, L̃
+    return (trace + torch.outer(total_a, total_b) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rows_a @ rows_b.T)) / (
+        n * (n - 3)
+    )
 
 
 def hsic_unbiased(k: Tensor, l: Tensor) -> float:
@@ -109,5 +110,5 @@ def linear_cka(x: Tensor, y: Tensor, *, batch_size: int | None = None) -> float:
     size = batch_size or x.shape[0]
     acc = CKAAccumulator(["x"], ["y"])
     for start in range(0, x.shape[0], size):
-        acc.update([gram(x[start:start + size])], [gram(y[start:start + size])])
+        acc.update([gram(x[start : start + size])], [gram(y[start : start + size])])
     return acc.value("x", "y")

@@ -17,17 +17,16 @@ from surgery import nights
 from surgery.errors import SurgeryInputError
 
 
-
 LOCAL_CLUSTER = "local"  # `--ray` without an address: start a cluster on this machine
 
 
 class ExitCode(enum.IntEnum):
     """The exit codes of every ``surgery`` command."""
 
-    OK = 0             # every expectation held (undecided claims listed, not counted as held)
-    FAILED = 1         # an expectation failed
-    BAD_INPUT = 2      # a case, model, checkpoint, data or device that cannot be used: one line on stderr
-    INTERNAL = 3       # a bug, or the environment failing (disk full ...)
+    OK = 0  # every expectation held (undecided claims listed, not counted as held)
+    FAILED = 1  # an expectation failed
+    BAD_INPUT = 2  # a case, model, checkpoint, data or device that cannot be used: one line on stderr
+    INTERNAL = 3  # a bug, or the environment failing (disk full ...)
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -35,8 +34,10 @@ def _print_result(result, report: Path | None) -> None:
     passed = sum(e.passed for e in result.expectations)
     status = "PASS" if result.passed else "FAIL"
     undecided = f", {len(result.undecided)} undecided" if result.undecided else ""
-    print(f"{status} {result.case}: {passed}/{len(result.expectations)} expectations held{undecided} "
-          f"({result.seconds:.1f}s){f' -> {report}' if report else ''}")
+    print(
+        f"{status} {result.case}: {passed}/{len(result.expectations)} expectations held{undecided} "
+        f"({result.seconds:.1f}s){f' -> {report}' if report else ''}"
+    )
     for e in result.expectations:
         if not e.passed:
             print(f"    {e.name}: {e.message}")
@@ -71,14 +72,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from surgery.report.render import write_case_report, write_index
     from surgery.runner import RunOptions
 
-    options = RunOptions(device=args.device, max_seeds=args.seeds, progress=None if not args.quiet else False,
-                         threads=args.threads, export=args.export is not None)
+    options = RunOptions(
+        device=args.device,
+        max_seeds=args.seeds,
+        progress=None if not args.quiet else False,
+        threads=args.threads,
+        export=args.export is not None,
+    )
     if args.ray is not None:
         from surgery.ray_runner import RayOptions, run_cases_on_ray
 
-        outcomes = run_cases_on_ray(cases, options, RayOptions(
-            address=None if args.ray == LOCAL_CLUSTER else args.ray, weights=args.ray_weights,
-            progress=False if args.quiet else None))
+        outcomes = run_cases_on_ray(
+            cases,
+            options,
+            RayOptions(
+                address=None if args.ray == LOCAL_CLUSTER else args.ray,
+                weights=args.ray_weights,
+                progress=False if args.quiet else None,
+            ),
+        )
     else:
         outcomes = _run_locally(cases, options)
     report = nights.new_dated_dir(args.report) if args.dated else Path(args.report)  # --dated: one folder a run
@@ -92,8 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             continue
         if isinstance(outcome, Exception):  # a task's internal error (Ray): reported, and the other cases go on
             detail = getattr(outcome, "remote_traceback", "") if os.environ.get("SURGERY_DEBUG") else ""
-            print(f"{detail}surgery: internal error: {case.path}: {outcome} (set SURGERY_DEBUG=1 for the traceback)",
-                  file=sys.stderr)
+            print(
+                f"{detail}surgery: internal error: {case.path}: {outcome} (set SURGERY_DEBUG=1 for the traceback)",
+                file=sys.stderr,
+            )
             internal = True
             continue
         _print_result(outcome, write_case_report(outcome, report))
@@ -101,8 +115,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             from surgery.case import experiment_hash
             from surgery.export import export_patients
 
-            for path in export_patients(outcome, outcome.patients, Path(args.export),
-                                        experiment_hash=experiment_hash(case)):
+            for path in export_patients(
+                outcome, outcome.patients, Path(args.export), experiment_hash=experiment_hash(case)
+            ):
                 print(f"    exported {path}")
         failed |= not outcome.passed
         ran += 1
@@ -112,8 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"latest: {report.parent / nights.LATEST} -> {report.name}")
     elif args.dated:
         report.rmdir()  # nothing was written: no empty night
-    return ExitCode.INTERNAL if internal else ExitCode.BAD_INPUT if bad else ExitCode.FAILED if failed \
-        else ExitCode.OK
+    return ExitCode.INTERNAL if internal else ExitCode.BAD_INPUT if bad else ExitCode.FAILED if failed else ExitCode.OK
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -138,8 +152,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for case in cases:
         check_factories(case)
     for path in paths:
-        calibrate_case(path, seeds=args.seeds, perturbed_seeds=args.perturbed_seeds, profiles=profiles,
-                       alpha=args.alpha, write=args.write)
+        calibrate_case(
+            path,
+            seeds=args.seeds,
+            perturbed_seeds=args.perturbed_seeds,
+            profiles=profiles,
+            alpha=args.alpha,
+            write=args.write,
+        )
     return ExitCode.OK
 
 
@@ -152,8 +172,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from surgery.numerics import pin_numerics
 
     pin_numerics(args.threads)
-    verdict = run_gate(Path(args.checkpoint), case, report_dir=Path(args.report), device=args.device,
-                       champion=Path(args.champion) if args.champion else None)
+    verdict = run_gate(
+        Path(args.checkpoint),
+        case,
+        report_dir=Path(args.report),
+        device=args.device,
+        champion=Path(args.champion) if args.champion else None,
+    )
     _print_gate_context(verdict.provenance["gate"])
     _print_result(verdict, Path(args.report))
     return ExitCode.OK if verdict.passed else ExitCode.FAILED
@@ -182,8 +207,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     other = load_results(args.compare) if args.compare else None
     from surgery.report.render import render_report  # once the results are read: matplotlib takes a second
 
-    out = Path(args.output) if args.output else Path(args.results).with_name(
-        "compare.html" if other else "report.html")
+    out = Path(args.output) if args.output else Path(args.results).with_name("compare.html" if other else "report.html")
     render_report(result, out, compare=other)
     print(out)
     return ExitCode.OK
@@ -235,8 +259,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from surgery.synthetic import folder_bytes, write_shapes_folder
 
     if args.count < 10 or args.size < 8:
-        raise SurgeryInputError(f"data synth: --count {args.count} --size {args.size}; expected at least 10 images "
-                                "of at least 8 px")
+        raise SurgeryInputError(
+            f"data synth: --count {args.count} --size {args.size}; expected at least 10 images of at least 8 px"
+        )
     root = write_shapes_folder(args.out, count=args.count, size=args.size, seed=args.seed)
     print(f"{root}: {args.count} JPEG images of {args.size} px in 5 class folders ({folder_bytes(root) / 1e6:.1f} MB)")
     return ExitCode.OK
@@ -291,46 +316,90 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run case files; exit 0 if every expectation holds")
     run.add_argument("cases", nargs="+", help="case files or directories")
-    run.add_argument("--report", default="reports", metavar="DIR",
-                     help="write results.json and report.html per case, and index.html, here (default: reports)")
-    run.add_argument("--dated", action="store_true",
-                     help="write into a new DIR/<UTC date and time>/ and point DIR/latest at it, so that nights "
-                          "stay side by side for `surgery history DIR`")
+    run.add_argument(
+        "--report",
+        default="reports",
+        metavar="DIR",
+        help="write results.json and report.html per case, and index.html, here (default: reports)",
+    )
+    run.add_argument(
+        "--dated",
+        action="store_true",
+        help="write into a new DIR/<UTC date and time>/ and point DIR/latest at it, so that nights "
+        "stay side by side for `surgery history DIR`",
+    )
     run.add_argument("--device", default=None, help="override the cases' device: auto, cpu, cuda, cuda:N")
     run.add_argument("--seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--threads", type=int, default=None, metavar="N",
-                     help="torch threads (default: $SURGERY_THREADS, else 2); results depend on it")
-    run.add_argument("--export", default=None, metavar="DIR",
-                     help="write each seed's fine-tuned patient as DIR/<case>/seed-N.safetensors, its metadata "
-                          "holding the case hash, seed, commit, versions, coverage, metrics and the run's verdict")
-    run.add_argument("--ray", nargs="?", const=LOCAL_CLUSTER, default=None, metavar="ADDRESS",
-                     help="run on Ray: one task per case and seed (and baseline, zoo model); without ADDRESS a "
-                          "local cluster sized to this machine (needs: pip install 'surgery[ray]')")
-    run.add_argument("--ray-weights", choices=["auto", "shared", "object-store"], default="auto",
-                     help="how zoo weights reach Ray workers: a shared SURGERY_CACHE or Ray's object store "
-                          "(default auto: shared when every node sees the driver's cache)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads (default: $SURGERY_THREADS, else 2); results depend on it",
+    )
+    run.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="write each seed's fine-tuned patient as DIR/<case>/seed-N.safetensors, its metadata "
+        "holding the case hash, seed, commit, versions, coverage, metrics and the run's verdict",
+    )
+    run.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL_CLUSTER,
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: one task per case and seed (and baseline, zoo model); without ADDRESS a "
+        "local cluster sized to this machine (needs: pip install 'surgery[ray]')",
+    )
+    run.add_argument(
+        "--ray-weights",
+        choices=["auto", "shared", "object-store"],
+        default="auto",
+        help="how zoo weights reach Ray workers: a shared SURGERY_CACHE or Ray's object store "
+        "(default auto: shared when every node sees the driver's cache)",
+    )
     run.set_defaults(func=cmd_run)
 
     cal = sub.add_parser("calibrate", help="run cases over many seeds and numeric profiles; derive thresholds")
     cal.add_argument("cases", nargs="+", help="case files or directories")
-    cal.add_argument("--seeds", type=int, default=10, metavar="N",
-                     help="seeds of the first profile: the case's, then fresh ones (default 10)")
-    cal.add_argument("--perturbed-seeds", type=int, default=None, metavar="M",
-                     help="the first M of those seeds under the other profiles (default: all N)")
-    cal.add_argument("--profiles", default="native,threads1,isa-default,zoo-threads1",
-                     help="numeric profiles, comma-separated: native, threads1, isa-default, isa-avx2, zoo-threads1")
+    cal.add_argument(
+        "--seeds",
+        type=int,
+        default=10,
+        metavar="N",
+        help="seeds of the first profile: the case's, then fresh ones (default 10)",
+    )
+    cal.add_argument(
+        "--perturbed-seeds",
+        type=int,
+        default=None,
+        metavar="M",
+        help="the first M of those seeds under the other profiles (default: all N)",
+    )
+    cal.add_argument(
+        "--profiles",
+        default="native,threads1,isa-default,zoo-threads1",
+        help="numeric profiles, comma-separated: native, threads1, isa-default, isa-avx2, zoo-threads1",
+    )
     cal.add_argument("--alpha", type=float, default=0.001, help="false-alarm rate per expectation (default 0.001)")
-    cal.add_argument("--write", action="store_true",
-                     help="also write the calibrated thresholds into the case files (comments kept)")
+    cal.add_argument(
+        "--write", action="store_true", help="also write the calibrated thresholds into the case files (comments kept)"
+    )
     cal.add_argument("--show", action="store_true", help="print the existing records' tables; run nothing")
     cal.set_defaults(func=cmd_calibrate)
 
     gate = sub.add_parser("gate", help="check a finished checkpoint against a case before release")
     gate.add_argument("checkpoint", help="the release candidate (.safetensors, or .pt/.pth loaded weights-only)")
     gate.add_argument("--case", required=True)
-    gate.add_argument("--champion", default=None, metavar="PATH",
-                      help="the released checkpoint to compare with on the same examples (overrides gate.champion)")
+    gate.add_argument(
+        "--champion",
+        default=None,
+        metavar="PATH",
+        help="the released checkpoint to compare with on the same examples (overrides gate.champion)",
+    )
     gate.add_argument("--report", default="reports/gate", metavar="DIR")
     gate.add_argument("--device", default=None)
     gate.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: 2)")
@@ -346,16 +415,34 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("report_dir")
     summary.set_defaults(func=cmd_summary)
 
-    history = sub.add_parser("history", help="every expectation over many report directories (nights), against "
-                                             "its calibrated band; failed, undecided and drifting runs flagged")
-    history.add_argument("dirs", nargs="+", metavar="DIR",
-                         help="report directories, or folders holding one per night (as --dated writes them)")
-    history.add_argument("-o", "--output", default=None, metavar="FILE",
-                         help="the page (default: DIR/history.html for one DIR, else ./history.html)")
-    history.add_argument("--window", type=int, default=7, metavar="K",
-                         help="the drift test compares the last K runs with the K before (default 7)")
-    history.add_argument("--p", type=float, default=0.002, metavar="P",
-                         help="flag a drift at Mann-Whitney p < P (default 0.002, as ASV)")
+    history = sub.add_parser(
+        "history",
+        help="every expectation over many report directories (nights), against "
+        "its calibrated band; failed, undecided and drifting runs flagged",
+    )
+    history.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="DIR",
+        help="report directories, or folders holding one per night (as --dated writes them)",
+    )
+    history.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="the page (default: DIR/history.html for one DIR, else ./history.html)",
+    )
+    history.add_argument(
+        "--window",
+        type=int,
+        default=7,
+        metavar="K",
+        help="the drift test compares the last K runs with the K before (default 7)",
+    )
+    history.add_argument(
+        "--p", type=float, default=0.002, metavar="P", help="flag a drift at Mann-Whitney p < P (default 0.002, as ASV)"
+    )
     history.set_defaults(func=cmd_history)
 
     zoo = sub.add_parser("zoo", help="build or list the zoo of source models")
@@ -373,8 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the case file's JSON Schema (for editors: yaml-language-server)")
     schema.add_argument("-o", "--output", default=None, help="write it to this file instead of stdout")
-    schema.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import a module that registers a check first (repeatable)")
+    schema.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module that registers a check first (repeatable)",
+    )
     schema.set_defaults(func=cmd_schema)
     inspect = sub.add_parser("inspect", help="module names, parameter shapes and graph nodes of a model")
     inspect.add_argument("model", help="torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
@@ -397,8 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug or an environment failure (disk full …): never exit 1, which means "failed"
         if os.environ.get("SURGERY_DEBUG"):
             raise
-        print(f"surgery: internal error: {exc.__class__.__name__}: {exc} (set SURGERY_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"surgery: internal error: {exc.__class__.__name__}: {exc} (set SURGERY_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return ExitCode.INTERNAL
 
 

@@ -29,7 +29,6 @@ from surgery.image_sources import Geometry, ImageSource, dataset_source, folder_
 from surgery.preprocess import ZOO_PREPROCESS, Preprocess
 
 
-
 @dataclass
 class Split:
     """A dataset at the case's image size, split into train and test tensors."""
@@ -49,8 +48,10 @@ class Split:
     preprocess: Preprocess = ZOO_PREPROCESS
 
     def __repr__(self) -> str:
-        return (f"Split({self.name}: train {tuple(self.train_x.shape)}, test {tuple(self.test_x.shape)}, "
-                f"{self.num_classes} classes)")
+        return (
+            f"Split({self.name}: train {tuple(self.train_x.shape)}, test {tuple(self.test_x.shape)}, "
+            f"{self.num_classes} classes)"
+        )
 
 
 # --------------------------------------------------------------------------- raw sources (images in [0, 1])
@@ -93,19 +94,29 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring")
 
-SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def seeded_generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed``; a seed torch cannot take is bad input, not an overflow."""
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise SurgeryInputError(f"data: seed {seed} (data.split_seed, or the case's seed) is out of range for "
-                                "torch's random generator; expected an integer from -2**63 to 2**64 - 1")
+        raise SurgeryInputError(
+            f"data: seed {seed} (data.split_seed, or the case's seed) is out of range for "
+            "torch's random generator; expected an integer from -2**63 to 2**64 - 1"
+        )
     return torch.Generator().manual_seed(seed)
 
 
-def make_shapes(n: int, size: int, *, seed: int, background: float = 0.0, color_shift: float = 0.0,
-                noise: float = 0.0, blur: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_shapes(
+    n: int,
+    size: int,
+    *,
+    seed: int,
+    background: float = 0.0,
+    color_shift: float = 0.0,
+    noise: float = 0.0,
+    blur: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Procedural RGB shapes (one of ``SHAPE_CLASSES`` per image), fully determined by ``seed``.
 
     Domain knobs: ``background`` brightness, ``color_shift`` (rotates the foreground colour towards
@@ -120,13 +131,16 @@ def make_shapes(n: int, size: int, *, seed: int, background: float = 0.0, color_
     dx = coords.view(1, 1, size) - centre[:, 0].view(n, 1, 1)
     r = radius.view(n, 1, 1)
     dist = (dx**2 + dy**2).sqrt()
-    masks = torch.stack([
-        dist < r,                                                                  # circle
-        (dx.abs() < 0.8 * r) & (dy.abs() < 0.8 * r),                               # square
-        (dy < 0.8 * r) & (dx.abs() < 0.6 * (dy + 0.8 * r)),                        # triangle
-        ((dx.abs() < 0.25 * r) & (dy.abs() < r)) | ((dy.abs() < 0.25 * r) & (dx.abs() < r)),  # cross
-        (dist < r) & (dist > 0.55 * r),                                            # ring
-    ], dim=1)
+    masks = torch.stack(
+        [
+            dist < r,  # circle
+            (dx.abs() < 0.8 * r) & (dy.abs() < 0.8 * r),  # square
+            (dy < 0.8 * r) & (dx.abs() < 0.6 * (dy + 0.8 * r)),  # triangle
+            ((dx.abs() < 0.25 * r) & (dy.abs() < r)) | ((dy.abs() < 0.25 * r) & (dx.abs() < r)),  # cross
+            (dist < r) & (dist > 0.55 * r),  # ring
+        ],
+        dim=1,
+    )
     mask = masks[torch.arange(n), labels].float().unsqueeze(1)
     colour = 0.45 + 0.55 * torch.rand(n, 3, generator=g)
     colour = colour + color_shift * torch.tensor([0.5, 0.0, -0.5])
@@ -152,22 +166,31 @@ def load_images(spec, *, image_size: int, channels: int, seed: int = 0) -> tuple
     elif spec.name == "digits":
         images, labels = _digits()
     elif spec.name == "shapes":
-        images, labels = make_shapes(spec.size, image_size, seed=seed, background=spec.background,
-                                     color_shift=spec.color_shift, noise=spec.noise, blur=spec.blur)
+        images, labels = make_shapes(
+            spec.size,
+            image_size,
+            seed=seed,
+            background=spec.background,
+            color_shift=spec.color_shift,
+            noise=spec.noise,
+            blur=spec.blur,
+        )
     elif spec.name in ("imagefolder", "dataset"):
         cached = cached_images(spec, image_size=image_size, channels=channels, preprocess=ZOO_PREPROCESS)
         return cached.read(slice(None)).float() / 255, cached.labels
     else:  # the schema rejects other names; keep the error honest if it is bypassed
-        raise SurgeryInputError(f"data: unknown dataset {spec.name!r}; expected one of mnist5k, digits, shapes, "
-                                "imagefolder, dataset")
+        raise SurgeryInputError(
+            f"data: unknown dataset {spec.name!r}; expected one of mnist5k, digits, shapes, imagefolder, dataset"
+        )
     if len(images) == 0:
         raise SurgeryInputError(f"data: dataset {spec.name!r} is empty")
     if spec.limit is not None and spec.limit < len(images):
         keep = limited(len(images), spec.limit)
         images, labels = images[keep], labels[keep]
     if images.shape[-1] != image_size or images.shape[-2] != image_size:
-        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True,
-                               align_corners=False).clamp(0, 1)
+        images = F.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        ).clamp(0, 1)
     if images.shape[1] != channels:
         images = images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, channels, -1, -1)
     return images.contiguous(), labels
@@ -191,12 +214,17 @@ def image_source(spec) -> ImageSource:
     return dataset_source(spec.dataset, kwargs)
 
 
-def cached_images(spec, *, image_size: int, channels: int, preprocess: Preprocess,
-                  workers: int | None = None) -> CachedImages:
+def cached_images(
+    spec, *, image_size: int, channels: int, preprocess: Preprocess, workers: int | None = None
+) -> CachedImages:
     """A folder, tar or dataset decoded once into the image cache at the case's geometry (``limit`` applied)."""
     source = image_source(spec)
-    geometry = Geometry(resize=preprocess.resize_for(image_size), crop=image_size, channels=channels,
-                        interpolation=preprocess.interpolation)
+    geometry = Geometry(
+        resize=preprocess.resize_for(image_size),
+        crop=image_size,
+        channels=channels,
+        interpolation=preprocess.interpolation,
+    )
     entry = cached_entry(source, geometry, workers=workers)
     rows = np.arange(entry.count)
     if spec.limit is not None and spec.limit < entry.count:
@@ -218,8 +246,15 @@ def holdout_indices(n: int, fraction: float) -> torch.Tensor:
     return order[:count].sort().values
 
 
-def dataset_images(spec, *, image_size: int, channels: int, seed: int, preprocess: Preprocess = ZOO_PREPROCESS,
-                   workers: int | None = None) -> tuple[Images, torch.Tensor]:
+def dataset_images(
+    spec,
+    *,
+    image_size: int,
+    channels: int,
+    seed: int,
+    preprocess: Preprocess = ZOO_PREPROCESS,
+    workers: int | None = None,
+) -> tuple[Images, torch.Tensor]:
     """A whole dataset, normalised by ``preprocess``: a tensor for an embedded set, cached images otherwise."""
     if spec.embedded:
         images, labels = load_images(spec, image_size=image_size, channels=channels, seed=seed)
@@ -228,8 +263,17 @@ def dataset_images(spec, *, image_size: int, channels: int, seed: int, preproces
     return cached, cached.labels
 
 
-def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction: float = 0.2,
-               holdout: float = 0.0, preprocess: Preprocess = ZOO_PREPROCESS, workers: int | None = None) -> Split:
+def load_split(
+    spec,
+    *,
+    image_size: int,
+    channels: int,
+    seed: int,
+    test_fraction: float = 0.2,
+    holdout: float = 0.0,
+    preprocess: Preprocess = ZOO_PREPROCESS,
+    workers: int | None = None,
+) -> Split:
     """The dataset normalised by ``preprocess`` (default: the zoo's [-1, 1]) and split train/test by a
     permutation drawn from ``seed``.
 
@@ -238,8 +282,9 @@ def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction
     ``holdout_x`` / ``holdout_y`` for the release gate. At 0 the split is exactly what it was without it.
     """
     generator = seeded_generator(seed)  # before any work: a seed out of range is bad input
-    x, labels = dataset_images(spec, image_size=image_size, channels=channels, seed=seed, preprocess=preprocess,
-                               workers=workers)
+    x, labels = dataset_images(
+        spec, image_size=image_size, channels=channels, seed=seed, preprocess=preprocess, workers=workers
+    )
     n = len(x)
     held = holdout_indices(n, holdout)
     if len(held):
@@ -250,19 +295,32 @@ def load_split(spec, *, image_size: int, channels: int, seed: int, test_fraction
         pool = torch.arange(n)
     n_test = max(1, int(round(len(pool) * test_fraction)))
     if len(pool) - n_test < 1:
-        raise SurgeryInputError(f"data: dataset {spec.name!r} has {n} samples ({len(held)} held out); too few to "
-                                "split train/test")
+        raise SurgeryInputError(
+            f"data: dataset {spec.name!r} has {n} samples ({len(held)} held out); too few to split train/test"
+        )
     order = pool[torch.randperm(len(pool), generator=generator)]
     test, train = order[:n_test], order[n_test:]
     num_classes = int(labels.max()) + 1
-    return Split(spec.name, subset(x, train), labels[train], subset(x, test), labels[test], num_classes,
-                 train_index=train, test_index=test, holdout_index=held,
-                 holdout_x=subset(x, held) if len(held) else None, holdout_y=labels[held] if len(held) else None,
-                 preprocess=preprocess)
+    return Split(
+        spec.name,
+        subset(x, train),
+        labels[train],
+        subset(x, test),
+        labels[test],
+        num_classes,
+        train_index=train,
+        test_index=test,
+        holdout_index=held,
+        holdout_x=subset(x, held) if len(held) else None,
+        holdout_y=labels[held] if len(held) else None,
+        preprocess=preprocess,
+    )
 
 
-def load_eval_set(spec, *, image_size: int, channels: int, preprocess: Preprocess = ZOO_PREPROCESS,
-                  workers: int | None = None) -> tuple[Images, torch.Tensor]:
+def load_eval_set(
+    spec, *, image_size: int, channels: int, preprocess: Preprocess = ZOO_PREPROCESS, workers: int | None = None
+) -> tuple[Images, torch.Tensor]:
     """A whole dataset, normalised as :func:`load_split` normalises, for evaluation only (no split)."""
-    return dataset_images(spec, image_size=image_size, channels=channels, seed=0, preprocess=preprocess,
-                          workers=workers)
+    return dataset_images(
+        spec, image_size=image_size, channels=channels, seed=0, preprocess=preprocess, workers=workers
+    )

@@ -26,8 +26,7 @@ from torch import Tensor
 
 from surgery.activation_probe import LayerStats, histogram
 
-__all__ = ["PSI_EPS", "W1_NORM_FLOOR", "wasserstein_1d", "ks_statistic", "psi", "drift", "drift_table",
-           "DRIFT_COLUMNS"]
+__all__ = ["PSI_EPS", "W1_NORM_FLOOR", "wasserstein_1d", "ks_statistic", "psi", "drift", "drift_table", "DRIFT_COLUMNS"]
 
 # Evidently's conventions: the W1 normaliser is max(std(reference), 0.001), and empty histogram
 # bins get a share of 0.0001 in the PSI so the logarithm stays finite.
@@ -90,14 +89,19 @@ def drift(reference: LayerStats, patient: LayerStats) -> dict[str, Any]:
     """
     w1 = wasserstein_1d(reference.sample, patient.sample)
     norm = max(reference.std, W1_NORM_FLOOR) if math.isfinite(reference.std) else math.nan
-    if (reference.hist_edges.shape == patient.hist_edges.shape
-            and torch.equal(reference.hist_edges, patient.hist_edges)):
+    if reference.hist_edges.shape == patient.hist_edges.shape and torch.equal(reference.hist_edges, patient.hist_edges):
         value, basis = psi(reference.hist_counts, patient.hist_counts), "histogram"
     else:
         counts = [histogram(s.sample, reference.hist_edges) for s in (reference, patient)]
         value, basis = psi(*counts), "sample"
-    return {"layer": reference.name, "wasserstein": w1, "wasserstein_norm": w1 / norm,
-            "ks": ks_statistic(reference.sample, patient.sample), "psi": value, "psi_basis": basis}
+    return {
+        "layer": reference.name,
+        "wasserstein": w1,
+        "wasserstein_norm": w1 / norm,
+        "ks": ks_statistic(reference.sample, patient.sample),
+        "psi": value,
+        "psi_basis": basis,
+    }
 
 
 DRIFT_COLUMNS = ["layer", "w1_norm", "ks", "psi", "ref_mean", "ref_std", "pat_mean", "pat_std", "dead_channel_frac"]
@@ -111,13 +115,24 @@ def drift_table(reference: Mapping[str, LayerStats], patient: Mapping[str, Layer
     missing = [n for n in reference if n not in patient]
     extra = [n for n in patient if n not in reference]
     if missing or extra:
-        raise ValueError(f"reference and patient probe different layers: missing in patient {missing}, "
-                         f"only in patient {extra}")
+        raise ValueError(
+            f"reference and patient probe different layers: missing in patient {missing}, only in patient {extra}"
+        )
     rows = []
     for name, ref in reference.items():
         pat = patient[name]
         d = drift(ref, pat)
-        rows.append({"layer": name, "w1_norm": d["wasserstein_norm"], "ks": d["ks"], "psi": d["psi"],
-                     "ref_mean": ref.mean, "ref_std": ref.std, "pat_mean": pat.mean, "pat_std": pat.std,
-                     "dead_channel_frac": pat.dead_channel_frac})
+        rows.append(
+            {
+                "layer": name,
+                "w1_norm": d["wasserstein_norm"],
+                "ks": d["ks"],
+                "psi": d["psi"],
+                "ref_mean": ref.mean,
+                "ref_std": ref.std,
+                "pat_mean": pat.mean,
+                "pat_std": pat.std,
+                "dead_channel_frac": pat.dead_channel_frac,
+            }
+        )
     return pd.DataFrame(rows, columns=DRIFT_COLUMNS)

@@ -50,8 +50,10 @@ def export_metadata(result: CaseResult, seed_figures: Mapping[str, Any], *, expe
         f"{PREFIX}versions": json.dumps(strict_json(versions), sort_keys=True),
         f"{PREFIX}verdict": "pass" if result.passed else "fail",
         f"{PREFIX}coverage": json.dumps(strict_json(seed_figures.get("coverage", {})), sort_keys=True),
-        f"{PREFIX}metrics": json.dumps(strict_json({"accuracy": seed_figures.get("accuracy", {}),
-                                                    "finite": seed_figures.get("finite")}), sort_keys=True),
+        f"{PREFIX}metrics": json.dumps(
+            strict_json({"accuracy": seed_figures.get("accuracy", {}), "finite": seed_figures.get("finite")}),
+            sort_keys=True,
+        ),
     }
 
 
@@ -60,8 +62,9 @@ def export_path(out_dir: Path, case_name: str, seed: int) -> Path:
     return Path(out_dir) / safe_name(case_name) / f"seed-{seed}.safetensors"
 
 
-def export_patients(result: CaseResult, states: Mapping[int, Mapping[str, torch.Tensor]], out_dir: Path, *,
-                    experiment_hash: str) -> list[Path]:
+def export_patients(
+    result: CaseResult, states: Mapping[int, Mapping[str, torch.Tensor]], out_dir: Path, *, experiment_hash: str
+) -> list[Path]:
     """Write each seed's patient of ``result`` under ``out_dir``; return the paths, in seed order."""
     from safetensors.torch import save_file
 
@@ -97,7 +100,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         if not key.startswith(PREFIX):
             continue
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         if name in ("versions", "coverage", "metrics"):
             try:
                 out[name] = json.loads(value)
@@ -113,5 +116,7 @@ def describe_origin(meta: Mapping[str, Any]) -> str:
     if not meta:
         return ""
     commit = str(meta.get("commit", "unknown"))[:12]
-    return (f"case {meta.get('case')} (hash {meta.get('case_hash')}), seed {meta.get('seed')}, commit {commit}, "
-            f"run verdict {meta.get('verdict')}")
+    return (
+        f"case {meta.get('case')} (hash {meta.get('case_hash')}), seed {meta.get('seed')}, commit {commit}, "
+        f"run verdict {meta.get('verdict')}"
+    )

@@ -88,16 +88,16 @@ def predict(model: nn.Module, x: Images, *, device: torch.device, batch_size: in
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.device,
-             batch_size: int = 512) -> float:
+def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.device, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)``."""
     logits = predict(model, x, device=device, batch_size=batch_size)
     return float((logits.argmax(1) == y).float().mean())
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: Images, *, device: torch.device, batches: int = 20,
-                   batch_size: int = 64, seed: int = 0) -> int:
+def recalibrate_bn(
+    model: nn.Module, x: Images, *, device: torch.device, batches: int = 20, batch_size: int = 64, seed: int = 0
+) -> int:
     """AdaBN: reset BatchNorm running statistics and re-estimate them on unlabelled ``x``.
 
     Runs ``batches`` forward passes in train mode without gradients, with a cumulative average
@@ -161,8 +161,10 @@ def _assign_groups(model: nn.Module, specs: Sequence[ParamGroupSpec]) -> list[_G
         target.params.append(p)
     for g in groups[:-1]:
         if not g.params:
-            raise SurgeryInputError(f"finetune.groups: params {g.spec.params!r} matches no trainable parameter "
-                                    f"(names look like {next(iter(dict(model.named_parameters())), '?')!r})")
+            raise SurgeryInputError(
+                f"finetune.groups: params {g.spec.params!r} matches no trainable parameter "
+                f"(names look like {next(iter(dict(model.named_parameters())), '?')!r})"
+            )
     return [g for g in groups if g.params]
 
 
@@ -178,8 +180,14 @@ def _lr_factor(step: int, spec: FinetuneSpec) -> float:
 
 def _optimizer(groups: list[_Group], spec: FinetuneSpec) -> torch.optim.Optimizer:
     opt = spec.optimizer
-    param_groups = [{"params": g.params, "lr": opt.lr * (g.spec.lr_scale if g.spec else 1.0),
-                     "base_lr": opt.lr * (g.spec.lr_scale if g.spec else 1.0)} for g in groups]
+    param_groups = [
+        {
+            "params": g.params,
+            "lr": opt.lr * (g.spec.lr_scale if g.spec else 1.0),
+            "base_lr": opt.lr * (g.spec.lr_scale if g.spec else 1.0),
+        }
+        for g in groups
+    ]
     if opt.name == "sgd":
         return torch.optim.SGD(param_groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     return torch.optim.AdamW(param_groups, lr=opt.lr, weight_decay=opt.weight_decay)
@@ -194,8 +202,9 @@ def _set_frozen(groups: list[_Group], step: int) -> None:
     for g in groups:
         if g.spec is None:
             continue
-        frozen = (g.spec.freeze or g.spec.unfreeze_at is not None) and \
-            (g.spec.unfreeze_at is None or step < g.spec.unfreeze_at)
+        frozen = (g.spec.freeze or g.spec.unfreeze_at is not None) and (
+            g.spec.unfreeze_at is None or step < g.spec.unfreeze_at
+        )
         for p in g.params:
             p.requires_grad_(not frozen)
 
@@ -235,10 +244,21 @@ class BatchFeed:
             self.pool.shutdown(wait=True)
 
 
-def finetune(model: nn.Module, train_x: Images, train_y: torch.Tensor, eval_x: Images,
-             eval_y: torch.Tensor, spec: FinetuneSpec, *, seed: int, device: torch.device,
-             teacher: nn.Module | None = None, distill: DistillSpec | None = None,
-             progress: bool | None = None, desc: str = "fine-tune") -> FinetuneResult:
+def finetune(
+    model: nn.Module,
+    train_x: Images,
+    train_y: torch.Tensor,
+    eval_x: Images,
+    eval_y: torch.Tensor,
+    spec: FinetuneSpec,
+    *,
+    seed: int,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    distill: DistillSpec | None = None,
+    progress: bool | None = None,
+    desc: str = "fine-tune",
+) -> FinetuneResult:
     """Train ``model`` in place for ``spec.steps`` steps; evaluate every ``spec.eval_every`` steps.
 
     Deterministic for a seed on the CPU. With ``teacher`` and ``distill``, the loss mixes
@@ -269,9 +289,9 @@ def finetune(model: nn.Module, train_x: Images, train_y: torch.Tensor, eval_x: I
             pg["lr"] = pg["base_lr"] * factor
         if cursor + spec.batch_size > len(order):
             order, cursor = torch.randperm(len(train_x), generator=g).to(order_device), 0
-        idx = order[cursor:cursor + spec.batch_size]
+        idx = order[cursor : cursor + spec.batch_size]
         cursor += spec.batch_size
-        ahead = order[cursor:cursor + spec.batch_size] if cursor + spec.batch_size <= len(order) else None
+        ahead = order[cursor : cursor + spec.batch_size] if cursor + spec.batch_size <= len(order) else None
         x, y = feed.get(idx, ahead if step + 1 < spec.steps else None)
         if augment is not None:
             x = augment_batch(x, spec.augment, augment)
@@ -283,8 +303,11 @@ def finetune(model: nn.Module, train_x: Images, train_y: torch.Tensor, eval_x: I
                 with torch.no_grad():
                     soft = teacher(x).float()
                 t = distill.temperature
-                kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.softmax(soft / t, 1),
-                              reduction="batchmean") * t * t
+                kd = (
+                    F.kl_div(F.log_softmax(logits.float() / t, 1), F.softmax(soft / t, 1), reduction="batchmean")
+                    * t
+                    * t
+                )
                 loss = (1 - distill.weight) * loss + distill.weight * kd
         # NOTE: on CUDA, finiteness is read back only at evaluation points (no host sync per step).
         nonfinite = ~torch.isfinite(loss.detach()) if nonfinite is None else nonfinite | ~torch.isfinite(loss.detach())
@@ -295,8 +318,9 @@ def finetune(model: nn.Module, train_x: Images, train_y: torch.Tensor, eval_x: I
         if loss.requires_grad:  # every group frozen (e.g. until an unfreeze_at step): nothing to update
             loss.backward()
             if spec.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp.params if p.grad is not None],
-                                               spec.clip_grad)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for grp in groups for p in grp.params if p.grad is not None], spec.clip_grad
+                )
             optimizer.step()
         running += loss.detach()
         seen += 1
@@ -304,8 +328,14 @@ def finetune(model: nn.Module, train_x: Images, train_y: torch.Tensor, eval_x: I
         bar.update(1)
         if result.steps_done % spec.eval_every == 0 or result.steps_done == spec.steps:
             acc = evaluate(model, eval_x, eval_y, device=device)
-            result.curve.append({"step": result.steps_done, "loss": float(running) / seen, "accuracy": acc,
-                                 "lr": spec.optimizer.lr * factor})  # the schedule, before any lr_scale
+            result.curve.append(
+                {
+                    "step": result.steps_done,
+                    "loss": float(running) / seen,
+                    "accuracy": acc,
+                    "lr": spec.optimizer.lr * factor,
+                }
+            )  # the schedule, before any lr_scale
             bar.set_postfix(loss=f"{float(running) / seen:.3f}", acc=f"{acc:.3f}")
             if result.steps_done == spec.steps:
                 result.final_accuracy = acc

@@ -34,11 +34,25 @@ from surgery.errors import SurgeryInputError
 from surgery.nights import RESULTS, STAMP, find_nights
 from surgery.results import CaseResult, load_results
 
-WINDOW = 7          # k: the last k nights against the k before them
-P_MAX = 0.002       # ASV's p threshold for its Mann-Whitney U step test
-MAX_EXACT = 60      # pooled values up to which the U test's p-value is counted exactly
-WATCHED = ("torch", "torchvision", "timm", "python", "surgery", "device", "cuda", "cudnn", "cpu_capability",
-           "aten_cpu_capability_env", "threads", "deterministic_algorithms", "machine", "case_hash")
+WINDOW = 7  # k: the last k nights against the k before them
+P_MAX = 0.002  # ASV's p threshold for its Mann-Whitney U step test
+MAX_EXACT = 60  # pooled values up to which the U test's p-value is counted exactly
+WATCHED = (
+    "torch",
+    "torchvision",
+    "timm",
+    "python",
+    "surgery",
+    "device",
+    "cuda",
+    "cudnn",
+    "cpu_capability",
+    "aten_cpu_capability_env",
+    "threads",
+    "deterministic_algorithms",
+    "machine",
+    "case_hash",
+)
 WEIGHTS = "weights"  # provenance key: weight file path -> SHA-256
 
 
@@ -50,8 +64,8 @@ class Night:
     created: datetime | None
     commit: str | None
     results: dict[str, CaseResult] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)       # case -> its results.json
-    notes: list[str] = field(default_factory=list)             # results.json files that could not be read
+    files: dict[str, Path] = field(default_factory=dict)  # case -> its results.json
+    notes: list[str] = field(default_factory=list)  # results.json files that could not be read
 
     @property
     def label(self) -> str:
@@ -70,11 +84,11 @@ class Night:
 class Point:
     """One night's figure of one expectation."""
 
-    night: int                          # index into History.nights
+    night: int  # index into History.nights
     observed: float | None
     threshold: float | None
-    status: str                         # passed | failed | undecided
-    band: tuple[float, float] | None    # the calibrated band the run was judged against
+    status: str  # passed | failed | undecided
+    band: tuple[float, float] | None  # the calibrated band the run was judged against
     outside: bool
     message: str = ""
 
@@ -85,11 +99,11 @@ class Drift:
 
     window: int
     p_max: float
-    p: float | None = None              # None: too few nights to test
-    u: float | None = None              # Mann-Whitney U of the recent nights
-    shift: float | None = None          # median(recent) - median(earlier)
+    p: float | None = None  # None: too few nights to test
+    u: float | None = None  # Mann-Whitney U of the recent nights
+    shift: float | None = None  # median(recent) - median(earlier)
     towards_threshold: bool | None = None
-    runs: int = 0                       # nights with a figure
+    runs: int = 0  # nights with a figure
 
     @property
     def flagged(self) -> bool:
@@ -100,11 +114,16 @@ class Drift:
         test = f"Mann–Whitney U, last {self.window} runs vs the {self.window} before"
         if self.p is None:
             return f"{test}: needs {2 * self.window} runs with a figure, has {self.runs}"
-        way = "" if self.towards_threshold is None else (" towards its threshold" if self.towards_threshold
-                                                          else " away from its threshold")
+        way = (
+            ""
+            if self.towards_threshold is None
+            else (" towards its threshold" if self.towards_threshold else " away from its threshold")
+        )
         verdict = "drifting" if self.flagged else "steady"
-        return f"{verdict}: {test}, U = {self.u:g}, p = {self.p:.2g} (flag at p < {self.p_max:g}); " \
-               f"median moved {self.shift:+.4g}{way}"
+        return (
+            f"{verdict}: {test}, U = {self.u:g}, p = {self.p:.2g} (flag at p < {self.p_max:g}); "
+            f"median moved {self.shift:+.4g}{way}"
+        )
 
 
 @dataclass
@@ -113,7 +132,7 @@ class Series:
 
     case: str
     name: str
-    direction: str | None               # lower: the figure must stay above its threshold; upper: below
+    direction: str | None  # lower: the figure must stay above its threshold; upper: below
     points: list[Point]
     drift: Drift
 
@@ -137,8 +156,16 @@ class Series:
     @property
     def flags(self) -> list[str]:
         """What needs attention: failed, undecided, outside band, drifting (in that order)."""
-        return [name for name, on in (("failed", self.failed), ("undecided", self.undecided),
-                                      ("outside band", self.outside), ("drifting", self.drift.flagged)) if on]
+        return [
+            name
+            for name, on in (
+                ("failed", self.failed),
+                ("undecided", self.undecided),
+                ("outside band", self.outside),
+                ("drifting", self.drift.flagged),
+            )
+            if on
+        ]
 
 
 @dataclass
@@ -191,12 +218,18 @@ def read_night(path: Path) -> Night:
     times = [t for t in (_parse_time(r.provenance.get("created")) for r in results.values()) if t]
     if not times:  # no provenance time: the directory's own name (a dated directory), else its mtime
         try:
-            times = [datetime.strptime(path.name[:len("2026-01-01T000000Z")], STAMP).replace(tzinfo=timezone.utc)]
+            times = [datetime.strptime(path.name[: len("2026-01-01T000000Z")], STAMP).replace(tzinfo=timezone.utc)]
         except ValueError:
             times = [datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)]
     commits = Counter(r.provenance.get("git_commit") for r in results.values() if r.provenance.get("git_commit"))
-    return Night(path=path, created=min(times), commit=commits.most_common(1)[0][0] if commits else None,
-                 results=results, files=files, notes=notes)
+    return Night(
+        path=path,
+        created=min(times),
+        commit=commits.most_common(1)[0][0] if commits else None,
+        results=results,
+        files=files,
+        notes=notes,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +247,15 @@ def calibrated_band(calibration: dict[str, Any] | None) -> tuple[float, float] |
         if calibration.get("bound") is not None:
             half = abs(mean - float(calibration["bound"]))
         else:  # an older result without its bound: compute it (scipy.stats, a second to import)
-            cal = Calibrated(mean=mean, std=float(calibration["std"]), seeds=int(calibration["seeds"]),
-                             runs=int(calibration["runs"]))
-            half = mean - prediction_bound(cal, alpha=float(calibration["alpha"]), k=int(calibration.get("k") or 1),
-                                           aggregate=str(calibration.get("aggregate") or "mean"))
+            cal = Calibrated(
+                mean=mean, std=float(calibration["std"]), seeds=int(calibration["seeds"]), runs=int(calibration["runs"])
+            )
+            half = mean - prediction_bound(
+                cal,
+                alpha=float(calibration["alpha"]),
+                k=int(calibration.get("k") or 1),
+                aggregate=str(calibration.get("aggregate") or "mean"),
+            )
     except (KeyError, TypeError, ValueError):
         return None
     return (mean - half, mean + half) if math.isfinite(half) else None
@@ -272,7 +310,7 @@ def mann_whitney_u(x: list[float], y: list[float]) -> tuple[float, float]:
     if n + m > MAX_EXACT:
         counts = Counter(pooled).values()
         total = n + m
-        var = n * m / 12 * ((total + 1) - sum(t ** 3 - t for t in counts) / (total * (total - 1)))
+        var = n * m / 12 * ((total + 1) - sum(t**3 - t for t in counts) / (total * (total - 1)))
         if var <= 0:
             return u, 1.0
         z = (abs(u - n * m / 2) - 0.5) / math.sqrt(var)
@@ -287,13 +325,14 @@ def mann_whitney_u(x: list[float], y: list[float]) -> tuple[float, float]:
     return u, min(1.0, 2 * min(below, above) / math.comb(n + m, n))
 
 
-def drift_test(values: list[float], *, window: int = WINDOW, p_max: float = P_MAX,
-               direction: str | None = None) -> Drift:
+def drift_test(
+    values: list[float], *, window: int = WINDOW, p_max: float = P_MAX, direction: str | None = None
+) -> Drift:
     """Mann–Whitney U (two-sided) of the last ``window`` values against the ``window`` before them."""
     drift = Drift(window=window, p_max=p_max, runs=len(values))
     if len(values) < 2 * window:
         return drift
-    earlier, recent = values[-2 * window:-window], values[-window:]
+    earlier, recent = values[-2 * window : -window], values[-window:]
     drift.shift = statistics.median(recent) - statistics.median(earlier)
     if drift.shift != 0 and direction in ("lower", "upper"):
         drift.towards_threshold = (drift.shift < 0) == (direction == "lower")
@@ -319,15 +358,30 @@ def build_series(nights: list[Night], *, window: int = WINDOW, p_max: float = P_
                 key = (case, exp.name)
                 observed = finite(exp.observed)
                 band = calibrated_band(exp.calibration)
-                points.setdefault(key, []).append(Point(
-                    night=i, observed=observed, threshold=finite(exp.threshold), status=exp.status,
-                    band=band, outside=_outside(observed, band), message=exp.message))
+                points.setdefault(key, []).append(
+                    Point(
+                        night=i,
+                        observed=observed,
+                        threshold=finite(exp.threshold),
+                        status=exp.status,
+                        band=band,
+                        outside=_outside(observed, band),
+                        message=exp.message,
+                    )
+                )
                 directions[key] = directions.get(key) or _direction(exp.name, exp)
     out = []
     for (case, name), pts in points.items():
         values = [p.observed for p in pts if p.observed is not None]
-        out.append(Series(case=case, name=name, direction=directions[(case, name)], points=pts,
-                          drift=drift_test(values, window=window, p_max=p_max, direction=directions[(case, name)])))
+        out.append(
+            Series(
+                case=case,
+                name=name,
+                direction=directions[(case, name)],
+                points=pts,
+                drift=drift_test(values, window=window, p_max=p_max, direction=directions[(case, name)]),
+            )
+        )
     return out
 
 
@@ -350,8 +404,9 @@ def provenance_changes(nights: list[Night]) -> list[Change]:
             if before is not None:
                 for key in sorted(before.keys() | now.keys()):
                     if before.get(key) != now.get(key):
-                        changes.append(Change(night=i, case=case, key=key, before=before.get(key, "—"),
-                                              after=now.get(key, "—")))
+                        changes.append(
+                            Change(night=i, case=case, key=key, before=before.get(key, "—"), after=now.get(key, "—"))
+                        )
             previous[case] = now
     return changes
 
@@ -362,7 +417,14 @@ def read_history(dirs: list[str | Path], *, window: int = WINDOW, p_max: float =
         raise SurgeryInputError(f"--window: got {window}; the rank test needs at least 2 runs a side")
     if not 0 < p_max < 1:
         raise SurgeryInputError(f"--p: got {p_max}; expected a p-value threshold in (0, 1), e.g. {P_MAX}")
-    nights = sorted((read_night(p) for p in find_nights(dirs)),
-                    key=lambda n: (n.created or datetime.min.replace(tzinfo=timezone.utc), n.label))
-    return History(nights=nights, series=build_series(nights, window=window, p_max=p_max),
-                   changes=provenance_changes(nights), window=window, p_max=p_max)
+    nights = sorted(
+        (read_night(p) for p in find_nights(dirs)),
+        key=lambda n: (n.created or datetime.min.replace(tzinfo=timezone.utc), n.label),
+    )
+    return History(
+        nights=nights,
+        series=build_series(nights, window=window, p_max=p_max),
+        changes=provenance_changes(nights),
+        window=window,
+        p_max=p_max,
+    )

@@ -81,13 +81,22 @@ def _read_entry(meta_path: Path, key: str) -> CacheEntry | None:
     expected = meta["count"] * meta["channels"] * meta["size"] ** 2
     if meta.get("format") != CACHE_FORMAT or not path.is_file() or path.stat().st_size != expected:
         return None
-    return CacheEntry(path=path, count=meta["count"], channels=meta["channels"], size=meta["size"],
-                      labels=np.asarray(meta["labels"], dtype=np.int64), classes=meta["classes"],
-                      description=meta["description"], geometry=meta["geometry"], key=key)
+    return CacheEntry(
+        path=path,
+        count=meta["count"],
+        channels=meta["channels"],
+        size=meta["size"],
+        labels=np.asarray(meta["labels"], dtype=np.int64),
+        classes=meta["classes"],
+        description=meta["description"],
+        geometry=meta["geometry"],
+        key=key,
+    )
 
 
-def cached_entry(source: ImageSource, geometry: Geometry, *, workers: int | None = None,
-                 progress: bool | None = None) -> CacheEntry:
+def cached_entry(
+    source: ImageSource, geometry: Geometry, *, workers: int | None = None, progress: bool | None = None
+) -> CacheEntry:
     """The cache entry of ``source`` at ``geometry``, decoded now unless another run did it already."""
     if len(source) == 0:
         raise SurgeryInputError(f"{source.description} holds no images")
@@ -101,11 +110,26 @@ def cached_entry(source: ImageSource, geometry: Geometry, *, workers: int | None
     with FileLock(str(folder / f"{key}.lock")):
         entry = _read_entry(meta_path, key)  # another process may have built it while this one waited
         if entry is None:
-            _decode_into(folder / f"{key}.u8", source, geometry, workers=default_workers() if workers is None
-                         else workers, progress=progress)
-            write_json(meta_path, {"format": CACHE_FORMAT, "count": len(source), "channels": geometry.channels,
-                                   "size": geometry.crop, "labels": source.labels, "classes": source.classes,
-                                   "description": source.description, "geometry": geometry.as_dict()})
+            _decode_into(
+                folder / f"{key}.u8",
+                source,
+                geometry,
+                workers=default_workers() if workers is None else workers,
+                progress=progress,
+            )
+            write_json(
+                meta_path,
+                {
+                    "format": CACHE_FORMAT,
+                    "count": len(source),
+                    "channels": geometry.channels,
+                    "size": geometry.crop,
+                    "labels": source.labels,
+                    "classes": source.classes,
+                    "description": source.description,
+                    "geometry": geometry.as_dict(),
+                },
+            )
             entry = _read_entry(meta_path, key)
     assert entry is not None
     return entry
@@ -158,10 +182,16 @@ def _decode_into(path: Path, source: ImageSource, geometry: Geometry, *, workers
     def write(tmp: Path) -> None:
         os.truncate(tmp, record * len(source))
         items = _DecodeIntoFile(DecodeItems(source, geometry), tmp, record)
-        loader = torch.utils.data.DataLoader(items, batch_size=DECODE_BATCH, num_workers=workers,
-                                             collate_fn=_first_error, prefetch_factor=4 if workers else None)
-        with tqdm(total=len(source), desc=f"decoding {source.description}", unit="img", disable=not show,
-                  leave=False) as bar:
+        loader = torch.utils.data.DataLoader(
+            items,
+            batch_size=DECODE_BATCH,
+            num_workers=workers,
+            collate_fn=_first_error,
+            prefetch_factor=4 if workers else None,
+        )
+        with tqdm(
+            total=len(source), desc=f"decoding {source.description}", unit="img", disable=not show, leave=False
+        ) as bar:
             try:
                 for count, error in loader:
                     if error is not None:

@@ -42,8 +42,12 @@ class Geometry:
     interpolation: str = "bilinear"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"resize": self.resize, "crop": self.crop, "channels": self.channels,
-                "interpolation": self.interpolation}
+        return {
+            "resize": self.resize,
+            "crop": self.crop,
+            "channels": self.channels,
+            "interpolation": self.interpolation,
+        }
 
 
 def to_pixels(image: Any, geometry: Geometry) -> np.ndarray:
@@ -56,8 +60,7 @@ def to_pixels(image: Any, geometry: Geometry) -> np.ndarray:
         raise TypeError(f"an item's image is a {type(image).__name__}; expected a PIL image, a tensor or an array")
     image.load()  # a truncated file fails here, not later
     image = image.convert("L" if geometry.channels == 1 else "RGB")
-    image = TF.resize(image, [geometry.resize], interpolation=InterpolationMode(geometry.interpolation),
-                      antialias=True)
+    image = TF.resize(image, [geometry.resize], interpolation=InterpolationMode(geometry.interpolation), antialias=True)
     image = TF.center_crop(image, [geometry.crop])
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
@@ -124,8 +127,9 @@ def folder_source(root: str) -> ImageSource:
     path = Path(root).expanduser()
     is_tar = path.is_file() and path.suffix.lower() == ".tar"
     if not path.is_dir() and not is_tar:
-        raise SurgeryInputError(f"imagefolder root {root!r} is neither a directory nor a .tar file; expected one "
-                                "folder per class")
+        raise SurgeryInputError(
+            f"imagefolder root {root!r} is neither a directory nor a .tar file; expected one folder per class"
+        )
     try:
         reader = create_reader("", root=str(path), **({"cache_tarinfo": False} if is_tar else {}))
     except (RuntimeError, AssertionError, OSError, ValueError) as exc:
@@ -134,16 +138,20 @@ def folder_source(root: str) -> ImageSource:
     class_to_idx = reader.class_name_to_idx if is_tar else reader.class_to_idx
     classes = sorted(class_to_idx, key=class_to_idx.__getitem__)
     if "" in classes or "." in classes:
-        raise SurgeryInputError(f"imagefolder root {root!r} holds images outside any class folder; expected "
-                                "root/CLASS/IMAGE")
+        raise SurgeryInputError(
+            f"imagefolder root {root!r} holds images outside any class folder; expected root/CLASS/IMAGE"
+        )
     if not is_tar:
         empty = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and entry.name not in classes)
         if empty:
-            raise SurgeryInputError(f"imagefolder root {root!r}: class folder {empty[0]!r} holds no images "
-                                    f"(extensions timm reads: .jpg, .jpeg, .png, .webp, ...)")
+            raise SurgeryInputError(
+                f"imagefolder root {root!r}: class folder {empty[0]!r} holds no images "
+                f"(extensions timm reads: .jpg, .jpeg, .png, .webp, ...)"
+            )
     if len(classes) < 2:
-        raise SurgeryInputError(f"imagefolder root {root!r} has {len(classes)} class folder(s) "
-                                f"{classes}; a classification needs at least 2")
+        raise SurgeryInputError(
+            f"imagefolder root {root!r} has {len(classes)} class folder(s) {classes}; a classification needs at least 2"
+        )
     if is_tar:
         stat = path.stat()
         names = [f"{path}:{reader.filename(i)}" for i in range(len(reader))]
@@ -151,10 +159,19 @@ def folder_source(root: str) -> ImageSource:
     else:
         names = [p for p, _ in reader.samples]
         stats = [os.stat(p) for p in names]
-        fingerprint = _digest("folder", str(path.resolve()),
-                              [(os.path.relpath(p, path), s.st_size, s.st_mtime_ns) for p, s in zip(names, stats)])
-    return ImageSource(description=f"imagefolder {root}", labels=labels, classes=classes, fingerprint=fingerprint,
-                       reader=reader, names=names)
+        fingerprint = _digest(
+            "folder",
+            str(path.resolve()),
+            [(os.path.relpath(p, path), s.st_size, s.st_mtime_ns) for p, s in zip(names, stats)],
+        )
+    return ImageSource(
+        description=f"imagefolder {root}",
+        labels=labels,
+        classes=classes,
+        fingerprint=fingerprint,
+        reader=reader,
+        names=names,
+    )
 
 
 def resolve_dataset_class(ref: str) -> Any:
@@ -174,15 +191,18 @@ def dataset_source(ref: str, kwargs: dict[str, Any]) -> ImageSource:
     except Exception as exc:  # the user's constructor: a missing root, a wrong keyword, ...
         raise SurgeryInputError(f"dataset {ref!r}: building it with {kwargs} fails: {first_line(exc)}") from None
     if not isinstance(dataset, torch.utils.data.Dataset) or not hasattr(dataset, "__len__"):
-        raise SurgeryInputError(f"dataset {ref!r} returned a {type(dataset).__name__}, not a map-style "
-                                "torch.utils.data.Dataset with __len__ and __getitem__")
+        raise SurgeryInputError(
+            f"dataset {ref!r} returned a {type(dataset).__name__}, not a map-style "
+            "torch.utils.data.Dataset with __len__ and __getitem__"
+        )
     labels = _dataset_labels(ref, dataset)
     classes = [str(c) for c in getattr(dataset, "classes", [])] or [str(i) for i in range(max(labels) + 1)]
     if len(set(labels)) < 2:
         raise SurgeryInputError(f"dataset {ref!r} has {len(set(labels))} class(es); a classification needs at least 2")
     fingerprint = _digest("dataset", ref, kwargs, len(dataset), getattr(dataset, "root", None))
-    return ImageSource(description=f"dataset {ref}", labels=labels, classes=classes, fingerprint=fingerprint,
-                       dataset=dataset)
+    return ImageSource(
+        description=f"dataset {ref}", labels=labels, classes=classes, fingerprint=fingerprint, dataset=dataset
+    )
 
 
 def _dataset_labels(ref: str, dataset: Any) -> list[int]:
@@ -194,7 +214,8 @@ def _dataset_labels(ref: str, dataset: Any) -> list[int]:
     for index in range(len(dataset)):
         item = dataset[index]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise SurgeryInputError(f"dataset {ref!r}: item {index} is a {type(item).__name__}; expected "
-                                    "(image, label)")
+            raise SurgeryInputError(
+                f"dataset {ref!r}: item {index} is a {type(item).__name__}; expected (image, label)"
+            )
         labels.append(int(item[1]))
     return labels

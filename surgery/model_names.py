@@ -52,16 +52,17 @@ def known_names(library: Library) -> frozenset[str]:
 
 def generate() -> dict[str, Any]:
     """The content of ``model_names.json`` for the installed libraries."""
-    return {library: {"version": installed_version(library), "names": listed_names(library)}
-            for library in LIBRARIES}
+    return {library: {"version": installed_version(library), "names": listed_names(library)} for library in LIBRARIES}
 
 
 def main() -> int:
     """Rewrite ``model_names.json`` from the installed torchvision and timm."""
     content = generate()
     NAMES_FILE.write_text(json.dumps(content, indent=0) + "\n", encoding="utf-8")
-    print(f"{NAMES_FILE}: " + ", ".join(f"{lib} {entry['version']} ({len(entry['names'])} names)"
-                                       for lib, entry in content.items()))
+    print(
+        f"{NAMES_FILE}: "
+        + ", ".join(f"{lib} {entry['version']} ({len(entry['names'])} names)" for lib, entry in content.items())
+    )
     return 0
 
 

@@ -43,8 +43,7 @@ def validate_model_ref(ref: str) -> None:
         raise ValueError(f"model {ref!r}: expected torchvision:NAME, timm:NAME, zoo:NAME or package.module:factory")
     if kind == "torchvision":
         if name not in known_names("torchvision"):
-            hint = _suggest(name, known_names("torchvision")) or \
-                "; expected a name in torchvision.models.list_models()"
+            hint = _suggest(name, known_names("torchvision")) or "; expected a name in torchvision.models.list_models()"
             raise ValueError(f"unknown torchvision model {name!r}{hint}")
     elif kind == "timm":
         arch = name.split(".", 1)[0]  # timm.is_model's rule: a pretrained tag (resnet50.a1_in1k) is not checked
@@ -78,8 +77,9 @@ def refuse_untrusted(ref: str, what: str = "model") -> None:
     if private is not None:
         raise ValueError(f"{what} {ref!r}: {private!r} is a private name; expected a public {public}")
     if parts[0] in sys.stdlib_module_names or parts[0] in sys.builtin_module_names:
-        raise ValueError(f"{what} {ref!r}: {parts[0]!r} is a module of the standard library, not {kind}; "
-                         f"expected {own}")
+        raise ValueError(
+            f"{what} {ref!r}: {parts[0]!r} is a module of the standard library, not {kind}; expected {own}"
+        )
 
 
 def resolve_factory(ref: str, what: str = "model") -> Any:
@@ -102,13 +102,17 @@ def resolve_factory(ref: str, what: str = "model") -> Any:
     if factory is None:
         raise ValueError(f"{what} {ref!r}: cannot import {name!r} from {module_name!r}: no such name")
     if not (inspect.isclass(factory) or inspect.isfunction(factory)):
-        raise ValueError(f"{what} {ref!r}: {name} is a {type(factory).__name__}, expected a factory "
-                         f"(a class or function defined in {module_name})")
+        raise ValueError(
+            f"{what} {ref!r}: {name} is a {type(factory).__name__}, expected a factory "
+            f"(a class or function defined in {module_name})"
+        )
     # NOTE: a package's public re-export of its own code counts (torch.nn:Identity lives in
     # torch.nn.modules.linear, torchvision.models:resnet18 in torchvision.models.resnet); an import
     # from elsewhere (a module re-exporting os.system) does not.
     defined_in = getattr(factory, "__module__", None) or ""
     if defined_in != module_name and not defined_in.startswith(module_name + "."):
-        raise ValueError(f"{what} {ref!r}: {name} is defined in {defined_in!r}, not in {module_name!r} or "
-                         f"its submodules; expected a factory defined in the package named")
+        raise ValueError(
+            f"{what} {ref!r}: {name} is defined in {defined_in!r}, not in {module_name!r} or "
+            f"its submodules; expected a factory defined in the package named"
+        )
     return factory

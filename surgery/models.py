@@ -29,7 +29,7 @@ def clean_key(key: str) -> str:
         changed = False
         for prefix in PREFIXES:
             if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
+                key, changed = key[len(prefix) :], True
     return key
 
 
@@ -63,11 +63,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             first = str(exc).strip().splitlines()
             operand = next((ln.strip() for ln in first if ln.strip().startswith("Unsupported operand")), None)
             if operand:  # random bytes, or a pickle framing the weights-only loader does not read
-                raise SurgeryInputError(f"checkpoint {path}: corrupt or not a torch checkpoint ({operand}); "
-                                        "expected a file written by torch.save or safetensors") from None
+                raise SurgeryInputError(
+                    f"checkpoint {path}: corrupt or not a torch checkpoint ({operand}); "
+                    "expected a file written by torch.save or safetensors"
+                ) from None
             why = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first else "")
-            raise SurgeryInputError(f"checkpoint {path}: refused, it is not weights-only ({why.strip()[:160]}); "
-                                    "surgery never unpickles code") from None
+            raise SurgeryInputError(
+                f"checkpoint {path}: refused, it is not weights-only ({why.strip()[:160]}); "
+                "surgery never unpickles code"
+            ) from None
         except Exception as exc:  # RuntimeError, EOFError, KeyError, IndexError…: corrupt bytes, no code ran
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise SurgeryInputError(f"checkpoint {path}: truncated or corrupt ({msg[:160]})") from None
@@ -90,8 +94,10 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, or
     own = model.state_dict()
     common = set(own) & set(state_dict)
     if not common:
-        raise SurgeryInputError(f"{origin}: none of its {len(state_dict)} keys match the model "
-                                f"(checkpoint has e.g. {next(iter(state_dict))!r}, model has {next(iter(own))!r})")
+        raise SurgeryInputError(
+            f"{origin}: none of its {len(state_dict)} keys match the model "
+            f"(checkpoint has e.g. {next(iter(state_dict))!r}, model has {next(iter(own))!r})"
+        )
     # NOTE: torchvision's own checkpoints (and older PyTorch ones) carry no num_batches_tracked;
     # PyTorch fills it in, so its absence is not a missing weight.
     missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
@@ -99,13 +105,18 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, or
     bad_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]  # model order: stable
     if bad_shape:
         k = bad_shape[0]
-        raise SurgeryInputError(f"{origin}: {len(bad_shape)} tensor(s) have the wrong shape, e.g. {k!r}: "
-                                f"checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}")
+        raise SurgeryInputError(
+            f"{origin}: {len(bad_shape)} tensor(s) have the wrong shape, e.g. {k!r}: "
+            f"checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        )
     if missing or unexpected:
-        raise SurgeryInputError(f"{origin}: {len(missing)} model key(s) missing (e.g. {missing[:1]}), "
-                                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
-    model.load_state_dict(state_dict, strict=not any(k.endswith("num_batches_tracked") for k in own
-                                                     if k not in state_dict))
+        raise SurgeryInputError(
+            f"{origin}: {len(missing)} model key(s) missing (e.g. {missing[:1]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+        )
+    model.load_state_dict(
+        state_dict, strict=not any(k.endswith("num_batches_tracked") for k in own if k not in state_dict)
+    )
     return model
 
 
@@ -121,8 +132,20 @@ def _set_in_chans(model: nn.Module, in_chans: int) -> None:
         if isinstance(module, nn.Conv2d):
             if module.in_channels == in_chans:
                 return
-            set_module(model, name, nn.Conv2d(in_chans, module.out_channels, module.kernel_size, module.stride,
-                                              module.padding, module.dilation, module.groups, module.bias is not None))
+            set_module(
+                model,
+                name,
+                nn.Conv2d(
+                    in_chans,
+                    module.out_channels,
+                    module.kernel_size,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.groups,
+                    module.bias is not None,
+                ),
+            )
             return
 
 
@@ -168,6 +191,7 @@ def build_architecture(ref: str, *, num_classes: int | None = None, in_chans: in
     except Exception as exc:
         raise SurgeryInputError(f"model {ref!r}: the factory raised {exc.__class__.__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise SurgeryInputError(f"model {ref!r}: the factory returned a value of type {type(model).__name__}, "
-                                "expected an nn.Module")
+        raise SurgeryInputError(
+            f"model {ref!r}: the factory returned a value of type {type(model).__name__}, expected an nn.Module"
+        )
     return model

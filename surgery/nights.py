@@ -77,8 +77,10 @@ def find_nights(dirs: list[str | Path]) -> list[Path]:
             raise SurgeryInputError(f"{given}: no such directory")
         candidates = [given] if is_night(given) else sorted(p for p in given.iterdir() if is_night(p))
         if not candidates:
-            raise SurgeryInputError(f"{given}: no report directory here (expected {given}/<case>/{RESULTS}, "
-                                    f"or one such directory per night inside it)")
+            raise SurgeryInputError(
+                f"{given}: no report directory here (expected {given}/<case>/{RESULTS}, "
+                f"or one such directory per night inside it)"
+            )
         for night in candidates:
             key = night.resolve()
             if key not in found or found[key].name == LATEST:  # prefer the dated name over the link

@@ -7,9 +7,10 @@ documented default instead of "all cores", and writes what it ran under into ``r
 
 The thread count comes from, in order: an explicit argument (``--threads``, ``--surgery-threads``,
 ``surgery.run(threads=...)``), the ``SURGERY_THREADS`` environment variable, cores / workers in a
-pytest-xdist worker (so workers never oversubscribe the cores), then :data:`DEFAULT_THREADS`. ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``) must be set in the
-environment before torch is imported; it is recorded, not set, here. The zoo trains with a count of
-its own (:func:`zoo_threads`), whatever the caller pinned.
+pytest-xdist worker (so workers never oversubscribe the cores), then :data:`DEFAULT_THREADS`.
+``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``) must be set in the environment before torch
+is imported; it is recorded, not set, here. The zoo trains with a count of its own
+(:func:`zoo_threads`), whatever the caller pinned.
 """
 
 from __future__ import annotations

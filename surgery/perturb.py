@@ -52,10 +52,25 @@ def main(argv: list[str] | None = None) -> int:
         for profile in profiles:
             out = Path(args.report) / profile
             env = {**os.environ, **matrix_env(profile, Path(fresh))}
-            print(f"== {profile}: {' '.join(f'{k}={v}' for k, v in matrix_env(profile, Path(fresh)).items()) or '-'}",
-                  flush=True)
-            proc = subprocess.run([sys.executable, "-m", "surgery.cli", "run", *args.cases, "--seeds", "1",
-                                   "--quiet", "--report", str(out)], env=env)
+            print(
+                f"== {profile}: {' '.join(f'{k}={v}' for k, v in matrix_env(profile, Path(fresh)).items()) or '-'}",
+                flush=True,
+            )
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "surgery.cli",
+                    "run",
+                    *args.cases,
+                    "--seeds",
+                    "1",
+                    "--quiet",
+                    "--report",
+                    str(out),
+                ],
+                env=env,
+            )
             failed |= proc.returncode != 0
             for path in sorted(out.glob("*/results.json")):
                 results = json.loads(path.read_text(encoding="utf-8"))

@@ -28,17 +28,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("surgery", "model-surgery cases (YAML files under a 'cases' directory)")
     group.addoption("--surgery-device", default=None, help="device for every case: auto, cpu, cuda, cuda:N")
     group.addoption("--surgery-report", default=None, metavar="DIR", help="write results and HTML reports here")
-    group.addoption("--surgery-report-dated", action="store_true",
-                    help="write the reports into a new DIR/<UTC date and time>/ and point DIR/latest at it "
-                         "(nights side by side, for `surgery history DIR`)")
+    group.addoption(
+        "--surgery-report-dated",
+        action="store_true",
+        help="write the reports into a new DIR/<UTC date and time>/ and point DIR/latest at it "
+        "(nights side by side, for `surgery history DIR`)",
+    )
     group.addoption("--surgery-seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
-    group.addoption("--surgery-threads", type=int, default=None, metavar="N",
-                    help="torch threads per process (default: $SURGERY_THREADS, else 2; under xdist cores / workers)")
-    group.addoption("--surgery-ray", nargs="?", const=LOCAL_CLUSTER, default=None, metavar="ADDRESS",
-                    help="run the cases on Ray (one task per case and seed), joining ADDRESS or starting a local "
-                         "cluster; needs pip install 'surgery[ray]'")
-    group.addoption("--surgery-ray-weights", choices=["auto", "shared", "object-store"], default="auto",
-                    help="how zoo weights reach Ray workers (default auto: shared when every node sees the cache)")
+    group.addoption(
+        "--surgery-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads per process (default: $SURGERY_THREADS, else 2; under xdist cores / workers)",
+    )
+    group.addoption(
+        "--surgery-ray",
+        nargs="?",
+        const=LOCAL_CLUSTER,
+        default=None,
+        metavar="ADDRESS",
+        help="run the cases on Ray (one task per case and seed), joining ADDRESS or starting a local "
+        "cluster; needs pip install 'surgery[ray]'",
+    )
+    group.addoption(
+        "--surgery-ray-weights",
+        choices=["auto", "shared", "object-store"],
+        default="auto",
+        help="how zoo weights reach Ray workers (default auto: shared when every node sees the cache)",
+    )
 
 
 class TerminalLines(logging.Handler):
@@ -55,11 +73,11 @@ class TerminalLines(logging.Handler):
 
 LOCAL_CLUSTER = "local"  # --surgery-ray without an address
 ZOO_LINES = pytest.StashKey[TerminalLines]()
-RAY_RUN = pytest.StashKey[Any]()        # the RayRun the collected cases were submitted to (--surgery-ray)
+RAY_RUN = pytest.StashKey[Any]()  # the RayRun the collected cases were submitted to (--surgery-ray)
 RAY_CONNECTED = pytest.StashKey[bool]()  # whether this session connected to Ray (and so disconnects)
-CASE = pytest.StashKey[Any]()      # a case file's parsed Case, or the SurgeryInputError its parsing raised
-OUTCOME = pytest.StashKey[Any]()   # a case file's run: its CaseResult or the SurgeryInputError it raised
-DATED = pytest.StashKey[bool]()     # --surgery-report-dated: this session named a new dated report directory
+CASE = pytest.StashKey[Any]()  # a case file's parsed Case, or the SurgeryInputError its parsing raised
+OUTCOME = pytest.StashKey[Any]()  # a case file's run: its CaseResult or the SurgeryInputError it raised
+DATED = pytest.StashKey[bool]()  # --surgery-report-dated: this session named a new dated report directory
 DATED_INPUT = "surgery_report_dated"  # the key of that directory in an xdist worker's workerinput
 ZOO_LOGGER = "surgery.zoo"
 
@@ -85,8 +103,11 @@ def pytest_configure(config: pytest.Config) -> None:
     dated = getattr(config, "workerinput", {}).get(DATED_INPUT)
     if dated:  # an xdist worker writes where its controller's --surgery-report-dated said
         config.option.surgery_report = dated
-    elif config.getoption("surgery_report_dated", False) and config.getoption("surgery_report", None) \
-            and not os.environ.get("PYTEST_XDIST_WORKER"):
+    elif (
+        config.getoption("surgery_report_dated", False)
+        and config.getoption("surgery_report", None)
+        and not os.environ.get("PYTEST_XDIST_WORKER")
+    ):
         config.option.surgery_report = str(nights.new_dated_dir(config.getoption("surgery_report")))
         config.stash[DATED] = True
 
@@ -202,9 +223,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _run_options(config: pytest.Config) -> Any:
     from surgery.runner import RunOptions
 
-    return RunOptions(device=_worker_device(config.getoption("surgery_device")),
-                      max_seeds=config.getoption("surgery_seeds"), progress=False,
-                      threads=config.getoption("surgery_threads"))
+    return RunOptions(
+        device=_worker_device(config.getoption("surgery_device")),
+        max_seeds=config.getoption("surgery_seeds"),
+        progress=False,
+        threads=config.getoption("surgery_threads"),
+    )
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -212,8 +236,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     config = session.config
     if config.getoption("surgery_ray", None) is None:
         return
-    files = [item.parent for item in session.items if isinstance(item, CaseItem) and item.parent.case is not None
-             and not any(m.name == "skip" for m in item.iter_markers())]
+    files = [
+        item.parent
+        for item in session.items
+        if isinstance(item, CaseItem)
+        and item.parent.case is not None
+        and not any(m.name == "skip" for m in item.iter_markers())
+    ]
     files = list(dict.fromkeys(files))
     if not files:
         return
@@ -221,8 +250,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     from surgery.ray_runner import RayOptions, RayRun
 
     try:
-        config.stash[RAY_RUN] = RayRun([f.case for f in files], _run_options(config),
-                                       RayOptions(weights=config.getoption("surgery_ray_weights"), progress=False))
+        config.stash[RAY_RUN] = RayRun(
+            [f.case for f in files],
+            _run_options(config),
+            RayOptions(weights=config.getoption("surgery_ray_weights"), progress=False),
+        )
     except SurgeryInputError as exc:  # the run as a whole cannot start (threads larger than every node ...)
         raise pytest.UsageError(str(exc)) from None
 

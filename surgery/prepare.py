@@ -104,8 +104,7 @@ def device_for(case: Case, override: str | None) -> torch.device:
 def case_preprocess(case: Case) -> Preprocess:
     """The preprocessing of every image of the case: the source model's, with ``data.preprocess`` over it."""
     with blame(case, "data.preprocess" if case.data.preprocess is not None else "source.model"):
-        return resolve_preprocess(case.source.model, pretrained=case.source.pretrained,
-                                  override=case.data.preprocess)
+        return resolve_preprocess(case.source.model, pretrained=case.source.pretrained, override=case.data.preprocess)
 
 
 def dataset_field(prefix: str, spec: DatasetSpec) -> str:
@@ -120,10 +119,16 @@ def load_data(case: Case, seed: int) -> Split:
     data = case.data
     preprocess = case_preprocess(case)
     with blame(case, dataset_field("data.train", data.train)):
-        return load_split(dataset_spec(case, data.train), image_size=data.image_size, channels=data.channels,
-                          seed=seed if data.split_seed is None else data.split_seed,
-                          test_fraction=data.test_fraction, holdout=data.holdout, preprocess=preprocess,
-                          workers=data.workers)
+        return load_split(
+            dataset_spec(case, data.train),
+            image_size=data.image_size,
+            channels=data.channels,
+            seed=seed if data.split_seed is None else data.split_seed,
+            test_fraction=data.test_fraction,
+            holdout=data.holdout,
+            preprocess=preprocess,
+            workers=data.workers,
+        )
 
 
 def probe_inputs(case: Case, split: Split, seed: int) -> torch.Tensor | CachedImages:
@@ -132,9 +137,15 @@ def probe_inputs(case: Case, split: Split, seed: int) -> torch.Tensor | CachedIm
     if data.probe is None:
         return head(split.test_x, data.probe_size)
     with blame(case, dataset_field("data.probe", data.probe)):
-        probe = load_split(dataset_spec(case, data.probe), image_size=data.image_size, channels=data.channels,
-                           seed=seed, test_fraction=data.test_fraction, preprocess=split.preprocess,
-                           workers=data.workers)
+        probe = load_split(
+            dataset_spec(case, data.probe),
+            image_size=data.image_size,
+            channels=data.channels,
+            seed=seed,
+            test_fraction=data.test_fraction,
+            preprocess=split.preprocess,
+            workers=data.workers,
+        )
     return head(probe.test_x, data.probe_size)
 
 
@@ -142,9 +153,11 @@ def check_patient(case: Case, patient: nn.Module, split: Split) -> int:
     """The patient's forward on the case's images; fewer outputs than the data's classes is bad input."""
     width = check_forward(case, patient, split, "patient after surgery")
     if width < split.num_classes:
-        raise SurgeryInputError(f"{case.where(get_op(case.surgery.op).classes_field)}: the patient outputs {width} values but "
-                                f"{split.name} has {split.num_classes} classes; expected at least "
-                                f"{split.num_classes} outputs")
+        raise SurgeryInputError(
+            f"{case.where(get_op(case.surgery.op).classes_field)}: the patient outputs {width} values but "
+            f"{split.name} has {split.num_classes} classes; expected at least "
+            f"{split.num_classes} outputs"
+        )
     return width
 
 
@@ -166,8 +179,10 @@ FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 def forward_error(what: str, split: Split, exc: BaseException) -> SurgeryInputError:
     """The one-line bad-input error for a model whose forward fails on the case's images."""
     first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
-    return SurgeryInputError(f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
-                             f"(is data.image_size too small for this architecture?): {first}")
+    return SurgeryInputError(
+        f"{what}: forward fails on {tuple(split.test_x.shape[1:])} inputs "
+        f"(is data.image_size too small for this architecture?): {first}"
+    )
 
 
 def check_forward(case: Case, model: nn.Module, split: Split, what: str) -> int:
@@ -191,8 +206,14 @@ def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Mod
     """Apply the case's operation to ``source`` (never modified); return the patient and the record."""
     op = get_op(case.surgery.op)
     with blame(case, f"surgery.{op.blamed_field}"):
-        return op.apply(case.surgery, source, example=example_inputs(split), num_classes=split.num_classes,
-                        in_chans=case.data.channels, build=lambda spec, field, **kw: build(case, spec, field, **kw))
+        return op.apply(
+            case.surgery,
+            source,
+            example=example_inputs(split),
+            num_classes=split.num_classes,
+            in_chans=case.data.channels,
+            build=lambda spec, field, **kw: build(case, spec, field, **kw),
+        )
 
 
 def probed_expectation(case: Case) -> tuple[str, Any] | None:
@@ -229,15 +250,23 @@ class Probes:
     patient layer map) is computed from the same batches at constant memory.
     """
 
-    def __init__(self, case: Case, reference: nn.Module, patient: nn.Module, probe_x: torch.Tensor | CachedImages,
-                 device: torch.device, seed: int):
+    def __init__(
+        self,
+        case: Case,
+        reference: nn.Module,
+        patient: nn.Module,
+        probe_x: torch.Tensor | CachedImages,
+        device: torch.device,
+        seed: int,
+    ):
         self.layers = probed_layers(case, patient)
         self.ref_layers = probed_layers(case, reference, reference=True)
         if len(self.layers) != len(self.ref_layers):
             field, _ = probed_expectation(case)
             raise SurgeryInputError(
                 f"{case.where(field + '.layers')}: {len(self.layers)} patient layers {self.layers[:4]} but "
-                f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them")
+                f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them"
+            )
         self.reference, self.x, self.device, self.seed = reference, probe_x, device, seed
         self.map_rows: list[str] = []
         self.map_cols: list[str] = []
@@ -258,14 +287,29 @@ class Probes:
         ref_grams = list(dict.fromkeys(self.ref_layers + self.map_rows))
         pat_grams = list(dict.fromkeys(self.layers + self.map_cols))
         with contextlib.ExitStack() as stack:
-            ref = stack.enter_context(ProbePass(self.reference, self.ref_layers, total_samples=n, device=self.device,
-                                                seed=self.seed, gram_layers=ref_grams))
-            stages = {stage: stack.enter_context(ProbePass(model, self.layers, total_samples=n, device=self.device,
-                                                           seed=self.seed, gram_layers=pat_grams))
-                      for stage, model in self.snapshots.items()}
+            ref = stack.enter_context(
+                ProbePass(
+                    self.reference,
+                    self.ref_layers,
+                    total_samples=n,
+                    device=self.device,
+                    seed=self.seed,
+                    gram_layers=ref_grams,
+                )
+            )
+            stages = {
+                stage: stack.enter_context(
+                    ProbePass(
+                        model, self.layers, total_samples=n, device=self.device, seed=self.seed, gram_layers=pat_grams
+                    )
+                )
+                for stage, model in self.snapshots.items()
+            }
             # batch_grams() lists each pass's Grams in its gram_names order (model order)
-            cka = {stage: CKAAccumulator(ref.gram_names, probe.gram_names, device=self.device)
-                   for stage, probe in stages.items()}
+            cka = {
+                stage: CKAAccumulator(ref.gram_names, probe.gram_names, device=self.device)
+                for stage, probe in stages.items()
+            }
             for batch in batches(self.x, probe_batch_size(self.x)):
                 ref.feed(batch)
                 row_grams = ref.batch_grams()
@@ -287,13 +331,27 @@ class Probes:
             for stage, stats in stages.items():
                 pat = stats[pat_name]
                 d = drift(ref, pat)
-                rows.append({"layer": pat_name, "reference_layer": ref_name, "stage": stage,
-                             "w1_norm": d["wasserstein_norm"], "ks": d["ks"], "psi": d["psi"],
-                             "cka": _finite_or_none(cka[stage].value(ref_name, pat_name)),
-                             "ref_mean": ref.mean, "ref_std": ref.std, "mean": pat.mean, "std": pat.std,
-                             "min": pat.min, "max": pat.max, "near_zero_frac": pat.near_zero_frac,
-                             "dead_channel_frac": pat.dead_channel_frac, "ref_dead_channel_frac": ref.dead_channel_frac,
-                             "nonfinite": pat.nonfinite})
+                rows.append(
+                    {
+                        "layer": pat_name,
+                        "reference_layer": ref_name,
+                        "stage": stage,
+                        "w1_norm": d["wasserstein_norm"],
+                        "ks": d["ks"],
+                        "psi": d["psi"],
+                        "cka": _finite_or_none(cka[stage].value(ref_name, pat_name)),
+                        "ref_mean": ref.mean,
+                        "ref_std": ref.std,
+                        "mean": pat.mean,
+                        "std": pat.std,
+                        "min": pat.min,
+                        "max": pat.max,
+                        "near_zero_frac": pat.near_zero_frac,
+                        "dead_channel_frac": pat.dead_channel_frac,
+                        "ref_dead_channel_frac": ref.dead_channel_frac,
+                        "nonfinite": pat.nonfinite,
+                    }
+                )
         return rows
 
     def layer_maps(self) -> dict[str, dict[str, Any]]:
@@ -306,8 +364,11 @@ class Probes:
             matrix = acc.matrix()
             rows = [acc.rows.index(r) for r in self.map_rows]
             cols = [acc.cols.index(c) for c in self.map_cols]
-            out[stage] = {"reference_layers": self.map_rows, "layers": self.map_cols,
-                          "cka": [[_finite_or_none(float(matrix[i, j])) for j in cols] for i in rows]}
+            out[stage] = {
+                "reference_layers": self.map_rows,
+                "layers": self.map_cols,
+                "cka": [[_finite_or_none(float(matrix[i, j])) for j in cols] for i in rows],
+            }
         return out
 
     def histograms(self) -> dict[str, dict[str, Any]]:
@@ -316,8 +377,11 @@ class Probes:
         out = {}
         for pat_name, ref_name in zip(self.layers, self.ref_layers):
             ref = reference[ref_name]
-            out[pat_name] = {"edges": ref.hist_edges.tolist(), "reference": ref.hist_counts.tolist(),
-                             **{stage: stats[pat_name].hist_counts.tolist() for stage, stats in stages.items()}}
+            out[pat_name] = {
+                "edges": ref.hist_edges.tolist(),
+                "reference": ref.hist_counts.tolist(),
+                **{stage: stats[pat_name].hist_counts.tolist() for stage, stats in stages.items()},
+            }
         return out
 
 
@@ -334,11 +398,15 @@ MAP_LAYERS = 24
 def map_layers(model: nn.Module) -> list[str]:
     """The blocks of ``model`` for a CKA layer map: at most ``MAP_LAYERS``, evenly spaced, in model order."""
     modules = dict(model.named_modules())
-    blocks = [name for name, module in modules.items()
-              if name and isinstance(modules[name.rpartition(".")[0]], nn.Sequential)
-              and not isinstance(module, nn.Sequential) and any(True for _ in module.children())]
+    blocks = [
+        name
+        for name, module in modules.items()
+        if name
+        and isinstance(modules[name.rpartition(".")[0]], nn.Sequential)
+        and not isinstance(module, nn.Sequential)
+        and any(True for _ in module.children())
+    ]
     if len(blocks) > MAP_LAYERS:
         step = (len(blocks) - 1) / (MAP_LAYERS - 1)
         blocks = [blocks[round(i * step)] for i in range(MAP_LAYERS)]
     return blocks
-

@@ -42,11 +42,15 @@ class Preprocess:
         if len(self.mean) == channels:
             return self
         if len(self.mean) == 1:
-            return Preprocess(self.mean * channels, self.std * channels, self.crop_pct, self.interpolation,
-                              self.origin)
+            return Preprocess(self.mean * channels, self.std * channels, self.crop_pct, self.interpolation, self.origin)
         if channels == 1:
-            return Preprocess((sum(self.mean) / len(self.mean),), (sum(self.std) / len(self.std),), self.crop_pct,
-                              self.interpolation, self.origin)
+            return Preprocess(
+                (sum(self.mean) / len(self.mean),),
+                (sum(self.std) / len(self.std),),
+                self.crop_pct,
+                self.interpolation,
+                self.origin,
+            )
         raise SurgeryInputError(f"preprocess: {len(self.mean)} means for {channels}-channel images")
 
     def to_dict(self, image_size: int | None = None) -> dict[str, Any]:
@@ -70,8 +74,9 @@ class Preprocess:
 
 
 ZOO_PREPROCESS = Preprocess(mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="bilinear", origin="zoo ([-1, 1])")
-IMAGENET_PREPROCESS = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
-                                 interpolation="bilinear", origin="imagenet")
+IMAGENET_PREPROCESS = Preprocess(
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875, interpolation="bilinear", origin="imagenet"
+)
 PRESETS = {"zoo": ZOO_PREPROCESS, "imagenet": IMAGENET_PREPROCESS}
 
 
@@ -82,8 +87,13 @@ def torchvision_preprocess(name: str) -> Preprocess:
     weights = torchvision.models.get_model_weights(name).DEFAULT
     transforms = weights.transforms()
     crop, resize = transforms.crop_size[0], transforms.resize_size[0]
-    return Preprocess(tuple(transforms.mean), tuple(transforms.std), crop_pct=crop / resize,
-                      interpolation=transforms.interpolation.value, origin=f"torchvision {weights}")
+    return Preprocess(
+        tuple(transforms.mean),
+        tuple(transforms.std),
+        crop_pct=crop / resize,
+        interpolation=transforms.interpolation.value,
+        origin=f"torchvision {weights}",
+    )
 
 
 def timm_preprocess(name: str) -> Preprocess:
@@ -96,8 +106,13 @@ def timm_preprocess(name: str) -> Preprocess:
         return IMAGENET_PREPROCESS
     config = timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
     interpolation = config["interpolation"] if config["interpolation"] in INTERPOLATIONS else "bilinear"
-    return Preprocess(tuple(config["mean"]), tuple(config["std"]), crop_pct=float(config["crop_pct"]),
-                      interpolation=interpolation, origin=f"timm {name}.{cfg.tag} pretrained_cfg")
+    return Preprocess(
+        tuple(config["mean"]),
+        tuple(config["std"]),
+        crop_pct=float(config["crop_pct"]),
+        interpolation=interpolation,
+        origin=f"timm {name}.{cfg.tag} pretrained_cfg",
+    )
 
 
 def model_preprocess(model_ref: str, *, pretrained: bool) -> Preprocess:

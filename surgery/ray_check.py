@@ -27,5 +27,7 @@ def require_ray(option: str = "--ray") -> ModuleType:
 def check_address(address: str | None, option: str = "--ray") -> None:
     """An address that is a path (``--ray cases/``) took a case argument by mistake: bad input that says so."""
     if address and (Path(address).exists() or address.endswith((".yaml", ".yml"))):
-        raise SurgeryInputError(f"{option}: {address!r} is a path, not a Ray address; put {option} after the "
-                                f"case files, or write {option}=ADDRESS")
+        raise SurgeryInputError(
+            f"{option}: {address!r} is a path, not a Ray address; put {option} after the "
+            f"case files, or write {option}=ADDRESS"
+        )

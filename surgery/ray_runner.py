@@ -62,8 +62,17 @@ from surgery.ray_check import check_address, require_ray
 from surgery.ray_tracker import TaskTracker
 from surgery.recipes import ZOO
 from surgery.results import CaseResult
-from surgery.runner import (RunOptions, assemble, case_provenance, case_seeds, check_thresholds, runs_baseline,
-                            model_specs, run_baseline, run_seed)
+from surgery.runner import (
+    RunOptions,
+    assemble,
+    case_provenance,
+    case_seeds,
+    check_thresholds,
+    runs_baseline,
+    model_specs,
+    run_baseline,
+    run_seed,
+)
 from surgery.zoo import build as build_zoo, cache_dir, zoo_path
 
 WEIGHTS = ("auto", "shared", "object-store")
@@ -77,10 +86,10 @@ DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class RayOptions:
     """How to run on Ray, beyond :class:`~surgery.runner.RunOptions`."""
 
-    address: str | None = None     # join this cluster (host:port, auto, ray://...); None: start one on this machine
-    weights: str = "auto"          # auto | shared | object-store: how zoo weights reach the tasks
-    max_retries: int = 3           # retries of a task whose worker died (an exception it raises is never retried)
-    progress: bool | None = None   # the bar over tasks (done / running / pending); None = only on a terminal
+    address: str | None = None  # join this cluster (host:port, auto, ray://...); None: start one on this machine
+    weights: str = "auto"  # auto | shared | object-store: how zoo weights reach the tasks
+    max_retries: int = 3  # retries of a task whose worker died (an exception it raises is never retried)
+    progress: bool | None = None  # the bar over tasks (done / running / pending); None = only on a terminal
 
 
 class RemoteError(Exception):
@@ -105,8 +114,13 @@ def connect(address: str | None, *, option: str = "--ray", quiet: bool = False, 
     started_here = {} if address else {WORKER_NICENESS_ENV: os.environ.get(WORKER_NICENESS_ENV, "0")}
     try:
         with environment(started_here):  # the raylet reads it once, at start
-            ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                     log_to_driver=not quiet, logging_level=logging.ERROR if quiet else logging.WARNING)
+            ray.init(
+                address=address,
+                num_cpus=None if address else num_cpus,
+                include_dashboard=False,
+                log_to_driver=not quiet,
+                logging_level=logging.ERROR if quiet else logging.WARNING,
+            )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         where = f"{option} {address}" if address else option
         raise SurgeryInputError(f"{where}: cannot join or start a Ray cluster: {str(exc).splitlines()[0]}") from None
@@ -150,15 +164,15 @@ class CaseSource:
 class TaskJob:
     """One seed or one baseline of a case: everything its task needs but the zoo weights (passed beside it)."""
 
-    key: str                         # "<case path> seed 0", "<case path> baseline 0"
-    kind: str                        # seed | baseline
+    key: str  # "<case path> seed 0", "<case path> baseline 0"
+    kind: str  # seed | baseline
     source: CaseSource
     seed: int
-    options: RunOptions              # device decided by the driver, threads pinned, no progress bars
-    env: dict[str, str]              # the driver's cache variables (shared weights), else empty
-    zoo: tuple[str, ...]             # the zoo models whose build results follow the job, in order
+    options: RunOptions  # device decided by the driver, threads pinned, no progress bars
+    env: dict[str, str]  # the driver's cache variables (shared weights), else empty
+    zoo: tuple[str, ...]  # the zoo models whose build results follow the job, in order
     provenance_seeds: tuple[int, ...] | None = None  # the first seed's task also reads the case's provenance
-    tracker: Any = None              # the TaskTracker actor
+    tracker: Any = None  # the TaskTracker actor
 
 
 @contextlib.contextmanager
@@ -211,8 +225,8 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 def zoo_task(name: str, env: dict[str, str], inline: bool, tracker: Any = None) -> dict[str, Any]:
-    """Build (or find cached) one zoo model, on the CPU with the zoo's own threads (:func:`surgery.numerics.zoo_threads`):
-    ``{"value": path or bytes}``."""
+    """Build (or find cached) one zoo model, on the CPU with the zoo's own threads
+    (:func:`surgery.numerics.zoo_threads`): ``{"value": path or bytes}``."""
     _start_task(tracker, f"zoo:{name}")
     start = time.perf_counter()
     try:
@@ -273,8 +287,7 @@ def task_device(case: Case, override: str | None, cluster_gpus: float) -> tuple[
     cuda = requested.startswith("cuda") or (requested == "auto" and cluster_gpus > 0)
     needs_gpu = cuda or "gpu" in case.markers
     if needs_gpu and cluster_gpus <= 0:
-        where = f"--device {override}" if override and cuda else \
-            case.where("device") if cuda else case.where("markers")
+        where = f"--device {override}" if override and cuda else case.where("device") if cuda else case.where("markers")
         raise SurgeryInputError(f"{where}: needs a GPU, and no node of the Ray cluster has one")
     return ("cuda" if cuda else "cpu" if requested == "auto" else requested), needs_gpu
 
@@ -292,8 +305,10 @@ def shares_cache(ray: ModuleType, cache: Path) -> bool:
     try:
         exists = ray.remote(num_cpus=0, max_retries=0)(os.path.isfile)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-        refs = [exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-                .remote(str(marker)) for node in nodes]
+        refs = [
+            exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(marker))
+            for node in nodes
+        ]
         return bool(refs) and all(ray.get(refs, timeout=120))
     finally:
         marker.unlink(missing_ok=True)
@@ -305,7 +320,7 @@ class CasePlan:
 
     case: Case
     seeds: list[int] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)      # seed tasks in seed order, then baselines
+    keys: list[str] = field(default_factory=list)  # seed tasks in seed order, then baselines
     calibration: CaseCalibration | None = None
     outcome: CaseResult | Exception | None = None
 
@@ -317,21 +332,30 @@ class RayRun:
     that fails one is that case's error, and nothing of it is submitted.
     """
 
-    def __init__(self, cases: list[Case], options: RunOptions, ray_options: RayOptions | None = None, *,
-                 on_progress: Callable[["RayRun"], None] | None = None):
+    def __init__(
+        self,
+        cases: list[Case],
+        options: RunOptions,
+        ray_options: RayOptions | None = None,
+        *,
+        on_progress: Callable[["RayRun"], None] | None = None,
+    ):
         self.ray = require_ray()
         self.options = ray_options or RayOptions()
         self.on_progress = on_progress
         if self.options.weights not in WEIGHTS:
-            raise SurgeryInputError(f"--ray-weights: got {self.options.weights!r}; expected one of "
-                                    f"{', '.join(WEIGHTS)}")
+            raise SurgeryInputError(
+                f"--ray-weights: got {self.options.weights!r}; expected one of {', '.join(WEIGHTS)}"
+            )
         ray = self.ray
         self.threads = requested_threads(options.threads)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         largest = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
         if largest < self.threads:
-            raise SurgeryInputError(f"--threads {self.threads}: each task takes {self.threads} CPUs, and the largest "
-                                    f"node of the Ray cluster has {largest:g}")
+            raise SurgeryInputError(
+                f"--threads {self.threads}: each task takes {self.threads} CPUs, and the largest "
+                f"node of the Ray cluster has {largest:g}"
+            )
         gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
         self.zoo_cpus = min(zoo_threads(), largest)  # a zoo build trains with the zoo's threads, not the run's
         self.weights = self.options.weights
@@ -343,15 +367,15 @@ class RayRun:
             env["SURGERY_CACHE"] = str(cache_dir().expanduser().resolve())
         self.env = env
         self.tracker = ray.remote(num_cpus=0, max_restarts=0)(TaskTracker).remote()
-        self.attempts: list[tuple[str, int]] = []    # (task key, pid) per attempt started, as the tracker heard them
+        self.attempts: list[tuple[str, int]] = []  # (task key, pid) per attempt started, as the tracker heard them
         self.plans: list[CasePlan] = []
-        self.refs: dict[Any, str] = {}               # outstanding ObjectRef -> task key
-        self.plan_of: dict[str, CasePlan] = {}       # task key -> its case
-        self.done: dict[str, dict[str, Any]] = {}    # task key -> what the task returned
+        self.refs: dict[Any, str] = {}  # outstanding ObjectRef -> task key
+        self.plan_of: dict[str, CasePlan] = {}  # task key -> its case
+        self.done: dict[str, dict[str, Any]] = {}  # task key -> what the task returned
         self.total = 0
         self.yielded: set[int] = set()
         self.bar: Any = None
-        self.zoo_refs: dict[str, Any] = {}           # zoo model -> its build task's ref
+        self.zoo_refs: dict[str, Any] = {}  # zoo model -> its build task's ref
         self.remote_case_task, self.remote_zoo_task = ray.remote(case_task), ray.remote(zoo_task)
         for case in cases:
             plan = CasePlan(case)
@@ -363,9 +387,9 @@ class RayRun:
 
     def _submit_zoo(self, name: str) -> Any:
         if name not in self.zoo_refs:
-            ref = self.remote_zoo_task.options(num_cpus=self.zoo_cpus, num_gpus=0, max_retries=self.options.max_retries,
-                                               retry_exceptions=False) \
-                .remote(name, self.env, self.weights == "object-store", self.tracker)
+            ref = self.remote_zoo_task.options(
+                num_cpus=self.zoo_cpus, num_gpus=0, max_retries=self.options.max_retries, retry_exceptions=False
+            ).remote(name, self.env, self.weights == "object-store", self.tracker)
             self.zoo_refs[name] = ref
             self.refs[ref] = f"zoo:{name}"
             self.total += 1
@@ -381,20 +405,36 @@ class RayRun:
         plan.seeds = case_seeds(case, options)
         names = tuple(zoo_names(case))
         builds = [self._submit_zoo(name) for name in names]
-        task_options = dataclasses.replace(options, device=device, threads=self.threads, progress=False,
-                                           seeds=None, max_seeds=None)
+        task_options = dataclasses.replace(
+            options, device=device, threads=self.threads, progress=False, seeds=None, max_seeds=None
+        )
         kinds = [("seed", s) for s in plan.seeds]
-        kinds += [("baseline", s) for s in plan.seeds] \
-            if runs_baseline(case, len(plan.seeds), plan.calibration, options) else []
+        kinds += (
+            [("baseline", s) for s in plan.seeds]
+            if runs_baseline(case, len(plan.seeds), plan.calibration, options)
+            else []
+        )
         for index, (kind, seed) in enumerate(kinds):
             key = f"{case.path} {kind} {seed}"
             if key in plan.keys:  # a seed listed twice runs twice, as it does locally
                 key += f" #{index}"
-            job = TaskJob(key=key, kind=kind, source=source, seed=seed, options=task_options, env=self.env, zoo=names,
-                          provenance_seeds=tuple(plan.seeds) if index == 0 else None, tracker=self.tracker)
-            ref = self.remote_case_task.options(num_cpus=self.threads, num_gpus=1 if needs_gpu else 0,
-                                                max_retries=self.options.max_retries, retry_exceptions=False) \
-                .remote(job, *builds)
+            job = TaskJob(
+                key=key,
+                kind=kind,
+                source=source,
+                seed=seed,
+                options=task_options,
+                env=self.env,
+                zoo=names,
+                provenance_seeds=tuple(plan.seeds) if index == 0 else None,
+                tracker=self.tracker,
+            )
+            ref = self.remote_case_task.options(
+                num_cpus=self.threads,
+                num_gpus=1 if needs_gpu else 0,
+                max_retries=self.options.max_retries,
+                retry_exceptions=False,
+            ).remote(job, *builds)
             self.refs[ref] = key
             self.plan_of[key] = plan
             plan.keys.append(key)
@@ -414,13 +454,19 @@ class RayRun:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, unit="task", desc="ray", dynamic_ncols=True,
-                            disable=None if self.options.progress is None else False)  # None: only on a terminal
+            self.bar = tqdm(
+                total=self.total,
+                unit="task",
+                desc="ray",
+                dynamic_ncols=True,
+                disable=None if self.options.progress is None else False,
+            )  # None: only on a terminal
         running = len(self.running())
         done = len(self.done)
         self.bar.n = done
-        self.bar.set_postfix_str(f"{done} done, {running} running, {self.total - done - running} pending",
-                                 refresh=False)
+        self.bar.set_postfix_str(
+            f"{done} done, {running} running, {self.total - done - running} pending", refresh=False
+        )
         self.bar.refresh()
 
     # ------------------------------------------------------------------ collecting
@@ -435,8 +481,14 @@ class RayRun:
         baselines = [r["value"]["baseline"] for r in results if "baseline" in r["value"]]
         provenance = next(r["value"]["provenance"] for r in results if "provenance" in r["value"])
         try:
-            plan.outcome = assemble(plan.case, per_seed, baselines, provenance=provenance,
-                                    seconds=sum(r["seconds"] for r in results), calibration=plan.calibration)
+            plan.outcome = assemble(
+                plan.case,
+                per_seed,
+                baselines,
+                provenance=provenance,
+                seconds=sum(r["seconds"] for r in results),
+                calibration=plan.calibration,
+            )
         except SurgeryInputError as exc:
             plan.outcome = exc
         except Exception as exc:  # noqa: BLE001 - reported as this case's internal error; the others go on
@@ -462,8 +514,11 @@ class RayRun:
                 try:
                     self.done[key] = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # the worker died more often than max_retries, OOM ...
-                    self.done[key] = {"error": "internal", "message": f"{exc.__class__.__name__}: "
-                                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+                    self.done[key] = {
+                        "error": "internal",
+                        "message": f"{exc.__class__.__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                    }
                 plan = self.plan_of.get(key)
                 if plan is not None and plan.outcome is None:
                     if "error" in self.done[key]:  # the case has failed: its other tasks need not run
@@ -521,8 +576,13 @@ class RayRun:
 Outcome = CaseResult | Exception  # a case's result, or the exception that stopped it (returned, not raised)
 
 
-def run_cases_on_ray(cases: list[Case], options: RunOptions, ray_options: RayOptions | None = None, *,
-                     on_progress: Callable[[RayRun], None] | None = None) -> Iterator[tuple[Case, Outcome]]:
+def run_cases_on_ray(
+    cases: list[Case],
+    options: RunOptions,
+    ray_options: RayOptions | None = None,
+    *,
+    on_progress: Callable[[RayRun], None] | None = None,
+) -> Iterator[tuple[Case, Outcome]]:
     """Run ``cases`` on Ray (joining or starting a cluster, see :func:`connect`): each case with its outcome as it
     finishes, a CaseResult equal to a local run's or the exception that stopped the case (not raised)."""
     ray_options = ray_options or RayOptions()

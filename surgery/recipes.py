@@ -36,11 +36,14 @@ class Recipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-ZOO: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("mnist-resnet18", "torchvision:resnet18", "mnist5k", steps=300),
-    Recipe("mnist-resnet50", "torchvision:resnet50", "mnist5k", steps=250),
-    Recipe("mnist-mobilenetv3", "timm:mobilenetv3_small_100", "mnist5k", steps=500, lr=5e-3),
-    Recipe("shapes-resnet18", "torchvision:resnet18", "shapes", num_classes=5, steps=200),
-    # A ResNet stem (3→64, 7×7, stride 2) trained inside a small net on MNIST: the graft donor.
-    Recipe("mnist-stem", "surgery.zoo:stem_trainer", "mnist5k", kind="stem", steps=200),
-]}
+ZOO: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe("mnist-resnet18", "torchvision:resnet18", "mnist5k", steps=300),
+        Recipe("mnist-resnet50", "torchvision:resnet50", "mnist5k", steps=250),
+        Recipe("mnist-mobilenetv3", "timm:mobilenetv3_small_100", "mnist5k", steps=500, lr=5e-3),
+        Recipe("shapes-resnet18", "torchvision:resnet18", "shapes", num_classes=5, steps=200),
+        # A ResNet stem (3→64, 7×7, stride 2) trained inside a small net on MNIST: the graft donor.
+        Recipe("mnist-stem", "surgery.zoo:stem_trainer", "mnist5k", kind="stem", steps=200),
+    ]
+}

@@ -63,20 +63,44 @@ from surgery.errors import SurgeryInputError
 from surgery.export import read_metadata
 from surgery.activation_probe import probe_activations
 from surgery.checks.accuracy import aggregate, recovery
-from surgery.checks.base import (at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row,
-                                   worst_drift_row)
+from surgery.checks.base import at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row, worst_drift_row
 from surgery.data import Split, load_eval_set
 from surgery.finetune import predict, to_device
 from surgery.image_cache import CachedImages
 from surgery.models import load_state_dict_file, load_weights
 from surgery.files import file_sha256, strict_json, write_atomic
 from surgery.results import CaseResult, ExpectationResult, provenance
-from surgery.prepare import (FORWARD_ERRORS, Probes, blame, build, dataset_field, dataset_spec, device_for,
-                             forward_error, load_data, map_layers, perform_surgery, probe_inputs, probed_layers,
-                             resolve_relative)
+from surgery.prepare import (
+    FORWARD_ERRORS,
+    Probes,
+    blame,
+    build,
+    dataset_field,
+    dataset_spec,
+    device_for,
+    forward_error,
+    load_data,
+    map_layers,
+    perform_surgery,
+    probe_inputs,
+    probed_layers,
+    resolve_relative,
+)
 
-__all__ = ["GATE_FILE", "run_gate", "write_verdict", "file_sha256", "bn_stats_rows", "nonfinite_weights",
-           "nonfinite_outputs", "gate_schema_path", "gate_data", "GateData", "champion_drift", "origin_warnings"]
+__all__ = [
+    "GATE_FILE",
+    "run_gate",
+    "write_verdict",
+    "file_sha256",
+    "bn_stats_rows",
+    "nonfinite_weights",
+    "nonfinite_outputs",
+    "gate_schema_path",
+    "gate_data",
+    "GateData",
+    "champion_drift",
+    "origin_warnings",
+]
 
 GATE_FILE = "gate.json"
 GATE_SCHEMA = 1  # the version of gate.json's layout; its JSON Schema: gate_schema_path()
@@ -125,12 +149,21 @@ def bn_stats_rows(model: nn.Module, *, counted: set[str] | None = None) -> list[
             if (counted is None or key in counted) and tracked <= 0:
                 problems.append("num_batches_tracked is 0 (statistics never updated)")
         finite_var = var[torch.isfinite(var)]
-        rows.append({"layer": name, "type": type(m).__name__, "channels": int(var.numel()),
-                     "var_min": float(finite_var.min()) if finite_var.numel() else math.nan,
-                     "var_max": float(finite_var.max()) if finite_var.numel() else math.nan,
-                     "nonfinite_var": nonfinite_var, "nonpositive_var": nonpositive_var,
-                     "nonfinite_mean": nonfinite_mean, "num_batches_tracked": tracked,
-                     "ok": not problems, "problems": "; ".join(problems)})
+        rows.append(
+            {
+                "layer": name,
+                "type": type(m).__name__,
+                "channels": int(var.numel()),
+                "var_min": float(finite_var.min()) if finite_var.numel() else math.nan,
+                "var_max": float(finite_var.max()) if finite_var.numel() else math.nan,
+                "nonfinite_var": nonfinite_var,
+                "nonpositive_var": nonpositive_var,
+                "nonfinite_mean": nonfinite_mean,
+                "num_batches_tracked": tracked,
+                "ok": not problems,
+                "problems": "; ".join(problems),
+            }
+        )
     return rows
 
 
@@ -162,9 +195,17 @@ def nonfinite_outputs(model: nn.Module, x: torch.Tensor, *, device: torch.device
     def hook(module: nn.Module, _args: Any, output: Any) -> None:
         name = names[module]
         order.setdefault(name)
-        tensors = [output] if isinstance(output, torch.Tensor) else (
-            list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, (tuple, list))
-            else [])
+        tensors = (
+            [output]
+            if isinstance(output, torch.Tensor)
+            else (
+                list(output.values())
+                if isinstance(output, dict)
+                else list(output)
+                if isinstance(output, (tuple, list))
+                else []
+            )
+        )
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 bad = (~torch.isfinite(t)).sum()
@@ -182,9 +223,16 @@ def nonfinite_outputs(model: nn.Module, x: torch.Tensor, *, device: torch.device
 # ----------------------------------------------------------------------------- the gate
 
 
-def _expectations(case: Case, seed: int, data: GateData, acc: dict[str, float | None], rows: list[dict[str, Any]],
-                  bad_weights: list[str], bad_outputs: dict[str, int],
-                  bn_rows: list[dict[str, Any]]) -> list[ExpectationResult]:
+def _expectations(
+    case: Case,
+    seed: int,
+    data: GateData,
+    acc: dict[str, float | None],
+    rows: list[dict[str, Any]],
+    bad_weights: list[str],
+    bad_outputs: dict[str, int],
+    bn_rows: list[dict[str, Any]],
+) -> list[ExpectationResult]:
     out: list[ExpectationResult] = []
     expect, where_seed = case.expect, f"seed {seed}"
 
@@ -195,14 +243,32 @@ def _expectations(case: Case, seed: int, data: GateData, acc: dict[str, float | 
     after_min = one_model(spec.after_min) if spec is not None else None
     recovery_min = one_model(spec.recovery_min) if spec is not None else None
     if after_min is not None:
-        out.append(_named(at_least("accuracy.after_min", acc["checkpoint"], after_min,
-                                    f"checkpoint accuracy on {data.description}, {where_seed}", {"accuracy": acc["checkpoint"]}), "gate.accuracy"))
+        out.append(
+            _named(
+                at_least(
+                    "accuracy.after_min",
+                    acc["checkpoint"],
+                    after_min,
+                    f"checkpoint accuracy on {data.description}, {where_seed}",
+                    {"accuracy": acc["checkpoint"]},
+                ),
+                "gate.accuracy",
+            )
+        )
     if recovery_min is not None:
         why = "" if acc["source"] is not None else ", the source cannot be evaluated on this data"
-        out.append(_named(at_least("accuracy.recovery_min", acc["recovery"], recovery_min,
-                                    f"checkpoint / source accuracy, {fmt(acc['checkpoint'])} / {fmt(acc['source'])}"
-                                    f"{why}, {where_seed}", {"checkpoint": acc["checkpoint"], "source": acc["source"]}),
-                          "gate.recovery"))
+        out.append(
+            _named(
+                at_least(
+                    "accuracy.recovery_min",
+                    acc["recovery"],
+                    recovery_min,
+                    f"checkpoint / source accuracy, {fmt(acc['checkpoint'])} / {fmt(acc['source'])}{why}, {where_seed}",
+                    {"checkpoint": acc["checkpoint"], "source": acc["source"]},
+                ),
+                "gate.recovery",
+            )
+        )
     act = expect.activations
     if act is not None and rows:
         per_layer = {r["layer"]: r["w1_norm"] for r in rows}
@@ -210,14 +276,32 @@ def _expectations(case: Case, seed: int, data: GateData, acc: dict[str, float | 
         if drift_max is not None:
             worst = worst_drift_row(rows)
             # Evidently's convention, as in the runner: drift is detected when the distance reaches the threshold.
-            out.append(_named(below("activations.drift_max", worst["w1_norm"], drift_max,
-                                     f"normalised W1, checkpoint vs source, layer {worst['layer']}, {where_seed}",
-                                     {"layer": worst["layer"], "per_layer": per_layer}), "gate.drift_max"))
+            out.append(
+                _named(
+                    below(
+                        "activations.drift_max",
+                        worst["w1_norm"],
+                        drift_max,
+                        f"normalised W1, checkpoint vs source, layer {worst['layer']}, {where_seed}",
+                        {"layer": worst["layer"], "per_layer": per_layer},
+                    ),
+                    "gate.drift_max",
+                )
+            )
         if dead_max is not None:
             worst = worst_dead_row(rows)
-            out.append(_named(at_most("activations.dead_max", worst["dead_channel_frac"], dead_max,
-                                       f"dead-channel fraction of the checkpoint, layer {worst['layer']}, {where_seed}",
-                                       {"layer": worst["layer"]}), "gate.dead_max"))
+            out.append(
+                _named(
+                    at_most(
+                        "activations.dead_max",
+                        worst["dead_channel_frac"],
+                        dead_max,
+                        f"dead-channel fraction of the checkpoint, layer {worst['layer']}, {where_seed}",
+                        {"layer": worst["layer"]},
+                    ),
+                    "gate.dead_max",
+                )
+            )
 
     problems = []
     if bad_weights:
@@ -228,23 +312,40 @@ def _expectations(case: Case, seed: int, data: GateData, acc: dict[str, float | 
     probed = [r["layer"] for r in rows if r.get("nonfinite")]
     if probed and not bad_outputs:
         problems.append(f"non-finite activations in probed layer(s) {', '.join(probed[:3])}")
-    where = ("; ".join(problems) if problems
-             else "weights, buffers, logits on the gate data and probed activations") + f", {where_seed}"
-    details = {"nonfinite_weights": bad_weights[:50], "nonfinite_outputs": dict(list(bad_outputs.items())[:50]),
-               "nonfinite_probed_layers": probed}
-    out.append(_named(check("finite", 0.0 if problems else 1.0, 1.0, lambda o, t: o == t, "==", where, details),
-                      "gate.finite"))
+    where = (
+        "; ".join(problems) if problems else "weights, buffers, logits on the gate data and probed activations"
+    ) + f", {where_seed}"
+    details = {
+        "nonfinite_weights": bad_weights[:50],
+        "nonfinite_outputs": dict(list(bad_outputs.items())[:50]),
+        "nonfinite_probed_layers": probed,
+    }
+    out.append(
+        _named(check("finite", 0.0 if problems else 1.0, 1.0, lambda o, t: o == t, "==", where, details), "gate.finite")
+    )
 
     bad_bn = [r for r in bn_rows if not r["ok"]]
     if bad_bn:
-        where = (f"BatchNorm running statistics bad in {len(bad_bn)} of {len(bn_rows)} layer(s), e.g. "
-                 f"{bad_bn[0]['layer']}: {bad_bn[0]['problems']}")
+        where = (
+            f"BatchNorm running statistics bad in {len(bad_bn)} of {len(bn_rows)} layer(s), e.g. "
+            f"{bad_bn[0]['layer']}: {bad_bn[0]['problems']}"
+        )
     else:
-        where = (f"{len(bn_rows)} BatchNorm layer(s) checked" if bn_rows
-                 else "no BatchNorm layers with running statistics")
-    out.append(_named(at_most("bn_stats.bad_layers", float(len(bad_bn)), 0.0, where,
-                               {"layers": len(bn_rows), "bad": {r["layer"]: r["problems"] for r in bad_bn}}),
-                      "gate.bn_stats"))
+        where = (
+            f"{len(bn_rows)} BatchNorm layer(s) checked" if bn_rows else "no BatchNorm layers with running statistics"
+        )
+    out.append(
+        _named(
+            at_most(
+                "bn_stats.bad_layers",
+                float(len(bad_bn)),
+                0.0,
+                where,
+                {"layers": len(bn_rows), "bad": {r["layer"]: r["problems"] for r in bad_bn}},
+            ),
+            "gate.bn_stats",
+        )
+    )
     return out
 
 
@@ -258,24 +359,41 @@ class GateData:
     x: torch.Tensor | CachedImages
     y: torch.Tensor
     description: str
-    held_out: bool           # disjoint from every seed's train split
+    held_out: bool  # disjoint from every seed's train split
 
 
 def gate_data(case: Case, split: Split, seed: int) -> GateData:
     """The gate's examples: the held-out part, the ``gate.data`` dataset, or (no gate section) a test split."""
     spec = case.gate
     if spec is None:
-        return GateData(split.test_x, split.test_y, f"the {split.name} test split of seed {seed} ({len(split.test_y)} "
-                        "examples; no gate section, so other seeds of the case may have trained on them)", False)
+        return GateData(
+            split.test_x,
+            split.test_y,
+            f"the {split.name} test split of seed {seed} ({len(split.test_y)} "
+            "examples; no gate section, so other seeds of the case may have trained on them)",
+            False,
+        )
     if spec.data == "holdout":
-        return GateData(split.holdout_x, split.holdout_y, f"{len(split.holdout_y)} held-out {split.name} examples "
-                        f"(data.holdout {case.data.holdout:g}, in no seed's train or test split)", True)
+        return GateData(
+            split.holdout_x,
+            split.holdout_y,
+            f"{len(split.holdout_y)} held-out {split.name} examples "
+            f"(data.holdout {case.data.holdout:g}, in no seed's train or test split)",
+            True,
+        )
     with blame(case, dataset_field("gate.data", spec.data)):
-        x, y = load_eval_set(dataset_spec(case, spec.data), image_size=case.data.image_size,
-                             channels=case.data.channels, preprocess=split.preprocess, workers=case.data.workers)
+        x, y = load_eval_set(
+            dataset_spec(case, spec.data),
+            image_size=case.data.image_size,
+            channels=case.data.channels,
+            preprocess=split.preprocess,
+            workers=case.data.workers,
+        )
         if int(y.max()) >= split.num_classes:
-            raise SurgeryInputError(f"{spec.data.name} has labels up to {int(y.max())} but the case's data has "
-                                    f"{split.num_classes} classes; expected the same classes")
+            raise SurgeryInputError(
+                f"{spec.data.name} has labels up to {int(y.max())} but the case's data has "
+                f"{split.num_classes} classes; expected the same classes"
+            )
     return GateData(x, y, f"{len(y)} examples of {spec.data.name} (gate.data, used whole)", True)
 
 
@@ -305,9 +423,11 @@ def origin_warnings(case: Case, meta: dict[str, Any], what: str) -> list[str]:
     warnings = []
     if meta.get("case_hash") and meta["case_hash"] != case.file_hash:
         same = meta.get("experiment_hash") == experiment_hash(case)
-        warnings.append(f"{what} was exported from case {meta.get('case')} with hash {meta['case_hash']}, gated "
-                        f"with {case.path} whose hash is {case.file_hash} ("
-                        f"{'same experiment, other thresholds or text' if same else 'a different experiment'})")
+        warnings.append(
+            f"{what} was exported from case {meta.get('case')} with hash {meta['case_hash']}, gated "
+            f"with {case.path} whose hash is {case.file_hash} ("
+            f"{'same experiment, other thresholds or text' if same else 'a different experiment'})"
+        )
     if meta.get("verdict") == "fail":
         warnings.append(f"{what}'s own run failed an expectation (surgery.verdict = fail)")
     return warnings
@@ -318,8 +438,9 @@ def drift_layers(case: Case, model: nn.Module) -> list[str]:
     return probed_layers(case, model) or map_layers(model)
 
 
-def champion_drift(case: Case, champion: nn.Module, candidate: nn.Module, x: torch.Tensor, device: torch.device,
-                   seed: int) -> list[dict[str, Any]]:
+def champion_drift(
+    case: Case, champion: nn.Module, candidate: nn.Module, x: torch.Tensor, device: torch.device, seed: int
+) -> list[dict[str, Any]]:
     """Per layer, the drift of the candidate's activations against the champion's on the gate examples."""
     layers = drift_layers(case, candidate)
     if not layers:
@@ -327,22 +448,31 @@ def champion_drift(case: Case, champion: nn.Module, candidate: nn.Module, x: tor
     x = x[: case.data.probe_size]
     ref = probe_activations(champion, x, layers, device=device, seed=seed)
     pat = probe_activations(candidate, x, layers, device=device, seed=seed, edges=ref)
-    return [{"layer": name, "w1_norm": d["wasserstein_norm"], "ks": d["ks"], "psi": d["psi"]}
-            for name in layers for d in [drift(ref[name], pat[name])]]
+    return [
+        {"layer": name, "w1_norm": d["wasserstein_norm"], "ks": d["ks"], "psi": d["psi"]}
+        for name in layers
+        for d in [drift(ref[name], pat[name])]
+    ]
 
 
 def not_worse_than(comparison: PairedComparison, rule_source: str) -> ExpectationResult:
     """The non-inferiority verdict as an expectation: observed = the lower bound, threshold = −margin."""
     return ExpectationResult(
-        name="gate.not_worse_than", passed=comparison.non_inferior, observed=comparison.lower_bound,
+        name="gate.not_worse_than",
+        passed=comparison.non_inferior,
+        observed=comparison.lower_bound,
         threshold=-comparison.margin,
-        message=(f"{'non-inferior' if comparison.non_inferior else 'not shown non-inferior'} at "
-                 f"{comparison.confidence:g}: {comparison.summary()} ({rule_source})"),
-        details={"rule": {"direction": "min", "aggregate": "one model"}, **comparison.to_dict()})
+        message=(
+            f"{'non-inferior' if comparison.non_inferior else 'not shown non-inferior'} at "
+            f"{comparison.confidence:g}: {comparison.summary()} ({rule_source})"
+        ),
+        details={"rule": {"direction": "min", "aggregate": "one model"}, **comparison.to_dict()},
+    )
 
 
-def run_gate(candidate: Path, case: Case, *, report_dir: Path, champion: Path | None = None,
-             device: str | None = None) -> CaseResult:
+def run_gate(
+    candidate: Path, case: Case, *, report_dir: Path, champion: Path | None = None, device: str | None = None
+) -> CaseResult:
     """Judge ``candidate`` against the case's checks and, with a champion, against the champion; write the verdict.
 
     Returns the result (``.passed`` is the verdict; ``.provenance["gate"]`` says on what, against what,
@@ -365,8 +495,9 @@ def run_gate(candidate: Path, case: Case, *, report_dir: Path, champion: Path | 
     torch.manual_seed(seed)
     split = load_data(case, seed)  # the split a run of this seed uses (data.split_seed and data.holdout honoured)
     data = gate_data(case, split, seed)
-    source = to_device(build(case, case.source, "source", num_classes=split.num_classes,
-                             in_chans=case.data.channels).eval(), dev)
+    source = to_device(
+        build(case, case.source, "source", num_classes=split.num_classes, in_chans=case.data.channels).eval(), dev
+    )
     source_logits = _logits(source, data.x, dev, f"source {case.source.model}", split)
     # The patient's architecture exactly as a run of the case builds it. The ops run on the CPU (their
     # example inputs are CPU tensors) and never modify the source.
@@ -376,15 +507,16 @@ def run_gate(candidate: Path, case: Case, *, report_dir: Path, champion: Path | 
     counted = {k for k in state if k.endswith("num_batches_tracked")}
     del state
     if champ_model is not None:
-        load_weights(champ_model, champ_state, origin=f"{champ_where}: champion {champ_file} (not the candidate's "
-                     "architecture?)")
+        load_weights(
+            champ_model, champ_state, origin=f"{champ_where}: champion {champ_file} (not the candidate's architecture?)"
+        )
         del champ_state
         champ_model = to_device(champ_model, dev)
     source, patient = to_device(source, dev), to_device(patient, dev)
     logits = _logits(patient, data.x, dev, f"candidate {candidate}", split)
 
     acc: dict[str, float | None] = {}
-    acc["source"] = (_accuracy(source_logits, data.y) if source_logits.shape[-1] == split.num_classes else None)
+    acc["source"] = _accuracy(source_logits, data.y) if source_logits.shape[-1] == split.num_classes else None
     acc["checkpoint"] = _accuracy(logits, data.y)
     acc["recovery"] = recovery(acc["checkpoint"], acc["source"])
     bad_weights = nonfinite_weights(patient)
@@ -407,14 +539,19 @@ def run_gate(candidate: Path, case: Case, *, report_dir: Path, champion: Path | 
     if champ_model is not None:
         champ_logits = _logits(champ_model, data.x, dev, f"champion {champ_file}", split)
         rule = case.gate.not_worse_than if case.gate is not None and case.gate.not_worse_than else DEFAULT_RULE
-        rule_source = (f"rule of {case.where('gate.not_worse_than')}" if case.gate is not None
-                       and case.gate.not_worse_than else f"the default rule: at most {DEFAULT_RULE.accuracy:g} worse "
-                       f"at {DEFAULT_RULE.confidence:g}")
-        comparison = compare_predictions(data.y.numpy(), logits.argmax(1).cpu().numpy(),
-                                         champ_logits.argmax(1).cpu().numpy(), confidence=rule.confidence,
-                                         margin=rule.accuracy,
-                                         resamples=case.gate.resamples if case.gate is not None
-                                         else DEFAULT_RESAMPLES)
+        rule_source = (
+            f"rule of {case.where('gate.not_worse_than')}"
+            if case.gate is not None and case.gate.not_worse_than
+            else f"the default rule: at most {DEFAULT_RULE.accuracy:g} worse at {DEFAULT_RULE.confidence:g}"
+        )
+        comparison = compare_predictions(
+            data.y.numpy(),
+            logits.argmax(1).cpu().numpy(),
+            champ_logits.argmax(1).cpu().numpy(),
+            confidence=rule.confidence,
+            margin=rule.accuracy,
+            resamples=case.gate.resamples if case.gate is not None else DEFAULT_RESAMPLES,
+        )
         expectations.append(not_worse_than(comparison, rule_source))
         drift_rows = champion_drift(case, champ_model, patient, data.x, dev, seed)
     correct = (logits.argmax(1).cpu() == data.y).numpy()
@@ -424,28 +561,59 @@ def run_gate(candidate: Path, case: Case, *, report_dir: Path, champion: Path | 
     if not data.held_out:
         warnings.append(f"scored on {data.description}; add a gate section with data.holdout for held-out data")
     finite = not bad_weights and not bad_outputs and not any(r.get("nonfinite") for r in rows)
-    per_seed: dict[str, Any] = {"seed": seed, "accuracy": acc, "finite": finite,
-                                "data": {"name": split.name, "train": len(split.train_x), "test": len(split.test_x),
-                                         "gate": len(data.y), "classes": split.num_classes}}
+    per_seed: dict[str, Any] = {
+        "seed": seed,
+        "accuracy": acc,
+        "finite": finite,
+        "data": {
+            "name": split.name,
+            "train": len(split.train_x),
+            "test": len(split.test_x),
+            "gate": len(data.y),
+            "classes": split.num_classes,
+        },
+    }
     if rows:
         per_seed["activations"], per_seed["histograms"] = rows, histograms
     prov = provenance(device=str(dev), case_hash=case.file_hash, seeds=[seed])
-    prov.update({"gate": {
-        "data": data.description, "examples": len(data.y), "held_out": data.held_out, "warnings": warnings,
-        "candidate": {"path": str(candidate), "sha256": digest, "origin": meta},
-        "champion": None if champ_file is None else {"path": str(champ_file), "sha256": champ_digest,
-                                                     "origin": champ_meta},
-        "accuracy": {"value": acc["checkpoint"], "confidence": confidence,
-                     "interval": list(accuracy_interval(correct, confidence=confidence))},
-        "comparison": None if comparison is None else comparison.to_dict(),
-        "champion_drift": drift_rows}, "checkpoint": str(candidate), "checkpoint_sha256": digest})
-    result = CaseResult(case=case.name, path=case.path, description=case.description, seeds=[seed],
-                        expectations=expectations, per_seed=[per_seed], provenance=prov,
-                        metrics={"accuracy": {k: aggregate([v]) for k, v in acc.items()},
-                                 "nonfinite": {"weights": len(bad_weights), "modules": len(bad_outputs)},
-                                 "bn_stats": {"layers": len(bn_rows), "bad": sum(not r["ok"] for r in bn_rows)}},
-                        tables={"activations": [dict(r, seed=seed) for r in rows], "bn_stats": bn_rows,
-                                "champion_drift": drift_rows})
+    prov.update(
+        {
+            "gate": {
+                "data": data.description,
+                "examples": len(data.y),
+                "held_out": data.held_out,
+                "warnings": warnings,
+                "candidate": {"path": str(candidate), "sha256": digest, "origin": meta},
+                "champion": None
+                if champ_file is None
+                else {"path": str(champ_file), "sha256": champ_digest, "origin": champ_meta},
+                "accuracy": {
+                    "value": acc["checkpoint"],
+                    "confidence": confidence,
+                    "interval": list(accuracy_interval(correct, confidence=confidence)),
+                },
+                "comparison": None if comparison is None else comparison.to_dict(),
+                "champion_drift": drift_rows,
+            },
+            "checkpoint": str(candidate),
+            "checkpoint_sha256": digest,
+        }
+    )
+    result = CaseResult(
+        case=case.name,
+        path=case.path,
+        description=case.description,
+        seeds=[seed],
+        expectations=expectations,
+        per_seed=[per_seed],
+        provenance=prov,
+        metrics={
+            "accuracy": {k: aggregate([v]) for k, v in acc.items()},
+            "nonfinite": {"weights": len(bad_weights), "modules": len(bad_outputs)},
+            "bn_stats": {"layers": len(bn_rows), "bad": sum(not r["ok"] for r in bn_rows)},
+        },
+        tables={"activations": [dict(r, seed=seed) for r in rows], "bn_stats": bn_rows, "champion_drift": drift_rows},
+    )
     result.seconds = time.perf_counter() - start
     write_verdict(result, report_dir, checkpoint=candidate, sha256=digest)
     return result
@@ -465,8 +633,14 @@ def write_verdict(result: CaseResult, report_dir: Path, *, checkpoint: Path, sha
     write_case_report(result, report_dir)
     data = result.to_dict()
     gate = data["provenance"].pop("gate", None)
-    verdict = {"gate_schema": GATE_SCHEMA, **data, "checkpoint": str(checkpoint), "sha256": sha256,
-               "verdict": "pass" if result.passed else "fail", "gate": gate}
+    verdict = {
+        "gate_schema": GATE_SCHEMA,
+        **data,
+        "checkpoint": str(checkpoint),
+        "sha256": sha256,
+        "verdict": "pass" if result.passed else "fail",
+        "gate": gate,
+    }
     text = json.dumps(strict_json(verdict), indent=1, allow_nan=False)
     path = report_dir / GATE_FILE
     write_atomic(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))

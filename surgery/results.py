@@ -21,13 +21,13 @@ READABLE_SCHEMAS = (1, 2)
 class ExpectationResult:
     """One checked expectation: the unit a pytest item and a report row show."""
 
-    name: str                      # e.g. "accuracy.after_min"
+    name: str  # e.g. "accuracy.after_min"
     passed: bool
     observed: float | None
     threshold: float | None
     details: dict[str, Any] = field(default_factory=dict)
-    message: str = ""              # one line: "observed 0.71 < after_min 0.90 (accuracy, mean of seeds 0, 1)"
-    status: str = ""               # passed | failed | undecided (a claim the seeds run cannot decide)
+    message: str = ""  # one line: "observed 0.71 < after_min 0.90 (accuracy, mean of seeds 0, 1)"
+    status: str = ""  # passed | failed | undecided (a claim the seeds run cannot decide)
     calibration: dict[str, Any] | None = None  # the calibrated distribution the threshold came from
 
     def __post_init__(self) -> None:
@@ -47,9 +47,9 @@ class CaseResult:
     path: str
     expectations: list[ExpectationResult] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)       # aggregated numbers (accuracy, coverage …)
+    metrics: dict[str, Any] = field(default_factory=dict)  # aggregated numbers (accuracy, coverage …)
     per_seed: list[dict[str, Any]] = field(default_factory=list)  # curves, accuracies, drift per seed
-    record: dict[str, Any] = field(default_factory=dict)        # the surgery record of the first seed
+    record: dict[str, Any] = field(default_factory=dict)  # the surgery record of the first seed
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per-layer rows (coverage, activations)
     description: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +57,7 @@ class CaseResult:
     seconds: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
-    calibration: str = ""          # calibrated, stale or missing, in one line
+    calibration: str = ""  # calibrated, stale or missing, in one line
     calibration_notes: list[str] = field(default_factory=list)  # where this run's provenance differs from it
     # Seed -> the fine-tuned patient's state_dict, when the run was asked to export them (never serialised).
     patients: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
@@ -108,8 +108,9 @@ class CaseResult:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -125,10 +126,17 @@ def provenance(*, device: str, case_hash: str, seeds: list[int]) -> dict[str, An
     import surgery
 
     return {
-        "surgery": surgery.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "timm": version("timm"), "python": platform.python_version(), "machine": platform.machine(),
-        "device": device, "cuda": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-        "git_commit": _git_commit(), "case_hash": case_hash, "seeds": seeds,
+        "surgery": surgery.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": version("timm"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": device,
+        "cuda": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "git_commit": _git_commit(),
+        "case_hash": case_hash,
+        "seeds": seeds,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -31,13 +31,20 @@ def _digest_model(digest: Any, model: nn.Module) -> None:
     for name, tensor in model.state_dict().items():
         digest_tensor(digest, name, tensor)
     digest.update(",".join(n for n, p in model.named_parameters() if p.requires_grad).encode())
-    digest.update(",".join(n for n, p in model.named_parameters()
-                           if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)).encode())
+    digest.update(
+        ",".join(
+            n
+            for n, p in model.named_parameters()
+            if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+        ).encode()
+    )
 
 
 def _digest_numerics(digest: Any, device: torch.device) -> None:
-    digest.update(f"|device {device}|threads {torch.get_num_threads()}|"
-                  f"deterministic {torch.are_deterministic_algorithms_enabled()}|".encode())
+    digest.update(
+        f"|device {device}|threads {torch.get_num_threads()}|"
+        f"deterministic {torch.are_deterministic_algorithms_enabled()}|".encode()
+    )
 
 
 def baseline_key(model: nn.Module, split: Split, spec: FinetuneSpec, *, seed: int, device: torch.device) -> str:
@@ -58,8 +65,7 @@ def _digest_images(digest: Any, name: str, images: torch.Tensor | CachedImages) 
         digest_tensor(digest, name, images)
 
 
-def evaluation_key(model: nn.Module, x: torch.Tensor | CachedImages, y: torch.Tensor, *,
-                   device: torch.device) -> str:
+def evaluation_key(model: nn.Module, x: torch.Tensor | CachedImages, y: torch.Tensor, *, device: torch.device) -> str:
     """SHA-256 of everything an evaluation of ``model`` on ``(x, y)`` reads."""
     digest = hashlib.sha256()
     _digest_model(digest, model)
@@ -102,8 +108,9 @@ BASELINES = ResultMemo()  # this process's baselines, by :func:`baseline_key`
 SOURCE_ACCURACIES = ResultMemo()  # this process's source-model accuracies, by :func:`evaluation_key`
 
 
-def source_accuracy(model: nn.Module, x: torch.Tensor | CachedImages, y: torch.Tensor, *,
-                    device: torch.device) -> float:
+def source_accuracy(
+    model: nn.Module, x: torch.Tensor | CachedImages, y: torch.Tensor, *, device: torch.device
+) -> float:
     """``evaluate(model, x, y)``, or the figure of an earlier evaluation of equal weights on equal data."""
     key = evaluation_key(model, x, y, device=device)
     accuracy = SOURCE_ACCURACIES.get(key)

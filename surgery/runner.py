@@ -29,8 +29,20 @@ from surgery.models import build_architecture
 from surgery.numerics import numeric_profile, pin_numerics
 from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
-from surgery.prepare import (Probes, architecture_ref, blame, build, build_source, case_preprocess, check_patient,
-                             device_for, load_data, model_spec, perform_surgery, probe_inputs)
+from surgery.prepare import (
+    Probes,
+    architecture_ref,
+    blame,
+    build,
+    build_source,
+    case_preprocess,
+    check_patient,
+    device_for,
+    load_data,
+    model_spec,
+    perform_surgery,
+    probe_inputs,
+)
 from surgery.results import CaseResult, provenance
 from surgery.reuse import BASELINES, baseline_key, source_accuracy
 
@@ -41,13 +53,13 @@ log = logging.getLogger(__name__)
 class RunOptions:
     """How to run a case, beyond what the case file says."""
 
-    device: str | None = None      # overrides the case's ``device``
-    max_seeds: int | None = None   # run at most this many of the case's seeds
-    progress: bool | None = None   # progress bars; None = only on a terminal
+    device: str | None = None  # overrides the case's ``device``
+    max_seeds: int | None = None  # run at most this many of the case's seeds
+    progress: bool | None = None  # progress bars; None = only on a terminal
     seeds: list[int] | None = None  # run exactly these seeds instead of the case's (calibration does)
-    threads: int | None = None     # torch threads; None = $SURGERY_THREADS or surgery.numerics.DEFAULT_THREADS
-    calibrating: bool = False      # thresholds may still be the ``calibrate`` placeholder
-    export: bool = False           # keep each seed's fine-tuned patient (CaseResult.patients) for --export
+    threads: int | None = None  # torch threads; None = $SURGERY_THREADS or surgery.numerics.DEFAULT_THREADS
+    calibrating: bool = False  # thresholds may still be the ``calibrate`` placeholder
+    export: bool = False  # keep each seed's fine-tuned patient (CaseResult.patients) for --export
 
 
 def baseline_model(case: Case, split: Split) -> nn.Module:
@@ -55,8 +67,13 @@ def baseline_model(case: Case, split: Split) -> nn.Module:
     spec = case.expect.accuracy.beats_baseline
     op = get_op(case.surgery.op)
     if spec.model is not None:
-        return build(case, spec.model, "expect.accuracy.beats_baseline.model", num_classes=split.num_classes,
-                     in_chans=case.data.channels)
+        return build(
+            case,
+            spec.model,
+            "expect.accuracy.beats_baseline.model",
+            num_classes=split.num_classes,
+            in_chans=case.data.channels,
+        )
     with blame(case, "expect.accuracy.beats_baseline"):
         ref = architecture_ref(op.baseline_architecture(case.surgery, case.source.model))
     model = build_architecture(ref, num_classes=split.num_classes, in_chans=case.data.channels)
@@ -81,8 +98,11 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     source, patient = to_device(source, device), to_device(patient, device)
 
     acc: dict[str, float | None] = {}
-    acc["source"] = source_accuracy(source, split.test_x, split.test_y, device=device) \
-        if source_width == split.num_classes else None
+    acc["source"] = (
+        source_accuracy(source, split.test_x, split.test_y, device=device)
+        if source_width == split.num_classes
+        else None
+    )
     acc["before"] = evaluate(patient, split.test_x, split.test_y, device=device)
 
     probes = None
@@ -91,8 +111,9 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         probes.probe("surgery", patient)
 
     # Checks that measure something of their own do it now (on copies: the patient is theirs to read only).
-    context = SeedContext(case=case, seed=seed, split=split, source=source, patient=patient, device=device,
-                          accuracy=acc)
+    context = SeedContext(
+        case=case, seed=seed, split=split, source=source, patient=patient, device=device, accuracy=acc
+    )
     check_figures: dict[str, dict[str, Any]] = {}
     for check, check_spec in declared_checks(case):
         figures = check.after_surgery(check_spec, context)
@@ -104,11 +125,24 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     spec = case.finetune.model_copy(update={"groups": _finetune_groups(case)})
     distill = get_op(case.surgery.op).distill(case.surgery)
     if distill is not None and source_width != split.num_classes:
-        raise SurgeryInputError(f"{case.where('surgery.distill')}: the source has {source_width} outputs, the data "
-                                f"{split.num_classes} classes; distillation needs them equal")
-    run = finetune(patient, split.train_x, split.train_y, split.test_x, split.test_y, spec, seed=seed,
-                   device=device, teacher=source if distill else None, distill=distill,
-                   progress=options.progress, desc=f"{case.name} seed {seed}")
+        raise SurgeryInputError(
+            f"{case.where('surgery.distill')}: the source has {source_width} outputs, the data "
+            f"{split.num_classes} classes; distillation needs them equal"
+        )
+    run = finetune(
+        patient,
+        split.train_x,
+        split.train_y,
+        split.test_x,
+        split.test_y,
+        spec,
+        seed=seed,
+        device=device,
+        teacher=source if distill else None,
+        distill=distill,
+        progress=options.progress,
+        desc=f"{case.name} seed {seed}",
+    )
     acc["after"] = run.accuracy_after(patient, split.test_x, split.test_y, device=device)
     acc["recovery"] = recovery(acc["after"], acc["source"])
     finite = run.finite and all_finite(patient)
@@ -120,11 +154,20 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
             check_figures.setdefault(check.key, {}).update(figures)
 
     out: dict[str, Any] = {
-        "seed": seed, "accuracy": acc, "finite": finite, "finetune": run.to_dict(),
-        "baseline_curve": None, "record": record.to_dict(),  # the baseline's curve: filled in by assemble()
-        "coverage": coverage_summary(record), "data": {"name": split.name, "train": len(split.train_x),
-                                                       "test": len(split.test_x), "classes": split.num_classes,
-                                                       "preprocess": split.preprocess.origin},
+        "seed": seed,
+        "accuracy": acc,
+        "finite": finite,
+        "finetune": run.to_dict(),
+        "baseline_curve": None,
+        "record": record.to_dict(),  # the baseline's curve: filled in by assemble()
+        "coverage": coverage_summary(record),
+        "data": {
+            "name": split.name,
+            "train": len(split.train_x),
+            "test": len(split.test_x),
+            "classes": split.num_classes,
+            "preprocess": split.preprocess.origin,
+        },
     }
     if check_figures:
         out["checks"] = check_figures
@@ -167,10 +210,23 @@ def run_baseline(case: Case, seed: int, device: torch.device, options: RunOption
     if (reused := BASELINES.get(key)) is not None:
         log.info("%s: baseline of seed %d reused (trained on equal inputs for an earlier case)", case.name, seed)
         return reused
-    base_run = finetune(base, split.train_x, split.train_y, split.test_x, split.test_y, case.finetune,
-                        seed=seed, device=device, progress=options.progress, desc=f"{case.name} baseline")
-    result = {"seed": seed, "accuracy": base_run.accuracy_after(base, split.test_x, split.test_y, device=device),
-              "curve": base_run.curve}
+    base_run = finetune(
+        base,
+        split.train_x,
+        split.train_y,
+        split.test_x,
+        split.test_y,
+        case.finetune,
+        seed=seed,
+        device=device,
+        progress=options.progress,
+        desc=f"{case.name} baseline",
+    )
+    result = {
+        "seed": seed,
+        "accuracy": base_run.accuracy_after(base, split.test_x, split.test_y, device=device),
+        "curve": base_run.curve,
+    }
     BASELINES.put(key, result)
     return result
 
@@ -186,8 +242,9 @@ def model_specs(case: Case) -> list[ModelSpec]:
 
 def weight_digests(case: Case) -> dict[str, str]:
     """SHA-256 of the tensors of every weight file the case reads (zoo models included), by file path."""
-    return {str(path): weights_digest(path) for spec in model_specs(case)
-            for path in weight_files(model_spec(case, spec))}
+    return {
+        str(path): weights_digest(path) for spec in model_specs(case) for path in weight_files(model_spec(case, spec))
+    }
 
 
 def calibration_notes(calibration: CaseCalibration, run_provenance: dict[str, Any]) -> list[str]:
@@ -213,8 +270,10 @@ def check_thresholds(case: Case, options: RunOptions) -> None:
     if not options.calibrating:
         missing = uncalibrated_fields(case)
         if missing:
-            raise SurgeryInputError(f"{case.where(missing[0])}: the placeholder 'calibrate' is not a threshold yet; "
-                                    f"run `surgery calibrate {case.path} --write` first")
+            raise SurgeryInputError(
+                f"{case.where(missing[0])}: the placeholder 'calibrate' is not a threshold yet; "
+                f"run `surgery calibrate {case.path} --write` first"
+            )
 
 
 def case_seeds(case: Case, options: RunOptions) -> list[int]:
@@ -227,13 +286,25 @@ def case_provenance(case: Case, seeds: list[int], device: torch.device, threads:
     """What the figures of a run depend on, read in the process that ran its seeds (after they ran, so the
     zoo files it read exist): versions, commit, numeric profile, threads, device, weight digests."""
     out = provenance(device=str(device), case_hash=case.file_hash, seeds=seeds)
-    out.update(numeric_profile(), threads=threads, device_type=device.type, weights=weight_digests(case),
-               preprocess=case_preprocess(case).to_dict(case.data.image_size))
+    out.update(
+        numeric_profile(),
+        threads=threads,
+        device_type=device.type,
+        weights=weight_digests(case),
+        preprocess=case_preprocess(case).to_dict(case.data.image_size),
+    )
     return out
 
 
-def assemble(case: Case, per_seed: list[dict[str, Any]], baselines: list[dict[str, Any]], *,
-             provenance: dict[str, Any], seconds: float, calibration: CaseCalibration | None = None) -> CaseResult:
+def assemble(
+    case: Case,
+    per_seed: list[dict[str, Any]],
+    baselines: list[dict[str, Any]],
+    *,
+    provenance: dict[str, Any],
+    seconds: float,
+    calibration: CaseCalibration | None = None,
+) -> CaseResult:
     """The CaseResult of a run from its parts: :func:`run_seed`'s dicts (in seed order), :func:`run_baseline`'s
     (any order; none when the case has no baseline) and :func:`case_provenance`'s. Checks the expectations
     against ``calibration`` (read from beside the case file when not given).
@@ -250,8 +321,14 @@ def assemble(case: Case, per_seed: list[dict[str, Any]], baselines: list[dict[st
             s["baseline_curve"] = base["curve"]
     seeds = [s["seed"] for s in per_seed]
     calibration = calibration or case_calibration(case)
-    result = CaseResult(case=case.name, path=case.path, description=case.description, seeds=seeds,
-                        provenance=dict(provenance), patients=patients)
+    result = CaseResult(
+        case=case.name,
+        path=case.path,
+        description=case.description,
+        seeds=seeds,
+        provenance=dict(provenance),
+        patients=patients,
+    )
     result.calibration = calibration.status()
     result.calibration_notes = calibration_notes(calibration, result.provenance)
     first = per_seed[0]
@@ -280,7 +357,16 @@ def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
     seeds = case_seeds(case, options)
     calibration = case_calibration(case)  # a damaged record is bad input before anything runs
     per_seed = [run_seed(case, seed, device, options) for seed in seeds]
-    baselines = [run_baseline(case, seed, device, options) for seed in seeds] \
-        if runs_baseline(case, len(seeds), calibration, options) else []
-    return assemble(case, per_seed, baselines, provenance=case_provenance(case, seeds, device, threads),
-                    seconds=time.perf_counter() - start, calibration=calibration)
+    baselines = (
+        [run_baseline(case, seed, device, options) for seed in seeds]
+        if runs_baseline(case, len(seeds), calibration, options)
+        else []
+    )
+    return assemble(
+        case,
+        per_seed,
+        baselines,
+        provenance=case_provenance(case, seeds, device, threads),
+        seconds=time.perf_counter() - start,
+        calibration=calibration,
+    )

@@ -31,8 +31,11 @@ class Strict(BaseModel):
             allowed = [f.alias or n for n, f in cls.model_fields.items() if not f.exclude]
             for key in data:
                 if key not in allowed:
-                    raise PydanticCustomError("unknown_key", "unknown key {shown}; expected one of: {allowed}",
-                                              {"key": key, "shown": repr(key), "allowed": ", ".join(allowed)})
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key {shown}; expected one of: {allowed}",
+                        {"key": key, "shown": repr(key), "allowed": ", ".join(allowed)},
+                    )
         return data
 
 
@@ -78,8 +81,13 @@ def threshold_range(spec: BaseModel, field: str) -> ThresholdRange:
 
 def threshold(lo: float | None = None, hi: float | None = None) -> Any:
     """The annotated type of a threshold field whose numbers must lie in [lo, hi]."""
-    span = f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else \
-        f">= {lo:g}" if lo is not None else "a finite number"
+    span = (
+        f"in [{lo:g}, {hi:g}]"
+        if lo is not None and hi is not None
+        else f">= {lo:g}"
+        if lo is not None
+        else "a finite number"
+    )
 
     def number(value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -102,8 +110,10 @@ def threshold(lo: float | None = None, hi: float | None = None) -> Any:
             return dict(sorted(out.items()))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return number(value, "")
-        raise ValueError(f"got {value!r}; expected a number {span}, a mapping from seed count to such a "
-                         f"number (e.g. {{1: 0.88, 3: 0.9}}), or {CALIBRATE!r}")
+        raise ValueError(
+            f"got {value!r}; expected a number {span}, a mapping from seed count to such a "
+            f"number (e.g. {{1: 0.88, 3: 0.9}}), or {CALIBRATE!r}"
+        )
 
     # Typed Any for pydantic: the validator above is the whole check, and serialisation passes values through.
     return Annotated[Any, PlainValidator(check), ThresholdRange(lo, hi)]
@@ -130,11 +140,16 @@ class DatasetSpec(Strict):
     """
 
     name: Literal["mnist5k", "digits", "shapes", "imagefolder", "dataset"]
-    root: str | None = Field(None, description="imagefolder: a directory of class folders, or a .tar of one; "
-                             "dataset: passed as its root argument")
-    dataset: str | None = Field(None, description="a map-style Dataset by reference, package.module:Name "
-                                "(same trust rules as model factories)")
-    kwargs: dict[str, Any] | None = Field(None, description="dataset: keyword arguments (written inline beside 'dataset')")
+    root: str | None = Field(
+        None,
+        description="imagefolder: a directory of class folders, or a .tar of one; dataset: passed as its root argument",
+    )
+    dataset: str | None = Field(
+        None, description="a map-style Dataset by reference, package.module:Name (same trust rules as model factories)"
+    )
+    kwargs: dict[str, Any] | None = Field(
+        None, description="dataset: keyword arguments (written inline beside 'dataset')"
+    )
     limit: int | None = Field(None, gt=0, description="use at most this many samples")
     size: int = Field(3000, gt=0, description="shapes: number of images generated")
     background: float = Field(0.0, ge=0, le=1, description="shapes: background brightness")
@@ -150,8 +165,11 @@ class DatasetSpec(Strict):
         if isinstance(data, dict) and "dataset" in data:
             own = {"name", "dataset", "root", "limit"}
             kwargs = {k: v for k, v in data.items() if k not in own}
-            return {**{k: v for k, v in data.items() if k in own}, "name": data.get("name", "dataset"),
-                    "kwargs": kwargs or None}
+            return {
+                **{k: v for k, v in data.items() if k in own},
+                "name": data.get("name", "dataset"),
+                "kwargs": kwargs or None,
+            }
         return data
 
     @field_validator("dataset")
@@ -178,13 +196,17 @@ class DatasetSpec(Strict):
 class PreprocessSpec(Strict):
     """``data.preprocess``: overrides of the source model's preprocessing (any field left out keeps the model's)."""
 
-    preset: Literal["zoo", "imagenet"] | None = Field(None, description="start from a preset instead of the "
-                                                      "source's own: zoo ([-1, 1]) or imagenet (mean/std, crop 0.875)")
+    preset: Literal["zoo", "imagenet"] | None = Field(
+        None,
+        description="start from a preset instead of the source's own: zoo ([-1, 1]) or imagenet (mean/std, crop 0.875)",
+    )
     mean: list[float] | None = Field(None, min_length=1, max_length=3, description="per-channel mean in [0, 1] units")
-    std: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, max_length=3,
-                                                            description="per-channel std")
-    crop_pct: float | None = Field(None, gt=0, le=1, description="centre crop / resized shorter side "
-                                   "(torchvision's ResNet-50: 224 / 232)")
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1, max_length=3, description="per-channel std"
+    )
+    crop_pct: float | None = Field(
+        None, gt=0, le=1, description="centre crop / resized shorter side (torchvision's ResNet-50: 224 / 232)"
+    )
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
 
     @model_validator(mode="before")
@@ -205,15 +227,27 @@ class DataSpec(Strict):
     image_size: int = Field(32, ge=8, le=512)
     channels: Literal[1, 3] = 3
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int | None = Field(None, description="fixed train/test split (default: the run's seed); "
-                                   "set 0 on mnist5k to keep the zoo's own test split unseen")
+    split_seed: int | None = Field(
+        None,
+        description="fixed train/test split (default: the run's seed); "
+        "set 0 on mnist5k to keep the zoo's own test split unseen",
+    )
     probe_size: int = Field(256, gt=0, description="samples probed for activation statistics")
-    holdout: float = Field(0.0, ge=0, lt=1, description="fraction of data.train kept for the release gate "
-                           "(`gate: {data: holdout}`): a fixed draw that no seed's train or test split contains")
-    preprocess: PreprocessSpec | None = Field(None, description="mean, std, crop_pct, interpolation; default: the "
-                                              "source model's own (pretrained torchvision/timm), else the zoo's")
-    workers: int | None = Field(None, ge=0, le=64, description="processes decoding images on the first read "
-                                "(default: the CPU count, at most 8)")
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of data.train kept for the release gate "
+        "(`gate: {data: holdout}`): a fixed draw that no seed's train or test split contains",
+    )
+    preprocess: PreprocessSpec | None = Field(
+        None,
+        description="mean, std, crop_pct, interpolation; default: the "
+        "source model's own (pretrained torchvision/timm), else the zoo's",
+    )
+    workers: int | None = Field(
+        None, ge=0, le=64, description="processes decoding images on the first read (default: the CPU count, at most 8)"
+    )
 
 
 class ModelSpec(Strict):
@@ -256,8 +290,9 @@ class AugmentSpec(Strict):
     """``finetune.augment``: seeded augmentation of each training batch, on the device; none by default."""
 
     hflip: bool = Field(False, description="flip half the images left-right")
-    random_resized_crop: RandomResizedCropSpec | None = Field(None, description="a random crop of area in "
-                                                              "'scale' and aspect in 'ratio', resized back")
+    random_resized_crop: RandomResizedCropSpec | None = Field(
+        None, description="a random crop of area in 'scale' and aspect in 'ratio', resized back"
+    )
 
 
 class ParamGroupSpec(Strict):
@@ -290,7 +325,8 @@ class GateSpec(Strict):
     """The ``gate:`` section: what ``surgery gate`` scores a release candidate on, and against what."""
 
     data: Union[Literal["holdout"], DatasetSpec] = Field(
-        "holdout", description="holdout: the part of data.train set aside by data.holdout; or a dataset, used whole")
+        "holdout", description="holdout: the part of data.train set aside by data.holdout; or a dataset, used whole"
+    )
     champion: str | None = Field(None, description="the released checkpoint to compare with (--champion overrides)")
     not_worse_than: NotWorseThanSpec | None = Field(None, description="non-inferiority against the champion")
     resamples: int = Field(2000, ge=100, le=100_000, description="paired bootstrap resamples")

@@ -24,13 +24,15 @@ from surgery.data import SHAPE_CLASSES, make_shapes
 CHUNK = 256  # images generated at once (a 224 px float chunk is 154 MB)
 
 
-def write_shapes_folder(root: str | Path, *, count: int, size: int, seed: int = 0, quality: int = 90,
-                        noise: float = 0.04) -> Path:
+def write_shapes_folder(
+    root: str | Path, *, count: int, size: int, seed: int = 0, quality: int = 90, noise: float = 0.04
+) -> Path:
     """Write ``count`` shape images of ``size`` px as JPEG files under ``root/CLASS/NNNNNN.jpg``; return ``root``.
 
     The class folders are ``0-circle`` … ``4-ring``: sorted, they give the labels of the embedded
-    ``shapes`` set, so the zoo's shapes models score them as they score it. Deterministic for a seed. Written once: a folder that already holds this count, size and seed (its
-    ``surgery-synth.json``) is left as it is.
+    ``shapes`` set, so the zoo's shapes models score them as they score it. Deterministic for a seed.
+    Written once: a folder that already holds this count, size and seed (its ``surgery-synth.json``)
+    is left as it is.
     """
     root = Path(root)
     classes = class_folders()
@@ -46,8 +48,12 @@ def write_shapes_folder(root: str | Path, *, count: int, size: int, seed: int = 
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for i in range(n):
             path = root / classes[int(labels[i])] / f"{start + i:06d}.jpg"
-            write_atomic(path, lambda tmp, p=pixels[i]: Image.fromarray(np.ascontiguousarray(p)).save(
-                tmp, format="JPEG", quality=quality))
+            write_atomic(
+                path,
+                lambda tmp, p=pixels[i]: Image.fromarray(np.ascontiguousarray(p)).save(
+                    tmp, format="JPEG", quality=quality
+                ),
+            )
     write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(stamp)))
     return root
 
@@ -66,7 +72,8 @@ def synthetic_folder(count: int, size: int, seed: int = 0) -> Path:
 def folder_bytes(root: str | Path) -> int:
     """The total size of the files under ``root``."""
     return sum(entry.stat().st_size for entry in os.scandir(root) if entry.is_file()) + sum(
-        folder_bytes(entry.path) for entry in os.scandir(root) if entry.is_dir())
+        folder_bytes(entry.path) for entry in os.scandir(root) if entry.is_dir()
+    )
 
 
 class ShapesFolder(ImageFolder):

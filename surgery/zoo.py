@@ -30,15 +30,24 @@ from surgery.errors import SurgeryInputError
 
 log = logging.getLogger(__name__)  # one line per model trained; the pytest plugin shows them in the terminal
 
+
 class StemTrainer(nn.Module):
     """A ResNet-style stem conv with a small body and head, to train the stem alone."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3):
         super().__init__()
         self.conv1 = make_stem(in_chans)
-        self.body = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
-                                  nn.Conv2d(64, 128, 3, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+            nn.Conv2d(64, 128, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(128, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.conv1(x))
@@ -72,15 +81,30 @@ def _architecture(recipe: Recipe) -> nn.Module:
 
 def train_recipe(recipe: Recipe, *, device: torch.device, progress: bool | None = None) -> tuple[nn.Module, float]:
     """Train a recipe from scratch; return the trained model (a Conv2d for stems) and its test accuracy."""
-    split = load_split(DatasetSpec(name=recipe.dataset), image_size=recipe.image_size, channels=recipe.channels,
-                       seed=recipe.seed)
+    split = load_split(
+        DatasetSpec(name=recipe.dataset), image_size=recipe.image_size, channels=recipe.channels, seed=recipe.seed
+    )
     torch.manual_seed(recipe.seed)
     model = to_device(_architecture(recipe), device)
-    spec = FinetuneSpec(steps=recipe.steps, batch_size=recipe.batch_size, eval_every=recipe.steps,
-                        optimizer=OptimizerSpec(name="adamw", lr=recipe.lr, weight_decay=0.05),
-                        schedule=ScheduleSpec(name="cosine", warmup_steps=recipe.steps // 10))
-    finetune(model, split.train_x, split.train_y, split.test_x, split.test_y, spec, seed=recipe.seed,
-             device=device, progress=progress, desc=f"zoo {recipe.name}")
+    spec = FinetuneSpec(
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        eval_every=recipe.steps,
+        optimizer=OptimizerSpec(name="adamw", lr=recipe.lr, weight_decay=0.05),
+        schedule=ScheduleSpec(name="cosine", warmup_steps=recipe.steps // 10),
+    )
+    finetune(
+        model,
+        split.train_x,
+        split.train_y,
+        split.test_x,
+        split.test_y,
+        spec,
+        seed=recipe.seed,
+        device=device,
+        progress=progress,
+        desc=f"zoo {recipe.name}",
+    )
     accuracy = evaluate(model, split.test_x, split.test_y, device=device)
     model = model.cpu().to(memory_format=torch.contiguous_format)
     return (model.conv1 if recipe.kind == "stem" else model), accuracy
@@ -99,15 +123,24 @@ def build(name: str, *, device: torch.device | str = "cpu", progress: bool | Non
     with FileLock(str(path) + ".lock"):
         if path.is_file():  # another worker built it while we waited
             return path
-        log.info("zoo: training %s (%s on %s, %d steps; cached for later runs)", name, recipe.arch, recipe.dataset,
-                 recipe.steps)
+        log.info(
+            "zoo: training %s (%s on %s, %d steps; cached for later runs)",
+            name,
+            recipe.arch,
+            recipe.dataset,
+            recipe.steps,
+        )
         start = time.perf_counter()
         with torch_threads(zoo_threads()) as threads:  # the zoo's own count, not the caller's (see zoo_threads)
             model, accuracy = train_recipe(recipe, device=torch.device(device), progress=progress)
         log.info("zoo: %s trained in %.0f s, test accuracy %.4f", name, time.perf_counter() - start, accuracy)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        meta = {"recipe": json.dumps(asdict(recipe)), "test_accuracy": f"{accuracy:.6f}",
-                "torch": torch.__version__, "threads": str(threads)}
+        meta = {
+            "recipe": json.dumps(asdict(recipe)),
+            "test_accuracy": f"{accuracy:.6f}",
+            "torch": torch.__version__,
+            "threads": str(threads),
+        }
         write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return path
 
@@ -123,8 +156,7 @@ def metadata(name: str) -> dict[str, Any] | None:
         with safe_open(str(path), "pt") as fh:
             meta = dict(fh.metadata() or {})
     except Exception as exc:  # safetensors' own error types for a damaged file
-        raise SurgeryInputError(f"zoo:{name}: cached file {path} is unreadable ({exc}); delete it to rebuild") \
-            from None
+        raise SurgeryInputError(f"zoo:{name}: cached file {path} is unreadable ({exc}); delete it to rebuild") from None
     meta["test_accuracy"] = float(meta.get("test_accuracy", "nan"))
     meta["path"] = str(path)
     return meta
@@ -144,7 +176,14 @@ def status() -> list[dict[str, Any]]:
     rows = []
     for recipe in ZOO.values():
         meta = metadata(recipe.name)
-        rows.append({"name": recipe.name, "arch": recipe.arch if recipe.kind == "classifier" else "conv 3→64 7×7 s2",
-                     "dataset": recipe.dataset, "test_accuracy": meta["test_accuracy"] if meta else None,
-                     "cached": meta is not None, "path": str(zoo_path(recipe))})
+        rows.append(
+            {
+                "name": recipe.name,
+                "arch": recipe.arch if recipe.kind == "classifier" else "conv 3→64 7×7 s2",
+                "dataset": recipe.dataset,
+                "test_accuracy": meta["test_accuracy"] if meta else None,
+                "cached": meta is not None,
+                "path": str(zoo_path(recipe)),
+            }
+        )
     return rows

@@ -43,10 +43,16 @@ class TinyCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 8, bn: bool = True):
         super().__init__()
         norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1, bias=not bn), norm(width), nn.ReLU(),
-                                  nn.MaxPool2d(2))
-        self.body = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, bias=not bn), norm(2 * width), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1, bias=not bn), norm(width), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.body = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=not bn),
+            norm(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(2 * width * 16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +62,11 @@ class TinyCNN(nn.Module):
 @pytest.fixture
 def make_tiny():
     """``make_tiny(seed=0, **kwargs)``: a seeded TinyCNN."""
+
     def make(seed: int = 0, **kwargs) -> TinyCNN:
         torch.manual_seed(seed)
         return TinyCNN(**kwargs)
+
     return make
 
 

@@ -30,13 +30,18 @@ NAME = "tiny-calibrated"
 
 def case_text(*, seed: int, drift_max: str, after_min: str) -> str:
     """test_calibration's tiny case fine-tuned 12 steps (4 barely move it), activations probed after fine-tune."""
-    return (CALIBRATED_CASE.format(steps=12, after_min=after_min).replace("seed: [0, 1]", f"seed: [{seed}]")
-            .replace("  accuracy:\n", "  activations: {layers: [conv1, body.3], at: finetune, drift_max: "
-                                      f"{drift_max}}}\n  accuracy:\n"))
+    return (
+        CALIBRATED_CASE.format(steps=12, after_min=after_min)
+        .replace("seed: [0, 1]", f"seed: [{seed}]")
+        .replace(
+            "  accuracy:\n",
+            f"  activations: {{layers: [conv1, body.3], at: finetune, drift_max: {drift_max}}}\n  accuracy:\n",
+        )
+    )
 
 
 FIRST_NIGHT = datetime(2026, 11, 1, 3, 15, tzinfo=timezone.utc)
-TORCH_FROM, CPU_FROM = 12, 20   # the nights from which the copies' provenance says another torch, another CPU
+TORCH_FROM, CPU_FROM = 12, 20  # the nights from which the copies' provenance says another torch, another CPU
 
 
 def real_runs(work: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> Path:
@@ -45,8 +50,9 @@ def real_runs(work: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> Path:
     calibrated = work / "calibrate" / "tiny.yaml"
     calibrated.parent.mkdir(parents=True)
     calibrated.write_text(case_text(seed=0, drift_max="calibrate", after_min="calibrate"))
-    rc, out, err = run_cli("calibrate", calibrated, "--seeds", "3", "--profiles", "native", "--alpha", "0.01",
-                           "--write")
+    rc, out, err = run_cli(
+        "calibrate", calibrated, "--seeds", "3", "--profiles", "native", "--alpha", "0.01", "--write"
+    )
     assert rc == 0, out + err
     text = calibrated.read_text()
     nights = work / "nightly"
@@ -64,8 +70,14 @@ def _commit(i: int) -> str:
     return hashlib.sha1(f"night {i}".encode()).hexdigest()
 
 
-def thirty_nights(runs: Path, out: Path, *, nights: int = 30, cases: int = 1,
-                  edit: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+def thirty_nights(
+    runs: Path,
+    out: Path,
+    *,
+    nights: int = 30,
+    cases: int = 1,
+    edit: Callable[[int, dict[str, Any]], None] | None = None,
+) -> Path:
     """``out/<dated night>/`` × ``nights``, each a copy of a real run (round robin) with its provenance
     edited as the module says and ``edit(i, results)`` applied; an index per night, and ``out/latest``.
     ``cases > 1`` adds copies of the case under other names (``<name>-2`` …), for a suite-sized history."""

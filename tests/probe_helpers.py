@@ -34,18 +34,21 @@ def identity_model() -> nn.Module:
     return nn.Sequential(OrderedDict(act=nn.Identity()))
 
 
-def stored_outputs(model: nn.Module, inputs: torch.Tensor, names: list[str], batch_size: int) -> dict[str, list[list[torch.Tensor]]]:
+def stored_outputs(
+    model: nn.Module, inputs: torch.Tensor, names: list[str], batch_size: int
+) -> dict[str, list[list[torch.Tensor]]]:
     """Every output of every call of each layer, cloned (in-place ReLUs later overwrite BN outputs)."""
     modules = dict(model.named_modules())
-    out: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}   # [batch][call]
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: out[n][-1].append(o.detach().clone()))
-               for n in names]
+    out: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}  # [batch][call]
+    handles = [
+        modules[n].register_forward_hook(lambda m, a, o, n=n: out[n][-1].append(o.detach().clone())) for n in names
+    ]
     try:
         with torch.inference_mode():
             for s in range(0, inputs.shape[0], batch_size):
                 for n in names:
                     out[n].append([])
-                model(inputs[s:s + batch_size])
+                model(inputs[s : s + batch_size])
     finally:
         for h in handles:
             h.remove()

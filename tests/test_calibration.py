@@ -36,8 +36,12 @@ def _miss_rate(alpha: float, k: int, aggregate: str, n: int = 8, trials: int = 4
     mean, std = calib.mean(axis=1), calib.std(axis=1, ddof=1)
     future = rng.normal(0.8, 0.05, size=(trials, k))
     observed = future.mean(axis=1) if aggregate == "mean" else future.min(axis=1)
-    bounds = np.array([prediction_bound(Calibrated(m, s, n, n), alpha=alpha, k=k, aggregate=aggregate)
-                       for m, s in zip(mean[:2000], std[:2000])])
+    bounds = np.array(
+        [
+            prediction_bound(Calibrated(m, s, n, n), alpha=alpha, k=k, aggregate=aggregate)
+            for m, s in zip(mean[:2000], std[:2000])
+        ]
+    )
     # The bound is m - c * s with c fixed by (alpha, n, k): compute c once, apply to every trial.
     c = (mean[:2000] - bounds) / std[:2000]
     assert np.allclose(c, c[0])
@@ -116,14 +120,17 @@ expect:
 """
 
 
-@pytest.mark.parametrize("value,fragment", [
-    ("1.5", "got 1.5; expected a number in [0, 1]"),
-    ("{0: 0.5}", "key 0: expected a seed count >= 1"),
-    ("{1: 2}", "got 2 for 1 seed(s)"),
-    ("{}", "empty mapping"),
-    ("calibrated", "or 'calibrate'"),
-    (".nan", "got nan"),
-])
+@pytest.mark.parametrize(
+    "value,fragment",
+    [
+        ("1.5", "got 1.5; expected a number in [0, 1]"),
+        ("{0: 0.5}", "key 0: expected a seed count >= 1"),
+        ("{1: 2}", "got 2 for 1 seed(s)"),
+        ("{}", "empty mapping"),
+        ("calibrated", "or 'calibrate'"),
+        (".nan", "got nan"),
+    ],
+)
 def test_bad_thresholds_name_file_line_and_field(value, fragment):
     with pytest.raises(SurgeryInputError) as info:
         parse_case(CASE.format(steps=4, after_min=value), "t.yaml")
@@ -157,8 +164,19 @@ def calibrated(calibration, tmp_path_factory) -> Path:
     seeds, perturbed = calibration
     case = tmp_path_factory.mktemp("calibrated") / "tiny.yaml"
     case.write_text(CASE.format(steps=4, after_min="calibrate"))
-    rc, out, err = run_cli("calibrate", str(case), "--seeds", str(seeds), "--perturbed-seeds", str(perturbed),
-                        "--profiles", "native,threads1", "--alpha", "0.01", "--write")
+    rc, out, err = run_cli(
+        "calibrate",
+        str(case),
+        "--seeds",
+        str(seeds),
+        "--perturbed-seeds",
+        str(perturbed),
+        "--profiles",
+        "native,threads1",
+        "--alpha",
+        "0.01",
+        "--write",
+    )
     assert rc == 0, out + err
     return case
 
@@ -206,14 +224,18 @@ def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_t
     claim.parent.mkdir()
     text = calibrated.read_text()
     start = text.index("after_min:")
-    claim.write_text(text[:start] + f"after_min: {mean:.6f}\n")   # a claim right at the calibrated mean
+    claim.write_text(text[:start] + f"after_min: {mean:.6f}\n")  # a claim right at the calibrated mean
     record_path(claim).write_text(record_path(calibrated).read_text())
 
     rc, out, _ = run_cli("run", str(claim), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
     assert rc == 0 and "1 undecided" in out and "undecided at α = 0.01 with 1 seed" in out, out
 
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(claim), "-rs", "-q", "--surgery-seeds", "1",
-                           "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(claim), "-rs", "-q", "--surgery-seeds", "1", "-p", "no:cacheprovider"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SKIPPED" in proc.stdout and "undecided at α = 0.01" in proc.stdout, proc.stdout
     assert "claim.yaml:14: undecided" in proc.stdout, proc.stdout  # the skip points at the threshold's line
@@ -225,10 +247,11 @@ def calibrated_gap(tmp_path_factory) -> Path:
     """The tiny case with a gap to calibrate against a ResNet-18 baseline (the patient's own architecture from
     the seed's init would be the patient itself: a gap of exactly 0)."""
     case = tmp_path_factory.mktemp("gap") / "gap.yaml"
-    case.write_text(CASE.format(steps=4, after_min="0.0")
-                    + '    beats_baseline: {margin: calibrate, model: {model: "torchvision:resnet18"}}\n')
-    rc, out, err = run_cli("calibrate", str(case), "--seeds", "4", "--profiles", "native", "--alpha", "0.01",
-                        "--write")
+    case.write_text(
+        CASE.format(steps=4, after_min="0.0")
+        + '    beats_baseline: {margin: calibrate, model: {model: "torchvision:resnet18"}}\n'
+    )
+    rc, out, err = run_cli("calibrate", str(case), "--seeds", "4", "--profiles", "native", "--alpha", "0.01", "--write")
     assert rc == 0, out + err
     return case
 
@@ -238,7 +261,9 @@ def _with_margin(calibrated: Path, folder: Path, margin: float) -> Path:
     case = folder / f"margin{margin:+.3f}.yaml"
     text = calibrated.read_text()
     start = text.index("beats_baseline:")
-    case.write_text(text[:start] + f'beats_baseline: {{margin: {margin:.6f}, model: {{model: "torchvision:resnet18"}}}}\n')
+    case.write_text(
+        text[:start] + f'beats_baseline: {{margin: {margin:.6f}, model: {{model: "torchvision:resnet18"}}}}\n'
+    )
     record_path(case).write_text(record_path(calibrated).read_text())
     return case
 
@@ -278,7 +303,8 @@ def test_an_uncalibrated_placeholder_is_bad_input_at_its_line(tmp_path):
     assert rc == 2 and not (tmp_path / "r").exists()
     assert err.strip().splitlines() == [
         f"surgery: error: {case}:14: expect.accuracy.after_min: the placeholder 'calibrate' is not a threshold "
-        f"yet; run `surgery calibrate {case} --write` first"]
+        f"yet; run `surgery calibrate {case} --write` first"
+    ]
 
 
 def test_threads_are_pinned_and_recorded(tmp_path, monkeypatch):

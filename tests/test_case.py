@@ -102,49 +102,125 @@ ERRORS = {
     # id: (old, new, line, field, fragments of what was expected)
     "yaml-syntax": ("strategy: exact", "strategy: [exact", 10, "YAML syntax error", ("expected",)),
     "yaml-bad-indent": ("  steps: 5", "  steps: 5\n bad: 1", 12, "YAML syntax error", ()),
-    "unknown-key-top": ("device: cpu", "device: cpu\ncolour: red", 4, "colour",
-                        ("unknown key 'colour'", "expected one of", "finetune")),
-    "unknown-key-nested": ("    lr: 0.01", "    lr: 0.01\n    lrate: 0.1", 16, "finetune.optimizer.lrate",
-                           ("unknown key 'lrate'", "expected one of", "lr", "momentum")),
-    "unknown-key-in-flow": ("target: {model:", "target: {colour: 1, model:", 8, "surgery.target.colour",
-                            ("unknown key 'colour'", "num_classes")),
+    "unknown-key-top": (
+        "device: cpu",
+        "device: cpu\ncolour: red",
+        4,
+        "colour",
+        ("unknown key 'colour'", "expected one of", "finetune"),
+    ),
+    "unknown-key-nested": (
+        "    lr: 0.01",
+        "    lr: 0.01\n    lrate: 0.1",
+        16,
+        "finetune.optimizer.lrate",
+        ("unknown key 'lrate'", "expected one of", "lr", "momentum"),
+    ),
+    "unknown-key-in-flow": (
+        "target: {model:",
+        "target: {colour: 1, model:",
+        8,
+        "surgery.target.colour",
+        ("unknown key 'colour'", "num_classes"),
+    ),
     "wrong-type": ("steps: 5", "steps: many", 11, "finetune.steps", ("valid integer", "'many'")),
     "wrong-type-float": ("lr: 0.01", "lr: fast", 15, "finetune.optimizer.lr", ("valid number", "'fast'")),
     "out-of-range": ("batch_size: 16", "batch_size: 0", 12, "finetune.batch_size", ("greater than or equal to 2",)),
-    "unknown-op": ("op: transplant", "op: transplnt", 7, "surgery.op",
-                   ("'transplnt'", "transplant", "activation_swap", "graft", "bridge")),
+    "unknown-op": (
+        "op: transplant",
+        "op: transplnt",
+        7,
+        "surgery.op",
+        ("'transplnt'", "transplant", "activation_swap", "graft", "bridge"),
+    ),
     "missing-op": ("  op: transplant\n", "", 6, "surgery.op", ("missing", "transplant", "bridge")),
-    "unknown-strategy": ("strategy: exact", "strategy: exakt", 9, "surgery.strategy",
-                         ("'exakt'", "'exact'", "'order'", "'select'")),
+    "unknown-strategy": (
+        "strategy: exact",
+        "strategy: exakt",
+        9,
+        "surgery.strategy",
+        ("'exakt'", "'exact'", "'order'", "'select'"),
+    ),
     "unknown-optimizer": ("name: sgd", "name: adam", 14, "finetune.optimizer.name", ("'adam'", "'adamw'")),
-    "unknown-torchvision": ('target: {model: "torchvision:resnet18"', 'target: {model: "torchvision:resnet19"', 8,
-                            "surgery.target.model",
-                            ("unknown torchvision model 'resnet19'", "did you mean", "resnet18")),
-    "unknown-timm": ('source: {model: "torchvision:resnet18"', 'source: {model: "timm:resnet19d"', 5,
-                     "source.model", ("unknown timm model 'resnet19d'", "did you mean", "resnet18d")),
-    "unknown-zoo": ('source: {model: "torchvision:resnet18"', 'source: {model: "zoo:mnist-resnet19"', 5,
-                    "source.model",
-                    ("unknown zoo model 'mnist-resnet19'", "did you mean mnist-resnet18", "expected one of",
-                     "mnist-stem")),
-    "bad-model-ref": ('source: {model: "torchvision:resnet18"', 'source: {model: "resnet18"', 5, "source.model",
-                      ("torchvision:NAME", "timm:NAME", "zoo:NAME", "package.module:factory")),
-    "unknown-dataset": ("train: digits", "train: digitz", 4, "data.train",
-                        ("'digitz'", "'mnist5k'", "'digits'", "'shapes'", "'imagefolder'")),
-    "unknown-dataset-block": ("data: {train: digits, image_size: 32}",
-                              "data:\n  image_size: 32\n  train:\n    limit: 10\n    name: cifar", 8, "data.train.name",
-                              ("'cifar'", "'mnist5k'")),
-    "missing-source": ('source: {model: "torchvision:resnet18", num_classes: 10}\n', "", 1, "source",
-                       ("missing required field",)),
-    "missing-nested": ('target: {model: "torchvision:resnet18", num_classes: 10}', "target: {num_classes: 10}", 8,
-                       "surgery.target.model", ("missing required field",)),
+    "unknown-torchvision": (
+        'target: {model: "torchvision:resnet18"',
+        'target: {model: "torchvision:resnet19"',
+        8,
+        "surgery.target.model",
+        ("unknown torchvision model 'resnet19'", "did you mean", "resnet18"),
+    ),
+    "unknown-timm": (
+        'source: {model: "torchvision:resnet18"',
+        'source: {model: "timm:resnet19d"',
+        5,
+        "source.model",
+        ("unknown timm model 'resnet19d'", "did you mean", "resnet18d"),
+    ),
+    "unknown-zoo": (
+        'source: {model: "torchvision:resnet18"',
+        'source: {model: "zoo:mnist-resnet19"',
+        5,
+        "source.model",
+        ("unknown zoo model 'mnist-resnet19'", "did you mean mnist-resnet18", "expected one of", "mnist-stem"),
+    ),
+    "bad-model-ref": (
+        'source: {model: "torchvision:resnet18"',
+        'source: {model: "resnet18"',
+        5,
+        "source.model",
+        ("torchvision:NAME", "timm:NAME", "zoo:NAME", "package.module:factory"),
+    ),
+    "unknown-dataset": (
+        "train: digits",
+        "train: digitz",
+        4,
+        "data.train",
+        ("'digitz'", "'mnist5k'", "'digits'", "'shapes'", "'imagefolder'"),
+    ),
+    "unknown-dataset-block": (
+        "data: {train: digits, image_size: 32}",
+        "data:\n  image_size: 32\n  train:\n    limit: 10\n    name: cifar",
+        8,
+        "data.train.name",
+        ("'cifar'", "'mnist5k'"),
+    ),
+    "missing-source": (
+        'source: {model: "torchvision:resnet18", num_classes: 10}\n',
+        "",
+        1,
+        "source",
+        ("missing required field",),
+    ),
+    "missing-nested": (
+        'target: {model: "torchvision:resnet18", num_classes: 10}',
+        "target: {num_classes: 10}",
+        8,
+        "surgery.target.model",
+        ("missing required field",),
+    ),
     "duplicate-key": ("device: cpu", "device: cpu\nseed: 1", 4, "seed", ("duplicate key", "once")),
-    "duplicate-key-nested": ("  batch_size: 16", "  batch_size: 16\n  steps: 6", 13, "finetune.steps",
-                             ("duplicate key",)),
-    "imagefolder-without-root": ("train: digits", "train: imagefolder", 4, "data.train",
-                                 ("imagefolder needs 'root'", "one folder per class")),
+    "duplicate-key-nested": (
+        "  batch_size: 16",
+        "  batch_size: 16\n  steps: 6",
+        13,
+        "finetune.steps",
+        ("duplicate key",),
+    ),
+    "imagefolder-without-root": (
+        "train: digits",
+        "train: imagefolder",
+        4,
+        "data.train",
+        ("imagefolder needs 'root'", "one folder per class"),
+    ),
     "bad-device": ("device: cpu", "device: tpu", 3, "device", ("'tpu'", "pattern")),
-    "python-tag": ("device: cpu", "device: !!python/object/apply:os.system ['touch pwned']", 3, "device",
-                   ("could not determine a constructor",)),
+    "python-tag": (
+        "device: cpu",
+        "device: !!python/object/apply:os.system ['touch pwned']",
+        3,
+        "device",
+        ("could not determine a constructor",),
+    ),
     "non-string-key": ("device: cpu", "device: cpu\n1.5: one", 4, "<top>", ("not a string", "field name")),
     "integer-key": ("device: cpu", "device: cpu\n1: one", 4, "1", ("unknown key 1", "expected one of")),
     "internal-field": ("device: cpu", "device: cpu\npath: /etc", 4, "path", ("unknown key 'path'",)),
@@ -157,9 +233,15 @@ def test_error_names_file_line_field_and_expectation(base_case, kind):
     _assert_located(_error(_replace(base_case, old, new)), line, field, *fragments)
 
 
-@pytest.mark.parametrize("payload", ["!!python/object/apply:os.system ['touch {p}']",
-                                     "!!python/object/apply:os.system\n  - touch {p}",
-                                     "{{!!python/name:os.system x: 1}}", "!!python/object/new:os.system ['touch {p}']"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "!!python/object/apply:os.system ['touch {p}']",
+        "!!python/object/apply:os.system\n  - touch {p}",
+        "{{!!python/name:os.system x: 1}}",
+        "!!python/object/new:os.system ['touch {p}']",
+    ],
+)
 def test_python_tags_never_run(base_case, tmp_path, monkeypatch, payload):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
@@ -169,9 +251,21 @@ def test_python_tags_never_run(base_case, tmp_path, monkeypatch, payload):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("kind", ["yaml-syntax", "unknown-key-nested", "wrong-type", "unknown-op",
-                                  "unknown-strategy", "unknown-torchvision", "unknown-dataset", "missing-source",
-                                  "duplicate-key", "imagefolder-without-root"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "yaml-syntax",
+        "unknown-key-nested",
+        "wrong-type",
+        "unknown-op",
+        "unknown-strategy",
+        "unknown-torchvision",
+        "unknown-dataset",
+        "missing-source",
+        "duplicate-key",
+        "imagefolder-without-root",
+    ],
+)
 def test_cli_run_bad_case_exits_2_with_one_line(tmp_path, base_case, capsys, kind):
     old, new, line, field, fragments = ERRORS[kind]
     path = tmp_path / "bad.yaml"
@@ -201,8 +295,13 @@ def test_cli_subprocess_unknown_key(tmp_path, base_case):
     """The installed console entry point, in a fresh process: exit 2, exactly one line on stderr."""
     path = tmp_path / "bad.yaml"
     path.write_text(_replace(base_case, "    lr: 0.01", "    lr: 0.01\n    lrate: 0.1"))
-    proc = subprocess.run([sys.executable, "-m", "surgery.cli", "run", str(path)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "SURGERY_CACHE": str(tmp_path / "cache")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SURGERY_CACHE": str(tmp_path / "cache")},
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -231,7 +330,8 @@ def test_recursive_alias_is_an_error(base_case):
 
 def test_alias_bomb_is_refused_quickly(base_case):
     bomb = "lol0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"lol{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+        f"lol{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)
+    )
     message = _error(bomb + base_case)
     assert "more than" in message and "nodes" in message
 
@@ -249,12 +349,31 @@ def test_non_mapping_document(text):
 
 # --------------------------------------------------------------------------- fuzzing
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.sampled_from(["transplant", "exact", "digits", "torchvision:resnet18",
-                                                           "zoo:mnist-stem", "timm:resnet18", "sgd", "cuda", "auto"]))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                      max_leaves=6)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "transplant",
+            "exact",
+            "digits",
+            "torchvision:resnet18",
+            "zoo:mnist-stem",
+            "timm:resnet18",
+            "sgd",
+            "cuda",
+            "auto",
+        ]
+    ),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=6,
+)
 
 
 def _paths(node, prefix=()):
@@ -297,13 +416,19 @@ def _check_parse(text: str) -> None:
         assert isinstance(case, Case)
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @FUZZ
-@given(data=st.data(), action=st.sampled_from(["drop", "replace", "rename", "insert"]), value=values,
-       new_key=st.text(max_size=10), rounds=st.integers(1, 3))
+@given(
+    data=st.data(),
+    action=st.sampled_from(["drop", "replace", "rename", "insert"]),
+    value=values,
+    new_key=st.text(max_size=10),
+    rounds=st.integers(1, 3),
+)
 def test_fuzz_mutated_documents(base_case, data, action, value, new_key, rounds):
     doc = yaml.safe_load(base_case)
     for _ in range(rounds):
@@ -344,10 +469,42 @@ def test_fuzz_random_text(text):
 
 
 @FUZZ
-@given(text=st.lists(st.sampled_from(["name: x", "seed: [0", "&a", "*a", "<<: *a", "- ", "? ", ": ", "{", "}", "[",
-                                      "]", "!!python/name:os.system", "!!binary", "'", '"', "#", "|", ">", "---",
-                                      "...", "%YAML 1.1", "\n", "\n  ", "\t", "data:", "op: graft"]),
-                     max_size=30).map("".join))
+@given(
+    text=st.lists(
+        st.sampled_from(
+            [
+                "name: x",
+                "seed: [0",
+                "&a",
+                "*a",
+                "<<: *a",
+                "- ",
+                "? ",
+                ": ",
+                "{",
+                "}",
+                "[",
+                "]",
+                "!!python/name:os.system",
+                "!!binary",
+                "'",
+                '"',
+                "#",
+                "|",
+                ">",
+                "---",
+                "...",
+                "%YAML 1.1",
+                "\n",
+                "\n  ",
+                "\t",
+                "data:",
+                "op: graft",
+            ]
+        ),
+        max_size=30,
+    ).map("".join)
+)
 def test_fuzz_yaml_tokens(text):
     _check_parse(text)
 

@@ -31,8 +31,9 @@ def test_the_committed_schema_is_what_surgery_schema_prints():
     rc, out, err = run_cli("schema")
     assert rc == 0, err
     assert json.loads(out) == case_schema()
-    assert json.loads(SCHEMA_FILE.read_text(encoding="utf-8")) == case_schema(), \
+    assert json.loads(SCHEMA_FILE.read_text(encoding="utf-8")) == case_schema(), (
         "schema/case.schema.json is stale: run `make schema`"
+    )
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: str(p.relative_to(ROOT / "cases")))
@@ -48,20 +49,24 @@ def test_every_seed_case_is_covered():
     assert len(CASES) >= 12 and any("scale" in p.parts for p in CASES)
 
 
-@pytest.mark.parametrize("edit, where", [
-    (lambda c: c.update(nmae="typo"), "nmae"),
-    (lambda c: c["finetune"].update(steps="many"), "steps"),
-    (lambda c: c["surgery"].update(op="transmogrify"), "op"),
-    (lambda c: c["expect"].update(coverage={"tensors_min": 0.5, "bogus": 1}), "bogus"),
-    (lambda c: c.pop("source"), "source"),
-    (lambda c: c.update(device="tpu"), "tpu"),
-])
+@pytest.mark.parametrize(
+    "edit, where",
+    [
+        (lambda c: c.update(nmae="typo"), "nmae"),
+        (lambda c: c["finetune"].update(steps="many"), "steps"),
+        (lambda c: c["surgery"].update(op="transmogrify"), "op"),
+        (lambda c: c["expect"].update(coverage={"tensors_min": 0.5, "bogus": 1}), "bogus"),
+        (lambda c: c.pop("source"), "source"),
+        (lambda c: c.update(device="tpu"), "tpu"),
+    ],
+)
 def test_the_schema_rejects_bad_cases(edit, where):
     case = yaml.safe_load((ROOT / "cases/transplant/resnet50-to-resnet18-select.yaml").read_text(encoding="utf-8"))
     edit(case)
     errors = list(_validator().iter_errors(case))
-    assert errors and any(where in (e.message + " ".join(map(str, e.absolute_path))) for e in errors), \
-        [e.message for e in errors]
+    assert errors and any(where in (e.message + " ".join(map(str, e.absolute_path))) for e in errors), [
+        e.message for e in errors
+    ]
 
 
 def test_a_third_party_check_has_its_section_in_the_schema():

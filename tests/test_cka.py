@@ -24,14 +24,20 @@ def _hsic_unbiased_numpy(k: np.ndarray, l: np.ndarray) -> float:
     np.fill_diagonal(kt, 0.0)
     np.fill_diagonal(lt, 0.0)
     one = np.ones(n)
-    return float((np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-                  - 2.0 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3)))
+    return float(
+        (
+            np.trace(kt @ lt)
+            + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ kt @ lt @ one)
+        )
+        / (n * (n - 3))
+    )
 
 
 def _minibatch_cka_numpy(x: np.ndarray, y: np.ndarray, batch: int) -> float:
     xy = xx = yy = 0.0
     for s in range(0, len(x), batch):
-        k, l = x[s:s + batch] @ x[s:s + batch].T, y[s:s + batch] @ y[s:s + batch].T
+        k, l = x[s : s + batch] @ x[s : s + batch].T, y[s : s + batch] @ y[s : s + batch].T
         xy += _hsic_unbiased_numpy(k, l)
         xx += _hsic_unbiased_numpy(k, k)
         yy += _hsic_unbiased_numpy(l, l)
@@ -50,7 +56,7 @@ def test_streamed_estimate_matches_a_direct_computation():
     # Related representations: y is a noisy linear map of x.
     x = _features(240, 20, 2)
     y = x @ _features(20, 30, 3) + 0.5 * _features(240, 30, 4)
-    for batch in (16, 50, 240):   # 240: one batch, the full-batch unbiased CKA
+    for batch in (16, 50, 240):  # 240: one batch, the full-batch unbiased CKA
         streamed = linear_cka(x, y, batch_size=batch)
         assert streamed == pytest.approx(_minibatch_cka_numpy(x.numpy(), y.numpy(), batch), abs=1e-3)
     # minibatches are an estimate of the same quantity as the full batch: close on this data
@@ -70,16 +76,16 @@ def test_invariant_to_rotation_and_isotropic_scaling_and_one_with_itself():
 def test_independent_features_give_cka_near_zero():
     x, y = _features(1024, 32, 8), _features(1024, 32, 9)
     assert abs(linear_cka(x, y, batch_size=64)) < 0.02
-    assert linear_cka(x, x[:, :16] + 0.1 * y[:, :16], batch_size=64) > 0.5   # a related pair is far from it
+    assert linear_cka(x, x[:, :16] + 0.1 * y[:, :16], batch_size=64) > 0.5  # a related pair is far from it
 
 
 def test_accumulator_pairs_every_row_with_every_column_and_skips_tiny_batches():
     x, y = _features(96, 8, 10), _features(96, 8, 11)
     acc = CKAAccumulator(["x", "y"], ["x", "y", "x2"])
     for s in range(0, 96, 32):
-        gx, gy = gram(x[s:s + 32]), gram(y[s:s + 32])
-        acc.update([gx, gy], [gx, gy, gram(2 * x[s:s + 32])])
-    acc.update([gram(x[:3]), gram(y[:3])], [gram(x[:3])] * 3)     # 3 examples: no unbiased estimate, skipped
+        gx, gy = gram(x[s : s + 32]), gram(y[s : s + 32])
+        acc.update([gx, gy], [gx, gy, gram(2 * x[s : s + 32])])
+    acc.update([gram(x[:3]), gram(y[:3])], [gram(x[:3])] * 3)  # 3 examples: no unbiased estimate, skipped
     m = acc.matrix()
     assert acc.batches == 3 and m.shape == (2, 3)
     assert m[0, 0] == pytest.approx(1.0) and m[0, 2] == pytest.approx(1.0) and m[1, 1] == pytest.approx(1.0)
@@ -108,7 +114,7 @@ def test_joint_probe_pass_matches_separate_probes_and_its_layer_map():
     source, _ = build_source(case, split)
     patient, _ = perform_surgery(case, source, split)
     with torch.no_grad():
-        patient.layer4[1].bn2.weight.mul_(0.5)   # a patient that differs from its source in layer4 only
+        patient.layer4[1].bn2.weight.mul_(0.5)  # a patient that differs from its source in layer4 only
     x = split.test_x[:40]
     probes = Probes(case, source, patient, x, torch.device("cpu"), 0)
     probes.probe("surgery", patient)
@@ -121,9 +127,11 @@ def test_joint_probe_pass_matches_separate_probes_and_its_layer_map():
         assert rows[layer]["mean"] == pat[layer].mean and rows[layer]["std"] == pat[layer].std
     assert rows["layer2"]["cka"] == pytest.approx(1.0, abs=1e-9) and rows["layer4"]["cka"] < 0.9999
     layer_map = probes.layer_maps()["surgery"]
-    assert layer_map["reference_layers"] == layer_map["layers"] == [f"layer{s}.{b}" for s in range(1, 5) for b in (0, 1)]
+    assert (
+        layer_map["reference_layers"] == layer_map["layers"] == [f"layer{s}.{b}" for s in range(1, 5) for b in (0, 1)]
+    )
     cka = np.array(layer_map["cka"])
-    assert cka[7, 7] == pytest.approx(rows["layer4"]["cka"], rel=1e-9)      # layer4 is layer4.1's output
+    assert cka[7, 7] == pytest.approx(rows["layer4"]["cka"], rel=1e-9)  # layer4 is layer4.1's output
     assert np.allclose(np.diag(cka)[:7], 1.0) and cka[0, 7] < 0.9
 
 
@@ -133,7 +141,7 @@ def test_accumulator_on_cuda_matches_the_cpu():
     x, y = _features(128, 24, 12), _features(128, 24, 13) + _features(128, 24, 12)
     gpu = CKAAccumulator(["x"], ["y"], device="cuda")
     for s in range(0, 128, 32):
-        gpu.update([gram(x[s:s + 32].cuda())], [gram(y[s:s + 32].cuda())])
+        gpu.update([gram(x[s : s + 32].cuda())], [gram(y[s : s + 32].cuda())])
     assert gpu.value("x", "y") == pytest.approx(linear_cka(x, y, batch_size=32), rel=1e-9)
 
 
@@ -150,8 +158,10 @@ def test_probe_grams_are_each_layers_own_output_even_where_memory_is_reused():
     x = torch.randn(24, 3, 32, 32)
     names = ["layer2.0", "layer2.1", "layer2.2", "layer2.3", "layer2"]
     outputs: dict[str, torch.Tensor] = {}  # each layer's output, kept: from a forward of its own
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.setdefault(n, o.clone()))
-             for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.setdefault(n, o.clone()))
+        for n in names
+    ]
     with torch.inference_mode():
         model(x)
     for h in hooks:

@@ -32,8 +32,15 @@ expect:
 """
 
 
-def _run_cli(directory: Path, name: str, *, lr: str = "0.01", after_min: str = "0.0", case_text: str | None = None,
-             report: str = "reports") -> CaseRun:
+def _run_cli(
+    directory: Path,
+    name: str,
+    *,
+    lr: str = "0.01",
+    after_min: str = "0.0",
+    case_text: str | None = None,
+    report: str = "reports",
+) -> CaseRun:
     directory.mkdir(parents=True, exist_ok=True)
     case = directory / f"{name}.yaml"
     if case_text is None:
@@ -73,8 +80,13 @@ def test_run_exits_0_when_expectations_hold(passing):
     assert results["metrics"]["coverage"] == {"tensors": 1.0, "elements": 1.0}
     acc = results["per_seed"][0]["accuracy"]
     assert acc["source"] == acc["before"]  # an exact transplant into the same architecture changes nothing
-    assert results["per_seed"][0]["data"] == {"name": "digits", "train": 320, "test": 80, "classes": 10,
-                                              "preprocess": "zoo ([-1, 1])"}
+    assert results["per_seed"][0]["data"] == {
+        "name": "digits",
+        "train": 320,
+        "test": 80,
+        "classes": 10,
+        "preprocess": "zoo ([-1, 1])",
+    }
     assert results["per_seed"][0]["finetune"]["steps_done"] == 5
     assert (passing.report / "tiny-pass" / "report.html").is_file()
 
@@ -102,8 +114,9 @@ def test_same_case_twice_gives_identical_results(passing, tmp_path, module_cache
         assert a["accuracy"] == b["accuracy"]
         strip = lambda run: {k: v for k, v in run.items() if k not in ("seconds", "samples_per_second")}  # noqa: E731
         assert strip(a["finetune"]) == strip(b["finetune"])
-    assert [(e["name"], e["observed"]) for e in first["expectations"]] == \
-        [(e["name"], e["observed"]) for e in second["expectations"]]
+    assert [(e["name"], e["observed"]) for e in first["expectations"]] == [
+        (e["name"], e["observed"]) for e in second["expectations"]
+    ]
 
 
 def test_thresholds_do_not_change_the_numbers(passing, failing):
@@ -130,8 +143,11 @@ def test_huge_learning_rate_fails_finite_and_writes_results(tmp_path, module_cac
 def test_run_with_bad_model_at_build_time_exits_2(tmp_path, module_cache, capsys):
     """A factory ref that passes the schema but cannot be imported: exit 2, one line, no results written."""
     case = tmp_path / "bad.yaml"
-    case.write_text(CASE.format(name="bad", lr="0.01", after_min="0.0").replace(
-        'source: {model: "torchvision:resnet18", num_classes: 10}', 'source: {model: "nosuchpkg.nets:net"}'))
+    case.write_text(
+        CASE.format(name="bad", lr="0.01", after_min="0.0").replace(
+            'source: {model: "torchvision:resnet18", num_classes: 10}', 'source: {model: "nosuchpkg.nets:net"}'
+        )
+    )
     rc = cli.main(["run", str(case), "--report", str(tmp_path / "reports"), "--quiet"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""

@@ -113,8 +113,9 @@ def _background_mask(images: torch.Tensor) -> torch.Tensor:
     return (images == images[:, :, :1, :1]).all(1)  # pixels equal to the (always background) corner
 
 
-@pytest.mark.parametrize("knob, value", [("background", 0.6), ("color_shift", 0.5), ("color_shift", -0.5),
-                                         ("noise", 0.1), ("blur", 1.0)])
+@pytest.mark.parametrize(
+    "knob, value", [("background", 0.6), ("color_shift", 0.5), ("color_shift", -0.5), ("noise", 0.1), ("blur", 1.0)]
+)
 def test_shapes_knobs_change_images_deterministically(knob, value):
     plain, labels = make_shapes(128, 32, seed=0)
     shifted, shifted_labels = make_shapes(128, 32, seed=0, **{knob: value})

@@ -14,6 +14,7 @@ from probe_helpers import identity_model, one_thread, resnet, seeded_inputs  # n
 
 # ----------------------------------------------------------------------------- drift metrics
 
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_w1_and_ks_equal_scipy(seed):
     rng = np.random.default_rng(seed)
@@ -41,8 +42,8 @@ def test_drift_identical_is_zero_and_shift_by_one_std_is_one():
     assert d0["psi_basis"] == "histogram"
     d1 = drift(ref["act"], shifted["act"])
     assert d1["wasserstein_norm"] == pytest.approx(1.0, abs=0.08)
-    assert 0.33 < d1["ks"] < 0.43          # 2 * Phi(0.5) - 1 = 0.383
-    assert d1["psi"] > 0.5                 # ~ shift^2 / var = 1 for two normals
+    assert 0.33 < d1["ks"] < 0.43  # 2 * Phi(0.5) - 1 = 0.383
+    assert d1["psi"] > 0.5  # ~ shift^2 / var = 1 for two normals
     # other random draws of the same distribution: small drift
     other = probe_activations(model, torch.randn(20_000, 1, generator=g) * 2.0 + 3.0, ["act"], edges=ref)
     assert drift(ref["act"], other["act"])["wasserstein_norm"] < 0.1

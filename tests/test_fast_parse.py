@@ -97,8 +97,7 @@ def test_a_run_parses_every_file_before_importing_anything_heavy(tmp_path: Path)
     """``surgery run A B`` with a typo in B, and ``calibrate --show`` the same: one line, exit 2, no torch."""
     good, bad = tmp_path / "a.yaml", tmp_path / "b.yaml"
     good.write_text(_case_text("transplant"), encoding="utf-8")
-    bad.write_text(_case_text("graft").replace("policy: {freeze: true}", "policy: {frezee: true}"),
-                   encoding="utf-8")
+    bad.write_text(_case_text("graft").replace("policy: {freeze: true}", "policy: {frezee: true}"), encoding="utf-8")
     script = textwrap.dedent(f"""
         import sys
         from surgery import cli
@@ -111,8 +110,9 @@ def test_a_run_parses_every_file_before_importing_anything_heavy(tmp_path: Path)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.stdout.splitlines() == ["run 2", "calibrate --show 2", "heavy: []"], done.stdout + done.stderr
     lines = done.stderr.splitlines()
-    assert len(lines) == 2 and all(line.startswith(f"surgery: error: {bad}:7: surgery.policy.frezee: unknown key")
-                                   for line in lines), done.stderr
+    assert len(lines) == 2 and all(
+        line.startswith(f"surgery: error: {bad}:7: surgery.policy.frezee: unknown key") for line in lines
+    ), done.stderr
     assert not (tmp_path / "r").exists()
 
 
@@ -125,29 +125,39 @@ def test_factories_are_checked_after_parsing_at_their_line():
     assert [field for field, _ in model_fields(case)] == ["source", "surgery.donor"]
     with pytest.raises(SurgeryInputError) as info:
         check_factories(case)
-    assert str(info.value) == ("g.yaml:7: surgery.donor.model: model 'surgery.zoo:ZOO': ZOO is a dict, expected a "
-                               "factory (a class or function defined in surgery.zoo)")
+    assert str(info.value) == (
+        "g.yaml:7: surgery.donor.model: model 'surgery.zoo:ZOO': ZOO is a dict, expected a "
+        "factory (a class or function defined in surgery.zoo)"
+    )
 
 
 def test_trust_rules_still_refuse_at_parse_time():
-    with pytest.raises(SurgeryInputError, match=r"^g.yaml:7: surgery.donor.model: model 'os:system': 'os' is a "
-                                                r"module of the standard library"):
+    with pytest.raises(
+        SurgeryInputError,
+        match=r"^g.yaml:7: surgery.donor.model: model 'os:system': 'os' is a "
+        r"module of the standard library",
+    ):
         parse_case(_case_text("graft").replace("surgery.zoo:stem_trainer", "os:system"), "g.yaml")
 
 
 def test_every_model_field_is_found_nested_and_in_file_order():
     case = parse_case(_case_text("transplant"))
-    assert [field for field, _ in model_fields(case)] == ["source", "surgery.target",
-                                                           "expect.accuracy.beats_baseline.model"]
+    assert [field for field, _ in model_fields(case)] == [
+        "source",
+        "surgery.target",
+        "expect.accuracy.beats_baseline.model",
+    ]
 
 
 # --------------------------------------------------------------------------- the registries
 
 
 def test_an_operation_is_applied_by_the_module_its_spec_names():
-    code = ("import sys; from surgery.ops import get_op, list_ops; "
-            "assert not any(f'surgery.ops.{m}' in sys.modules for m in ('transplant', 'activation', 'graft', "
-            "'bridge')); op = get_op('graft'); print(type(op).__module__, op.spec.__module__, 'torch' in sys.modules)")
+    code = (
+        "import sys; from surgery.ops import get_op, list_ops; "
+        "assert not any(f'surgery.ops.{m}' in sys.modules for m in ('transplant', 'activation', 'graft', "
+        "'bridge')); op = get_op('graft'); print(type(op).__module__, op.spec.__module__, 'torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.stdout.split() == ["surgery.ops.graft", "surgery.ops.graft_spec", "True"], done.stderr
 

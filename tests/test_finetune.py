@@ -15,16 +15,23 @@ from surgery.finetune import evaluate, finetune, recalibrate_bn, resolve_device
 CPU = torch.device("cpu")
 
 
-def _spec(steps=6, *, groups=(), lr=0.05, name="sgd", momentum=0.0, weight_decay=0.0, batch_size=32,
-          eval_every=None, **kwargs):
-    return FinetuneSpec(steps=steps, batch_size=batch_size, eval_every=eval_every or max(steps, 1),
-                        optimizer=OptimizerSpec(name=name, lr=lr, momentum=momentum, weight_decay=weight_decay),
-                        groups=[ParamGroupSpec(**g) for g in groups], **kwargs)
+def _spec(
+    steps=6, *, groups=(), lr=0.05, name="sgd", momentum=0.0, weight_decay=0.0, batch_size=32, eval_every=None, **kwargs
+):
+    return FinetuneSpec(
+        steps=steps,
+        batch_size=batch_size,
+        eval_every=eval_every or max(steps, 1),
+        optimizer=OptimizerSpec(name=name, lr=lr, momentum=momentum, weight_decay=weight_decay),
+        groups=[ParamGroupSpec(**g) for g in groups],
+        **kwargs,
+    )
 
 
 def _run(model, data, spec, seed=0):
-    return finetune(model, data.train_x, data.train_y, data.test_x, data.test_y, spec, seed=seed, device=CPU,
-                    progress=False)
+    return finetune(
+        model, data.train_x, data.train_y, data.test_x, data.test_y, spec, seed=seed, device=CPU, progress=False
+    )
 
 
 def _params(model, prefix=""):
@@ -46,8 +53,11 @@ def _all_differ(a, b):
 def test_frozen_group_is_bit_identical(make_tiny, digits16, optimizer):
     model = make_tiny()
     before = _params(model)
-    run = _run(model, digits16, _spec(groups=[{"params": "stem.*", "freeze": True}], name=optimizer,
-                                      momentum=0.9, weight_decay=0.1))
+    run = _run(
+        model,
+        digits16,
+        _spec(groups=[{"params": "stem.*", "freeze": True}], name=optimizer, momentum=0.9, weight_decay=0.1),
+    )
     after = _params(model)
     assert run.steps_done == 6 and run.finite
     stem = [k for k in before if k.startswith("stem.")]
@@ -61,7 +71,7 @@ def test_unfreeze_at_holds_the_group_until_its_step(make_tiny, digits16):
     initial = _params(make_tiny(), "head.")
 
     model = make_tiny()
-    _run(model, digits16, _spec(steps=k, groups=group))   # steps 0 .. k-1: all frozen
+    _run(model, digits16, _spec(steps=k, groups=group))  # steps 0 .. k-1: all frozen
     assert _same(initial, _params(model, "head."))
     assert _all_differ(_params(make_tiny(), "stem."), _params(model, "stem."))  # the rest trained meanwhile
 
@@ -118,8 +128,11 @@ def test_lr_scale_zero_is_frozen_in_effect(make_tiny, digits16):
 def test_first_matching_group_wins(make_tiny, digits16):
     model = make_tiny()
     initial = _params(model)
-    _run(model, digits16, _spec(steps=2, groups=[{"params": "head.bias", "freeze": True},
-                                                 {"params": "head.*", "lr_scale": 0.5}]))
+    _run(
+        model,
+        digits16,
+        _spec(steps=2, groups=[{"params": "head.bias", "freeze": True}, {"params": "head.*", "lr_scale": 0.5}]),
+    )
     after = _params(model)
     assert torch.equal(initial["head.bias"], after["head.bias"])
     assert not torch.equal(initial["head.weight"], after["head.weight"])
@@ -157,8 +170,9 @@ def test_training_learns(make_tiny, digits16):
     assert not model.training  # left in eval mode
     # The accuracy after training is the last step's evaluation, not a second one that could differ.
     assert run.final_accuracy == run.curve[-1]["accuracy"]
-    assert run.accuracy_after(model, digits16.test_x, digits16.test_y, device=CPU) == \
-        evaluate(model, digits16.test_x, digits16.test_y, device=CPU)
+    assert run.accuracy_after(model, digits16.test_x, digits16.test_y, device=CPU) == evaluate(
+        model, digits16.test_x, digits16.test_y, device=CPU
+    )
 
 
 def test_curve_records_last_partial_interval(make_tiny, digits16):
@@ -172,8 +186,13 @@ def test_cosine_schedule_with_warmup(make_tiny, digits16):
 
     base, steps, warmup = 0.02, 20, 5
     small = replace(digits16, test_x=digits16.test_x[:16], test_y=digits16.test_y[:16])  # 20 cheap evaluations
-    run = _run(make_tiny(), small, _spec(steps=steps, eval_every=1, lr=base, batch_size=8,
-                                         schedule=ScheduleSpec(name="cosine", warmup_steps=warmup)))
+    run = _run(
+        make_tiny(),
+        small,
+        _spec(
+            steps=steps, eval_every=1, lr=base, batch_size=8, schedule=ScheduleSpec(name="cosine", warmup_steps=warmup)
+        ),
+    )
     lrs = [p["lr"] for p in run.curve]
     assert len(lrs) == steps
     # warmup: linear ramp up to the base rate
@@ -188,8 +207,9 @@ def test_cosine_schedule_with_warmup(make_tiny, digits16):
 
 
 def test_constant_schedule_and_lr_scale_does_not_change_reported_lr(make_tiny, digits16):
-    run = _run(make_tiny(), digits16, _spec(steps=4, eval_every=1, lr=0.03,
-                                            groups=[{"params": "stem.*", "lr_scale": 0.1}]))
+    run = _run(
+        make_tiny(), digits16, _spec(steps=4, eval_every=1, lr=0.03, groups=[{"params": "stem.*", "lr_scale": 0.1}])
+    )
     assert [p["lr"] for p in run.curve] == pytest.approx([0.03] * 4)
 
 

@@ -57,16 +57,30 @@ settings.register_profile(
 
 # Each zoo model is replaced by its architecture, untrained: a zoo model used in a fresh clone would
 # be trained first, for minutes. The stem donor's architecture is the zoo's own stem factory.
-ZOO_STANDINS = {f"zoo:{r.name}": (r.arch if r.kind == "classifier" else "surgery.zoo:make_stem")
-                for r in ZOO.values()}
+ZOO_STANDINS = {f"zoo:{r.name}": (r.arch if r.kind == "classifier" else "surgery.zoo:make_stem") for r in ZOO.values()}
 
 # How much work a run may do. These fields have no upper bound in the schema on purpose (a long
 # fine-tune is slow, not wrong), so a mutation may not make them larger than this, nor drop them
 # (their defaults are larger) nor null a ``limit`` (all the data): the fuzz checks how bad input
 # is handled, not how long a machine can train.
-BUDGET = {"steps": 3, "batch_size": 32, "limit": 100, "size": 100, "count": 100, "image_size": 32,
-          "probe_size": 16, "batches": 2, "hidden": 128, "depth": 2, "num_heads": 8, "num_classes": 64,
-          "in_chans": 8, "warmup_steps": 10, "eval_every": 1000, "unfreeze_at": 1000}
+BUDGET = {
+    "steps": 3,
+    "batch_size": 32,
+    "limit": 100,
+    "size": 100,
+    "count": 100,
+    "image_size": 32,
+    "probe_size": 16,
+    "batches": 2,
+    "hidden": 128,
+    "depth": 2,
+    "num_heads": 8,
+    "num_classes": 64,
+    "in_chans": 8,
+    "warmup_steps": 10,
+    "eval_every": 1000,
+    "unfreeze_at": 1000,
+}
 
 Key = Union[str, int]
 Path_ = tuple[Key, ...]
@@ -114,8 +128,13 @@ def within_budget(doc: Any, key: Key | None = None) -> Any:
     if isinstance(doc, list):
         return [within_budget(v, key) for v in doc]
     cap = BUDGET.get(key) if isinstance(key, str) else None
-    if cap is not None and isinstance(doc, (int, float)) and not isinstance(doc, bool) \
-            and math.isfinite(doc) and doc > cap:
+    if (
+        cap is not None
+        and isinstance(doc, (int, float))
+        and not isinstance(doc, bool)
+        and math.isfinite(doc)
+        and doc > cap
+    ):
         return cap
     return BUDGET["limit"] if key == "limit" and doc is None else doc
 
@@ -141,9 +160,21 @@ def zoo_refs(node: Any) -> list[str]:
 
 NAN, INF = float("nan"), float("inf")
 NUMBERS = [-3, -1, 0, 1, 513, 4096, 2**63, 2**64, 1.5, -0.5, 1e300, -1e300, NAN, INF, -INF]
-NAMES = ["no_such_name", "zoo:no-such-model", "torchvision:no_such_net", "timm:no_such_net",
-         "no_such_pkg.nets:net", "os:system", "layer9", "Softmax", "../../outside", "<b>x</b>", "cuda:7", "\u00e9",
-         "calibrate"]
+NAMES = [
+    "no_such_name",
+    "zoo:no-such-model",
+    "torchvision:no_such_net",
+    "timm:no_such_net",
+    "no_such_pkg.nets:net",
+    "os:system",
+    "layer9",
+    "Softmax",
+    "../../outside",
+    "<b>x</b>",
+    "cuda:7",
+    "\u00e9",
+    "calibrate",
+]
 HUGE = 2000
 
 
@@ -297,32 +328,41 @@ def test_fuzzed_case_exits_0_1_or_2_with_one_line_long(quick_docs: dict[str, dic
 
 def test_split_seed_beyond_torch_range_is_bad_input(quick_docs: dict[str, dict[str, Any]]):
     """``data.split_seed: 2**64`` overflowed torch's generator: exit 3. Now one line, exit 2."""
-    run = fuzz_one(quick_docs["transplant/resnet50-to-resnet18-exact.yaml"],
-                   Mutation("number", ("data", "split_seed"), 2**64))
+    run = fuzz_one(
+        quick_docs["transplant/resnet50-to-resnet18-exact.yaml"], Mutation("number", ("data", "split_seed"), 2**64)
+    )
     assert run.rc == 2 and "data: seed 18446744073709551616" in run.err and "out of range" in run.err
 
 
 def test_known_batch_of_one(quick_docs: dict[str, dict[str, Any]]):
     """A batch of one sample through a ResNet's BatchNorm in train mode."""
-    fuzz_one(quick_docs["transplant/resnet50-to-resnet18-order.yaml"],
-             Mutation("number", ("finetune", "batch_size"), 1))
+    fuzz_one(
+        quick_docs["transplant/resnet50-to-resnet18-order.yaml"], Mutation("number", ("finetune", "batch_size"), 1)
+    )
 
 
-@pytest.mark.parametrize("case, path, value", [
-    ("transplant/resnet50-to-resnet18-exact.yaml", ("surgery", "target", "num_classes"), True),
-    ("swap/resnet50-relu-to-silu.yaml", ("source", "num_classes"), 7),
-    ("bridge/resnet50-linear-head.yaml", ("surgery", "num_classes"), 3),
-])
-def test_known_fewer_outputs_than_classes(quick_docs: dict[str, dict[str, Any]], case: str, path: tuple[str, ...],
-                                          value: Any):
+@pytest.mark.parametrize(
+    "case, path, value",
+    [
+        ("transplant/resnet50-to-resnet18-exact.yaml", ("surgery", "target", "num_classes"), True),
+        ("swap/resnet50-relu-to-silu.yaml", ("source", "num_classes"), 7),
+        ("bridge/resnet50-linear-head.yaml", ("surgery", "num_classes"), 3),
+    ],
+)
+def test_known_fewer_outputs_than_classes(
+    quick_docs: dict[str, dict[str, Any]], case: str, path: tuple[str, ...], value: Any
+):
     """A patient with fewer outputs than the data's 10 classes, from each op that sets the head's width."""
     fuzz_one(quick_docs[case], Mutation("number", path, value))
 
 
-@pytest.mark.parametrize("case, path", [
-    ("transplant/resnet50-to-resnet18-exact.yaml", ("finetune", "optimizer", "lr")),
-    ("graft/mnist-stem-into-resnet18-lr-scale.yaml", ("surgery", "policy", "lr_scale")),
-])
+@pytest.mark.parametrize(
+    "case, path",
+    [
+        ("transplant/resnet50-to-resnet18-exact.yaml", ("finetune", "optimizer", "lr")),
+        ("graft/mnist-stem-into-resnet18-lr-scale.yaml", ("surgery", "policy", "lr_scale")),
+    ],
+)
 def test_known_learning_rate_beyond_float32(quick_docs: dict[str, dict[str, Any]], case: str, path: tuple[str, ...]):
     """A learning rate (or a graft's lr_scale) no float32 holds."""
     fuzz_one(quick_docs[case], Mutation("number", path, 1e300))

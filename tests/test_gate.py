@@ -88,10 +88,19 @@ def world(tmp_path_factory):
     torch.save(state, root / "source" / "resnet18-digits.pt")
     torch.save(state, root / "release" / "model.pt")
     case_path = root / "cases" / "release.yaml"
-    case_path.write_text(CASE.format(seed=SEED, limit=LIMIT, size=IMAGE_SIZE,
-                                     source=(root / "source" / "resnet18-digits.pt").as_posix()), encoding="utf-8")
-    yield {"root": root, "case": case_path, "checkpoint": root / "release" / "model.pt", "state": state,
-           "accuracy": accuracy}
+    case_path.write_text(
+        CASE.format(
+            seed=SEED, limit=LIMIT, size=IMAGE_SIZE, source=(root / "source" / "resnet18-digits.pt").as_posix()
+        ),
+        encoding="utf-8",
+    )
+    yield {
+        "root": root,
+        "case": case_path,
+        "checkpoint": root / "release" / "model.pt",
+        "state": state,
+        "accuracy": accuracy,
+    }
     mp.undo()
 
 
@@ -108,6 +117,7 @@ def _gate(capsys, checkpoint: Path, case: Path, report: Path) -> tuple[int, str,
 def _strict_load(path: Path) -> dict:
     def refuse(token):
         raise ValueError(f"non-standard JSON constant {token}")
+
     return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
@@ -177,7 +187,9 @@ def test_nan_in_one_weight_fails_finite(world, tmp_path, capsys):
     assert next(iter(finite["details"]["nonfinite_outputs"])) == "layer2.0.conv1"  # the first module to go NaN
     assert "    gate.finite: observed 0 != finite 1" in out
     assert _html_reports(report)
-    assert err.startswith("surgery: warning: scored on the digits test split") and err.count("\n") == 1  # no gate section
+    assert (
+        err.startswith("surgery: warning: scored on the digits test split") and err.count("\n") == 1
+    )  # no gate section
 
 
 def test_untrained_checkpoint_fails_accuracy_drift_and_bn_stats(world, tmp_path, capsys):
@@ -191,7 +203,8 @@ def test_untrained_checkpoint_fails_accuracy_drift_and_bn_stats(world, tmp_path,
     failed = {e["name"]: e["message"] for e in verdict["expectations"] if not e["passed"]}
     assert set(failed) == {"gate.accuracy", "gate.recovery", "gate.drift_max", "gate.bn_stats"}, failed
     assert failed["gate.bn_stats"].startswith(
-        "observed 20 > bad_layers 0 (BatchNorm running statistics bad in 20 of 20")
+        "observed 20 > bad_layers 0 (BatchNorm running statistics bad in 20 of 20"
+    )
     assert "num_batches_tracked is 0" in failed["gate.bn_stats"]
     assert "normalised W1, checkpoint vs source, layer layer" in failed["gate.drift_max"]
     for name in failed:
@@ -216,15 +229,29 @@ def test_unreadable_checkpoint_is_bad_input(world, tmp_path, capsys, kind):
     code, out, err = _gate(capsys, ckpt, world["case"], report)
     assert code == 2
     assert out == "" and err.count("\n") == 1 and err.startswith(f"surgery: error: checkpoint {ckpt}")
-    assert {"truncated": "truncated or corrupt", "empty": "truncated or corrupt", "missing": "no such file",
-            "not a state_dict": "expected a state_dict"}[kind] in err
+    assert {
+        "truncated": "truncated or corrupt",
+        "empty": "truncated or corrupt",
+        "missing": "no such file",
+        "not a state_dict": "expected a state_dict",
+    }[kind] in err
     assert not report.exists()  # nothing half-written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_missing_device_is_bad_input(world, tmp_path, capsys):
-    code = main(["gate", str(world["checkpoint"]), "--case", str(world["case"]), "--report", str(tmp_path / "r"),
-                 "--device", "cuda"])
+    code = main(
+        [
+            "gate",
+            str(world["checkpoint"]),
+            "--case",
+            str(world["case"]),
+            "--report",
+            str(tmp_path / "r"),
+            "--device",
+            "cuda",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "CUDA is not available" in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
@@ -239,13 +266,17 @@ def test_checkpoint_that_does_not_fit_the_target_is_bad_input(world, tmp_path, c
             state["fc.weight"], state["fc.bias"] = torch.zeros(5, 512), torch.zeros(5)
         else:
             del state["layer4.1.bn2.running_var"]
+
     ckpt = _save_variant(world, tmp_path, "misfit.pt", change)
     report = tmp_path / "report"
     code, out, err = _gate(capsys, ckpt, world["case"], report)
     assert code == 2, out + err
     assert err.count("\n") == 1 and err.startswith(f"surgery: error: checkpoint {ckpt}: ")
-    assert {"keys match nothing": "none of its 122 keys match the model", "wrong shape": "wrong shape",
-            "missing keys": "1 model key(s) missing"}[kind] in err
+    assert {
+        "keys match nothing": "none of its 122 keys match the model",
+        "wrong shape": "wrong shape",
+        "missing keys": "1 model key(s) missing",
+    }[kind] in err
     assert not report.exists()
 
 
@@ -270,9 +301,14 @@ def test_pickle_payload_is_refused_and_never_runs(world, tmp_path):
     target = tmp_path / "pwned"
     evil = _save_variant(world, tmp_path, "evil.pt", lambda s: {**s, "payload": _OpenFileWhenUnpickled(target)})
     report = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "surgery.cli", "gate", str(evil), "--case", str(world["case"]),
-                           "--report", str(report)], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "SURGERY_CACHE": str(world["root"] / "cache")}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery.cli", "gate", str(evil), "--case", str(world["case"]), "--report", str(report)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "SURGERY_CACHE": str(world["root"] / "cache")},
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and "refused, it is not weights-only" in proc.stderr
     assert proc.stdout == ""
@@ -284,8 +320,14 @@ def test_pickle_payload_is_refused_and_never_runs(world, tmp_path):
 
 
 def test_bn_stats_rows_flag_each_kind_of_bad_statistics():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2),
-                          nn.BatchNorm1d(2, track_running_stats=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+        nn.BatchNorm1d(2, track_running_stats=False),
+    )
     rows = bn_stats_rows(model)
     assert [r["layer"] for r in rows] == ["1"]  # no running statistics, nothing to check
     assert not rows[0]["ok"] and "num_batches_tracked is 0" in rows[0]["problems"]
@@ -297,14 +339,21 @@ def test_bn_stats_rows_flag_each_kind_of_bad_statistics():
     model[1].running_mean[0] = math.nan
     row = bn_stats_rows(model)[0]
     assert (row["nonpositive_var"], row["nonfinite_var"], row["nonfinite_mean"]) == (1, 1, 1)
-    assert row["problems"] == ("running_var non-finite in 1 channel(s); running_var <= 0 in 1 channel(s); "
-                               "running_mean non-finite in 1 channel(s)")
+    assert row["problems"] == (
+        "running_var non-finite in 1 channel(s); running_var <= 0 in 1 channel(s); "
+        "running_mean non-finite in 1 channel(s)"
+    )
     assert bn_stats_rows(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))) == []
 
 
 def test_verdict_is_strict_json_and_written_last(tmp_path, monkeypatch):
-    result = CaseResult(case="c", path="<memory>", expectations=[
-        ExpectationResult("gate.drift_max", False, math.nan, 0.1, {"per_layer": {"layer1": math.inf}}, "m")])
+    result = CaseResult(
+        case="c",
+        path="<memory>",
+        expectations=[
+            ExpectationResult("gate.drift_max", False, math.nan, 0.1, {"per_layer": {"layer1": math.inf}}, "m")
+        ],
+    )
     write_verdict(result, tmp_path / "r", checkpoint=Path("m.pt"), sha256="0" * 64)
     verdict = _strict_load(tmp_path / "r" / GATE_FILE)
     assert verdict["expectations"][0]["observed"] is None
@@ -316,6 +365,7 @@ def test_verdict_is_strict_json_and_written_last(tmp_path, monkeypatch):
 
     def broken(*_args, **_kwargs):
         raise OSError("disk full")
+
     monkeypatch.setattr(render, "write_case_report", broken)
     result.expectations[0].passed = True
     with pytest.raises(OSError):

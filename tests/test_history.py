@@ -30,7 +30,7 @@ from test_report_browser import find_chromium, open_page, pixels_near, rgb
 
 pytest_plugins = ["pytester"]
 
-STEP_FROM, STEP = 23, -0.25   # the planted step: accuracy 0.25 lower from night 23 on (inside its wide band)
+STEP_FROM, STEP = 23, -0.25  # the planted step: accuracy 0.25 lower from night 23 on (inside its wide band)
 
 
 def _text(page: str) -> str:
@@ -54,8 +54,9 @@ def test_mann_whitney_u_is_scipys_exact_test_and_counts_ties_exactly():
     ranks = stats.rankdata(x + y)
     sums = [ranks[list(c)].sum() for c in itertools.combinations(range(14), 7)]
     observed = ranks[:7].sum()
-    brute = min(1.0, 2 * min(sum(s <= observed + 1e-9 for s in sums), sum(s >= observed - 1e-9 for s in sums))
-                / len(sums))
+    brute = min(
+        1.0, 2 * min(sum(s <= observed + 1e-9 for s in sums), sum(s >= observed - 1e-9 for s in sums)) / len(sums)
+    )
     assert mann_whitney_u(x, y)[1] == pytest.approx(brute, rel=1e-12)
     # 7 against 7 fully separated: p = 2 / C(14, 7), the smallest there is, below ASV's 0.002
     assert mann_whitney_u([0.0] * 7, [1.0] * 7) == (0.0, pytest.approx(2 / math.comb(14, 7)))
@@ -73,27 +74,40 @@ def test_drift_test_needs_two_windows_and_says_which_way_it_moved():
     down = steady[:7] + [v - 0.05 for v in steady[7:]]
     drift = drift_test(down, window=7, direction="lower")
     assert drift.flagged and drift.towards_threshold and drift.shift == pytest.approx(-0.05)
-    assert "towards its threshold" in drift.describe() and "Mann–Whitney U, last 7 runs vs the 7 before" in \
-        drift.describe()
+    assert (
+        "towards its threshold" in drift.describe()
+        and "Mann–Whitney U, last 7 runs vs the 7 before" in drift.describe()
+    )
     assert drift_test(down, window=7, direction="upper").towards_threshold is False
 
 
 def test_calibrated_band_is_the_runs_two_sided_prediction_interval():
     cal = Calibrated(mean=0.9, std=0.02, seeds=8, runs=40)
     lower = prediction_bound(cal, alpha=0.001, k=3)
-    judged = {"mean": 0.9, "std": 0.02, "seeds": 8, "runs": 40, "alpha": 0.001, "k": 3, "aggregate": "mean",
-              "bound": lower}
+    judged = {
+        "mean": 0.9,
+        "std": 0.02,
+        "seeds": 8,
+        "runs": 40,
+        "alpha": 0.001,
+        "k": 3,
+        "aggregate": "mean",
+        "bound": lower,
+    }
     lo, hi = calibrated_band(judged)
-    assert lo == pytest.approx(lower) and hi == pytest.approx(prediction_bound(cal, alpha=0.001, k=3,
-                                                                                direction="upper"))
+    assert lo == pytest.approx(lower) and hi == pytest.approx(
+        prediction_bound(cal, alpha=0.001, k=3, direction="upper")
+    )
     del judged["bound"]  # an older result: computed from the calibration itself
     assert calibrated_band(judged) == pytest.approx((lo, hi))
     assert calibrated_band(None) is None and calibrated_band({"mean": 1}) is None
 
 
 def test_history_imports_no_torch():
-    code = ("import sys; import surgery.cli, surgery.nights, surgery.history, surgery.report.history; "
-            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    code = (
+        "import sys; import surgery.cli, surgery.nights, surgery.history, surgery.report.history; "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -142,8 +156,8 @@ def test_run_dated_keeps_nights_side_by_side(runs):
     assert (runs / LATEST).is_symlink() and (runs / LATEST).resolve() == dated[-1].resolve()
     for night in dated:
         assert (night / "index.html").is_file() and (night / CASE / "report.html").is_file()
-    assert find_nights([runs]) == dated                      # latest counts once
-    assert find_nights([runs / LATEST]) == [runs / LATEST]   # a night named through the link is still a night
+    assert find_nights([runs]) == dated  # latest counts once
+    assert find_nights([runs / LATEST]) == [runs / LATEST]  # a night named through the link is still a night
     history = read_history([runs])
     assert [n.results[CASE].seeds for n in history.nights] == [[0], [1], [2]]
 
@@ -215,8 +229,11 @@ def test_a_planted_step_inside_the_band_is_flagged_as_drift(runs, history_dir, t
     rc, out, _ = run_cli("history", tmp_path, "-o", tmp_path / "page.html")
     assert rc == 0 and f"{CASE}: accuracy.after_min: drifting" in out
     text = _text((tmp_path / "page.html").read_text(encoding="utf-8"))
-    assert re.search(r"drifting: Mann–Whitney U, last 7 runs vs the 7 before, U = \S+, p = \S+ \(flag at "
-                     r"p < 0\.002\); median moved -0\.2\d* towards its threshold", text)
+    assert re.search(
+        r"drifting: Mann–Whitney U, last 7 runs vs the 7 before, U = \S+, p = \S+ \(flag at "
+        r"p < 0\.002\); median moved -0\.2\d* towards its threshold",
+        text,
+    )
 
 
 # ----------------------------------------------------------------------------- in a browser
@@ -237,7 +254,6 @@ def test_history_page_and_index_in_headless_chromium(history_dir, tmp_path):
     for colour in ("#c6dbef", "#b2182b", "#1a7f37"):  # the band, the threshold, passed points
         assert pixels_near(image, colour) > 150, colour
 
-    index_dom, index_shot, index_requests = open_page(chromium, history_dir / LATEST / "index.html", tmp_path,
-                                                      "index")
+    index_dom, index_shot, index_requests = open_page(chromium, history_dir / LATEST / "index.html", tmp_path, "index")
     assert index_requests == [] and "1/1 cases passed · 0 undecided · 0 failed" in _text(index_dom)
     assert pixels_near(rgb(index_shot), "#1a7f37") > 200  # the green banner

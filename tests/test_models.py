@@ -260,11 +260,16 @@ def test_factory_without_those_keywords():
     assert isinstance(model, nn.Conv2d) and model.in_channels == 1
 
 
-@pytest.mark.parametrize("ref, fragment", [("nosuchpkg.models:net", "cannot import"),
-                                           ("surgery.zoo:no_such_factory", "cannot import"),
-                                           ("surgery.zoo:ZOO", "expected a factory"),
-                                           ("surgery.recipes:asdict", "not in 'surgery.recipes'"),
-                                           ("os:getcwd", "standard library")])
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("nosuchpkg.models:net", "cannot import"),
+        ("surgery.zoo:no_such_factory", "cannot import"),
+        ("surgery.zoo:ZOO", "expected a factory"),
+        ("surgery.recipes:asdict", "not in 'surgery.recipes'"),
+        ("os:getcwd", "standard library"),
+    ],
+)
 def test_bad_factory_refs(ref, fragment):
     """Refused when the architecture is built (a case file refuses them earlier, at parse time)."""
     with pytest.raises(SurgeryInputError) as info:
@@ -278,15 +283,20 @@ def test_factory_that_raises_is_bad_input():
         build_architecture("surgery.zoo:stem_trainer", num_classes=-3)
 
 
-@pytest.mark.parametrize("ref, fragment", [("torchvision:resnet19", "did you mean resnet18"),
-                                           ("timm:resnet19d", "did you mean"),
-                                           ("timm:qqqqqq", "expected a name in timm.list_models"),
-                                           ("torchvision:qqqq", "expected a name in torchvision.models"),
-                                           ("zoo:nope", "expected one of: mnist-resnet18"),
-                                           ("zoo:mnist-resnet19", "did you mean mnist-resnet18"),
-                                           ("resnet18", "torchvision:NAME"),
-                                           ("torchvision:", "torchvision:NAME"),
-                                           ("my-pkg:net", "package.module:factory")])
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("torchvision:resnet19", "did you mean resnet18"),
+        ("timm:resnet19d", "did you mean"),
+        ("timm:qqqqqq", "expected a name in timm.list_models"),
+        ("torchvision:qqqq", "expected a name in torchvision.models"),
+        ("zoo:nope", "expected one of: mnist-resnet18"),
+        ("zoo:mnist-resnet19", "did you mean mnist-resnet18"),
+        ("resnet18", "torchvision:NAME"),
+        ("torchvision:", "torchvision:NAME"),
+        ("my-pkg:net", "package.module:factory"),
+    ],
+)
 def test_validate_model_ref(ref, fragment):
     with pytest.raises(ValueError, match=fragment):
         validate_model_ref(ref)

@@ -1,4 +1,5 @@
-"""Ops through the runner and the CLI: graft shape errors exit 2 on one line; a bridge's backbone stays bit-identical."""
+"""Ops through the runner and the CLI: graft shape errors exit 2 on one line; a bridge's backbone stays
+bit-identical."""
 
 from __future__ import annotations
 
@@ -51,8 +52,17 @@ expect: {accuracy: {after_min: 0.0}}
     patient, record = perform_surgery(case, source, split)
     backbone_before = copy.deepcopy(patient.backbone.state_dict())
     head_before = copy.deepcopy(patient.head.state_dict())
-    finetune(patient, split.train_x, split.train_y, split.test_x, split.test_y, case.finetune, seed=0,
-             device=resolve_device("cpu"), progress=False)
+    finetune(
+        patient,
+        split.train_x,
+        split.train_y,
+        split.test_x,
+        split.test_y,
+        case.finetune,
+        seed=0,
+        device=resolve_device("cpu"),
+        progress=False,
+    )
     for key, value in patient.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), key
     assert any(not torch.equal(v, head_before[k]) for k, v in patient.head.state_dict().items())

@@ -51,6 +51,7 @@ def _all_exact_from_same_key(record, model) -> None:
 
 # --- activation_swap -------------------------------------------------------------------------------
 
+
 def test_resnet18_relu_to_silu(resnet18, x):
     new, rec = activation_swap(resnet18, ["ReLU"], "silu", example_input=x)
 
@@ -74,8 +75,10 @@ def test_resnet18_relu_to_silu(resnet18, x):
 
 def test_timm_mobilenetv3_hardswish_and_hardsigmoid_to_relu(x):
     model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10).eval()
-    before = {kind: sum(type(m) is cls for m in model.modules())
-              for kind, cls in [("Hardswish", nn.Hardswish), ("Hardsigmoid", nn.Hardsigmoid), ("ReLU", nn.ReLU)]}
+    before = {
+        kind: sum(type(m) is cls for m in model.modules())
+        for kind, cls in [("Hardswish", nn.Hardswish), ("Hardsigmoid", nn.Hardsigmoid), ("ReLU", nn.ReLU)]
+    }
     assert before["Hardswish"] > 0 and before["Hardsigmoid"] > 0
 
     new, rec = activation_swap(model, ["hard_swish", "Hardsigmoid"], "ReLU", example_input=x)
@@ -171,12 +174,14 @@ def test_unknown_kind_or_target_names_it_and_lists_known(resnet18):
         activation_swap(resnet18, ["Relu7"], "SiLU")
     with pytest.raises(SurgeryInputError, match=r"unknown target activation 'swishy'.*known: .*GELU"):
         activation_swap(resnet18, ["ReLU"], "swishy")
-    with pytest.raises(SurgeryInputError,
-                       match=r"no activation of kind GELU in ResNet \(activation modules found: ReLU\)"):
+    with pytest.raises(
+        SurgeryInputError, match=r"no activation of kind GELU in ResNet \(activation modules found: ReLU\)"
+    ):
         activation_swap(resnet18, ["GELU"], "ReLU")
 
 
 # --- graft ---------------------------------------------------------------------------------------
+
 
 def test_graft_stem_conv_into_resnet18(resnet18, x):
     donor = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
@@ -211,8 +216,9 @@ def test_graft_bad_path_names_it_and_close_matches(resnet18, x):
 
 
 def test_graft_donor_that_fails_on_the_input(resnet18, x):
-    with pytest.raises(SurgeryInputError,
-                       match=r"graft at 'conv1': donor fails on the host module's input \(2, 3, 32, 32\)"):
+    with pytest.raises(
+        SurgeryInputError, match=r"graft at 'conv1': donor fails on the host module's input \(2, 3, 32, 32\)"
+    ):
         graft(resnet18, nn.Conv2d(1, 64, 7, stride=2, padding=3), "conv1", example_input=x)
 
 
@@ -221,8 +227,9 @@ def test_donor_from_state_dict_adapts_grey_stem(resnet18, x):
     donor = donor_from_state_dict({"conv1.weight": w}, in_channels=3, stride=2, padding=3)
     assert isinstance(donor, nn.Conv2d) and donor.weight.shape == (64, 3, 7, 7) and donor.bias is None
     grey = torch.randn(1, 1, 16, 16)
-    torch.testing.assert_close(donor(grey.expand(1, 3, 16, 16)), F.conv2d(grey, w, stride=2, padding=3),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        donor(grey.expand(1, 3, 16, 16)), F.conv2d(grey, w, stride=2, padding=3), atol=1e-4, rtol=1e-4
+    )
     _, rec = graft(resnet18, donor, "conv1", example_input=x)
     first = rec.tensors[0]
     assert (first.target_key, first.method, first.source_shape) == ("conv1.weight", "adapted", [64, 1, 7, 7])
@@ -230,8 +237,10 @@ def test_donor_from_state_dict_adapts_grey_stem(resnet18, x):
 
 # --- bridge --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("head,arch", [("linear", "resnet18"), ("mlp", "resnet18"),
-                                       ("transformer", "resnet18"), ("transformer", "resnet50")])
+
+@pytest.mark.parametrize(
+    "head,arch", [("linear", "resnet18"), ("mlp", "resnet18"), ("transformer", "resnet18"), ("transformer", "resnet50")]
+)
 def test_bridge_heads_train_only_the_head(head, arch, request, x):
     source = request.getfixturevalue(arch)
     model, rec = bridge(source, ["layer3", "layer4"], head, 10, example_input=x, hidden=64, depth=1, num_heads=4)
@@ -257,8 +266,10 @@ def test_bridge_heads_train_only_the_head(head, arch, request, x):
 
     big = arch == "resnet50"
     assert rec.notes["nodes"] == ["layer3", "layer4"] and rec.notes["head"] == head
-    assert rec.notes["feature_shapes"] == {"layer3": [1024 if big else 256, 2, 2],
-                                           "layer4": [2048 if big else 512, 1, 1]}
+    assert rec.notes["feature_shapes"] == {
+        "layer3": [1024 if big else 256, 2, 2],
+        "layer4": [2048 if big else 512, 1, 1],
+    }
     assert rec.notes["extractor"] == "torchvision.fx"
     source_state = recordable_state(source)
     for t in rec.tensors:

@@ -38,8 +38,9 @@ def test_items_per_expectation_one_line_failure_and_seed_cap(pytester: pytest.Py
     (case_dir / "ok.yaml").write_text(TINY.format(name="ok", after_min=0.0).replace("seed: 0", "seed: [0, 1]"))
     (case_dir / "bad.yaml").write_text(TINY.format(name="bad", after_min=0.999))
     report = tmp_path / "reports"
-    result = pytester.runpytest_subprocess("cases", "-p", "no:cacheprovider", f"--surgery-report={report}",
-                                           "--surgery-seeds", "1")
+    result = pytester.runpytest_subprocess(
+        "cases", "-p", "no:cacheprovider", f"--surgery-report={report}", "--surgery-seeds", "1"
+    )
     # ok: coverage, accuracy, finite pass; bad: accuracy.after_min fails, the other two pass
     result.assert_outcomes(passed=5, failed=1)
     out = result.stdout.str()
@@ -70,13 +71,15 @@ def test_xdist_workers_wait_passively_when_they_oversubscribe_the_cores(pytester
     """Workers whose threads, with a zoo build's, outnumber the cores start with ``OMP_WAIT_POLICY=PASSIVE``
     (see ``_workers_oversubscribe``); workers that fit keep OpenMP's default; a policy the user set is kept;
     the controller's environment is as it was after the session."""
-    pytester.makepyfile(test_env="""
+    pytester.makepyfile(
+        test_env="""
         import os
 
         def test_policy():
             assert os.environ.get("PYTEST_XDIST_WORKER")
             assert os.environ.get("OMP_WAIT_POLICY", "") == os.environ["EXPECTED_POLICY"]
-        """)
+        """
+    )
     for key in os.environ.keys() - outside_xdist(os.environ).keys():  # a session of its own, not a worker's
         monkeypatch.delenv(key)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -90,7 +93,7 @@ def test_xdist_workers_wait_passively_when_they_oversubscribe_the_cores(pytester
 
     session(2, cores, "PASSIVE")  # 1 thread beside a build of every core
     assert "OMP_WAIT_POLICY" not in os.environ
-    session(1, 1, "")             # one worker of 1 thread, builds of 1 thread: they fit
+    session(1, 1, "")  # one worker of 1 thread, builds of 1 thread: they fit
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     session(2, cores, "ACTIVE")
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

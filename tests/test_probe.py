@@ -15,11 +15,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 from surgery.errors import SurgeryInputError
-from surgery.activation_probe import LayerStats, ProbePass, ProbeStats, histogram, probe_activations, resolve_layers, shared_edges
+from surgery.activation_probe import (
+    LayerStats,
+    ProbePass,
+    ProbeStats,
+    histogram,
+    probe_activations,
+    resolve_layers,
+    shared_edges,
+)
 from probe_helpers import identity_model, one_thread, resnet, seeded_inputs, stored_outputs  # noqa: F401 (one_thread: autouse)
 
 
 # ----------------------------------------------------------------------------- streamed statistics
+
 
 def test_streamed_stats_equal_stored_activations():
     model, x = resnet(), seeded_inputs(70)  # batches of 32, 32, 6
@@ -39,8 +48,14 @@ def test_streamed_stats_equal_stored_activations():
         assert s.min == full.min().item() and s.max == full.max().item()
         assert s.near_zero_frac == (full.abs() <= s.near_zero_eps).double().mean().item()
         # dead channels, per call ordinal, concatenated
-        alive = torch.cat([torch.stack([batch[c].amax(dim=[d for d in range(batch[c].dim()) if d != 1]) > 0
-                                        for batch in stored[name]]).any(0) for c in range(calls)])
+        alive = torch.cat(
+            [
+                torch.stack(
+                    [batch[c].amax(dim=[d for d in range(batch[c].dim()) if d != 1]) > 0 for batch in stored[name]]
+                ).any(0)
+                for c in range(calls)
+            ]
+        )
         assert s.channels == alive.numel()
         assert s.dead_channels == (~alive).nonzero().flatten().tolist()
         assert s.dead_channel_frac == pytest.approx((~alive).double().mean().item())
@@ -51,7 +66,9 @@ def test_streamed_stats_equal_stored_activations():
         # histogram: the sample counted on equal-width bins over the exact [min, max]
         assert s.hist_counts.numel() == 40 and s.hist_edges.numel() == 41
         np.testing.assert_allclose(s.hist_edges.numpy(), np.linspace(s.min, s.max, 41))
-        np.testing.assert_array_equal(s.hist_counts.numpy(), np.histogram(s.sample.double().numpy(), s.hist_edges.numpy())[0])
+        np.testing.assert_array_equal(
+            s.hist_counts.numpy(), np.histogram(s.sample.double().numpy(), s.hist_edges.numpy())[0]
+        )
     assert stats["relu"].near_zero_frac > 0.3 and stats["relu"].min == 0.0
     assert stats["layer2.0.bn1"].min < 0  # seen before the in-place ReLU that follows it
     assert stats["layer1.0.relu"].calls == 2 and stats["layer1.0.relu"].channels == 128
@@ -79,8 +96,12 @@ def test_batching_does_not_change_the_statistics():
     x = torch.randn(300, 8, generator=torch.Generator().manual_seed(5)) * 3 + 1
     whole = probe_activations(identity_model(), x, ["act"], batch_size=300, sample_size=500)["act"]
     small = probe_activations(identity_model(), x, ["act"], batch_size=7, sample_size=500)["act"]
-    assert (small.count, small.min, small.max, small.near_zero_frac) == (whole.count, whole.min, whole.max,
-                                                                         whole.near_zero_frac)
+    assert (small.count, small.min, small.max, small.near_zero_frac) == (
+        whole.count,
+        whole.min,
+        whole.max,
+        whole.near_zero_frac,
+    )
     assert small.mean == pytest.approx(whole.mean, rel=1e-6) and small.std == pytest.approx(whole.std, rel=1e-6)
     assert torch.equal(small.sample, whole.sample) and torch.equal(small.hist_counts, whole.hist_counts)
 
@@ -93,13 +114,19 @@ def test_a_channels_last_output_gives_the_statistics_of_its_contiguous_copy():
     x[:, 4, 1:] = -1.0
     layouts = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
     assert not layouts["channels_last"].is_contiguous()
-    stats = {name: probe_activations(identity_model(), inputs, ["act"], batch_size=128, sample_size=900)["act"]
-             for name, inputs in layouts.items()}
+    stats = {
+        name: probe_activations(identity_model(), inputs, ["act"], batch_size=128, sample_size=900)["act"]
+        for name, inputs in layouts.items()
+    }
     logical, memory = stats["contiguous"], stats["channels_last"]
     assert torch.equal(memory.sample, logical.sample) and torch.equal(memory.hist_counts, logical.hist_counts)
-    assert (memory.count, memory.min, memory.max, memory.near_zero_frac, memory.dead_channels) == \
-        (logical.count, logical.min, logical.max, logical.near_zero_frac, logical.dead_channels) and \
-        logical.dead_channels == [2]
+    assert (memory.count, memory.min, memory.max, memory.near_zero_frac, memory.dead_channels) == (
+        logical.count,
+        logical.min,
+        logical.max,
+        logical.near_zero_frac,
+        logical.dead_channels,
+    ) and logical.dead_channels == [2]
     assert memory.mean == pytest.approx(logical.mean, rel=1e-6) and memory.std == pytest.approx(logical.std, rel=1e-6)
 
 
@@ -132,8 +159,12 @@ def test_one_read_moments_are_float64_accurate_over_millions_of_values(offset):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=200), st.integers(1, 50),
-       st.floats(-100, 100), st.floats(0.01, 100))
+@given(
+    st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=200),
+    st.integers(1, 50),
+    st.floats(-100, 100),
+    st.floats(0.01, 100),
+)
 def test_histogram_matches_numpy_with_end_bins(values, bins, start, width):
     edges = torch.tensor(start + width * np.arange(bins + 1), dtype=torch.float64)
     x = torch.tensor(values, dtype=torch.float32)
@@ -149,13 +180,13 @@ def test_a_module_called_twice_is_sampled_in_proportion():
             self.act = nn.Identity()
 
         def forward(self, x):
-            return self.act(x), self.act(x[:, :1] + 1000.0)   # call 1: 4 values per sample, call 2: 1
+            return self.act(x), self.act(x[:, :1] + 1000.0)  # call 1: 4 values per sample, call 2: 1
 
     x = torch.rand(2000, 4, generator=torch.Generator().manual_seed(0))
     s = probe_activations(Twice(), x, ["act"], batch_size=300, sample_size=1000)["act"]
     assert s.calls == 2 and s.count == 10_000 and s.sample.numel() == 1000
     share_second = (s.sample >= 1000).double().mean().item()
-    assert abs(share_second - 0.2) < 0.05   # hypergeometric: sd 0.011
+    assert abs(share_second - 0.2) < 0.05  # hypergeometric: sd 0.011
     assert s.max >= 1000 and s.min < 1
 
 
@@ -177,7 +208,9 @@ def test_probe_pass_feeds_batches_and_is_public():
     stats = probe.finish()
     assert isinstance(stats, ProbeStats) and list(stats) == ["layer3", "layer4"]
     direct = probe_activations(model, x, ["layer3", "layer4"], batch_size=10)
-    assert stats["layer4"].mean == direct["layer4"].mean and torch.equal(stats["layer4"].sample, direct["layer4"].sample)
+    assert stats["layer4"].mean == direct["layer4"].mean and torch.equal(
+        stats["layer4"].sample, direct["layer4"].sample
+    )
     assert all(not m._forward_hooks for m in model.modules())
     assert set(stats.edges()) == {"layer3", "layer4"} and "sample" not in stats.to_dict()["layer3"]
 
@@ -221,6 +254,7 @@ def test_memory_bounded_stored_sizes_do_not_grow_with_probe_size():
 
 
 # ----------------------------------------------------------------------------- dead channels, outputs, hooks
+
 
 def test_dead_channel_forced_by_bn_bias():
     model, x, names = resnet(), seeded_inputs(16), ["relu", "layer1.0.relu"]
@@ -300,8 +334,8 @@ def test_cuda_probe_never_synchronises_and_matches_the_cpu():
     cpu = probe_activations(model, x, ["layer1", "layer4"], batch_size=16)
     with ProbePass(model, ["layer1", "layer4"], total_samples=48, device="cuda") as probe:
         first, *rest = x.split(16)
-        probe.feed(first.pin_memory())             # draws the sample's positions and copies them over, once
-        torch.cuda.set_sync_debug_mode("error")   # from then on, any host synchronisation while feeding raises
+        probe.feed(first.pin_memory())  # draws the sample's positions and copies them over, once
+        torch.cuda.set_sync_debug_mode("error")  # from then on, any host synchronisation while feeding raises
         try:
             for batch in rest:
                 probe.feed(batch.pin_memory())
@@ -316,6 +350,7 @@ def test_cuda_probe_never_synchronises_and_matches_the_cpu():
 
 
 # ----------------------------------------------------------------------------- layer names
+
 
 def test_resolve_layers_globs_and_unknown_names():
     model = resnet()

@@ -28,8 +28,16 @@ from surgery.case import load_case, parse_case
 from surgery.errors import SurgeryInputError
 from surgery.numerics import outside_xdist
 from surgery.ray_check import INSTALL_HINT
-from surgery.ray_runner import (WORKER_NICENESS_ENV, RayOptions, RemoteError, connect, disconnect, install_weights,
-                                run_cases_on_ray, task_device)
+from surgery.ray_runner import (
+    WORKER_NICENESS_ENV,
+    RayOptions,
+    RemoteError,
+    connect,
+    disconnect,
+    install_weights,
+    run_cases_on_ray,
+    task_device,
+)
 from surgery.recipes import ZOO
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
@@ -59,18 +67,29 @@ ONE_SEED = ("--seeds", "1", "--threads", "1")  # what the local and the Ray run 
 def write_case(directory: Path, name: str, *, steps: int = 30, path: str = "conv1", baseline: bool = True) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / f"{name}.yaml"
-    file.write_text(CASE.format(name=name, steps=steps, eval_every=min(steps, 10), path=path,
-                                baseline=", beats_baseline: {margin: -1.0}" if baseline else ""))
+    file.write_text(
+        CASE.format(
+            name=name,
+            steps=steps,
+            eval_every=min(steps, 10),
+            path=path,
+            baseline=", beats_baseline: {margin: -1.0}" if baseline else "",
+        )
+    )
     return file
 
 
 def figures(results: dict) -> dict:
     """What must not differ between two runs of a case: verdicts, metrics, per-seed accuracies and curves."""
-    return {"expectations": [(e["name"], e["passed"], e["observed"]) for e in results["expectations"]],
-            "metrics": results["metrics"], "seeds": results["seeds"],
-            "accuracy": [s["accuracy"] for s in results["per_seed"]],
-            "curves": [(s["finetune"]["curve"], s["baseline_curve"]) for s in results["per_seed"]],
-            "weights": list(results["provenance"]["weights"].values()), "threads": results["provenance"]["threads"]}
+    return {
+        "expectations": [(e["name"], e["passed"], e["observed"]) for e in results["expectations"]],
+        "metrics": results["metrics"],
+        "seeds": results["seeds"],
+        "accuracy": [s["accuracy"] for s in results["per_seed"]],
+        "curves": [(s["finetune"]["curve"], s["baseline_curve"]) for s in results["per_seed"]],
+        "weights": list(results["provenance"]["weights"].values()),
+        "threads": results["provenance"]["threads"],
+    }
 
 
 def report_files(report: Path) -> list[str]:
@@ -138,8 +157,9 @@ def test_ray_export_writes_the_local_runs_patients(runs):
 
     from surgery.export import read_metadata
 
-    ray_file, local_file = (runs["exports"] / side / "tiny" / "seed-0.safetensors" for side in ("ray-export",
-                                                                                               "local-export"))
+    ray_file, local_file = (
+        runs["exports"] / side / "tiny" / "seed-0.safetensors" for side in ("ray-export", "local-export")
+    )
     ray_state, local_state = load_file(str(ray_file)), load_file(str(local_file))
     assert ray_state.keys() == local_state.keys()
     assert all(ray_state[k].equal(local_state[k]) for k in local_state)
@@ -156,17 +176,21 @@ def test_a_cluster_connect_starts_runs_its_workers_at_normal_priority(ray_cluste
     assert ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()) == os.nice(0)
 
 
-def test_object_store_weights_reach_workers_without_the_drivers_disk(runs, ray_cluster, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_object_store_weights_reach_workers_without_the_drivers_disk(runs, ray_cluster, tmp_path, monkeypatch, capsys):
     """Weights through the object store: the driver's cache stays empty, the node's own cache gets the model,
     and the figures are the local run's. The bar (forced on: no terminal here) shows done / running / pending."""
     empty = tmp_path / "driver-cache"
     monkeypatch.setenv("SURGERY_CACHE", str(empty))
     case = load_case(runs["local"].case)
     seen: set[str] = set()
-    outcomes = list(run_cases_on_ray([case], RunOptions(max_seeds=1, threads=1),
-                                     RayOptions(weights="object-store", progress=True),
-                                     on_progress=lambda run: seen.update(key for key, _ in run.attempts)))
+    outcomes = list(
+        run_cases_on_ray(
+            [case],
+            RunOptions(max_seeds=1, threads=1),
+            RayOptions(weights="object-store", progress=True),
+            on_progress=lambda run: seen.update(key for key, _ in run.attempts),
+        )
+    )
     [(_, result)] = outcomes
     assert isinstance(result, CaseResult), result
     assert figures(json.loads(json.dumps(result.to_dict()))) == figures(runs["local"].results)
@@ -209,8 +233,9 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(runs, driver_cache, tmp_
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    [(_, result)] = list(run_cases_on_ray([case], RunOptions(max_seeds=1, threads=1), RayOptions(progress=False),
-                                          on_progress=kill_once))
+    [(_, result)] = list(
+        run_cases_on_ray([case], RunOptions(max_seeds=1, threads=1), RayOptions(progress=False), on_progress=kill_once)
+    )
     assert killed, "the seed task never showed as running"
     assert isinstance(result, CaseResult), result
     local = run_case(case, RunOptions(max_seeds=1, threads=1, progress=False))
@@ -220,8 +245,10 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(runs, driver_cache, tmp_
 
 @pytest.mark.parametrize("steps", KILLED_STEPS)
 def test_a_worker_killed_past_its_retries_is_that_cases_internal_error(runs, driver_cache, tmp_path, steps):
-    cases = [load_case(write_case(tmp_path, "doomed", steps=steps, baseline=False)),
-             load_case(write_case(tmp_path, "fine", steps=5, baseline=False))]
+    cases = [
+        load_case(write_case(tmp_path, "doomed", steps=steps, baseline=False)),
+        load_case(write_case(tmp_path, "fine", steps=5, baseline=False)),
+    ]
     key = f"{cases[0].path} seed 0"
 
     killed: set[int] = set()
@@ -234,9 +261,12 @@ def test_a_worker_killed_past_its_retries_is_that_cases_internal_error(runs, dri
             with contextlib.suppress(ProcessLookupError):  # it died between the poll and the kill
                 os.kill(pid, signal.SIGKILL)
 
-    outcomes = dict((c.name, o) for c, o in run_cases_on_ray(cases, RunOptions(max_seeds=1, threads=1),
-                                                             RayOptions(progress=False, max_retries=0),
-                                                             on_progress=kill))
+    outcomes = dict(
+        (c.name, o)
+        for c, o in run_cases_on_ray(
+            cases, RunOptions(max_seeds=1, threads=1), RayOptions(progress=False, max_retries=0), on_progress=kill
+        )
+    )
     assert isinstance(outcomes["doomed"], RemoteError) and "Worker" in str(outcomes["doomed"])
     assert isinstance(outcomes["fine"], CaseResult) and outcomes["fine"].passed
 
@@ -284,8 +314,9 @@ def test_ctrl_c_cancels_the_tasks_and_writes_nothing(runs, driver_cache, ray_clu
     outcomes: list = []
     started = time.monotonic()
     try:
-        for _, outcome in run_cases_on_ray([case], RunOptions(max_seeds=1, threads=1), RayOptions(progress=False),
-                                           on_progress=interrupt):
+        for _, outcome in run_cases_on_ray(
+            [case], RunOptions(max_seeds=1, threads=1), RayOptions(progress=False), on_progress=interrupt
+        ):
             outcomes.append(outcome)
             write_case_report(outcome, report)  # what the CLI does with a finished case
         interrupted = False
@@ -303,9 +334,19 @@ def test_pytest_surgery_ray_keeps_one_item_per_expectation(runs, pytester):
     cases = pytester.mkdir("cases")
     shutil.copy(runs["local"].case, cases / "tiny.yaml")
     report = pytester.path / "reports"
-    result = pytester.runpytest_inprocess(str(cases), "--surgery-ray", "--surgery-seeds", "1",
-                                          "--surgery-threads", "1", "--surgery-report", str(report),
-                                          "-p", "no:cacheprovider", "-v")
+    result = pytester.runpytest_inprocess(
+        str(cases),
+        "--surgery-ray",
+        "--surgery-seeds",
+        "1",
+        "--surgery-threads",
+        "1",
+        "--surgery-report",
+        str(report),
+        "-p",
+        "no:cacheprovider",
+        "-v",
+    )
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(["*tiny.yaml::coverage.tensors_min PASSED*", "*tiny.yaml::finite PASSED*"])
     on_ray = json.loads((report / "tiny" / "results.json").read_text())
@@ -328,8 +369,13 @@ def _free_port() -> int:
 
 def _run_joining(address: str, runs, report: Path) -> None:
     """``surgery run --ray ADDRESS`` in a process of its own on the tiny case: exit 0 and the local run's figures."""
-    proc = subprocess.run([*SURGERY, "run", str(runs["local"].case), "--report", str(report), "--quiet",
-                           *ONE_SEED, "--ray", address], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    proc = subprocess.run(
+        [*SURGERY, "run", str(runs["local"].case), "--report", str(report), "--quiet", *ONE_SEED, "--ray", address],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert figures(json.loads((report / "tiny" / "results.json").read_text())) == figures(runs["local"].results)
 
@@ -350,11 +396,30 @@ def test_surgery_run_joins_a_cluster_started_with_ray_start(runs, driver_cache, 
     else: ``ray stop`` would stop every Ray process on the machine), then ``surgery run --ray 127.0.0.1:P``."""
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             "--port", str(port), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-                             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, WORKER_NICENESS_ENV: "0"})  # as connect sets it
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            "--temp-dir",
+            temp_dir,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, WORKER_NICENESS_ENV: "0"},
+    )  # as connect sets it
     try:
         for line in head.stdout:
             if "Ray runtime started" in line:
@@ -391,8 +456,14 @@ print("rc", rc)
 import pytest
 print("pytest", int(pytest.main([{str(tmp_path / "cases")!r}, "--surgery-ray", "-p", "no:cacheprovider", "-q"])))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env=outside_xdist(os.environ))  # a plain session, not a worker
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env=outside_xdist(os.environ),
+    )  # a plain session, not a worker
     assert "rc 2" in proc.stdout and "pytest 4" in proc.stdout, proc.stdout + proc.stderr
     lines = proc.stderr.splitlines()
     assert lines[0] == f"surgery: error: --ray: Ray is not installed; install the extra: {INSTALL_HINT}"
@@ -404,8 +475,10 @@ def test_a_path_given_as_the_address_is_bad_input(tmp_path):
     case = write_case(tmp_path / "cases", "tiny")
     rc, out, err = run_cli("run", tmp_path / "other.yaml", "--ray", case, "--report", tmp_path / "r")
     assert rc == 2 and out == ""
-    assert err == f"surgery: error: --ray: {str(case)!r} is a path, not a Ray address; put --ray after the case " \
-                  "files, or write --ray=ADDRESS\n"
+    assert (
+        err == f"surgery: error: --ray: {str(case)!r} is a path, not a Ray address; put --ray after the case "
+        "files, or write --ray=ADDRESS\n"
+    )
 
 
 def test_task_device_puts_cuda_and_gpu_cases_on_gpu_nodes_only():
@@ -414,8 +487,8 @@ def test_task_device_puts_cuda_and_gpu_cases_on_gpu_nodes_only():
     cuda1 = parse_case(text.replace("device: cpu", "device: cuda:1"), "c.yaml")
     marked = parse_case(text.replace("device: cpu", "device: auto\nmarkers: [gpu]"), "c.yaml")
     assert task_device(cpu, None, 0) == ("cpu", False) and task_device(auto, None, 0) == ("cpu", False)
-    assert task_device(auto, None, 2) == ("cuda", True)       # auto takes the cluster's GPUs
-    assert task_device(cuda1, None, 2) == ("cuda", True)      # Ray picks the GPU: cuda:N is cuda
+    assert task_device(auto, None, 2) == ("cuda", True)  # auto takes the cluster's GPUs
+    assert task_device(cuda1, None, 2) == ("cuda", True)  # Ray picks the GPU: cuda:N is cuda
     assert task_device(cpu, "cuda", 1) == ("cuda", True)
     assert task_device(marked, None, 1) == ("cuda", True)
     with pytest.raises(SurgeryInputError, match=r"^c.yaml:3: device: needs a GPU, and no node"):

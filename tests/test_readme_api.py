@@ -35,8 +35,7 @@ def readme_api_block() -> str:
 
 
 def run_fresh(code: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env,
-                          timeout=1800)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env, timeout=1800)
 
 
 def test_no_public_name_is_also_a_submodule():

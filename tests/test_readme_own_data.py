@@ -30,8 +30,12 @@ def readme_case() -> str:
 def test_the_readme_case_runs_on_a_folder_with_a_pretrained_model(tmp_path: Path, isolated_cache: Path):
     text = readme_case()
     folder = write_shapes_folder(tmp_path / "my-photos", count=60, size=72, seed=1)
-    for old, new in (("~/data/my-photos", str(folder)), ("image_size: 224", "image_size: 64"),
-                     ("seed: [0, 1, 2]", "seed: [0]"), ("steps: 100", "steps: 2")):
+    for old, new in (
+        ("~/data/my-photos", str(folder)),
+        ("image_size: 224", "image_size: 64"),
+        ("seed: [0, 1, 2]", "seed: [0]"),
+        ("steps: 100", "steps: 2"),
+    ):
         assert old in text, f"the README's example no longer says {old!r}"
         text = text.replace(old, new)
     weights = torchvision.models.get_model_weights("resnet50").DEFAULT

@@ -96,8 +96,15 @@ def test_a_tar_of_the_folder_reads_the_same_images(folder: Path, tmp_path: Path)
 
 
 def test_a_dataset_by_reference_with_keyword_arguments(isolated_cache: Path):
-    spec = DatasetSpec.model_validate({"dataset": "torchvision.datasets:FakeData", "size": 30,
-                                       "image_size": [3, 40, 40], "num_classes": 3, "random_offset": 5})
+    spec = DatasetSpec.model_validate(
+        {
+            "dataset": "torchvision.datasets:FakeData",
+            "size": 30,
+            "image_size": [3, 40, 40],
+            "num_classes": 3,
+            "random_offset": 5,
+        }
+    )
     assert spec.kwargs == {"size": 30, "image_size": [3, 40, 40], "num_classes": 3, "random_offset": 5}
     split = _split(spec, size=32)
     fake = torchvision.datasets.FakeData(size=30, image_size=(3, 40, 40), num_classes=3, random_offset=5)
@@ -154,10 +161,13 @@ def test_a_truncated_image_is_bad_input_naming_the_image(folder: Path, tmp_path:
     assert not (report / "own-data").exists()
 
 
-@pytest.mark.parametrize("layout,fragment", [
-    ({"cats": 3, "dogs": 0}, "class folder 'dogs' holds no images"),
-    ({"cats": 3}, "1 class folder(s)"),
-])
+@pytest.mark.parametrize(
+    "layout,fragment",
+    [
+        ({"cats": 3, "dogs": 0}, "class folder 'dogs' holds no images"),
+        ({"cats": 3}, "1 class folder(s)"),
+    ],
+)
 def test_empty_and_single_class_folders_are_bad_input(tmp_path: Path, isolated_cache: Path, layout, fragment):
     root = tmp_path / "data"
     for name, count in layout.items():
@@ -192,10 +202,13 @@ def _pretrained_file(kind: str, name: str) -> Path:
     return hub / (Path(url).name if url else f"{name}.safetensors")
 
 
-@pytest.mark.parametrize("ref,mean,crop_pct", [
-    ("torchvision:resnet18", (0.485, 0.456, 0.406), 224 / 256),
-    ("timm:resnet18", (0.485, 0.456, 0.406), 0.95),
-])
+@pytest.mark.parametrize(
+    "ref,mean,crop_pct",
+    [
+        ("torchvision:resnet18", (0.485, 0.456, 0.406), 224 / 256),
+        ("timm:resnet18", (0.485, 0.456, 0.406), 0.95),
+    ],
+)
 def test_a_pretrained_source_is_fed_its_own_preprocessing(folder: Path, tmp_path: Path, ref, mean, crop_pct):
     kind, _, name = ref.partition(":")
     path = _pretrained_file(kind, name)
@@ -210,8 +223,11 @@ def test_a_pretrained_source_is_fed_its_own_preprocessing(folder: Path, tmp_path
     else:
         torch.save(model.state_dict(), path)
     case_path = tmp_path / "pretrained.yaml"
-    case_path.write_text(CASE.format(train=f"{{name: imagefolder, root: {folder}}}").replace(
-        '{model: "torchvision:resnet18", num_classes: 5}', f'{{model: "{ref}", pretrained: true}}'))
+    case_path.write_text(
+        CASE.format(train=f"{{name: imagefolder, root: {folder}}}").replace(
+            '{model: "torchvision:resnet18", num_classes: 5}', f'{{model: "{ref}", pretrained: true}}'
+        )
+    )
     case = load_case(case_path)
     split = load_data(case, seed=0)
     assert split.preprocess.mean == mean and split.preprocess.crop_pct == pytest.approx(crop_pct)
@@ -236,8 +252,11 @@ def test_preprocess_overrides_and_defaults():
 
 def test_data_preprocess_in_a_case_overrides_the_model(folder: Path, tmp_path: Path):
     case_path = tmp_path / "over.yaml"
-    case_path.write_text(CASE.format(train=f"{{name: imagefolder, root: {folder}}}").replace(
-        "  image_size: 48\n", "  image_size: 48\n  preprocess: {preset: imagenet, crop_pct: 0.5}\n"))
+    case_path.write_text(
+        CASE.format(train=f"{{name: imagefolder, root: {folder}}}").replace(
+            "  image_size: 48\n", "  image_size: 48\n  preprocess: {preset: imagenet, crop_pct: 0.5}\n"
+        )
+    )
     split = load_data(load_case(case_path), seed=0)
     assert split.preprocess.mean == IMAGENET_PREPROCESS.mean and split.preprocess.crop_pct == 0.5
     assert split.test_x.entry.geometry["resize"] == 96
@@ -263,11 +282,14 @@ def test_augmentation_is_seeded_and_a_flip_alone_is_exact():
 
 def test_finetune_streams_cached_images_with_augmentation(folder: Path, make_tiny):
     split = _split(DatasetSpec(name="imagefolder", root=str(folder)), size=16)
-    spec = FinetuneSpec(steps=6, batch_size=8, eval_every=3,
-                        augment=AugmentSpec(hflip=True, random_resized_crop={"scale": (0.5, 1.0)}))
+    spec = FinetuneSpec(
+        steps=6, batch_size=8, eval_every=3, augment=AugmentSpec(hflip=True, random_resized_crop={"scale": (0.5, 1.0)})
+    )
     models = [make_tiny(num_classes=5, in_chans=3) for _ in range(2)]
-    runs = [finetune(m, split.train_x, split.train_y, split.test_x, split.test_y, spec, seed=4,
-                     device=torch.device("cpu")) for m in models]
+    runs = [
+        finetune(m, split.train_x, split.train_y, split.test_x, split.test_y, spec, seed=4, device=torch.device("cpu"))
+        for m in models
+    ]
     assert runs[0].steps_done == 6 and runs[0].finite
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
         assert torch.equal(a, b)  # deterministic for a seed, read-ahead thread and all

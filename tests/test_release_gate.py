@@ -61,13 +61,19 @@ def release(tmp_path_factory):
     short_case = _write_case(root / "short", 4)
     short = run_case_file(short_case, root / "short-reports", "--export", root / "short-export")
     assert short.rc in (0, 1), short.err
-    return {"root": root, "case": case, "champion": champion, "run": run,
-            "short": root / "short-export" / "release-small" / "seed-0.safetensors"}
+    return {
+        "root": root,
+        "case": case,
+        "champion": champion,
+        "run": run,
+        "short": root / "short-export" / "release-small" / "seed-0.safetensors",
+    }
 
 
 def _gate(release, candidate: Path, out: Path, *extra: str):
-    result = run_cli("gate", candidate, "--case", release["case"], "--champion", release["champion"],
-                     "--report", out, *extra)
+    result = run_cli(
+        "gate", candidate, "--case", release["case"], "--champion", release["champion"], "--report", out, *extra
+    )
     verdict = json.loads((out / GATE_FILE).read_text()) if (out / GATE_FILE).exists() else None
     return result, verdict
 
@@ -142,16 +148,23 @@ def test_champion_of_another_architecture_is_bad_input(release, tmp_path):
     other = tmp_path / "other.safetensors"
     save_file({"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}, str(other))
     out = tmp_path / "g"
-    rc, _, err = run_cli("gate", release["champion"], "--case", release["case"], "--champion", other,
-                         "--report", out)
+    rc, _, err = run_cli("gate", release["champion"], "--case", release["case"], "--champion", other, "--report", out)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and str(other) in err and "champion" in err
     assert not out.exists()
 
 
 def test_missing_champion_is_bad_input_and_writes_nothing(release, tmp_path):
     out = tmp_path / "g"
-    rc, _, err = run_cli("gate", release["champion"], "--case", release["case"], "--champion",
-                         tmp_path / "nope.safetensors", "--report", out)
+    rc, _, err = run_cli(
+        "gate",
+        release["champion"],
+        "--case",
+        release["case"],
+        "--champion",
+        tmp_path / "nope.safetensors",
+        "--report",
+        out,
+    )
     assert rc == 2 and "nope.safetensors" in err and "no such file" in err and not out.exists()
 
 
@@ -159,8 +172,9 @@ def test_gate_warns_when_the_case_changed_since_export(release, tmp_path):
     edited = tmp_path / "case" / "release-small.yaml"
     edited.parent.mkdir()
     edited.write_text(CASE.format(steps=40).replace("after_min: 0.3", "after_min: 0.31"))
-    rc, out, err = run_cli("gate", release["champion"], "--case", edited, "--champion", release["champion"],
-                           "--report", tmp_path / "g")
+    rc, out, err = run_cli(
+        "gate", release["champion"], "--case", edited, "--champion", release["champion"], "--report", tmp_path / "g"
+    )
     assert rc == 0, out + err
     assert "warning: candidate was exported from case release-small with hash" in err
     assert "same experiment" in err
@@ -189,8 +203,9 @@ def test_gate_data_of_its_own_is_used_whole(release, tmp_path):
     case = tmp_path / "case" / "release-small.yaml"
     case.write_text(CASE.format(steps=40).replace("  data: holdout", "  data: {name: imagefolder, root: release-eval}"))
     out = tmp_path / "g"
-    rc, stdout, err = run_cli("gate", release["champion"], "--case", case, "--champion", release["champion"],
-                              "--report", out)
+    rc, stdout, err = run_cli(
+        "gate", release["champion"], "--case", case, "--champion", release["champion"], "--report", out
+    )
     verdict = json.loads((out / GATE_FILE).read_text())
     jsonschema.validate(verdict, SCHEMA)
     assert verdict["gate"]["examples"] == 30 and verdict["gate"]["held_out"]
@@ -219,7 +234,7 @@ def test_paired_statistics_agree_with_scipy_and_a_direct_bootstrap():
     assert c.flip_rate == pytest.approx(float((a != b).mean()))
     # A direct bootstrap with index draws gives the same interval within its Monte Carlo error.
     idx = rng.integers(0, 500, (4000, 500))
-    direct = ((a == y)[idx].mean(1) - (b == y)[idx].mean(1))
+    direct = (a == y)[idx].mean(1) - (b == y)[idx].mean(1)
     assert c.lower_bound == pytest.approx(np.quantile(direct, 0.05), abs=0.01)
     assert c.interval[1] == pytest.approx(np.quantile(direct, 0.95), abs=0.01)
     assert c.non_inferior and c.difference == pytest.approx(float((a == y).mean() - (b == y).mean()))

@@ -20,8 +20,11 @@ from surgery.results import CaseResult, ExpectationResult, load_results, safe_na
 
 XSS = "<script>alert(1)</script>"
 SMALL = (1, 1, 1, 1)
-NETWORK_URL = re.compile(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:|ftp:|wss?:|//)"""
-                         r"""|url\(\s*["']?\s*(?:https?:|//)""", re.I)
+NETWORK_URL = re.compile(
+    r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:|ftp:|wss?:|//)"""
+    r"""|url\(\s*["']?\s*(?:https?:|//)""",
+    re.I,
+)
 
 
 def _resnet50_like_record(stages=(3, 4, 10, 3)) -> dict:
@@ -29,15 +32,29 @@ def _resnet50_like_record(stages=(3, 4, 10, 3)) -> dict:
     tensors = []
 
     def conv(name, shape, method="exact"):
-        tensors.append({"target_key": f"{name}.weight", "shape": shape, "method": method,
-                        "source_key": None if method == "fresh" else f"{name}.weight",
-                        "source_shape": None if method == "fresh" else [2 * shape[0], *shape[1:]],
-                        "reason": "shape mismatch: no slice rule" if method == "fresh" else None})
+        tensors.append(
+            {
+                "target_key": f"{name}.weight",
+                "shape": shape,
+                "method": method,
+                "source_key": None if method == "fresh" else f"{name}.weight",
+                "source_shape": None if method == "fresh" else [2 * shape[0], *shape[1:]],
+                "reason": "shape mismatch: no slice rule" if method == "fresh" else None,
+            }
+        )
 
     def bn(name, width, method="exact"):
         for p in ("weight", "bias", "running_mean", "running_var"):
-            tensors.append({"target_key": f"{name}.{p}", "shape": [width], "method": method,
-                            "source_key": f"{name}.{p}", "source_shape": [2 * width], "reason": None})
+            tensors.append(
+                {
+                    "target_key": f"{name}.{p}",
+                    "shape": [width],
+                    "method": method,
+                    "source_key": f"{name}.{p}",
+                    "source_shape": [2 * width],
+                    "reason": None,
+                }
+            )
 
     conv("conv1", [64, 3, 7, 7], "adapted")
     bn("bn1", 64)
@@ -55,20 +72,41 @@ def _resnet50_like_record(stages=(3, 4, 10, 3)) -> dict:
             if b == 0:
                 conv(f"{pre}.downsample.0", [width * 4, width * 2, 1, 1], method)
                 bn(f"{pre}.downsample.1", width * 4, method)
-    tensors.append({"target_key": "fc.weight", "shape": [10, 2048], "method": "fresh", "source_key": None,
-                    "source_shape": None, "reason": "head"})
-    tensors.append({"target_key": "fc.bias", "shape": [10], "method": "fresh", "source_key": None,
-                    "source_shape": None, "reason": "head"})
-    return {"op": "transplant", "tensors": tensors,
-            "notes": {"strategy": "select", "unused_source_keys": 12, "adapt_input": True}}
+    tensors.append(
+        {
+            "target_key": "fc.weight",
+            "shape": [10, 2048],
+            "method": "fresh",
+            "source_key": None,
+            "source_shape": None,
+            "reason": "head",
+        }
+    )
+    tensors.append(
+        {
+            "target_key": "fc.bias",
+            "shape": [10],
+            "method": "fresh",
+            "source_key": None,
+            "source_shape": None,
+            "reason": "head",
+        }
+    )
+    return {
+        "op": "transplant",
+        "tensors": tensors,
+        "notes": {"strategy": "select", "unused_source_keys": 12, "adapt_input": True},
+    }
 
 
 def _coverage_table(record: dict) -> list[dict]:
     rows: dict[str, dict] = {}
     for t in record["tensors"]:
         layer = t["target_key"].rsplit(".", 1)[0]
-        row = rows.setdefault(layer, {"layer": layer, "numel": 0, "exact": 0, "sliced": 0, "adapted": 0, "fresh": 0,
-                                      "reason": "", "covered": 0})
+        row = rows.setdefault(
+            layer,
+            {"layer": layer, "numel": 0, "exact": 0, "sliced": 0, "adapted": 0, "fresh": 0, "reason": "", "covered": 0},
+        )
         n = math.prod(t["shape"])
         row["numel"] += n
         row[t["method"]] += 1
@@ -88,8 +126,14 @@ def _curve(steps: int, every: int, start: float, end: float, seed: int) -> list[
     for step in range(every, steps + 1, every):
         t = step / steps
         acc = start + (end - start) * (1 - math.exp(-4 * t)) + rng.normal(0, 0.01)
-        out.append({"step": step, "loss": 2.3 * math.exp(-3 * t) + 0.1 + rng.normal(0, 0.02),
-                    "accuracy": min(1.0, acc), "lr": 1e-3})
+        out.append(
+            {
+                "step": step,
+                "loss": 2.3 * math.exp(-3 * t) + 0.1 + rng.normal(0, 0.02),
+                "accuracy": min(1.0, acc),
+                "lr": 1e-3,
+            }
+        )
     return out
 
 
@@ -97,14 +141,26 @@ def _layer_maps() -> dict:
     """A ResNet-50 (16 blocks) x ResNet-18 (8 blocks) CKA map per stage: a diagonal band, blurred after fine-tune."""
     rows = [f"layer{s}.{b}" for s, n in zip(range(1, 5), (3, 4, 6, 3)) for b in range(n)]
     cols = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+
     def grid(sharp: float) -> list:
         return [[round(float(np.exp(-sharp * abs(i / 15 - j / 7))), 4) for j in range(8)] for i in range(16)]
-    return {stage: {"reference_layers": rows, "layers": cols, "cka": grid(sharp)}
-            for stage, sharp in (("surgery", 4.0), ("finetune", 2.0))}
+
+    return {
+        stage: {"reference_layers": rows, "layers": cols, "cka": grid(sharp)}
+        for stage, sharp in (("surgery", 4.0), ("finetune", 2.0))
+    }
 
 
-def synthetic_result(*, name: str = "resnet50-to-resnet50-select", n_layers: int = 16, seeds=(0,), bins: int = 64,
-                     steps: int = 1000, eval_every: int = 10, blocks=(3, 4, 10, 3)) -> CaseResult:
+def synthetic_result(
+    *,
+    name: str = "resnet50-to-resnet50-select",
+    n_layers: int = 16,
+    seeds=(0,),
+    bins: int = 64,
+    steps: int = 1000,
+    eval_every: int = 10,
+    blocks=(3, 4, 10, 3),
+) -> CaseResult:
     """A result shaped like the runner's for a ResNet-50 case probing ``n_layers`` layers.
 
     ``blocks=(1, 1, 1, 1)`` makes a small record (fast to draw) for tests that are not about size.
@@ -118,56 +174,146 @@ def synthetic_result(*, name: str = "resnet50-to-resnet50-select", n_layers: int
         for i, layer in enumerate(layers):
             edges = np.linspace(-0.5, 6.0, bins + 1)
             ref = rng.gamma(2.0, 0.6, 20000)
-            hists[layer] = {"edges": edges.round(6).tolist(),
-                            "reference": np.histogram(np.clip(ref, edges[0], edges[-1]), edges)[0].tolist()}
+            hists[layer] = {
+                "edges": edges.round(6).tolist(),
+                "reference": np.histogram(np.clip(ref, edges[0], edges[-1]), edges)[0].tolist(),
+            }
             for stage, scale in (("surgery", 0.9 + 0.05 * i), ("finetune", 1.0 + 0.01 * i)):
                 pat = rng.gamma(2.0, 0.6 * scale, 20000)
                 hists[layer][stage] = np.histogram(np.clip(pat, edges[0], edges[-1]), edges)[0].tolist()
-                rows.append({"layer": layer, "reference_layer": layer, "stage": stage,
-                             "w1_norm": abs(scale - 1) * 1.5, "ks": abs(scale - 1) / 3, "psi": abs(scale - 1) / 2,
-                             "cka": round(1.0 - abs(scale - 1) / 2, 4), "ref_mean": 1.2, "ref_std": 0.85, "mean": 1.2 * scale, "std": 0.85 * scale,
-                             "min": 0.0, "max": 9.5, "near_zero_frac": 0.2, "dead_channel_frac": 0.02 * (i % 3),
-                             "ref_dead_channel_frac": 0.01 * (i % 2), "nonfinite": 0})
-        per_seed.append({
-            "seed": seed,
-            "accuracy": {"source": 0.9712, "before": 0.4123, "after": 0.9345 - 0.01 * seed, "baseline": 0.8123,
-                         "recovery": (0.9345 - 0.01 * seed) / 0.9712, "bn_before": 0.4123, "bn_after": 0.6543,
-                         "bn_gain": 0.242},
-            "finite": True,
-            "finetune": {"curve": _curve(steps, eval_every, 0.41, 0.93, seed), "steps_done": steps, "finite": True,
-                         "nonfinite_step": None, "seconds": 412.5, "samples_per_second": 155.2},
-            "baseline_curve": _curve(steps, eval_every, 0.1, 0.81, seed + 100),
-            "coverage": {"tensors": 0.9877, "elements": 0.9512, "n_tensors": len(record["tensors"]),
-                         "by_method": {}, "fresh_reasons": {"head": 2}},
-            "data": {"name": "digits", "train": 1438, "test": 359, "classes": 10},
-            "activations": rows, "histograms": hists, "layer_maps": _layer_maps(),
-        })
+                rows.append(
+                    {
+                        "layer": layer,
+                        "reference_layer": layer,
+                        "stage": stage,
+                        "w1_norm": abs(scale - 1) * 1.5,
+                        "ks": abs(scale - 1) / 3,
+                        "psi": abs(scale - 1) / 2,
+                        "cka": round(1.0 - abs(scale - 1) / 2, 4),
+                        "ref_mean": 1.2,
+                        "ref_std": 0.85,
+                        "mean": 1.2 * scale,
+                        "std": 0.85 * scale,
+                        "min": 0.0,
+                        "max": 9.5,
+                        "near_zero_frac": 0.2,
+                        "dead_channel_frac": 0.02 * (i % 3),
+                        "ref_dead_channel_frac": 0.01 * (i % 2),
+                        "nonfinite": 0,
+                    }
+                )
+        per_seed.append(
+            {
+                "seed": seed,
+                "accuracy": {
+                    "source": 0.9712,
+                    "before": 0.4123,
+                    "after": 0.9345 - 0.01 * seed,
+                    "baseline": 0.8123,
+                    "recovery": (0.9345 - 0.01 * seed) / 0.9712,
+                    "bn_before": 0.4123,
+                    "bn_after": 0.6543,
+                    "bn_gain": 0.242,
+                },
+                "finite": True,
+                "finetune": {
+                    "curve": _curve(steps, eval_every, 0.41, 0.93, seed),
+                    "steps_done": steps,
+                    "finite": True,
+                    "nonfinite_step": None,
+                    "seconds": 412.5,
+                    "samples_per_second": 155.2,
+                },
+                "baseline_curve": _curve(steps, eval_every, 0.1, 0.81, seed + 100),
+                "coverage": {
+                    "tensors": 0.9877,
+                    "elements": 0.9512,
+                    "n_tensors": len(record["tensors"]),
+                    "by_method": {},
+                    "fresh_reasons": {"head": 2},
+                },
+                "data": {"name": "digits", "train": 1438, "test": 359, "classes": 10},
+                "activations": rows,
+                "histograms": hists,
+                "layer_maps": _layer_maps(),
+            }
+        )
     agg = lambda v: {"mean": v, "std": 0.0, "worst": v, "n": len(seeds)}  # noqa: E731
     expectations = [
-        ExpectationResult("coverage.tensors_min", True, 0.9877, 0.9, {"by_method": {"exact": 100}},
-                          "observed 0.9877 >= tensors_min 0.9 (coverage, tensors)"),
-        ExpectationResult("accuracy.after_min", True, 0.9345, 0.9, {"figures": agg(0.9345)},
-                          "observed 0.9345 >= after_min 0.9 (accuracy, seed 0)"),
-        ExpectationResult("accuracy.beats_baseline", True, 0.1222, 0.05, {},
-                          "observed 0.1222 >= beats_baseline 0.05 (after - baseline, accuracy, seed 0)"),
-        ExpectationResult("activations.drift_max", False, 1.125, 0.5, {"layer": layers[-1]},
-                          f"observed 1.125 >= drift_max 0.5 (normalised W1 after surgery, layer {layers[-1]}, seed 0)"),
+        ExpectationResult(
+            "coverage.tensors_min",
+            True,
+            0.9877,
+            0.9,
+            {"by_method": {"exact": 100}},
+            "observed 0.9877 >= tensors_min 0.9 (coverage, tensors)",
+        ),
+        ExpectationResult(
+            "accuracy.after_min",
+            True,
+            0.9345,
+            0.9,
+            {"figures": agg(0.9345)},
+            "observed 0.9345 >= after_min 0.9 (accuracy, seed 0)",
+        ),
+        ExpectationResult(
+            "accuracy.beats_baseline",
+            True,
+            0.1222,
+            0.05,
+            {},
+            "observed 0.1222 >= beats_baseline 0.05 (after - baseline, accuracy, seed 0)",
+        ),
+        ExpectationResult(
+            "activations.drift_max",
+            False,
+            1.125,
+            0.5,
+            {"layer": layers[-1]},
+            f"observed 1.125 >= drift_max 0.5 (normalised W1 after surgery, layer {layers[-1]}, seed 0)",
+        ),
         ExpectationResult("finite", True, 1.0, 1.0, {}, "observed 1 == finite 1 (finite, seed 0)"),
     ]
     return CaseResult(
-        case=name, path=f"cases/{name}.yaml", expectations=expectations, seeds=list(seeds),
-        metrics={"accuracy": {"source": agg(0.9712), "before": agg(0.4123), "after": agg(0.9345),
-                              "baseline": agg(0.8123), "recovery": agg(0.9622), "bn_before": agg(0.4123),
-                              "bn_after": agg(0.6543), "bn_gain": agg(0.242), "gap_to_baseline": agg(0.1222)},
-                 "coverage": {"tensors": 0.9877, "elements": 0.9512}},
-        per_seed=per_seed, record=record,
-        tables={"coverage": _coverage_table(record),
-                "activations": [dict(r, seed=s["seed"]) for s in per_seed for r in s["activations"]]},
+        case=name,
+        path=f"cases/{name}.yaml",
+        expectations=expectations,
+        seeds=list(seeds),
+        metrics={
+            "accuracy": {
+                "source": agg(0.9712),
+                "before": agg(0.4123),
+                "after": agg(0.9345),
+                "baseline": agg(0.8123),
+                "recovery": agg(0.9622),
+                "bn_before": agg(0.4123),
+                "bn_after": agg(0.6543),
+                "bn_gain": agg(0.242),
+                "gap_to_baseline": agg(0.1222),
+            },
+            "coverage": {"tensors": 0.9877, "elements": 0.9512},
+        },
+        per_seed=per_seed,
+        record=record,
+        tables={
+            "coverage": _coverage_table(record),
+            "activations": [dict(r, seed=s["seed"]) for s in per_seed for r in s["activations"]],
+        },
         description="ResNet-50 weights selected into a ResNet-50 on digits.",
-        provenance={"surgery": "0.1.0", "torch": "2.14.1", "torchvision": "0.29.1", "timm": "1.0.31",
-                    "python": "3.11.7", "machine": "x86_64", "device": "cpu", "cuda": None,
-                    "git_commit": "0123456789abcdef0123456789abcdef01234567", "case_hash": "ddfa5b09ba112732",
-                    "seeds": list(seeds), "created": "2026-11-21T23:45:36+00:00"},
+        provenance={
+            "surgery": "0.1.0",
+            "torch": "2.14.1",
+            "torchvision": "0.29.1",
+            "timm": "1.0.31",
+            "python": "3.11.7",
+            "machine": "x86_64",
+            "device": "cpu",
+            "cuda": None,
+            "git_commit": "0123456789abcdef0123456789abcdef01234567",
+            "case_hash": "ddfa5b09ba112732",
+            "seeds": list(seeds),
+            "created": "2026-11-21T23:45:36+00:00",
+        },
         seconds=1234.5,
     )
 
@@ -197,12 +343,24 @@ def test_case_report_files_and_key_figures(big, big_page):
     assert load_results(path.parent / "results.json").case == big.case
     assert (path.parent / "coverage.csv").is_file() and (path.parent / "activations.csv").is_file()
     text = _text(page)
-    for needle in ("FAIL — 4/5 expectations held", "activations.drift_max", "observed 1.125 >= drift_max 0.5",
-                   "98.77%", "95.12%",                      # coverage tensors / elements
-                   "97.12%", "41.23%", "93.45%", "81.23%",  # source, before, after, baseline
-                   "0.962", "24.20%",                        # recovery, AdaBN gain
-                   "fc.weight", "head", "shape mismatch: no slice rule", "0123456789abcdef",
-                   "Fresh tensors (3)"):
+    for needle in (
+        "FAIL — 4/5 expectations held",
+        "activations.drift_max",
+        "observed 1.125 >= drift_max 0.5",
+        "98.77%",
+        "95.12%",  # coverage tensors / elements
+        "97.12%",
+        "41.23%",
+        "93.45%",
+        "81.23%",  # source, before, after, baseline
+        "0.962",
+        "24.20%",  # recovery, AdaBN gain
+        "fc.weight",
+        "head",
+        "shape mismatch: no slice rule",
+        "0123456789abcdef",
+        "Fresh tensors (3)",
+    ):
         assert needle in text, needle
     # every plot is there, as inline SVG
     # 16 histograms, drift, dead channels, curve, coverage map, a CKA layer map per stage
@@ -252,7 +410,7 @@ def test_every_string_from_the_case_is_escaped(tmp_path):
     page = path.read_text(encoding="utf-8")
     assert "<script" not in page.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert _text(page).count(XSS) >= 6            # shown as text, in every place it appeared
+    assert _text(page).count(XSS) >= 6  # shown as text, in every place it appeared
     index = write_index(tmp_path).read_text(encoding="utf-8")
     assert "<script" not in index.lower() and "&lt;script&gt;" in index
     # names with "$" are data for matplotlib, not mathtext

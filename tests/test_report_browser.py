@@ -27,14 +27,24 @@ import numpy as np
 import pytest
 
 from surgery.report.render import write_case_report
+
 try:  # tests/ is on sys.path (rootdir-relative, no __init__.py) ...
     from test_report import NETWORK_URL, synthetic_result
 except ImportError:  # ... or a package
     from tests.test_report import NETWORK_URL, synthetic_result
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-quic", "--proxy-server=127.0.0.1:9",
-         "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--proxy-server=127.0.0.1:9",
+    "--hide-scrollbars",
+]
 WINDOW = (1280, 2400)
 
 
@@ -50,8 +60,16 @@ def find_chromium() -> str:
 def open_page(chromium: str, page: Path, work: Path, name: str) -> tuple[str, Path, list[dict]]:
     """Load ``page`` headless: return the dumped DOM, the screenshot path and the page's own requests."""
     shot, netlog = work / f"{name}.png", work / f"{name}-net.json"
-    cmd = [chromium, *FLAGS, f"--user-data-dir={work / (name + '-profile')}", f"--log-net-log={netlog}",
-           f"--screenshot={shot}", f"--window-size={WINDOW[0]},{WINDOW[1]}", "--dump-dom", page.resolve().as_uri()]
+    cmd = [
+        chromium,
+        *FLAGS,
+        f"--user-data-dir={work / (name + '-profile')}",
+        f"--log-net-log={netlog}",
+        f"--screenshot={shot}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     if not shot.is_file():  # older headless modes take one action per run
@@ -90,13 +108,24 @@ def test_report_in_headless_chromium(chromium, tmp_path):
     # the key figures are in the rendered DOM's text
     body = re.sub(r"<(style|svg)\b.*?</\1>", " ", dom, flags=re.S)
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", body)).split())
-    for needle in (result.case, "FAIL — 4/5 expectations held", "activations.drift_max", "98.77%", "97.12%",
-                   "41.23%", "93.45%", "81.23%", "0.962", "fc.weight",
-                   "Layer map: which source block each patient block resembles", "layer4.1 ← layer4.2 1",
-                   "layer2.0 ← layer2.1 0.9266"):
+    for needle in (
+        result.case,
+        "FAIL — 4/5 expectations held",
+        "activations.drift_max",
+        "98.77%",
+        "97.12%",
+        "41.23%",
+        "93.45%",
+        "81.23%",
+        "0.962",
+        "fc.weight",
+        "Layer map: which source block each patient block resembles",
+        "layer4.1 ← layer4.2 1",
+        "layer2.0 ← layer2.1 0.9266",
+    ):
         assert needle in text, needle
-    assert "<th class=\"num\">CKA</th>" in dom and ">0.975<" in dom   # the CKA column of the layer table
-    assert dom.count("<svg") == 22   # 20 before the layer maps: one heatmap per stage
+    assert '<th class="num">CKA</th>' in dom and ">0.975<" in dom  # the CKA column of the layer table
+    assert dom.count("<svg") == 22  # 20 before the layer maps: one heatmap per stage
 
     # the screenshot is not blank: varied pixels, the verdict banner's red and the plots' colours painted
     image = rgb(shot)
@@ -110,8 +139,11 @@ def test_report_in_headless_chromium(chromium, tmp_path):
 def test_the_request_detector_sees_a_leaky_page(chromium, tmp_path):
     """Control: a page that does fetch from the network shows up in the detector used above."""
     leaky = tmp_path / "leaky.html"
-    leaky.write_text("<!doctype html><style>body{background:url(http://127.0.0.1:9/bg.png)}</style>"
-                     "<p>control</p><img src='https://example.invalid/pixel.png'>", encoding="utf-8")
+    leaky.write_text(
+        "<!doctype html><style>body{background:url(http://127.0.0.1:9/bg.png)}</style>"
+        "<p>control</p><img src='https://example.invalid/pixel.png'>",
+        encoding="utf-8",
+    )
     _, _, requests = open_page(chromium, leaky, tmp_path, "control")
     assert {r["url"] for r in requests} >= {"http://127.0.0.1:9/bg.png", "https://example.invalid/pixel.png"}
 
@@ -124,5 +156,5 @@ def rgb(path: Path) -> np.ndarray:
 
 
 def pixels_near(image: np.ndarray, colour: str, tol: float = 0.04) -> int:
-    target = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    target = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
     return int((np.abs(image - target).max(axis=2) < tol).sum())

@@ -39,8 +39,15 @@ expect:
 
 
 def _case(tmp_path: Path, **fields: str) -> Path:
-    values = {"device": "cpu", "train": "{name: digits, limit: 100}", "image_size": "16", "checkpoint": "",
-              "path": "body.0", "layer": "body.1", "source": "surgery.zoo:stem_trainer"}
+    values = {
+        "device": "cpu",
+        "train": "{name: digits, limit: 100}",
+        "image_size": "16",
+        "checkpoint": "",
+        "path": "body.0",
+        "layer": "body.1",
+        "source": "surgery.zoo:stem_trainer",
+    }
     values.update(fields)
     path = tmp_path / "located.yaml"
     path.write_text(CASE.format(**values))
@@ -52,14 +59,18 @@ def _run(case: Path, report: Path) -> tuple[int, list[str]]:
     return run.rc, run.err.strip().splitlines()
 
 
-@pytest.mark.parametrize("fields,line,field,fragment", [
-    ({"source": "timm:vit_tiny_patch16_224"}, 5, "data.image_size", "forward fails"),
-    ({"checkpoint": "\n  checkpoint: weights/absent.safetensors"}, 10, "source.checkpoint", "no such file"),
-    ({"path": "body.99"}, 13, "surgery.path", "body.99"),
-    ({"layer": "no_such_layer"}, 16, "expect.activations.layers", "no_such_layer"),
-    ({"device": "cuda:7"}, 2, "device", "cuda"),
-    ({"train": "{name: imagefolder, root: missing-folder}"}, 4, "data.train.root", "missing-folder"),
-], ids=["image-size", "checkpoint", "graft-path", "probed-layer", "device", "imagefolder-root"])
+@pytest.mark.parametrize(
+    "fields,line,field,fragment",
+    [
+        ({"source": "timm:vit_tiny_patch16_224"}, 5, "data.image_size", "forward fails"),
+        ({"checkpoint": "\n  checkpoint: weights/absent.safetensors"}, 10, "source.checkpoint", "no such file"),
+        ({"path": "body.99"}, 13, "surgery.path", "body.99"),
+        ({"layer": "no_such_layer"}, 16, "expect.activations.layers", "no_such_layer"),
+        ({"device": "cuda:7"}, 2, "device", "cuda"),
+        ({"train": "{name: imagefolder, root: missing-folder}"}, 4, "data.train.root", "missing-folder"),
+    ],
+    ids=["image-size", "checkpoint", "graft-path", "probed-layer", "device", "imagefolder-root"],
+)
 def test_runtime_input_errors_name_file_line_and_field(tmp_path, fields, line, field, fragment):
     case = _case(tmp_path, **fields)
     report = tmp_path / "reports"
@@ -77,7 +88,7 @@ def test_a_relative_checkpoint_resolves_against_the_case_file(tmp_path, monkeypa
     case = _case(tmp_path, checkpoint="\n  checkpoint: weights/stem.safetensors")
     text = case.read_text()
     start, end = text.index("surgery:"), text.index("finetune:")
-    case.write_text(text[:start] + 'surgery: {op: activation_swap, from: ReLU, to: SiLU}\n' + text[end:])
+    case.write_text(text[:start] + "surgery: {op: activation_swap, from: ReLU, to: SiLU}\n" + text[end:])
     monkeypatch.chdir(Path("/"))  # the working directory does not matter
     rc, err = _run(case, tmp_path / "reports")
     assert rc == 0, err

@@ -50,8 +50,9 @@ class SafetyNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(in_chans, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                                      nn.Flatten())
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
         self.head = nn.Linear(16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,15 +88,23 @@ def _assert_bad_input(run: CaseRun, line: int, field: str) -> str:
     prefix = f"surgery: error: {run.case}:{line}: {field}: "
     assert run.err.startswith(prefix), run.err
     assert not run.report.exists() or not any(run.report.iterdir())
-    return run.err[len(prefix):].strip()
+    return run.err[len(prefix) :].strip()
 
 
 # --------------------------------------------------------------------------- refused references
 
 
-@pytest.mark.parametrize("ref, module", [("os:system", "os"), ("builtins:exec", "builtins"),
-                                         ("subprocess:run", "subprocess"), ("os.path:join", "os"),
-                                         ("importlib:import_module", "importlib"), ("pickle:loads", "pickle")])
+@pytest.mark.parametrize(
+    "ref, module",
+    [
+        ("os:system", "os"),
+        ("builtins:exec", "builtins"),
+        ("subprocess:run", "subprocess"),
+        ("os.path:join", "os"),
+        ("importlib:import_module", "importlib"),
+        ("pickle:loads", "pickle"),
+    ],
+)
 def test_standard_library_refs_exit_2_at_parse_time(tmp_path: Path, ref: str, module: str):
     message = _assert_bad_input(_run(tmp_path, model=ref), MODEL_LINE, "source.model")
     assert ref in message and f"{module!r} is a module of the standard library" in message
@@ -133,9 +142,11 @@ def test_a_stdlib_module_never_imported_stays_unimported(tmp_path: Path):
     """``this`` prints the Zen of Python when imported: the refusal comes first, so nothing is printed."""
     case = tmp_path / "case.yaml"
     case.write_text(CASE.format(model="this:s", seed=0))
-    script = (f"import sys\nfrom surgery.case import load_case\n"
-              f"try:\n    load_case({str(case)!r})\nexcept Exception as exc:\n    sys.stderr.write(str(exc))\n"
-              f"sys.stderr.write(' imported=' + str('this' in sys.modules))\n")
+    script = (
+        f"import sys\nfrom surgery.case import load_case\n"
+        f"try:\n    load_case({str(case)!r})\nexcept Exception as exc:\n    sys.stderr.write(str(exc))\n"
+        f"sys.stderr.write(' imported=' + str('this' in sys.modules))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout == ""
     assert "'this' is a module of the standard library" in done.stderr and done.stderr.endswith("imported=False")
@@ -154,7 +165,9 @@ def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[s
     marks = tmp_path / "marks"
     marks.mkdir()
     mark = f"import pathlib\ndef _mark(what):\n    (pathlib.Path({str(marks)!r}) / what).touch()\n"
-    (root / "__init__.py").write_text(mark + textwrap.dedent("""
+    (root / "__init__.py").write_text(
+        mark
+        + textwrap.dedent("""
         _mark("imported")
         import torch.nn as nn
 
@@ -167,9 +180,11 @@ def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[s
                 return nn.Identity()
 
         maker = Maker()
-    """))
-    (root / "lazy.py").write_text(mark + "def __getattr__(name):\n    _mark('getattr')\n"
-                                  "    raise AttributeError(name)\n")
+    """)
+    )
+    (root / "lazy.py").write_text(
+        mark + "def __getattr__(name):\n    _mark('getattr')\n    raise AttributeError(name)\n"
+    )
     (root / "_impl.py").write_text(mark + "_mark('private imported')\ndef net():\n    return None\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     yield name, marks
@@ -177,9 +192,14 @@ def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[s
         del sys.modules[key]
 
 
-@pytest.mark.parametrize("template, what", [("{pkg}._impl:net", "'_impl' is a private name"),
-                                            ("{pkg}:_net", "'_net' is a private name"),
-                                            ("{pkg}.lazy:_anything", "'_anything' is a private name")])
+@pytest.mark.parametrize(
+    "template, what",
+    [
+        ("{pkg}._impl:net", "'_impl' is a private name"),
+        ("{pkg}:_net", "'_net' is a private name"),
+        ("{pkg}.lazy:_anything", "'_anything' is a private name"),
+    ],
+)
 def test_private_names_are_refused_before_any_import(package, template: str, what: str):
     name, marks = package
     ref = template.format(pkg=name)
@@ -209,14 +229,17 @@ def test_a_missing_name_does_not_run_the_module_getattr(package):
     assert "getattr" not in {p.name for p in marks.iterdir()}
 
 
-@pytest.mark.parametrize("ref, fragment", [
-    ("surgery.models:Path", "Path is defined in 'pathlib', not in 'surgery.models'"),  # a re-exported class
-    ("surgery.model_names:lru_cache", "lru_cache is defined in 'functools', not in 'surgery.model_names'"),
-    ("surgery.zoo:ZOO", "ZOO is a dict, expected a factory"),
-    ("surgery.models:PREFIXES", "PREFIXES is a tuple, expected a factory"),
-    ("surgery.zoo:no_such_factory", "cannot import 'no_such_factory' from 'surgery.zoo'"),
-    ("nosuchpkg.models:net", "cannot import 'nosuchpkg.models' (ModuleNotFoundError"),
-])
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("surgery.models:Path", "Path is defined in 'pathlib', not in 'surgery.models'"),  # a re-exported class
+        ("surgery.model_names:lru_cache", "lru_cache is defined in 'functools', not in 'surgery.model_names'"),
+        ("surgery.zoo:ZOO", "ZOO is a dict, expected a factory"),
+        ("surgery.models:PREFIXES", "PREFIXES is a tuple, expected a factory"),
+        ("surgery.zoo:no_such_factory", "cannot import 'no_such_factory' from 'surgery.zoo'"),
+        ("nosuchpkg.models:net", "cannot import 'nosuchpkg.models' (ModuleNotFoundError"),
+    ],
+)
 def test_what_is_not_a_factory_defined_in_its_module(tmp_path: Path, ref: str, fragment: str):
     validate_model_ref(ref)  # the syntax and the trust rules hold: only importing the module tells
     with pytest.raises(ValueError, match=re.escape(fragment)):
@@ -229,9 +252,12 @@ def test_what_is_not_a_factory_defined_in_its_module(tmp_path: Path, ref: str, f
 
 def test_refusal_names_the_line_of_a_nested_model(tmp_path: Path):
     case = tmp_path / "graft.yaml"
-    case.write_text(CASE.format(model="surgery.zoo:stem_trainer", seed=0).replace(
-        "surgery: {op: activation_swap, from: [ReLU], to: SiLU}",
-        "surgery:\n  op: graft\n  path: conv1\n  donor: {model: \"subprocess:Popen\"}"))
+    case.write_text(
+        CASE.format(model="surgery.zoo:stem_trainer", seed=0).replace(
+            "surgery: {op: activation_swap, from: [ReLU], to: SiLU}",
+            'surgery:\n  op: graft\n  path: conv1\n  donor: {model: "subprocess:Popen"}',
+        )
+    )
     with pytest.raises(SurgeryInputError) as info:
         parse_case(case.read_text(), str(case))
     assert str(info.value).startswith(f"{case}:9: surgery.donor.model: model 'subprocess:Popen': ")
@@ -261,8 +287,9 @@ def test_a_factory_defined_in_its_module_still_builds(factory):
     assert isinstance(model, SafetyNet) and model(torch.zeros(2, 1, 16, 16)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("ref", ["surgery.zoo:stem_trainer", "surgery.zoo:StemTrainer", "surgery.zoo:make_stem",
-                                 "torch.nn:Identity"])  # re-exported by its own package: accepted
+@pytest.mark.parametrize(
+    "ref", ["surgery.zoo:stem_trainer", "surgery.zoo:StemTrainer", "surgery.zoo:make_stem", "torch.nn:Identity"]
+)  # re-exported by its own package: accepted
 def test_public_factories_of_their_package_are_accepted(ref: str):
     validate_model_ref(ref)
     assert isinstance(build_architecture(ref, num_classes=4, in_chans=1), nn.Module)
@@ -277,22 +304,24 @@ def test_a_case_with_a_local_factory_runs(tmp_path: Path):
 # --------------------------------------------------------------------------- seeds
 
 
-@pytest.mark.parametrize("seed, field, fragment", [
-    ("-3", "seed", "greater than or equal to 0 (got -3)"),
-    ("[0, 1, -1]", "seed[2]", "greater than or equal to 0 (got -1)"),
-    ("true", "seed", "valid integer (got True)"),
-    ('"3"', "seed", "valid integer (got '3')"),
-    ("1.5", "seed", "valid integer (got 1.5)"),
-    ("null", "seed", "valid integer (got None)"),
-    ("[]", "seed", "at least 1 item"),
-    (str(2**64), "seed", "less than or equal to"),  # beyond what torch.manual_seed takes
-])
+@pytest.mark.parametrize(
+    "seed, field, fragment",
+    [
+        ("-3", "seed", "greater than or equal to 0 (got -3)"),
+        ("[0, 1, -1]", "seed[2]", "greater than or equal to 0 (got -1)"),
+        ("true", "seed", "valid integer (got True)"),
+        ('"3"', "seed", "valid integer (got '3')"),
+        ("1.5", "seed", "valid integer (got 1.5)"),
+        ("null", "seed", "valid integer (got None)"),
+        ("[]", "seed", "at least 1 item"),
+        (str(2**64), "seed", "less than or equal to"),  # beyond what torch.manual_seed takes
+    ],
+)
 def test_bad_seeds_exit_2_at_their_line(tmp_path: Path, seed: str, field: str, fragment: str):
     message = _assert_bad_input(_run(tmp_path, seed=seed), SEED_LINE, field)
     assert fragment in message
 
 
-@pytest.mark.parametrize("seed, parsed", [("0", [0]), ("7", [7]), ("[3, 0]", [3, 0]),
-                                          (str(2**63 - 1), [2**63 - 1])])
+@pytest.mark.parametrize("seed, parsed", [("0", [0]), ("7", [7]), ("[3, 0]", [3, 0]), (str(2**63 - 1), [2**63 - 1])])
 def test_good_seeds_parse(seed: str, parsed: list[int]):
     assert parse_case(CASE.format(model="surgery.zoo:stem_trainer", seed=seed)).seed == parsed

@@ -79,6 +79,7 @@ def src50() -> nn.Module:
 # Prefixes and exact transplant into the same architecture (function preservation)
 # --------------------------------------------------------------------------------------------
 
+
 def test_clean_prefixes_strips_wrappers_repeatedly():
     t = torch.zeros(1)
     state = {"module._orig_mod.module.fc.weight": t, "_orig_mod.conv1.weight": t, "layer1.module.x": t}
@@ -125,6 +126,7 @@ def test_record_is_json_serialisable(src18, tpl18):
 # --------------------------------------------------------------------------------------------
 # ResNet-50 → ResNet-18 under each strategy
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def r50_to_r18(src50, tpl18) -> dict[str, tuple[nn.Module, SurgeryRecord]]:
@@ -209,7 +211,11 @@ def test_order_strategy_walks_in_registration_order():
     target = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     _, record = transplant(source, target, "order")
     assert [(t.target_key, t.source_key) for t in record.tensors] == [
-        ("0.weight", "0.weight"), ("0.bias", "0.bias"), ("1.weight", "2.weight"), ("1.bias", "2.bias")]
+        ("0.weight", "0.weight"),
+        ("0.bias", "0.bias"),
+        ("1.weight", "2.weight"),
+        ("1.bias", "2.bias"),
+    ]
     assert torch.equal(target[1].weight, source[2].weight)
     assert record.notes["unused_source_keys"] == 2
     # the cursor never goes back: once the [2, 8] weight is taken, the earlier [8, 4] one is gone
@@ -222,6 +228,7 @@ def test_order_strategy_walks_in_registration_order():
 # --------------------------------------------------------------------------------------------
 # Selection indices, checked against independent computations
 # --------------------------------------------------------------------------------------------
+
 
 def test_select_indices_known_values():
     assert select_indices(7, 3).tolist() == [0, 3, 6]
@@ -252,7 +259,7 @@ def test_select_slice_matches_numpy_on_model_tensor(r50_to_r18, src50):
 def test_select_matches_linear_and_1x1_conv():
     torch.manual_seed(0)
     source = nn.Sequential(nn.Linear(16, 32), nn.Conv2d(32, 16, 1))  # e.g. ConvNeXt-T Linear MLP
-    target = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Linear(16, 8))    # e.g. ConvNeXt-atto 1×1 conv MLP
+    target = nn.Sequential(nn.Conv2d(8, 16, 1), nn.Linear(16, 8))  # e.g. ConvNeXt-atto 1×1 conv MLP
     _, record = transplant(source, target, "select", head_keys=[], adapt_input=False)  # no stem, no head
     rec = _by_key(record)
     assert (rec["0.weight"].method, rec["0.weight"].source_shape) == ("sliced", [32, 16])
@@ -263,6 +270,7 @@ def test_select_matches_linear_and_1x1_conv():
 # --------------------------------------------------------------------------------------------
 # Classifier head
 # --------------------------------------------------------------------------------------------
+
 
 def test_head_with_other_class_count_is_fresh_under_select(tpl18):
     source = _seeded(resnet18, 0, num_classes=100)
@@ -290,6 +298,7 @@ def test_head_keys_globs(src18, tpl18):
 # --------------------------------------------------------------------------------------------
 # Input-channel adaptation (timm's adapt_input_conv)
 # --------------------------------------------------------------------------------------------
+
 
 def _with_stem(model: nn.Module, in_chans: int) -> nn.Module:
     model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -351,6 +360,7 @@ def test_adapt_in_low_precision_casts_back(src18, tpl18):
 # --------------------------------------------------------------------------------------------
 # timm models, bad input, the function-preservation check itself
 # --------------------------------------------------------------------------------------------
+
 
 def test_timm_resnet34_to_resnet18_select(x32):
     torch.manual_seed(0)

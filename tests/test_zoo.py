@@ -220,8 +220,9 @@ def test_two_processes_build_once(small_zoo, tmp_path):
     logs.mkdir()
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_build_in_child, args=(str(small_zoo), NAME, STEPS, str(logs), barrier))
-             for _ in range(2)]
+    procs = [
+        ctx.Process(target=_build_in_child, args=(str(small_zoo), NAME, STEPS, str(logs), barrier)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -252,5 +253,9 @@ expect: {coverage: {tensors_min: 0.0}}
 """)
     result = pytester.runpytest_inprocess(str(cases), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*zoo: training mnist-stem (surgery.zoo:stem_trainer on mnist5k, 3 steps*",
-                                 "*zoo: mnist-stem trained in * s, test accuracy *"])
+    result.stdout.fnmatch_lines(
+        [
+            "*zoo: training mnist-stem (surgery.zoo:stem_trainer on mnist5k, 3 steps*",
+            "*zoo: mnist-stem trained in * s, test accuracy *",
+        ]
+    )

@@ -73,23 +73,43 @@ class AccuracyCheck(Check):
             value = getattr(spec, f"{figure}_min")
             if value is not None:
                 agg = acc.get(figure)
-                out.append(judge(f"accuracy.{figure}_min", None if agg is None else agg[how], value, "lower", how,
-                                 where, {"figures": agg}))
+                out.append(
+                    judge(
+                        f"accuracy.{figure}_min",
+                        None if agg is None else agg[how],
+                        value,
+                        "lower",
+                        how,
+                        where,
+                        {"figures": agg},
+                    )
+                )
         if spec.beats_baseline is not None:
-            gaps = aggregate(s["accuracy"]["after"] - s["accuracy"]["baseline"] for s in per_seed
-                             if s["accuracy"].get("baseline") is not None)
+            gaps = aggregate(
+                s["accuracy"]["after"] - s["accuracy"]["baseline"]
+                for s in per_seed
+                if s["accuracy"].get("baseline") is not None
+            )
             acc["gap_to_baseline"] = gaps
             skipped = not gaps and baseline_undecidable(spec, judge)
-            out.append(judge("accuracy.beats_baseline", gaps[how] if gaps else None, spec.beats_baseline.margin,
-                             "lower", how, f"after - baseline, {where}"
-                             + ("; the baseline was not run, since these seeds cannot decide the claim" if skipped
-                                else ""),
-                             {"after": acc.get("after"), "baseline": acc.get("baseline"), "baseline_run": not skipped}))
+            out.append(
+                judge(
+                    "accuracy.beats_baseline",
+                    gaps[how] if gaps else None,
+                    spec.beats_baseline.margin,
+                    "lower",
+                    how,
+                    f"after - baseline, {where}"
+                    + ("; the baseline was not run, since these seeds cannot decide the claim" if skipped else ""),
+                    {"after": acc.get("after"), "baseline": acc.get("baseline"), "baseline_run": not skipped},
+                )
+            )
         return out
 
 
 def baseline_undecidable(spec: AccuracyExpect, judge: Any) -> bool:
     """True when ``beats_baseline`` is a claim the judge's seeds cannot decide (see ``Judge.foresee``): the
     random-init baseline would cost a fine-tune per seed and change no verdict, so the run leaves it out."""
-    return spec.beats_baseline is not None and judge.foresee("accuracy.beats_baseline", spec.beats_baseline.margin,
-                                                             "lower", spec.aggregate)
+    return spec.beats_baseline is not None and judge.foresee(
+        "accuracy.beats_baseline", spec.beats_baseline.margin, "lower", spec.aggregate
+    )

@@ -36,13 +36,29 @@ class ActivationsCheck(Check):
         out = []
         if spec.drift_max is not None:
             worst = worst_drift_row(rows)
-            out.append(judge("activations.drift_max", worst["w1_norm"], spec.drift_max, "upper", "worst",
-                             f"normalised W1 after {spec.at}, layer {worst['layer']}, {which}",
-                             {"layer": worst["layer"], "per_layer": {r["layer"]: r["w1_norm"] for r in rows}},
-                             strict=True))
+            out.append(
+                judge(
+                    "activations.drift_max",
+                    worst["w1_norm"],
+                    spec.drift_max,
+                    "upper",
+                    "worst",
+                    f"normalised W1 after {spec.at}, layer {worst['layer']}, {which}",
+                    {"layer": worst["layer"], "per_layer": {r["layer"]: r["w1_norm"] for r in rows}},
+                    strict=True,
+                )
+            )
         if spec.dead_max is not None:
             worst = worst_dead_row(rows)
-            out.append(judge("activations.dead_max", worst["dead_channel_frac"], spec.dead_max, "upper", "worst",
-                             f"dead-channel fraction after {spec.at}, layer {worst['layer']}, {which}",
-                             {"layer": worst["layer"]}))
+            out.append(
+                judge(
+                    "activations.dead_max",
+                    worst["dead_channel_frac"],
+                    spec.dead_max,
+                    "upper",
+                    "worst",
+                    f"dead-channel fraction after {spec.at}, layer {worst['layer']}, {which}",
+                    {"layer": worst["layer"]},
+                )
+            )
         return out

@@ -55,8 +55,9 @@ class Check:
         """The names of the results ``evaluate`` will produce for ``spec``, in order (``key.field``)."""
         raise NotImplementedError
 
-    def evaluate(self, spec: Any, per_seed: list[dict[str, Any]], judge: "Judge",
-                 metrics: dict[str, Any]) -> list[ExpectationResult]:
+    def evaluate(
+        self, spec: Any, per_seed: list[dict[str, Any]], judge: "Judge", metrics: dict[str, Any]
+    ) -> list[ExpectationResult]:
         """Results for ``spec`` from the seeds' figures; may add aggregated figures to ``metrics``."""
         raise NotImplementedError
 
@@ -92,8 +93,15 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def check(name: str, observed: float | None, threshold: float, ok: Callable[[float, float], bool], op: str,
-          where: str, details: dict[str, Any] | None = None) -> ExpectationResult:
+def check(
+    name: str,
+    observed: float | None,
+    threshold: float,
+    ok: Callable[[float, float], bool],
+    op: str,
+    where: str,
+    details: dict[str, Any] | None = None,
+) -> ExpectationResult:
     """One expectation against a plain threshold; a missing or NaN observation fails."""
     field = name.rsplit(".", 1)[-1]
     passed = observed is not None and not math.isnan(observed) and ok(observed, threshold)
@@ -102,20 +110,23 @@ def check(name: str, observed: float | None, threshold: float, ok: Callable[[flo
     return ExpectationResult(name, passed, observed, threshold, details or {}, message)
 
 
-def at_least(name: str, observed: float | None, threshold: float, where: str,
-             details: dict[str, Any] | None = None) -> ExpectationResult:
+def at_least(
+    name: str, observed: float | None, threshold: float, where: str, details: dict[str, Any] | None = None
+) -> ExpectationResult:
     """``observed >= threshold``."""
     return check(name, observed, threshold, lambda o, t: o >= t, ">=", where, details)
 
 
-def at_most(name: str, observed: float | None, threshold: float, where: str,
-            details: dict[str, Any] | None = None) -> ExpectationResult:
+def at_most(
+    name: str, observed: float | None, threshold: float, where: str, details: dict[str, Any] | None = None
+) -> ExpectationResult:
     """``observed <= threshold``."""
     return check(name, observed, threshold, lambda o, t: o <= t, "<=", where, details)
 
 
-def below(name: str, observed: float | None, threshold: float, where: str,
-          details: dict[str, Any] | None = None) -> ExpectationResult:
+def below(
+    name: str, observed: float | None, threshold: float, where: str, details: dict[str, Any] | None = None
+) -> ExpectationResult:
     """``observed < threshold`` (Evidently's drift convention: drift is detected at the threshold)."""
     return check(name, observed, threshold, lambda o, t: o < t, "<", where, details)
 
@@ -163,34 +174,68 @@ class Judge:
             return False
         return self._claim_decision(cal, threshold, direction, aggregate_by) == "undecided"
 
-    def _claim_decision(self, cal: ItemCalibration, threshold: float, direction: Direction,
-                        aggregate_by: Aggregate) -> Decision:
+    def _claim_decision(
+        self, cal: ItemCalibration, threshold: float, direction: Direction, aggregate_by: Aggregate
+    ) -> Decision:
         """What the record says a run of this many seeds makes of a fixed threshold: holds, fails or undecided."""
-        return decide(cal.calibrated(), threshold, alpha=self.record.alpha, k=self.seeds, direction=direction,
-                      aggregate=aggregate_by)
+        return decide(
+            cal.calibrated(),
+            threshold,
+            alpha=self.record.alpha,
+            k=self.seeds,
+            direction=direction,
+            aggregate=aggregate_by,
+        )
 
-    def __call__(self, name: str, observed: float | None, raw: Threshold, direction: Direction,
-                 aggregate_by: Aggregate, where: str, details: dict[str, Any] | None = None,
-                 strict: bool = False) -> ExpectationResult:
+    def __call__(
+        self,
+        name: str,
+        observed: float | None,
+        raw: Threshold,
+        direction: Direction,
+        aggregate_by: Aggregate,
+        where: str,
+        details: dict[str, Any] | None = None,
+        strict: bool = False,
+    ) -> ExpectationResult:
         threshold = resolve_threshold(raw, self.seeds)
         details = {**(details or {}), "rule": {"direction": direction, "aggregate": aggregate_by}}
         cal = self.record.items.get(name) if self.record is not None else None
         calibration = None
         if cal is not None:
             alpha = self.record.alpha
-            calibration = {"mean": cal.mean, "std": cal.std, "seeds": cal.seeds, "runs": cal.runs,
-                           "profiles": sorted(cal.samples), "alpha": alpha, "k": self.seeds,
-                           "aggregate": aggregate_by, "direction": direction,
-                           "bound": prediction_bound(cal.calibrated(), alpha=alpha, k=self.seeds,
-                                                     direction=direction, aggregate=aggregate_by),
-                           "form": "calibrated" if isinstance(raw, dict) else "claim",
-                           "samples": [v for runs in cal.samples.values() for v in runs.values() if v is not None]}
+            calibration = {
+                "mean": cal.mean,
+                "std": cal.std,
+                "seeds": cal.seeds,
+                "runs": cal.runs,
+                "profiles": sorted(cal.samples),
+                "alpha": alpha,
+                "k": self.seeds,
+                "aggregate": aggregate_by,
+                "direction": direction,
+                "bound": prediction_bound(
+                    cal.calibrated(), alpha=alpha, k=self.seeds, direction=direction, aggregate=aggregate_by
+                ),
+                "form": "calibrated" if isinstance(raw, dict) else "claim",
+                "samples": [v for runs in cal.samples.values() for v in runs.values() if v is not None],
+            }
         if threshold is None:
-            why = ("threshold not calibrated yet (run `surgery calibrate --write`)" if raw == CALIBRATE else
-                   f"calibrated for {min(raw)} or more seeds only, this run has {self.seeds}")
-            return ExpectationResult(name, False, observed, None, details,
-                                     f"undecided: {why} (observed {fmt(observed)}, {where})",
-                                     status="undecided", calibration=calibration)
+            why = (
+                "threshold not calibrated yet (run `surgery calibrate --write`)"
+                if raw == CALIBRATE
+                else f"calibrated for {min(raw)} or more seeds only, this run has {self.seeds}"
+            )
+            return ExpectationResult(
+                name,
+                False,
+                observed,
+                None,
+                details,
+                f"undecided: {why} (observed {fmt(observed)}, {where})",
+                status="undecided",
+                calibration=calibration,
+            )
         if direction == "lower":
             result = at_least(name, observed, threshold, where, details)
         elif strict:
@@ -203,22 +248,30 @@ class Judge:
         shown = self.record.describe(name)
         plural = "s" if self.seeds != 1 else ""
         if isinstance(raw, dict):
-            result.message += (f"; calibrated {shown}; threshold for {self.seeds} seed{plural} "
-                               f"({aggregate_by}) at α = {self.record.alpha:g}")
+            result.message += (
+                f"; calibrated {shown}; threshold for {self.seeds} seed{plural} "
+                f"({aggregate_by}) at α = {self.record.alpha:g}"
+            )
             return result
         decision = self._claim_decision(cal, threshold, direction, aggregate_by)
         calibration["decision"] = decision
         if decision != "undecided":
             result.message += f"; calibrated {shown}: a claim decided ({decision}) for {self.seeds} seed{plural}"
             return result
-        needed = seeds_to_decide(cal.calibrated(), threshold, alpha=self.record.alpha, direction=direction,
-                                 aggregate=aggregate_by)
+        needed = seeds_to_decide(
+            cal.calibrated(), threshold, alpha=self.record.alpha, direction=direction, aggregate=aggregate_by
+        )
         calibration["seeds_to_decide"] = needed
-        remedy = (f"{needed} seeds would decide it" if needed is not None else
-                  "more seeds alone cannot decide it: make the experiment quieter (more fine-tune steps, "
-                  "a larger evaluation set)")
+        remedy = (
+            f"{needed} seeds would decide it"
+            if needed is not None
+            else "more seeds alone cannot decide it: make the experiment quieter (more fine-tune steps, "
+            "a larger evaluation set)"
+        )
         field = name.rsplit(".", 1)[-1]
         result.status, result.passed = "undecided", False
-        result.message = (f"undecided at α = {self.record.alpha:g} with {self.seeds} seed{plural}: {field} "
-                          f"{fmt(threshold)} against calibrated {shown}; {remedy} (observed {fmt(observed)}, {where})")
+        result.message = (
+            f"undecided at α = {self.record.alpha:g} with {self.seeds} seed{plural}: {field} "
+            f"{fmt(threshold)} against calibrated {shown}; {remedy} (observed {fmt(observed)}, {where})"
+        )
         return result

@@ -40,8 +40,14 @@ class BnRecalibrationCheck(Check):
 
         split = context.split
         calibrated = copy.deepcopy(context.patient)
-        recalibrate_bn(calibrated, split.train_x, device=context.device, batches=spec.batches,
-                       batch_size=context.case.finetune.batch_size, seed=context.seed)
+        recalibrate_bn(
+            calibrated,
+            split.train_x,
+            device=context.device,
+            batches=spec.batches,
+            batch_size=context.case.finetune.batch_size,
+            seed=context.seed,
+        )
         before = context.accuracy["before"]
         after = evaluate(calibrated, split.test_x, split.test_y, device=context.device)
         # Kept with the accuracies too, where the report and the summary table read them.
@@ -50,6 +56,14 @@ class BnRecalibrationCheck(Check):
 
     def evaluate(self, spec, per_seed, judge, metrics):
         gain = aggregate(s["accuracy"].get("bn_gain") for s in per_seed)
-        return [judge("bn_recalibration.gain_min", gain["mean"] if gain else None, spec.gain_min, "lower", "mean",
-                      f"AdaBN accuracy gain, mean of {seeds_label(per_seed)}",
-                      {"before": metrics["accuracy"].get("bn_before"), "after": metrics["accuracy"].get("bn_after")})]
+        return [
+            judge(
+                "bn_recalibration.gain_min",
+                gain["mean"] if gain else None,
+                spec.gain_min,
+                "lower",
+                "mean",
+                f"AdaBN accuracy gain, mean of {seeds_label(per_seed)}",
+                {"before": metrics["accuracy"].get("bn_before"), "after": metrics["accuracy"].get("bn_after")},
+            )
+        ]

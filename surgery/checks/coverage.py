@@ -43,8 +43,16 @@ def coverage_table(record: "SurgeryRecord") -> "pd.DataFrame":
 
     rows = []
     for t in record.tensors:
-        rows.append({"layer": t.layer, "tensor": t.target_key, "method": t.method, "numel": t.numel,
-                     "covered_numel": 0 if t.method == "fresh" else t.numel, "reason": t.reason or ""})
+        rows.append(
+            {
+                "layer": t.layer,
+                "tensor": t.target_key,
+                "method": t.method,
+                "numel": t.numel,
+                "covered_numel": 0 if t.method == "fresh" else t.numel,
+                "reason": t.reason or "",
+            }
+        )
     frame = pd.DataFrame(rows, columns=["layer", "tensor", "method", "numel", "covered_numel", "reason"])
     if frame.empty:
         return frame
@@ -71,15 +79,23 @@ class CoverageCheck(Check):
 
     key = "coverage"
     spec = CoverageExpect
-    FIELDS = (("tensors_min", "tensors", "lower"), ("elements_min", "elements", "lower"),
-              ("tensors_max", "tensors", "upper"))
+    FIELDS = (
+        ("tensors_min", "tensors", "lower"),
+        ("elements_min", "elements", "lower"),
+        ("tensors_max", "tensors", "upper"),
+    )
 
     def items(self, spec: CoverageExpect) -> list[str]:
         return [f"coverage.{f}" for f, _, _ in self.FIELDS if getattr(spec, f) is not None]
 
     def evaluate(self, spec, per_seed, judge, metrics):
         cov = metrics["coverage"]
-        details = {"by_method": per_seed[0]["coverage"]["by_method"],
-                   "fresh_reasons": per_seed[0]["coverage"]["fresh_reasons"]}
-        return [judge(f"coverage.{f}", cov[figure], getattr(spec, f), direction, "worst", f"coverage, {figure}", details)
-                for f, figure, direction in self.FIELDS if getattr(spec, f) is not None]
+        details = {
+            "by_method": per_seed[0]["coverage"]["by_method"],
+            "fresh_reasons": per_seed[0]["coverage"]["fresh_reasons"],
+        }
+        return [
+            judge(f"coverage.{f}", cov[figure], getattr(spec, f), direction, "worst", f"coverage, {figure}", details)
+            for f, figure, direction in self.FIELDS
+            if getattr(spec, f) is not None
+        ]

@@ -29,24 +29,40 @@ def expectation_names(case: Any) -> list[str]:
     return names + (["finite"] if case.expect.finite else [])
 
 
-def evaluate_expectations(case: Any, per_seed: list[dict[str, Any]], *,
-                          record: CalibrationRecord | None = None) -> tuple[list[ExpectationResult], dict[str, Any]]:
+def evaluate_expectations(
+    case: Any, per_seed: list[dict[str, Any]], *, record: CalibrationRecord | None = None
+) -> tuple[list[ExpectationResult], dict[str, Any]]:
     """Check every expectation the case declares against the seeds' figures; return results and metrics.
 
     ``record``: the case's calibration record, when it is fresh (see :func:`surgery.case.case_calibration`).
     """
     judge = Judge(seeds=len(per_seed), record=record)
-    metrics: dict[str, Any] = {"accuracy": accuracy_metrics(per_seed),
-                               "coverage": {k: min(s["coverage"][k] for s in per_seed) for k in ("tensors", "elements")}}
+    metrics: dict[str, Any] = {
+        "accuracy": accuracy_metrics(per_seed),
+        "coverage": {k: min(s["coverage"][k] for s in per_seed) for k in ("tensors", "elements")},
+    }
     out: list[ExpectationResult] = []
     for c, spec in declared_checks(case):
         out += c.evaluate(spec, per_seed, judge, metrics)
     if case.expect.finite:
         bad = [s["seed"] for s in per_seed if not s["finite"]]
         steps = {s["seed"]: s["finetune"]["nonfinite_step"] for s in per_seed if not s["finite"]}
-        where = f"non-finite loss or weights in seed(s) {bad}, at step {steps}" if bad else f"finite, {seeds_label(per_seed)}"
-        out.append(check("finite", 0.0 if bad else 1.0, 1.0, lambda o, t: o == t, "==", where,
-                         {"nonfinite_seeds": bad, "nonfinite_step": steps}))
+        where = (
+            f"non-finite loss or weights in seed(s) {bad}, at step {steps}"
+            if bad
+            else f"finite, {seeds_label(per_seed)}"
+        )
+        out.append(
+            check(
+                "finite",
+                0.0 if bad else 1.0,
+                1.0,
+                lambda o, t: o == t,
+                "==",
+                where,
+                {"nonfinite_seeds": bad, "nonfinite_step": steps},
+            )
+        )
     return out, metrics
 
 

@@ -48,7 +48,15 @@ class SimilarityCheck(Check):
         worst = worst_cka_row(rows)
         observed = worst.get("cka")
         metrics["similarity"] = {"cka_min": observed, "layer": worst["layer"]}
-        return [judge("similarity.cka_min", observed if observed is not None else math.nan, spec.cka_min, "lower",
-                      "worst", f"linear CKA after {spec.at}, layer {worst['layer']} vs {worst['reference_layer']}, "
-                      f"{seeds_label(per_seed)}", {"layer": worst["layer"],
-                                                   "per_layer": {r["layer"]: r.get("cka") for r in rows}})]
+        return [
+            judge(
+                "similarity.cka_min",
+                observed if observed is not None else math.nan,
+                spec.cka_min,
+                "lower",
+                "worst",
+                f"linear CKA after {spec.at}, layer {worst['layer']} vs {worst['reference_layer']}, "
+                f"{seeds_label(per_seed)}",
+                {"layer": worst["layer"], "per_layer": {r["layer"]: r.get("cka") for r in rows}},
+            )
+        ]

@@ -25,8 +25,13 @@ from torch import Tensor, nn
 from surgery.errors import SurgeryInputError, first_line
 from surgery.models import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
-from surgery.ops.activation_spec import (ACTIVATION_KINDS, TARGET_KINDS, TIMM_CLASS_KINDS, ActivationSwapSpec,
-                                         canonical_kind)
+from surgery.ops.activation_spec import (
+    ACTIVATION_KINDS,
+    TARGET_KINDS,
+    TIMM_CLASS_KINDS,
+    ActivationSwapSpec,
+    canonical_kind,
+)
 from surgery.ops.base import Operation, register_op
 
 # Canonical kind -> factory of the replacement module: one for each name ``to`` accepts (TARGET_KINDS).
@@ -51,11 +56,25 @@ TARGETS: dict[str, Callable[[], nn.Module]] = {
 # Module class -> canonical kind, for torch.nn's classes; timm's are in TIMM_CLASS_KINDS.
 # NOTE: parametrised activations (PReLU) are left out on purpose: swapping them would drop or add
 # weights, and this op promises that every weight is kept.
-_CLASS_KINDS: dict[type, str] = {cls: kind for kind, cls in {
-    "ReLU": nn.ReLU, "ReLU6": nn.ReLU6, "SiLU": nn.SiLU, "GELU": nn.GELU, "Hardswish": nn.Hardswish,
-    "Hardsigmoid": nn.Hardsigmoid, "LeakyReLU": nn.LeakyReLU, "Mish": nn.Mish, "Tanh": nn.Tanh,
-    "Sigmoid": nn.Sigmoid, "ELU": nn.ELU, "SELU": nn.SELU, "CELU": nn.CELU, "Softplus": nn.Softplus,
-}.items()}
+_CLASS_KINDS: dict[type, str] = {
+    cls: kind
+    for kind, cls in {
+        "ReLU": nn.ReLU,
+        "ReLU6": nn.ReLU6,
+        "SiLU": nn.SiLU,
+        "GELU": nn.GELU,
+        "Hardswish": nn.Hardswish,
+        "Hardsigmoid": nn.Hardsigmoid,
+        "LeakyReLU": nn.LeakyReLU,
+        "Mish": nn.Mish,
+        "Tanh": nn.Tanh,
+        "Sigmoid": nn.Sigmoid,
+        "ELU": nn.ELU,
+        "SELU": nn.SELU,
+        "CELU": nn.CELU,
+        "Softplus": nn.Softplus,
+    }.items()
+}
 
 
 @functools.cache
@@ -73,15 +92,39 @@ def _timm_class_kinds() -> dict[type, str]:
 
 # Functional activations that fx records as call_function / call_method nodes -> kind.
 _FUNCTIONAL_KINDS: dict[Any, str] = {
-    F.relu: "ReLU", F.relu_: "ReLU", torch.relu: "ReLU", torch.relu_: "ReLU",
-    F.relu6: "ReLU6", F.silu: "SiLU", F.gelu: "GELU", F.hardswish: "Hardswish",
-    F.hardsigmoid: "Hardsigmoid", F.leaky_relu: "LeakyReLU", F.leaky_relu_: "LeakyReLU",
-    F.mish: "Mish", torch.tanh: "Tanh", torch.tanh_: "Tanh", F.tanh: "Tanh",
-    torch.sigmoid: "Sigmoid", torch.sigmoid_: "Sigmoid", F.sigmoid: "Sigmoid",
-    F.elu: "ELU", F.elu_: "ELU", F.selu: "SELU", torch.selu_: "SELU", F.celu: "CELU", F.softplus: "Softplus",
+    F.relu: "ReLU",
+    F.relu_: "ReLU",
+    torch.relu: "ReLU",
+    torch.relu_: "ReLU",
+    F.relu6: "ReLU6",
+    F.silu: "SiLU",
+    F.gelu: "GELU",
+    F.hardswish: "Hardswish",
+    F.hardsigmoid: "Hardsigmoid",
+    F.leaky_relu: "LeakyReLU",
+    F.leaky_relu_: "LeakyReLU",
+    F.mish: "Mish",
+    torch.tanh: "Tanh",
+    torch.tanh_: "Tanh",
+    F.tanh: "Tanh",
+    torch.sigmoid: "Sigmoid",
+    torch.sigmoid_: "Sigmoid",
+    F.sigmoid: "Sigmoid",
+    F.elu: "ELU",
+    F.elu_: "ELU",
+    F.selu: "SELU",
+    torch.selu_: "SELU",
+    F.celu: "CELU",
+    F.softplus: "Softplus",
 }
-_METHOD_KINDS = {"relu": "ReLU", "relu_": "ReLU", "sigmoid": "Sigmoid", "sigmoid_": "Sigmoid",
-                 "tanh": "Tanh", "tanh_": "Tanh"}
+_METHOD_KINDS = {
+    "relu": "ReLU",
+    "relu_": "ReLU",
+    "sigmoid": "Sigmoid",
+    "sigmoid_": "Sigmoid",
+    "tanh": "Tanh",
+    "tanh_": "Tanh",
+}
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -111,8 +154,12 @@ class _ActivationTracer(fx.Tracer):
     module, so that activations inside e.g. timm's ``BatchNormAct2d`` are still seen as call sites.
     """
 
-    def __init__(self, leaf_types: Sequence[type], autowrap_functions: Sequence[Callable] = (),
-                 open_if_activation_inside: bool = False):
+    def __init__(
+        self,
+        leaf_types: Sequence[type],
+        autowrap_functions: Sequence[Callable] = (),
+        open_if_activation_inside: bool = False,
+    ):
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self._leaf_types = tuple(leaf_types)
         self._open = open_if_activation_inside
@@ -139,7 +186,9 @@ def tracer_leaves() -> tuple[list[type], list[Callable]]:
     except ImportError:
         pass
     # torchvision.ops' modules are leaves, as torchvision's own feature extraction treats them.
-    leaves += [obj for _, obj in inspect.getmembers(torchvision.ops) if inspect.isclass(obj) and issubclass(obj, nn.Module)]
+    leaves += [
+        obj for _, obj in inspect.getmembers(torchvision.ops) if inspect.isclass(obj) and issubclass(obj, nn.Module)
+    ]
     return leaves, functions
 
 
@@ -150,9 +199,11 @@ def _trace(model: nn.Module) -> fx.Graph:
     leaves, functions = tracer_leaves()
     was_training = model.training
     model.eval()
-    attempts = [_ActivationTracer([], functions),
-                _ActivationTracer(leaves, functions, open_if_activation_inside=True),
-                _ActivationTracer(leaves, functions)]
+    attempts = [
+        _ActivationTracer([], functions),
+        _ActivationTracer(leaves, functions, open_if_activation_inside=True),
+        _ActivationTracer(leaves, functions),
+    ]
     try:
         for i, tracer in enumerate(attempts):
             try:
@@ -172,8 +223,9 @@ def _call_name(target: Any) -> str:
     return f"{mod}.{getattr(target, '__name__', repr(target))}"
 
 
-def _inspect_graph(model: nn.Module, graph: fx.Graph,
-                   wanted: set[str]) -> tuple[Counter, list[dict[str, str]], list[str]]:
+def _inspect_graph(
+    model: nn.Module, graph: fx.Graph, wanted: set[str]
+) -> tuple[Counter, list[dict[str, str]], list[str]]:
     """Call sites of activation modules (by kind), functional activation calls of the wanted kinds, and
     the composite modules fx kept as leaves (not looked inside: ``nn.TransformerEncoderLayer``, timm no-trace
     modules when the plain trace failed)."""
@@ -210,8 +262,9 @@ def _hashable(x: Any) -> bool:
     return True
 
 
-def activation_swap(model: nn.Module, kinds: Sequence[str], to: str, *,
-                    example_input: Tensor | None = None) -> tuple[nn.Module, SurgeryRecord]:
+def activation_swap(
+    model: nn.Module, kinds: Sequence[str], to: str, *, example_input: Tensor | None = None
+) -> tuple[nn.Module, SurgeryRecord]:
     """Replace every activation module whose kind is in ``kinds`` by a new ``to`` module.
 
     The input model is not modified: a deep copy is returned with the record. Kinds are matched by
@@ -277,7 +330,8 @@ def activation_swap(model: nn.Module, kinds: Sequence[str], to: str, *,
         found = ", ".join(sorted(present)) or "none"
         raise SurgeryInputError(
             f"activation_swap: no activation of kind {', '.join(from_kinds)} in {type(model).__name__} "
-            f"(activation modules found: {found})")
+            f"(activation modules found: {found})"
+        )
 
     calls = None
     if example_input is not None:
@@ -305,8 +359,9 @@ def activation_swap(model: nn.Module, kinds: Sequence[str], to: str, *,
     return model, record
 
 
-def _count_calls(model: nn.Module, replacements: dict[int, nn.Module], old_kind: dict[int, str],
-                 example_input: Tensor) -> dict[str, int]:
+def _count_calls(
+    model: nn.Module, replacements: dict[int, nn.Module], old_kind: dict[int, str], example_input: Tensor
+) -> dict[str, int]:
     """Run ``example_input`` once (eval, no grad) and count the calls made to the new modules, by old kind."""
     counts: Counter = Counter()
     handles = []
@@ -321,7 +376,8 @@ def _count_calls(model: nn.Module, replacements: dict[int, nn.Module], old_kind:
     except Exception as exc:
         raise SurgeryInputError(
             f"activation_swap: the swapped model fails on example_input of shape {tuple(example_input.shape)}: "
-            f"{first_line(exc)}") from exc
+            f"{first_line(exc)}"
+        ) from exc
     finally:
         for h in handles:
             h.remove()

@@ -16,8 +16,23 @@ from surgery.ops.base import register_op_spec
 from surgery.spec import Strict
 
 # The kinds ``to`` accepts: each has a replacement module (surgery.ops.activation.TARGETS).
-TARGET_KINDS: tuple[str, ...] = ("ReLU", "ReLU6", "SiLU", "GELU", "GELUTanh", "Hardswish", "Hardsigmoid",
-                                 "LeakyReLU", "Mish", "Tanh", "Sigmoid", "ELU", "SELU", "CELU", "Softplus")
+TARGET_KINDS: tuple[str, ...] = (
+    "ReLU",
+    "ReLU6",
+    "SiLU",
+    "GELU",
+    "GELUTanh",
+    "Hardswish",
+    "Hardsigmoid",
+    "LeakyReLU",
+    "Mish",
+    "Tanh",
+    "Sigmoid",
+    "ELU",
+    "SELU",
+    "CELU",
+    "Softplus",
+)
 
 # timm's own activation classes (timm.layers.activations / activations_me) -> canonical kind. Named, not
 # imported: timm takes a second or two to import, and parsing a case needs none of it.

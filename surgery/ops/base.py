@@ -56,8 +56,9 @@ class Operation:
     # Whether a probed run draws the source-blocks x patient-blocks CKA layer map (architectures that differ).
     layer_map: ClassVar[bool] = False
 
-    def apply(self, spec: Any, source: "nn.Module", *, example: Any, num_classes: int, in_chans: int,
-              build: Build) -> tuple["nn.Module", "SurgeryRecord"]:
+    def apply(
+        self, spec: Any, source: "nn.Module", *, example: Any, num_classes: int, in_chans: int, build: Build
+    ) -> tuple["nn.Module", "SurgeryRecord"]:
         """The patient and the record of what the surgery did; ``source`` is never modified."""
         raise NotImplementedError
 
@@ -99,12 +100,14 @@ def op_name(spec: type[Strict]) -> str:
 def register_op_spec(*, applied_in: str) -> Callable[[type[Strict]], type[Strict]]:
     """Class decorator: file an operation's ``surgery`` section; ``applied_in`` names (imports nothing) the
     module that registers its :class:`Operation`. A second spec for the same op is refused."""
+
     def register(spec: type[Strict]) -> type[Strict]:
         name = op_name(spec)
         if name in SPECS:
             raise ValueError(f"an operation named {name!r} is registered already")
         SPECS[name], APPLIED_IN[name] = spec, applied_in
         return spec
+
     return register
 
 
@@ -118,14 +121,17 @@ def register_op(cls: type[Operation]) -> type[Operation]:
     if cls.name in OPS:
         raise ValueError(f"an operation named {cls.name!r} is registered already")
     if op_name(cls.spec) != cls.name:
-        raise TypeError(f"{cls.__name__}: its spec {cls.spec.__name__} is for op {op_name(cls.spec)!r}, "
-                        f"not {cls.name!r}")
+        raise TypeError(
+            f"{cls.__name__}: its spec {cls.spec.__name__} is for op {op_name(cls.spec)!r}, not {cls.name!r}"
+        )
     declared = SPECS.get(cls.name)
     if declared is None:  # an operation in one module: its spec is registered with it
         SPECS[cls.name], APPLIED_IN[cls.name] = cls.spec, cls.__module__
     elif declared is not cls.spec:
-        raise TypeError(f"{cls.__name__}: op {cls.name!r} has the spec {declared.__module__}."
-                        f"{declared.__name__}, not {cls.spec.__module__}.{cls.spec.__name__}")
+        raise TypeError(
+            f"{cls.__name__}: op {cls.name!r} has the spec {declared.__module__}."
+            f"{declared.__name__}, not {cls.spec.__module__}.{cls.spec.__name__}"
+        )
     OPS[cls.name] = cls()
     return cls
 

@@ -88,8 +88,10 @@ class HookFeatureExtractor(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         feats: dict[str, Any] = {}
-        handles = [self.model.get_submodule(n).register_forward_hook(
-            lambda _m, _i, out, n=n: feats.setdefault(n, out)) for n in self.nodes]
+        handles = [
+            self.model.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: feats.setdefault(n, out))
+            for n in self.nodes
+        ]
         try:
             self.model(x)
         finally:
@@ -147,8 +149,16 @@ class PoolHead(nn.Module):
 class TokenHead(nn.Module):
     """Tokens from every node's spatial positions → ``depth`` timm ViT blocks → class token → ``Linear``."""
 
-    def __init__(self, nodes: Sequence[str], shapes: Sequence[Sequence[int]], num_classes: int, *,
-                 dim: int, depth: int, num_heads: int):
+    def __init__(
+        self,
+        nodes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        num_classes: int,
+        *,
+        dim: int,
+        depth: int,
+        num_heads: int,
+    ):
         super().__init__()
         from timm.layers import trunc_normal_
         from timm.models.vision_transformer import Block
@@ -170,7 +180,8 @@ class TokenHead(nn.Module):
         if counts != self.num_tokens:
             raise RuntimeError(
                 f"transformer head: token counts per node {counts} != {self.num_tokens} fixed by example_input "
-                f"(the position embedding is sized for the example input's resolution)")
+                f"(the position embedding is sized for the example input's resolution)"
+            )
         x = torch.cat([self.cls_token.expand(tokens[0].shape[0], -1, -1), *tokens], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.fc(x[:, 0])
@@ -215,12 +226,21 @@ def _check_nodes(model: nn.Module, nodes: Sequence[str], valid: list[str]) -> No
             hint = f"close matches: {', '.join(close)}; " if close else ""
             raise SurgeryInputError(
                 f"bridge: unknown node {node!r} in {type(model).__name__}; {hint}"
-                f"valid nodes include {', '.join(top)} (see `surgery inspect`)")
+                f"valid nodes include {', '.join(top)} (see `surgery inspect`)"
+            )
 
 
-def bridge(source: nn.Module, nodes: Sequence[str], head: Head,
-           num_classes: int, *, example_input: Tensor, hidden: int = 256, depth: int = 1,
-           num_heads: int = 4) -> tuple[BridgeModel, SurgeryRecord]:
+def bridge(
+    source: nn.Module,
+    nodes: Sequence[str],
+    head: Head,
+    num_classes: int,
+    *,
+    example_input: Tensor,
+    hidden: int = 256,
+    depth: int = 1,
+    num_heads: int = 4,
+) -> tuple[BridgeModel, SurgeryRecord]:
     """Make ``source`` a frozen feature extractor at ``nodes`` and put a new ``head`` on its features.
 
     ``source`` is not modified (a deep copy becomes the backbone). ``nodes`` are names from
@@ -246,7 +266,8 @@ def bridge(source: nn.Module, nodes: Sequence[str], head: Head,
     if num_classes < 1 or hidden < 1 or depth < 1 or num_heads < 1:
         raise SurgeryInputError(
             f"bridge: num_classes, hidden, depth and num_heads must be >= 1 "
-            f"(got {num_classes}, {hidden}, {depth}, {num_heads})")
+            f"(got {num_classes}, {hidden}, {depth}, {num_heads})"
+        )
     if head == "transformer" and hidden % num_heads:
         raise SurgeryInputError(f"bridge: hidden={hidden} is not divisible by num_heads={num_heads}")
 
@@ -258,8 +279,9 @@ def bridge(source: nn.Module, nodes: Sequence[str], head: Head,
         from torchvision.models.feature_extraction import create_feature_extractor
 
         try:
-            backbone = create_feature_extractor(source, return_nodes=nodes, tracer_kwargs=_tracer_kwargs(),
-                                                suppress_diff_warning=True)
+            backbone = create_feature_extractor(
+                source, return_nodes=nodes, tracer_kwargs=_tracer_kwargs(), suppress_diff_warning=True
+            )
             extractor, prefix = "torchvision.fx", "backbone."
         except Exception:  # a node only present in the eval graph, or a train-mode trace failure
             backbone = None
@@ -274,23 +296,25 @@ def bridge(source: nn.Module, nodes: Sequence[str], head: Head,
             feats = backbone(example_input)
         except Exception as exc:
             raise SurgeryInputError(
-                f"bridge: the source fails on example_input of shape {tuple(example_input.shape)}: "
-                f"{first_line(exc)}") from exc
+                f"bridge: the source fails on example_input of shape {tuple(example_input.shape)}: {first_line(exc)}"
+            ) from exc
     shapes: dict[str, list[int]] = {}
     for node in nodes:
         f = feats.get(node)
         if not isinstance(f, Tensor) or f.ndim not in (2, 3, 4) or not f.is_floating_point():
             what = f"shape {tuple(f.shape)}" if isinstance(f, Tensor) else type(f).__name__
             raise SurgeryInputError(
-                f"bridge: node {node!r} gives {what}; a feature node must give a float tensor of 2, 3 or 4 dims")
+                f"bridge: node {node!r} gives {what}; a feature node must give a float tensor of 2, 3 or 4 dims"
+            )
         shapes[node] = list(f.shape[1:])
 
     per_node = [shapes[n] for n in nodes]
     if head == "transformer":
         head_module: nn.Module = TokenHead(nodes, per_node, num_classes, dim=hidden, depth=depth, num_heads=num_heads)
     else:
-        head_module = PoolHead(nodes, [_channels(s) for s in per_node], num_classes,
-                               hidden=hidden if head == "mlp" else None)
+        head_module = PoolHead(
+            nodes, [_channels(s) for s in per_node], num_classes, hidden=hidden if head == "mlp" else None
+        )
     head_module.to(device=example_input.device, dtype=feats[nodes[0]].dtype)
     model = BridgeModel(backbone, head_module, nodes)
 
@@ -298,7 +322,7 @@ def bridge(source: nn.Module, nodes: Sequence[str], head: Head,
     source_state = recordable_state(source)
     for key, tensor in recordable_state(model).items():
         if key.startswith(prefix):
-            skey = key[len(prefix):]
+            skey = key[len(prefix) :]
             record.add(key, tensor, "exact", source_key=skey, source_shape=source_state[skey].shape)
         else:
             record.add(key, tensor, "fresh", reason="head")
@@ -329,12 +353,21 @@ class Bridge(Operation):
     blamed_field = "nodes"
 
     def apply(self, spec, source, *, example, num_classes, in_chans, build):
-        return bridge(source, spec.nodes, spec.head, spec.num_classes or num_classes, example_input=example,
-                      hidden=spec.hidden, depth=spec.depth, num_heads=spec.num_heads)
+        return bridge(
+            source,
+            spec.nodes,
+            spec.head,
+            spec.num_classes or num_classes,
+            example_input=example,
+            hidden=spec.hidden,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+        )
 
     def baseline_architecture(self, spec, source_ref):
-        raise SurgeryInputError("a bridge needs the baseline model to train from scratch, e.g. "
-                                "{model: torchvision:resnet18}")
+        raise SurgeryInputError(
+            "a bridge needs the baseline model to train from scratch, e.g. {model: torchvision:resnet18}"
+        )
 
     def distill(self, spec):
         return spec.distill

@@ -57,8 +57,7 @@ def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype] | None:
     return None
 
 
-def graft(host: nn.Module, donor: nn.Module, path: str, *,
-          example_input: Tensor) -> tuple[nn.Module, SurgeryRecord]:
+def graft(host: nn.Module, donor: nn.Module, path: str, *, example_input: Tensor) -> tuple[nn.Module, SurgeryRecord]:
     """Return a copy of ``host`` with ``donor`` at the dotted ``path``, and the record.
 
     Neither argument is modified (both are deep-copied). The donor is moved to the host's device and
@@ -103,31 +102,35 @@ def graft(host: nn.Module, donor: nn.Module, path: str, *,
             except Exception as exc:
                 raise SurgeryInputError(
                     f"graft at {path!r}: the host fails on example_input of shape "
-                    f"{tuple(example_input.shape)} before grafting: {first_line(exc)}") from exc
+                    f"{tuple(example_input.shape)} before grafting: {first_line(exc)}"
+                ) from exc
             finally:
                 handle.remove()
             if not captured:
                 raise SurgeryInputError(
                     f"graft at {path!r}: the host's forward never calls the module there "
-                    f"({type(old).__name__}), so the graft cannot be checked")
+                    f"({type(old).__name__}), so the graft cannot be checked"
+                )
             args, kwargs, host_shape = captured[0]
             try:
                 donor_shape = _shapes(donor(*args, **kwargs))
             except Exception as exc:
                 in_shape = _shapes(args[0]) if len(args) == 1 else _shapes(args)
                 raise SurgeryInputError(
-                    f"graft at {path!r}: donor fails on the host module's input {in_shape}: "
-                    f"{first_line(exc)}") from exc
+                    f"graft at {path!r}: donor fails on the host module's input {in_shape}: {first_line(exc)}"
+                ) from exc
             if donor_shape != host_shape:
                 raise SurgeryInputError(
-                    f"graft at {path!r}: donor output {donor_shape} != host module output {host_shape}")
+                    f"graft at {path!r}: donor output {donor_shape} != host module output {host_shape}"
+                )
 
             set_module(host, path, donor)
             try:
                 host(example_input)
             except Exception as exc:
                 raise SurgeryInputError(
-                    f"graft at {path!r}: the host fails with the donor in place: {first_line(exc)}") from exc
+                    f"graft at {path!r}: the host fails with the donor in place: {first_line(exc)}"
+                ) from exc
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -138,7 +141,7 @@ def graft(host: nn.Module, donor: nn.Module, path: str, *,
     prefix = path + "."
     for key, tensor in recordable_state(host).items():
         if key.startswith(prefix):
-            dkey = key[len(prefix):]
+            dkey = key[len(prefix) :]
             src_shape = source_shapes.get(dkey)
             if src_shape is not None and tuple(src_shape) != tuple(tensor.shape):
                 record.add(key, tensor, "adapted", source_key=f"donor:{dkey}", source_shape=src_shape)
@@ -161,8 +164,14 @@ def graft(host: nn.Module, donor: nn.Module, path: str, *,
     return host, record
 
 
-def donor_from_state_dict(state_dict: Mapping[str, Tensor], *, in_channels: int | None = None,
-                          stride: int = 1, padding: int | str | None = None, prefix: str | None = None) -> nn.Module:
+def donor_from_state_dict(
+    state_dict: Mapping[str, Tensor],
+    *,
+    in_channels: int | None = None,
+    stride: int = 1,
+    padding: int | str | None = None,
+    prefix: str | None = None,
+) -> nn.Module:
     """Build a single-layer donor (``nn.Conv2d`` or ``nn.Linear``) from its ``weight`` (and ``bias``).
 
     Keys may carry one module prefix (``conv1.weight``): it is found, or given as ``prefix``. The conv's
@@ -180,14 +189,15 @@ def donor_from_state_dict(state_dict: Mapping[str, Tensor], *, in_channels: int 
         if len(heads) != 1:
             raise SurgeryInputError(
                 f"donor state_dict holds more than one module ({', '.join(sorted(heads))}); "
-                f"give prefix= or build the donor as a model")
+                f"give prefix= or build the donor as a model"
+            )
         prefix = heads.pop()
     pre = prefix + "." if prefix else ""
-    sd = {k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)}
+    sd = {k[len(pre) :]: v for k, v in state_dict.items() if k.startswith(pre)}
     if set(sd) - {"weight", "bias"} or "weight" not in sd:
         raise SurgeryInputError(
-            f"donor state_dict under {prefix!r} has keys {sorted(sd)}; "
-            f"a single-layer donor needs 'weight' (and 'bias')")
+            f"donor state_dict under {prefix!r} has keys {sorted(sd)}; a single-layer donor needs 'weight' (and 'bias')"
+        )
     weight, bias = sd["weight"], sd.get("bias")
     source_shapes: dict[str, list[int]] = {}
     if weight.ndim == 4:
@@ -203,15 +213,18 @@ def donor_from_state_dict(state_dict: Mapping[str, Tensor], *, in_channels: int 
     elif weight.ndim == 2:
         if in_channels is not None and in_channels != weight.shape[1]:
             raise SurgeryInputError(
-                f"donor Linear takes {weight.shape[1]} features, in_channels={in_channels} cannot be adapted")
+                f"donor Linear takes {weight.shape[1]} features, in_channels={in_channels} cannot be adapted"
+            )
         module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     else:
         raise SurgeryInputError(
-            f"donor weight of shape {tuple(weight.shape)}: only Conv2d (4-D) and Linear (2-D) donors are built here")
+            f"donor weight of shape {tuple(weight.shape)}: only Conv2d (4-D) and Linear (2-D) donors are built here"
+        )
     if tuple(module.weight.shape) != tuple(weight.shape):  # copy_ would broadcast silently
         raise SurgeryInputError(
             f"donor weight {tuple(weight.shape)} cannot fill "
-            f"{type(module).__name__} weight {tuple(module.weight.shape)}")
+            f"{type(module).__name__} weight {tuple(module.weight.shape)}"
+        )
     with torch.no_grad():
         module.weight.copy_(weight.to(module.weight.dtype))
         if bias is not None:
@@ -237,5 +250,6 @@ class Graft(Operation):
 
     def groups(self, spec):
         p = spec.policy
-        return [ParamGroupSpec(params=f"{spec.path}.*", freeze=p.freeze, lr_scale=p.lr_scale,
-                               unfreeze_at=p.unfreeze_at)]
+        return [
+            ParamGroupSpec(params=f"{spec.path}.*", freeze=p.freeze, lr_scale=p.lr_scale, unfreeze_at=p.unfreeze_at)
+        ]

@@ -43,12 +43,26 @@ class SurgeryRecord:
     tensors: list[TensorRecord] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, target_key: str, tensor: torch.Tensor, method: Method, source_key: str | None = None,
-            source_shape: list[int] | tuple[int, ...] | None = None, reason: str | None = None) -> None:
+    def add(
+        self,
+        target_key: str,
+        tensor: torch.Tensor,
+        method: Method,
+        source_key: str | None = None,
+        source_shape: list[int] | tuple[int, ...] | None = None,
+        reason: str | None = None,
+    ) -> None:
         """Record one target tensor."""
-        self.tensors.append(TensorRecord(
-            target_key=target_key, shape=list(tensor.shape), method=method, source_key=source_key,
-            source_shape=list(source_shape) if source_shape is not None else None, reason=reason))
+        self.tensors.append(
+            TensorRecord(
+                target_key=target_key,
+                shape=list(tensor.shape),
+                method=method,
+                source_key=source_key,
+                source_shape=list(source_shape) if source_shape is not None else None,
+                reason=reason,
+            )
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "tensors": [asdict(t) for t in self.tensors], "notes": self.notes}

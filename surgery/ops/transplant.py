@@ -87,6 +87,7 @@ class Match:
 # State-dict helpers
 # --------------------------------------------------------------------------------------------
 
+
 def _floating(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The entries coverage counts (same rule as ``recordable_state``: floating-point tensors)."""
     return {k: v for k, v in state.items() if v.is_floating_point()}
@@ -99,12 +100,14 @@ def _source_state(source: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]
         state = source
     else:
         raise SurgeryInputError(
-            f"transplant source must be an nn.Module or a state_dict mapping, got {type(source).__name__}")
+            f"transplant source must be an nn.Module or a state_dict mapping, got {type(source).__name__}"
+        )
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
         raise SurgeryInputError(
             f"transplant source is not a state_dict: entry {bad[0]!r} is a {type(state[bad[0]]).__name__}, "
-            "not a tensor (for a training checkpoint, pass its 'state_dict' or 'model' entry)")
+            "not a tensor (for a training checkpoint, pass its 'state_dict' or 'model' entry)"
+        )
     return clean_prefixes(state)
 
 
@@ -117,6 +120,7 @@ def _compute_dtype(tensor: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Weight selection
 # --------------------------------------------------------------------------------------------
+
 
 def select_indices(source_size: int, target_size: int, device: torch.device | None = None) -> Tensor:
     """Evenly spaced indices that pick ``target_size`` of ``source_size`` entries: first and last kept.
@@ -163,7 +167,7 @@ def as_target_rank(source: Tensor, target_shape: Sequence[int]) -> Tensor:
     Any other rank difference returns ``source`` unchanged.
     """
     rank = len(target_shape)
-    if source.dim() < rank and all(int(s) == 1 for s in target_shape[source.dim():]):
+    if source.dim() < rank and all(int(s) == 1 for s in target_shape[source.dim() :]):
         return source.reshape(*source.shape, *([1] * (rank - source.dim())))
     if source.dim() > rank and all(s == 1 for s in source.shape[rank:]):
         return source.reshape(source.shape[:rank])
@@ -186,7 +190,7 @@ def embed_kernel(source: Tensor, target_shape: Sequence[int]) -> Tensor:
     selected = select_weights(source, (to, ti, kh, kw))
     out = selected.new_zeros(target_shape)
     top, left = (th - kh) // 2, (tw - kw) // 2
-    out[:, :, top:top + kh, left:left + kw] = selected
+    out[:, :, top : top + kh, left : left + kw] = selected
     return out
 
 
@@ -205,6 +209,7 @@ def _selectable(source_shape: Sequence[int], target_shape: Sequence[int]) -> boo
 # --------------------------------------------------------------------------------------------
 # Input-channel adaptation
 # --------------------------------------------------------------------------------------------
+
 
 def find_stem_key(state: Mapping[str, Tensor]) -> str | None:
     """The stem conv's weight: the first 4-D floating-point ``*weight`` entry in registration order."""
@@ -231,8 +236,7 @@ def adapt_input_weight(source: Tensor, target_shape: Sequence[int], *, select: b
     other_target = (out_c, weight.shape[1], kh, kw)
     if tuple(weight.shape) != other_target:
         if not (select and _selectable(weight.shape, other_target)):
-            raise ValueError(f"source {tuple(source.shape)} differs from target {target_shape} "
-                             "beyond input channels")
+            raise ValueError(f"source {tuple(source.shape)} differs from target {target_shape} beyond input channels")
         weight = select_weights(weight, other_target)
     try:
         adapted = _timm_adapt(in_c, weight)
@@ -261,8 +265,15 @@ def _timm_adapt(in_chans: int, weight: Tensor) -> Tensor:
     return adapt_input_conv(in_chans, weight)
 
 
-def _try_adapt(target_key: str, source_key: str, source: Tensor, target: Tensor, *, select: bool,
-               source_shape: tuple[int, ...] | None = None) -> Match:
+def _try_adapt(
+    target_key: str,
+    source_key: str,
+    source: Tensor,
+    target: Tensor,
+    *,
+    select: bool,
+    source_shape: tuple[int, ...] | None = None,
+) -> Match:
     source_shape = tuple(source.shape) if source_shape is None else source_shape
     try:
         value = adapt_input_weight(source, target.shape, select=select)
@@ -279,6 +290,7 @@ def _needs_adaptation(source: Tensor, target: Tensor) -> bool:
 # Classifier head
 # --------------------------------------------------------------------------------------------
 
+
 def find_head_keys(model: nn.Module, head_keys: Iterable[str] | None = None) -> set[str]:
     """The classifier head's state_dict keys (wrapper prefixes stripped).
 
@@ -291,8 +303,9 @@ def find_head_keys(model: nn.Module, head_keys: Iterable[str] | None = None) -> 
     keys = [clean_key(k) for k, v in model.state_dict().items()]
     if head_keys is not None:
         globs = [head_keys] if isinstance(head_keys, str) else list(head_keys)
-        found = {k for k in keys for g in globs
-                 if fnmatch.fnmatchcase(k, g) or fnmatch.fnmatchcase(k.rsplit(".", 1)[0], g)}
+        found = {
+            k for k in keys for g in globs if fnmatch.fnmatchcase(k, g) or fnmatch.fnmatchcase(k.rsplit(".", 1)[0], g)
+        }
         if globs and not found:
             raise SurgeryInputError(f"head_keys {globs} match no tensor of the target model")
         return found
@@ -309,8 +322,10 @@ def find_head_keys(model: nn.Module, head_keys: Iterable[str] | None = None) -> 
 # Strategies: each maps (source, target) floating-point states to one Match per target tensor
 # --------------------------------------------------------------------------------------------
 
-def match_exact(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
-                stem_key: str | None = None) -> list[Match]:
+
+def match_exact(
+    source: Mapping[str, Tensor], target: Mapping[str, Tensor], *, stem_key: str | None = None
+) -> list[Match]:
     """Same name and same shape → ``exact``; same name, other shape → fresh "shape mismatch";
     no such name → fresh "no counterpart". With ``stem_key``, that tensor is adapted when it
     differs from its same-name source only in input channels."""
@@ -328,8 +343,13 @@ def match_exact(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
     return matches
 
 
-def match_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
-                stem_key: str | None = None, source_stem_key: str | None = None) -> list[Match]:
+def match_order(
+    source: Mapping[str, Tensor],
+    target: Mapping[str, Tensor],
+    *,
+    stem_key: str | None = None,
+    source_stem_key: str | None = None,
+) -> list[Match]:
     """The naive baseline: one forward pass over both states in registration order.
 
     A cursor walks the source. For each target tensor, in order, the first source tensor at or
@@ -345,8 +365,12 @@ def match_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
     cursor = 0
     matches = []
     for key, tgt in target.items():
-        if (key == stem_key and source_stem_key is not None and position[source_stem_key] >= cursor
-                and _needs_adaptation(source[source_stem_key], tgt)):
+        if (
+            key == stem_key
+            and source_stem_key is not None
+            and position[source_stem_key] >= cursor
+            and _needs_adaptation(source[source_stem_key], tgt)
+        ):
             match = _try_adapt(key, source_stem_key, source[source_stem_key], tgt, select=False)
             if match.method == "adapted":
                 matches.append(match)
@@ -363,8 +387,13 @@ def match_order(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
     return matches
 
 
-def match_select(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
-                 stem_key: str | None = None, head_keys: Iterable[str] = ()) -> list[Match]:
+def match_select(
+    source: Mapping[str, Tensor],
+    target: Mapping[str, Tensor],
+    *,
+    stem_key: str | None = None,
+    head_keys: Iterable[str] = (),
+) -> list[Match]:
     """Weight selection: match by name, slice larger source tensors at evenly spaced indices.
 
     Per target tensor with a same-name source tensor:
@@ -411,18 +440,19 @@ def match_select(source: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
 # The op
 # --------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def _copy_into(destination: Tensor, value: Tensor) -> None:
     destination.copy_(value.detach().to(dtype=destination.dtype))
 
 
 def transplant(
-        source: nn.Module | Mapping[str, Tensor],
-        target: nn.Module,
-        strategy: Strategy,
-        *,
-        adapt_input: bool = True,
-        head_keys: Sequence[str] | None = None,
+    source: nn.Module | Mapping[str, Tensor],
+    target: nn.Module,
+    strategy: Strategy,
+    *,
+    adapt_input: bool = True,
+    head_keys: Sequence[str] | None = None,
 ) -> tuple[nn.Module, SurgeryRecord]:
     """Copy tensors of ``source`` into ``target`` (modified in place and returned) by ``strategy``.
 
@@ -480,8 +510,14 @@ def transplant(
         if match.value is not None:
             _copy_into(destination, match.value)
             used.add(match.source_key)  # type: ignore[arg-type]
-        record.add(raw_key[match.target_key], destination, match.method, source_key=match.source_key,
-                   source_shape=match.source_shape, reason=match.reason)
+        record.add(
+            raw_key[match.target_key],
+            destination,
+            match.method,
+            source_key=match.source_key,
+            source_shape=match.source_shape,
+            reason=match.reason,
+        )
 
     # Integer buffers (BatchNorm's num_batches_tracked) are not counted by coverage but are
     # copied along with their layer under the name-based strategies, as load_state_dict would.
@@ -489,8 +525,12 @@ def transplant(
     if strategy != "order":
         for key, destination in target_state.items():
             src = source_state.get(key)
-            if (not destination.is_floating_point() and src is not None and not src.is_floating_point()
-                    and src.shape == destination.shape):
+            if (
+                not destination.is_floating_point()
+                and src is not None
+                and not src.is_floating_point()
+                and src.shape == destination.shape
+            ):
                 _copy_into(destination, src)
                 integer_copied += 1
 
@@ -514,6 +554,7 @@ def transplant(
 # --------------------------------------------------------------------------------------------
 # Function preservation
 # --------------------------------------------------------------------------------------------
+
 
 def _flat_tensors(output: Any) -> list[Tensor]:
     if isinstance(output, Tensor):

@@ -37,8 +37,14 @@ from surgery.results import safe_name
 
 MAX_TICKS = 12
 FLAG_ORDER = {"failed": 0, "outside band": 1, "drifting": 2, "undecided": 3}
-COLORS = {"band": "#c6dbef", "threshold": "#b2182b", "line": "#8c959f", "outside": "#bf8700",
-          "change": "#8250df", "drift": "#fff1b8"}
+COLORS = {
+    "band": "#c6dbef",
+    "threshold": "#b2182b",
+    "line": "#8c959f",
+    "outside": "#bf8700",
+    "change": "#8250df",
+    "drift": "#fff1b8",
+}
 
 
 def _link(target: Path, base: Path) -> str:
@@ -58,22 +64,29 @@ def _report_links(nights: list[Night], case: str, base: Path) -> dict[int, str]:
 
 def _ticks(nights: list[Night]) -> list[tuple[int, str]]:
     step = max(1, math.ceil(len(nights) / MAX_TICKS))
-    return [(i, f"{n.created:%m-%d}\n{(n.commit or '')[:7]}" if n.created else n.label)
-            for i, n in enumerate(nights) if i % step == 0 or i == len(nights) - 1]
+    return [
+        (i, f"{n.created:%m-%d}\n{(n.commit or '')[:7]}" if n.created else n.label)
+        for i, n in enumerate(nights)
+        if i % step == 0 or i == len(nights) - 1
+    ]
 
 
 def _tip(series: Series, point: Any, night: Night) -> str:
     band = f" · band [{fmt(point.band[0])}, {fmt(point.band[1])}]" if point.band else ""
     outside = " · OUTSIDE BAND" if point.outside else ""
-    return (f"{series.name} = {fmt(point.observed)} ({point.status}; threshold {fmt(point.threshold)}{band}{outside})"
-            f" · {night.date} · {(night.commit or 'no commit')[:10]} · {night.label}")
+    return (
+        f"{series.name} = {fmt(point.observed)} ({point.status}; threshold {fmt(point.threshold)}{band}{outside})"
+        f" · {night.date} · {(night.commit or 'no commit')[:10]} · {night.label}"
+    )
 
 
 def _note(series: Series) -> str:
-    parts = [f"{len(series.failed)} failed" if series.failed else "",
-             f"{len(series.undecided)} undecided" if series.undecided else "",
-             f"{len(series.outside)} outside band" if series.outside else "",
-             f"drifting, p = {series.drift.p:.2g}" if series.drift.flagged else ""]
+    parts = [
+        f"{len(series.failed)} failed" if series.failed else "",
+        f"{len(series.undecided)} undecided" if series.undecided else "",
+        f"{len(series.outside)} outside band" if series.outside else "",
+        f"drifting, p = {series.drift.p:.2g}" if series.drift.flagged else "",
+    ]
     return " · ".join(p for p in parts if p)
 
 
@@ -82,13 +95,23 @@ def _panel(series: Series, nights: list[Night], links: dict[int, str]) -> dict[s
     for p in series.points:
         night = nights[p.night]
         url = f"{links[p.night]}#e-{quote(series.name, safe='')}"  # the expectation's row on the night's page
-        points.append({"x": p.night, "y": p.observed, "status": p.status, "outside": p.outside,
-                       "lo": p.band[0] if p.band else None, "hi": p.band[1] if p.band else None,
-                       "threshold": p.threshold, "url": url, "tip": _tip(series, p, night)})
+        points.append(
+            {
+                "x": p.night,
+                "y": p.observed,
+                "status": p.status,
+                "outside": p.outside,
+                "lo": p.band[0] if p.band else None,
+                "hi": p.band[1] if p.band else None,
+                "threshold": p.threshold,
+                "url": url,
+                "tip": _tip(series, p, night),
+            }
+        )
     with_figure = [p.night for p in series.points if p.observed is not None]
     drift = None
     if series.drift.flagged:
-        recent = with_figure[-series.drift.window:]
+        recent = with_figure[-series.drift.window :]
         drift = (recent[0], recent[-1])
     return {"title": series.name, "note": _note(series), "points": points, "drift": drift}
 
@@ -101,7 +124,7 @@ def _change_marks(changes: list[Change]) -> list[tuple[int, str]]:
 # ---------------------------------------------------------------------------------------------
 # the figure: one case's panels as inline SVG (px; the page's CSS scales it to the column)
 
-WIDTH, LEFT, RIGHT = 1196, 48, 12       # the plot area spans LEFT … WIDTH - RIGHT
+WIDTH, LEFT, RIGHT = 1196, 48, 12  # the plot area spans LEFT … WIDTH - RIGHT
 HEAD, PLOT, GAP, AXIS = 18, 84, 14, 32  # per panel: title line, plot height, space below; x labels at the bottom
 
 
@@ -110,7 +133,7 @@ def _nice_ticks(low: float, high: float, most: int = 5) -> list[float]:
     if not high > low:
         return [low]
     magnitude = 10.0 ** math.floor(math.log10((high - low) / most))
-    for step in (m * magnitude * 10 ** e for e in range(3) for m in (1, 2, 2.5, 5)):
+    for step in (m * magnitude * 10**e for e in range(3) for m in (1, 2, 2.5, 5)):
         first, last = math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9)
         if last - first < most:
             break
@@ -160,24 +183,30 @@ def _attr(text: Any) -> str:
 
 def _marker(status: str, x: float, y: float) -> str:
     if status == "failed":
-        return (f'<path d="M{x - 4:.1f},{y - 4:.1f}l8,8m0,-8l-8,8" stroke="{plots.STATUS_COLORS["failed"]}" '
-                f'stroke-width="2.6" stroke-linecap="round"/>')
+        return (
+            f'<path d="M{x - 4:.1f},{y - 4:.1f}l8,8m0,-8l-8,8" stroke="{plots.STATUS_COLORS["failed"]}" '
+            f'stroke-width="2.6" stroke-linecap="round"/>'
+        )
     if status == "undecided":
-        return (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.6" fill="#fff" stroke="{plots.STATUS_COLORS["undecided"]}"'
-                f' stroke-width="1.6"/>')
+        return (
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.6" fill="#fff" stroke="{plots.STATUS_COLORS["undecided"]}"'
+            f' stroke-width="1.6"/>'
+        )
     return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{plots.STATUS_COLORS.get(status, "#1f2328")}"/>'
 
 
-def _svg_panel(panel: dict[str, Any], top: float, sx: Any, changes: Sequence[tuple[int, str]],
-               first: bool) -> list[str]:
+def _svg_panel(
+    panel: dict[str, Any], top: float, sx: Any, changes: Sequence[tuple[int, str]], first: bool
+) -> list[str]:
     """One expectation's panel, its plot area ``top`` … ``top + PLOT``: back to front, as matplotlib drew it."""
     pts = sorted(panel["points"], key=lambda p: p["x"])
     ys = [(p["x"], finite(p["y"])) for p in pts]
     bands = [(p["x"], finite(p["lo"]), finite(p["hi"])) for p in pts]
     bands = [(x, lo, hi) for x, lo, hi in bands if lo is not None and hi is not None]
     thresholds = [(p["x"], t) for p in pts if (t := finite(p["threshold"])) is not None]
-    low, high, off = _y_range([y for _, y in ys if y is not None] + [v for _, lo, hi in bands for v in (lo, hi)],
-                              [t for _, t in thresholds])
+    low, high, off = _y_range(
+        [y for _, y in ys if y is not None] + [v for _, lo, hi in bands for v in (lo, hi)], [t for _, t in thresholds]
+    )
 
     def sy(value: float) -> float:
         return top + (high - value) / (high - low) * PLOT
@@ -189,33 +218,47 @@ def _svg_panel(panel: dict[str, Any], top: float, sx: Any, changes: Sequence[tup
         out.append(f'<text x="{right}" y="{top - 5:.1f}" class="note" text-anchor="end">{_attr(note)}</text>')
     if panel.get("drift"):
         start, end = (sx(v) for v in (panel["drift"][0] - 0.5, panel["drift"][1] + 0.5))
-        out.append(f'<rect x="{start:.1f}" y="{top}" width="{end - start:.1f}" height="{PLOT}" fill="{COLORS["drift"]}"/>')
+        out.append(
+            f'<rect x="{start:.1f}" y="{top}" width="{end - start:.1f}" height="{PLOT}" fill="{COLORS["drift"]}"/>'
+        )
     for tick in _nice_ticks(low, high):
-        out.append(f'<path d="M{LEFT},{sy(tick):.1f}H{right}" class="grid"/>'
-                   f'<text x="{LEFT - 5}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:.10g}</text>')
+        out.append(
+            f'<path d="M{LEFT},{sy(tick):.1f}H{right}" class="grid"/>'
+            f'<text x="{LEFT - 5}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:.10g}</text>'
+        )
     for lower, upper in zip(_steps([(x, lo) for x, lo, _ in bands]), _steps([(x, hi) for x, _, hi in bands])):
         out.append(f'<path d="{_path([(sx(x), sy(v)) for x, v in upper + lower[::-1]])}Z" fill="{COLORS["band"]}"/>')
     for run in _steps(thresholds):
-        out.append(f'<path d="{_path([(sx(x), sy(v)) for x, v in run])}" fill="none" stroke="{COLORS["threshold"]}" '
-                   f'stroke-width="1.3" stroke-dasharray="5,3"/>')
+        out.append(
+            f'<path d="{_path([(sx(x), sy(v)) for x, v in run])}" fill="none" stroke="{COLORS["threshold"]}" '
+            f'stroke-width="1.3" stroke-dasharray="5,3"/>'
+        )
     for night, label in changes:
         x = sx(night - 0.5)
-        out.append(f'<path d="M{x:.1f},{top}V{bottom}" stroke="{COLORS["change"]}" stroke-width="1.2" '
-                   f'stroke-dasharray="2,2"/>')
+        out.append(
+            f'<path d="M{x:.1f},{top}V{bottom}" stroke="{COLORS["change"]}" stroke-width="1.2" stroke-dasharray="2,2"/>'
+        )
         if first:
             out.append(f'<text x="{x + 3:.1f}" y="{top + 10}" class="change">{_attr(label)}</text>')
     for run in (r for r in _split(ys) if len(r) > 1):
-        out.append(f'<path d="{_path([(sx(x), sy(y)) for x, y in run])}" fill="none" stroke="{COLORS["line"]}" '
-                   f'stroke-width="1.1"/>')
+        out.append(
+            f'<path d="{_path([(sx(x), sy(y)) for x, y in run])}" fill="none" stroke="{COLORS["line"]}" '
+            f'stroke-width="1.1"/>'
+        )
     for p in pts:
         if p.get("outside") and finite(p["y"]) is not None:
-            out.append(f'<circle cx="{sx(p["x"]):.1f}" cy="{sy(p["y"]):.1f}" r="7.5" fill="none" '
-                       f'stroke="{COLORS["outside"]}" stroke-width="1.8"/>')
+            out.append(
+                f'<circle cx="{sx(p["x"]):.1f}" cy="{sy(p["y"]):.1f}" r="7.5" fill="none" '
+                f'stroke="{COLORS["outside"]}" stroke-width="1.8"/>'
+            )
     for p in pts:  # each point links to its night's report; its <title> is the tooltip
         if finite(p["y"]) is not None:
             shape = _marker(p["status"], sx(p["x"]), sy(p["y"]))
-            out.append(f'<a href="{_attr(p["url"])}"><title>{_attr(p.get("tip", ""))}</title>{shape}</a>'
-                       if p.get("url") else shape)
+            out.append(
+                f'<a href="{_attr(p["url"])}"><title>{_attr(p.get("tip", ""))}</title>{shape}</a>'
+                if p.get("url")
+                else shape
+            )
     out.append(f'<path d="M{LEFT},{top}V{bottom}H{right}" class="axis"/>')
     return out
 
@@ -231,8 +274,12 @@ def _split(values: Sequence[tuple[float, float | None]]) -> list[list[tuple[floa
     return [r for r in runs if r]
 
 
-def history_svg(panels: Sequence[dict[str, Any]], ticks: Sequence[tuple[int, str]], nights: int,
-                changes: Sequence[tuple[int, str]] = ()) -> str | None:
+def history_svg(
+    panels: Sequence[dict[str, Any]],
+    ticks: Sequence[tuple[int, str]],
+    nights: int,
+    changes: Sequence[tuple[int, str]] = (),
+) -> str | None:
     """One case's expectations over the nights, one panel each, on one x axis (night index).
 
     ``panels``: dicts with ``title``, ``note`` (right-hand text), ``drift`` (``(first, last)`` night of a
@@ -257,21 +304,37 @@ def history_svg(panels: Sequence[dict[str, Any]], ticks: Sequence[tuple[int, str
     bottom = top - GAP - HEAD
     for night, label in ticks:
         x = sx(night)
-        lines = "".join(f'<tspan x="{x:.1f}" dy="{0 if i == 0 else 12}">{_attr(part)}</tspan>'
-                        for i, part in enumerate(str(label).split("\n")))
-        out.append(f'<path d="M{x:.1f},{bottom}v4" class="axis"/><text y="{bottom + 15}" text-anchor="middle">'
-                   f'{lines}</text>')
+        lines = "".join(
+            f'<tspan x="{x:.1f}" dy="{0 if i == 0 else 12}">{_attr(part)}</tspan>'
+            for i, part in enumerate(str(label).split("\n"))
+        )
+        out.append(
+            f'<path d="M{x:.1f},{bottom}v4" class="axis"/><text y="{bottom + 15}" text-anchor="middle">{lines}</text>'
+        )
     height = bottom + AXIS
-    return (f'<svg class="hist" width="{WIDTH}" height="{height:.0f}" viewBox="0 0 {WIDTH} {height:.0f}" '
-            f'role="img">' + "".join(out) + "</svg>")
+    return (
+        f'<svg class="hist" width="{WIDTH}" height="{height:.0f}" viewBox="0 0 {WIDTH} {height:.0f}" '
+        f'role="img">' + "".join(out) + "</svg>"
+    )
 
 
 def _series_row(series: Series) -> dict[str, Any]:
     last = series.points[-1]
-    return {"name": series.name, "anchor": _anchor(series.case), "case": series.case, "flags": series.flags,
-            "observed": last.observed, "threshold": last.threshold, "status": last.status, "band": last.band,
-            "drift": series.drift.describe(), "drifting": series.drift.flagged, "steady": series.steady,
-            "towards": series.drift.towards_threshold, "direction": series.direction}
+    return {
+        "name": series.name,
+        "anchor": _anchor(series.case),
+        "case": series.case,
+        "flags": series.flags,
+        "observed": last.observed,
+        "threshold": last.threshold,
+        "status": last.status,
+        "band": last.band,
+        "drift": series.drift.describe(),
+        "drifting": series.drift.flagged,
+        "steady": series.steady,
+        "towards": series.drift.towards_threshold,
+        "direction": series.direction,
+    }
 
 
 def _anchor(case: str) -> str:
@@ -291,17 +354,28 @@ def _case_view(case: str, history: History, base: Path) -> dict[str, Any]:
     by_night: dict[int, list[Change]] = {}
     for c in changes:
         by_night.setdefault(c.night, []).append(c)
-    return {"case": case, "anchor": _anchor(case), "svg": Markup(svg) if svg else None,
-            "verdict": latest and latest.results[case].verdict, "latest": latest and latest.label,
-            "latest_href": latest and links[nights.index(latest)],
-            "description": latest.results[case].description if latest else "",
-            "rows": [_series_row(s) for s in series],
-            "changes": [{"label": label[n], "night": nights[n].label, "date": nights[n].date,
-                         "commit": (nights[n].commit or "")[:10],
-                         "fields": [f"{c.key}: {c.before[:16]} → {c.after[:16]}" for c in cs]}
-                        for n, cs in sorted(by_night.items())],
-            "runs": sum(1 for n in nights if case in n.results),
-            "rank": min([FLAG_ORDER[f] for s in series for f in s.flags], default=len(FLAG_ORDER))}
+    return {
+        "case": case,
+        "anchor": _anchor(case),
+        "svg": Markup(svg) if svg else None,
+        "verdict": latest and latest.results[case].verdict,
+        "latest": latest and latest.label,
+        "latest_href": latest and links[nights.index(latest)],
+        "description": latest.results[case].description if latest else "",
+        "rows": [_series_row(s) for s in series],
+        "changes": [
+            {
+                "label": label[n],
+                "night": nights[n].label,
+                "date": nights[n].date,
+                "commit": (nights[n].commit or "")[:10],
+                "fields": [f"{c.key}: {c.before[:16]} → {c.after[:16]}" for c in cs],
+            }
+            for n, cs in sorted(by_night.items())
+        ],
+        "runs": sum(1 for n in nights if case in n.results),
+        "rank": min([FLAG_ORDER[f] for s in series for f in s.flags], default=len(FLAG_ORDER)),
+    }
 
 
 def history_view(history: History, base: Path) -> dict[str, Any]:
@@ -312,18 +386,34 @@ def history_view(history: History, base: Path) -> dict[str, Any]:
     for night in history.nights:
         index = night.path / "index.html"
         counts = night.counts()
-        nights.append({"label": night.label, "date": night.date, "commit": (night.commit or "")[:10],
-                       "href": _link(index, base) if index.is_file() else None, "cases": len(night.results),
-                       **{k: counts.get(k, 0) for k in ("pass", "undecided", "fail", "error")}})
-    flagged = sorted((_series_row(s) for s in history.series if s.flags),
-                     key=lambda r: (min(FLAG_ORDER[f] for f in r["flags"]), r["case"], r["name"]))
+        nights.append(
+            {
+                "label": night.label,
+                "date": night.date,
+                "commit": (night.commit or "")[:10],
+                "href": _link(index, base) if index.is_file() else None,
+                "cases": len(night.results),
+                **{k: counts.get(k, 0) for k in ("pass", "undecided", "fail", "error")},
+            }
+        )
+    flagged = sorted(
+        (_series_row(s) for s in history.series if s.flags),
+        key=lambda r: (min(FLAG_ORDER[f] for f in r["flags"]), r["case"], r["name"]),
+    )
     latest = nights[-1] if nights else None
-    return {"cases": cases, "nights": nights, "flagged": flagged, "latest": latest,
-            "window": history.window, "p_max": history.p_max,
-            "first": history.nights[0].date if history.nights else "", "last": latest["date"] if latest else "",
-            "notes": [n for night in history.nights for n in night.notes],
-            "counts": {flag: sum(1 for r in flagged if flag in r["flags"]) for flag in FLAG_ORDER},
-            "colors": {**COLORS, **plots.STATUS_COLORS}}
+    return {
+        "cases": cases,
+        "nights": nights,
+        "flagged": flagged,
+        "latest": latest,
+        "window": history.window,
+        "p_max": history.p_max,
+        "first": history.nights[0].date if history.nights else "",
+        "last": latest["date"] if latest else "",
+        "notes": [n for night in history.nights for n in night.notes],
+        "counts": {flag: sum(1 for r in flagged if flag in r["flags"]) for flag in FLAG_ORDER},
+        "colors": {**COLORS, **plots.STATUS_COLORS},
+    }
 
 
 def history_html(history: History, base: Path) -> str:

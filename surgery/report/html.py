@@ -41,8 +41,20 @@ FIGURES = [
     ("drift.finetune", "worst drift after fine-tune", "num"),
     ("seconds", "time", "sec"),
 ]
-PROVENANCE_ORDER = ["git_commit", "case_hash", "surgery", "torch", "torchvision", "timm", "python", "machine",
-                    "device", "cuda", "seeds", "created"]
+PROVENANCE_ORDER = [
+    "git_commit",
+    "case_hash",
+    "surgery",
+    "torch",
+    "torchvision",
+    "timm",
+    "python",
+    "machine",
+    "device",
+    "cuda",
+    "seeds",
+    "created",
+]
 COVERAGE_COLUMNS = ["layer", "numel", *plots.METHODS, "elements_covered", "reason"]
 DETAILS_LIMIT = 4000  # characters of an expectation's details shown on the page
 
@@ -87,11 +99,17 @@ def fmt(value: Any, kind: str = "num") -> str:
 
 @functools.lru_cache(maxsize=1)
 def _env() -> Environment:
-    env = Environment(loader=PackageLoader("surgery.report", "templates"), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("surgery.report", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["fmt"] = fmt
-    env.globals.update(stage_colors=plots.STAGE_COLORS, stage_labels=plots.STAGE_LABELS,
-                       method_colors=plots.METHOD_COLORS)
+    env.globals.update(
+        stage_colors=plots.STAGE_COLORS, stage_labels=plots.STAGE_LABELS, method_colors=plots.METHOD_COLORS
+    )
     return env
 
 
@@ -124,8 +142,13 @@ def _agg(result: CaseResult, name: str) -> dict[str, Any] | None:
 def _activation_rows(result: CaseResult) -> list[dict[str, Any]]:
     rows = _list(result.tables.get("activations"))
     if not rows:
-        rows = [dict(r, seed=s.get("seed")) for s in _list(result.per_seed) if isinstance(s, dict)
-                for r in _list(s.get("activations")) if isinstance(r, dict)]
+        rows = [
+            dict(r, seed=s.get("seed"))
+            for s in _list(result.per_seed)
+            if isinstance(s, dict)
+            for r in _list(s.get("activations"))
+            if isinstance(r, dict)
+        ]
     return [r for r in rows if isinstance(r, dict)]
 
 
@@ -140,8 +163,10 @@ def _worst_drift(rows: list[dict[str, Any]], stage: str) -> float | None:
 def figures(result: CaseResult) -> dict[str, float | None]:
     """The key figures of a result, by the keys of :data:`FIGURES` (``None`` when absent)."""
     coverage = _dict(result.metrics.get("coverage"))
-    out: dict[str, float | None] = {"coverage.tensors": _num(coverage.get("tensors")),
-                                    "coverage.elements": _num(coverage.get("elements"))}
+    out: dict[str, float | None] = {
+        "coverage.tensors": _num(coverage.get("tensors")),
+        "coverage.elements": _num(coverage.get("elements")),
+    }
     for name in ("source", "before", "after", "baseline", "recovery", "bn_gain"):
         agg = _agg(result, name)
         out[f"accuracy.{name}"] = _num(agg.get("mean")) if agg else None
@@ -176,9 +201,18 @@ def _details_text(details: Any) -> str:
 
 
 def _expectation_rows(result: CaseResult) -> list[dict[str, Any]]:
-    return [{"name": e.name, "passed": bool(e.passed), "status": e.status or ("passed" if e.passed else "failed"),
-             "observed": e.observed, "threshold": e.threshold, "message": e.message,
-             "details": _details_text(e.details)} for e in result.expectations]
+    return [
+        {
+            "name": e.name,
+            "passed": bool(e.passed),
+            "status": e.status or ("passed" if e.passed else "failed"),
+            "observed": e.observed,
+            "threshold": e.threshold,
+            "message": e.message,
+            "details": _details_text(e.details),
+        }
+        for e in result.expectations
+    ]
 
 
 def _calibration_rows(result: CaseResult) -> list[dict[str, Any]]:
@@ -187,9 +221,17 @@ def _calibration_rows(result: CaseResult) -> list[dict[str, Any]]:
     for e in result.expectations:
         cal = _dict(e.calibration)
         if cal:
-            rows.append({"name": e.name, "mean": cal.get("mean"), "std": cal.get("std"),
-                         "samples": _list(cal.get("samples")), "threshold": e.threshold, "observed": e.observed,
-                         "status": e.status})
+            rows.append(
+                {
+                    "name": e.name,
+                    "mean": cal.get("mean"),
+                    "std": cal.get("std"),
+                    "samples": _list(cal.get("samples")),
+                    "threshold": e.threshold,
+                    "observed": e.observed,
+                    "status": e.status,
+                }
+            )
     return rows
 
 
@@ -205,17 +247,34 @@ def _glance(result: CaseResult) -> list[dict[str, str]]:
         return f"± {fmt(agg.get('std'), 'pct')} · worst {fmt(agg.get('worst'), 'pct')} · {agg.get('n')} seeds"
 
     if figs["coverage.tensors"] is not None:
-        cards.append({"label": "coverage", "value": fmt(figs["coverage.tensors"], "pct"),
-                      "sub": f"of tensors · {fmt(figs['coverage.elements'], 'pct')} of elements"})
-    for name, label in (("source", "source accuracy"), ("before", "after surgery"), ("after", "after fine-tune"),
-                        ("baseline", "baseline")):
+        cards.append(
+            {
+                "label": "coverage",
+                "value": fmt(figs["coverage.tensors"], "pct"),
+                "sub": f"of tensors · {fmt(figs['coverage.elements'], 'pct')} of elements",
+            }
+        )
+    for name, label in (
+        ("source", "source accuracy"),
+        ("before", "after surgery"),
+        ("after", "after fine-tune"),
+        ("baseline", "baseline"),
+    ):
         if figs[f"accuracy.{name}"] is not None:
-            sub = spread(name) or {"source": "source model on the target data", "before": "before fine-tune",
-                                   "after": "the patient, fine-tuned", "baseline": "random init, same budget"}[name]
+            sub = (
+                spread(name)
+                or {
+                    "source": "source model on the target data",
+                    "before": "before fine-tune",
+                    "after": "the patient, fine-tuned",
+                    "baseline": "random init, same budget",
+                }[name]
+            )
             cards.append({"label": label, "value": fmt(figs[f"accuracy.{name}"], "pct"), "sub": sub})
     if figs["accuracy.recovery"] is not None:
-        cards.append({"label": "recovery", "value": fmt(figs["accuracy.recovery"], "ratio"),
-                      "sub": "after / source accuracy"})
+        cards.append(
+            {"label": "recovery", "value": fmt(figs["accuracy.recovery"], "ratio"), "sub": "after / source accuracy"}
+        )
     if figs["accuracy.bn_gain"] is not None:
         before, after = _agg(result, "bn_before"), _agg(result, "bn_after")
         shift = f"{fmt(before and before.get('mean'), 'pct')} → {fmt(after and after.get('mean'), 'pct')}"
@@ -223,8 +282,9 @@ def _glance(result: CaseResult) -> list[dict[str, str]]:
     for stage, label in (("surgery", "worst drift, surgery"), ("finetune", "worst drift, fine-tune")):
         if figs[f"drift.{stage}"] is not None:
             cards.append({"label": label, "value": fmt(figs[f"drift.{stage}"]), "sub": "normalised W1"})
-    cards.append({"label": "time", "value": fmt(figs["seconds"], "sec"),
-                  "sub": f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"})
+    cards.append(
+        {"label": "time", "value": fmt(figs["seconds"], "sec"), "sub": f"{n_seeds} seed{'s' if n_seeds != 1 else ''}"}
+    )
     return cards
 
 
@@ -234,11 +294,21 @@ def _per_seed_rows(result: CaseResult) -> list[dict[str, Any]]:
         if not isinstance(s, dict):
             continue
         acc, ft = _dict(s.get("accuracy")), _dict(s.get("finetune"))
-        rows.append({"seed": s.get("seed"), "source": acc.get("source"), "before": acc.get("before"),
-                     "after": acc.get("after"), "baseline": acc.get("baseline"), "recovery": acc.get("recovery"),
-                     "finite": s.get("finite"), "steps": ft.get("steps_done"),
-                     "nonfinite_step": ft.get("nonfinite_step"), "seconds": ft.get("seconds"),
-                     "throughput": ft.get("samples_per_second")})
+        rows.append(
+            {
+                "seed": s.get("seed"),
+                "source": acc.get("source"),
+                "before": acc.get("before"),
+                "after": acc.get("after"),
+                "baseline": acc.get("baseline"),
+                "recovery": acc.get("recovery"),
+                "finite": s.get("finite"),
+                "steps": ft.get("steps_done"),
+                "nonfinite_step": ft.get("nonfinite_step"),
+                "seconds": ft.get("seconds"),
+                "throughput": ft.get("samples_per_second"),
+            }
+        )
     return rows
 
 
@@ -250,22 +320,51 @@ def _record_view(result: CaseResult) -> dict[str, Any]:
         return "×".join(str(d) for d in value) if isinstance(value, list) else "—"
 
     def row(t: dict[str, Any]) -> dict[str, Any]:
-        return {"key": t.get("target_key"), "shape": shape(t.get("shape")), "method": t.get("method"),
-                "source_key": t.get("source_key") or "—", "source_shape": shape(t.get("source_shape")),
-                "reason": t.get("reason") or ""}
+        return {
+            "key": t.get("target_key"),
+            "shape": shape(t.get("shape")),
+            "method": t.get("method"),
+            "source_key": t.get("source_key") or "—",
+            "source_shape": shape(t.get("source_shape")),
+            "reason": t.get("reason") or "",
+        }
 
     by_method = {m: sum(1 for t in tensors if t.get("method") == m) for m in plots.METHODS}
-    notes = {str(k): (json.dumps(v, default=str) if isinstance(v, (list, dict)) else v)
-             for k, v in _dict(record.get("notes")).items()}
-    return {"op": record.get("op"), "n_tensors": len(tensors), "by_method": by_method,
-            "fresh": [row(t) for t in tensors if t.get("method") == "fresh"],
-            "changed": [row(t) for t in tensors if t.get("method") in ("sliced", "adapted")],
-            "notes": notes}
+    notes = {
+        str(k): (json.dumps(v, default=str) if isinstance(v, (list, dict)) else v)
+        for k, v in _dict(record.get("notes")).items()
+    }
+    return {
+        "op": record.get("op"),
+        "n_tensors": len(tensors),
+        "by_method": by_method,
+        "fresh": [row(t) for t in tensors if t.get("method") == "fresh"],
+        "changed": [row(t) for t in tensors if t.get("method") in ("sliced", "adapted")],
+        "notes": notes,
+    }
 
 
 def _activation_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = ["seed", "layer", "reference_layer", "stage", "w1_norm", "ks", "psi", "cka", "ref_mean", "ref_std", "mean", "std",
-            "min", "max", "near_zero_frac", "dead_channel_frac", "ref_dead_channel_frac", "nonfinite"]
+    keys = [
+        "seed",
+        "layer",
+        "reference_layer",
+        "stage",
+        "w1_norm",
+        "ks",
+        "psi",
+        "cka",
+        "ref_mean",
+        "ref_std",
+        "mean",
+        "std",
+        "min",
+        "max",
+        "near_zero_frac",
+        "dead_channel_frac",
+        "ref_dead_channel_frac",
+        "nonfinite",
+    ]
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
@@ -291,15 +390,24 @@ def _layer_maps(result: CaseResult) -> tuple[list[dict[str, Any]], Any]:
             for stage, layer_map in maps.items():
                 layer_map = _dict(layer_map)
                 title = f"after {stage}" if stage in ("surgery", "finetune") else str(stage)
-                out.append({"stage": str(stage), "svg": _svg(plots.layer_map(layer_map, title)),
-                            "best": _best_matches(layer_map)})
+                out.append(
+                    {
+                        "stage": str(stage),
+                        "svg": _svg(plots.layer_map(layer_map, title)),
+                        "best": _best_matches(layer_map),
+                    }
+                )
             return out, s.get("seed")
     return [], None
 
 
 def _best_matches(layer_map: dict[str, Any]) -> list[dict[str, Any]]:
     """For each patient block: the source block with the highest CKA, and that CKA."""
-    rows, cols, values = _list(layer_map.get("reference_layers")), _list(layer_map.get("layers")), _list(layer_map.get("cka"))
+    rows, cols, values = (
+        _list(layer_map.get("reference_layers")),
+        _list(layer_map.get("layers")),
+        _list(layer_map.get("cka")),
+    )
     out = []
     for j, col in enumerate(cols):
         column = [(_num(row[j]) if isinstance(row, list) and j < len(row) else None, i) for i, row in enumerate(values)]
@@ -315,9 +423,15 @@ def _curve_runs(result: CaseResult, *, label_prefix: str = "", style: str = "-")
     for s in _list(result.per_seed):
         s = _dict(s)
         ft = _dict(s.get("finetune"))
-        runs.append({"label": f"{label_prefix}seed {s.get('seed')}", "curve": _list(ft.get("curve")),
-                     "baseline_curve": _list(s.get("baseline_curve")), "nonfinite_step": ft.get("nonfinite_step"),
-                     "style": style})
+        runs.append(
+            {
+                "label": f"{label_prefix}seed {s.get('seed')}",
+                "curve": _list(ft.get("curve")),
+                "baseline_curve": _list(s.get("baseline_curve")),
+                "nonfinite_step": ft.get("nonfinite_step"),
+                "style": style,
+            }
+        )
     return runs
 
 
@@ -346,24 +460,38 @@ def _gate_view(prov: dict[str, Any]) -> dict[str, Any] | None:
     if comparison:
         pct = round(100 * (2 * float(comparison.get("confidence", 0.95)) - 1))
         interval = comparison.get("interval") or [None, None]
-        rows = [("candidate accuracy", fmt(comparison.get("candidate_accuracy"))),
-                ("champion accuracy", fmt(comparison.get("champion_accuracy"))),
-                ("difference (candidate − champion)", fmt(comparison.get("difference"))),
-                (f"{pct}% paired-bootstrap interval", f"[{fmt(interval[0])}, {fmt(interval[1])}]"),
-                (f"one-sided {comparison.get('confidence')} lower bound vs −margin",
-                 f"{fmt(comparison.get('lower_bound'))} vs −{comparison.get('margin')}"),
-                ("McNemar exact p (discordant: candidate only / champion only)",
-                 f"{fmt(comparison.get('mcnemar_p'))} ({comparison.get('candidate_only')} / "
-                 f"{comparison.get('champion_only')})"),
-                ("flip rate (answers changed)", fmt(comparison.get("flip_rate")))]
+        rows = [
+            ("candidate accuracy", fmt(comparison.get("candidate_accuracy"))),
+            ("champion accuracy", fmt(comparison.get("champion_accuracy"))),
+            ("difference (candidate − champion)", fmt(comparison.get("difference"))),
+            (f"{pct}% paired-bootstrap interval", f"[{fmt(interval[0])}, {fmt(interval[1])}]"),
+            (
+                f"one-sided {comparison.get('confidence')} lower bound vs −margin",
+                f"{fmt(comparison.get('lower_bound'))} vs −{comparison.get('margin')}",
+            ),
+            (
+                "McNemar exact p (discordant: candidate only / champion only)",
+                f"{fmt(comparison.get('mcnemar_p'))} ({comparison.get('candidate_only')} / "
+                f"{comparison.get('champion_only')})",
+            ),
+            ("flip rate (answers changed)", fmt(comparison.get("flip_rate"))),
+        ]
     accuracy = _dict(gate.get("accuracy"))
     interval = accuracy.get("interval") or [None, None]
-    return {"data": gate.get("data"), "held_out": gate.get("held_out"), "warnings": _list(gate.get("warnings")),
-            "candidate": _dict(gate.get("candidate")), "champion": _dict(gate.get("champion")),
-            "accuracy": f"{fmt(accuracy.get('value'))} [{fmt(interval[0])}, "
-                        f"{fmt(interval[1])}]",
-            "comparison": rows, "drift": [{k: r.get(k) for k in ("layer", "w1_norm", "ks", "psi")}
-                                          for r in _list(gate.get("champion_drift")) if isinstance(r, dict)]}
+    return {
+        "data": gate.get("data"),
+        "held_out": gate.get("held_out"),
+        "warnings": _list(gate.get("warnings")),
+        "candidate": _dict(gate.get("candidate")),
+        "champion": _dict(gate.get("champion")),
+        "accuracy": f"{fmt(accuracy.get('value'))} [{fmt(interval[0])}, {fmt(interval[1])}]",
+        "comparison": rows,
+        "drift": [
+            {k: r.get(k) for k in ("layer", "w1_norm", "ks", "psi")}
+            for r in _list(gate.get("champion_drift"))
+            if isinstance(r, dict)
+        ],
+    }
 
 
 def case_view(result: CaseResult) -> dict[str, Any]:
@@ -377,29 +505,47 @@ def case_view(result: CaseResult) -> dict[str, Any]:
     held = sum(1 for e in result.expectations if e.passed)
     undecided = sum(1 for e in result.expectations if e.status == "undecided")
     n_seeds = len({r.get("seed") for r in act_rows}) or 1
-    coverage_rows = [{k: r.get(k) for k in COVERAGE_COLUMNS}
-                     for r in _list(result.tables.get("coverage")) if isinstance(r, dict)]
+    coverage_rows = [
+        {k: r.get(k) for k in COVERAGE_COLUMNS} for r in _list(result.tables.get("coverage")) if isinstance(r, dict)
+    ]
     return {
-        "case": result.case, "path": result.path, "description": result.description, "error": result.error,
-        "verdict": verdict_of(result), "held": held, "undecided": undecided, "total": len(result.expectations),
-        "calibration": result.calibration, "calibration_notes": list(result.calibration_notes),
-        "expectations": _expectation_rows(result), "glance": _glance(result),
+        "case": result.case,
+        "path": result.path,
+        "description": result.description,
+        "error": result.error,
+        "verdict": verdict_of(result),
+        "held": held,
+        "undecided": undecided,
+        "total": len(result.expectations),
+        "calibration": result.calibration,
+        "calibration_notes": list(result.calibration_notes),
+        "expectations": _expectation_rows(result),
+        "glance": _glance(result),
         "per_seed": _per_seed_rows(result),
         "plots": {
             "drift": _svg(plots.drift(act_rows, drift_max, seeds=n_seeds)),
             "dead": _svg(plots.dead_channels(act_rows, dead_max)),
-            "curve": _svg(plots.finetune_curve(
-                _curve_runs(result), source=_num(acc_source.get("mean")) if acc_source else None,
-                baseline=_num(acc_baseline.get("mean")) if acc_baseline else None)),
+            "curve": _svg(
+                plots.finetune_curve(
+                    _curve_runs(result),
+                    source=_num(acc_source.get("mean")) if acc_source else None,
+                    baseline=_num(acc_baseline.get("mean")) if acc_baseline else None,
+                )
+            ),
             "coverage": _svg(plots.coverage_map(coverage_rows)),
             "calibration": _svg(plots.calibration_bands(_calibration_rows(result))),
         },
-        "has_activations": bool(act_rows), "drift_max": drift_max, "dead_max": dead_max,
-        "histograms": hists, "histogram_seed": hist_seed,
-        "layer_maps": layer_maps, "layer_map_seed": layer_map_seed,
+        "has_activations": bool(act_rows),
+        "drift_max": drift_max,
+        "dead_max": dead_max,
+        "histograms": hists,
+        "histogram_seed": hist_seed,
+        "layer_maps": layer_maps,
+        "layer_map_seed": layer_map_seed,
         "has_cka": any(r.get("cka") is not None for r in act_rows),
         "activations": _activation_table(act_rows),
-        "coverage": coverage_rows, "record": _record_view(result),
+        "coverage": coverage_rows,
+        "record": _record_view(result),
         "provenance": _provenance_items({k: v for k, v in _dict(result.provenance).items() if k != "gate"}),
         "gate": _gate_view(_dict(result.provenance)),
         "schema_version": result.schema_version,
@@ -428,11 +574,18 @@ def compare_view(a: CaseResult, b: CaseResult) -> dict[str, Any]:
             change = "fixed" if eb.passed else "broke"
         else:
             change = "moved" if _shown_differently(ea.observed, eb.observed, "num") else ""
-        expectations.append({"name": name, "change": change,
-                             "a": None if ea is None else {"passed": ea.passed, "observed": ea.observed,
-                                                           "threshold": ea.threshold, "message": ea.message},
-                             "b": None if eb is None else {"passed": eb.passed, "observed": eb.observed,
-                                                           "threshold": eb.threshold, "message": eb.message}})
+        expectations.append(
+            {
+                "name": name,
+                "change": change,
+                "a": None
+                if ea is None
+                else {"passed": ea.passed, "observed": ea.observed, "threshold": ea.threshold, "message": ea.message},
+                "b": None
+                if eb is None
+                else {"passed": eb.passed, "observed": eb.observed, "threshold": eb.threshold, "message": eb.message},
+            }
+        )
     fa, fb = figures(a), figures(b)
     moved = []
     for key, label, kind in FIGURES:
@@ -441,29 +594,62 @@ def compare_view(a: CaseResult, b: CaseResult) -> dict[str, Any]:
             continue
         delta = None if va is None or vb is None else vb - va
         changed = _shown_differently(va, vb, kind) and key != "seconds"
-        moved.append({"key": key, "label": label, "kind": kind, "a": va, "b": vb, "changed": changed,
-                      "delta": delta, "delta_text": _delta_text(delta, kind)})
+        moved.append(
+            {
+                "key": key,
+                "label": label,
+                "kind": kind,
+                "a": va,
+                "b": vb,
+                "changed": changed,
+                "delta": delta,
+                "delta_text": _delta_text(delta, kind),
+            }
+        )
     pa, pb = _dict(a.provenance), _dict(b.provenance)
     prov = []
     extra = sorted((set(pa) | set(pb)) - set(PROVENANCE_ORDER))
     for key in [k for k in PROVENANCE_ORDER if k in pa or k in pb] + extra:
-        prov.append({"key": key, "a": pa.get(key), "b": pb.get(key), "changed": pa.get(key) != pb.get(key),
-                     "expected": key == "created"})
+        prov.append(
+            {
+                "key": key,
+                "a": pa.get(key),
+                "b": pb.get(key),
+                "changed": pa.get(key) != pb.get(key),
+                "expected": key == "created",
+            }
+        )
     rec_a, rec_b = _record_view(a), _record_view(b)
-    methods = [{"method": m, "a": rec_a["by_method"][m], "b": rec_b["by_method"][m],
-                "changed": rec_a["by_method"][m] != rec_b["by_method"][m]} for m in plots.METHODS]
+    methods = [
+        {
+            "method": m,
+            "a": rec_a["by_method"][m],
+            "b": rec_b["by_method"][m],
+            "changed": rec_a["by_method"][m] != rec_b["by_method"][m],
+        }
+        for m in plots.METHODS
+    ]
     drift_max = _threshold(b, "activations.drift_max") or _threshold(a, "activations.drift_max")
     src = _agg(b, "source") or _agg(a, "source")
     runs = _curve_runs(a, label_prefix="A ", style="-") + _curve_runs(b, label_prefix="B ", style="--")
     flipped = [e["name"] for e in expectations if e["change"] in ("fixed", "broke")]
-    summary = {"flipped": flipped, "only": [e["name"] for e in expectations if e["change"].startswith("only")],
-               "moved": [m["label"] for m in moved if m["changed"]],
-               "provenance": [p["key"] for p in prov if p["changed"] and not p["expected"]],
-               "coverage": [m["method"] for m in methods if m["changed"]]}
+    summary = {
+        "flipped": flipped,
+        "only": [e["name"] for e in expectations if e["change"].startswith("only")],
+        "moved": [m["label"] for m in moved if m["changed"]],
+        "provenance": [p["key"] for p in prov if p["changed"] and not p["expected"]],
+        "coverage": [m["method"] for m in methods if m["changed"]],
+    }
     return {
-        "a": _run_header(a), "b": _run_header(b), "same_case": a.case == b.case,
-        "expectations": expectations, "figures": moved, "provenance": prov, "methods": methods,
-        "summary": summary, "changes": sum(len(v) for v in summary.values()),
+        "a": _run_header(a),
+        "b": _run_header(b),
+        "same_case": a.case == b.case,
+        "expectations": expectations,
+        "figures": moved,
+        "provenance": prov,
+        "methods": methods,
+        "summary": summary,
+        "changes": sum(len(v) for v in summary.values()),
         "plots": {
             "curve": _svg(plots.finetune_curve(runs, source=_num(src.get("mean")) if src else None)),
             "drift": _svg(plots.compare_drift({"A": _activation_rows(a), "B": _activation_rows(b)}, drift_max)),
@@ -483,10 +669,18 @@ def _delta_text(delta: float | None, kind: str) -> str:
 
 def _run_header(result: CaseResult) -> dict[str, Any]:
     prov = _dict(result.provenance)
-    return {"case": result.case, "path": result.path, "verdict": verdict_of(result), "error": result.error,
-            "held": sum(1 for e in result.expectations if e.passed), "total": len(result.expectations),
-            "created": prov.get("created"), "commit": prov.get("git_commit"), "case_hash": prov.get("case_hash"),
-            "description": result.description}
+    return {
+        "case": result.case,
+        "path": result.path,
+        "verdict": verdict_of(result),
+        "error": result.error,
+        "held": sum(1 for e in result.expectations if e.passed),
+        "total": len(result.expectations),
+        "created": prov.get("created"),
+        "commit": prov.get("git_commit"),
+        "case_hash": prov.get("case_hash"),
+        "description": result.description,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,12 @@ from matplotlib.patches import Rectangle
 
 # Colours shared by the plots and the page's CSS legend (render.py passes them to the templates).
 STAGE_COLORS = {"reference": "#4d4d4d", "surgery": "#e66100", "finetune": "#5d3a9b", "gate": "#1a7f37"}
-STAGE_LABELS = {"reference": "reference", "surgery": "after surgery", "finetune": "after fine-tune",
-                "gate": "checkpoint (gate)"}
+STAGE_LABELS = {
+    "reference": "reference",
+    "surgery": "after surgery",
+    "finetune": "after fine-tune",
+    "gate": "checkpoint (gate)",
+}
 PATIENT_STAGES = ("surgery", "finetune", "gate")
 METHOD_COLORS = {"exact": "#1a9850", "sliced": "#4575b4", "adapted": "#fdae61", "fresh": "#d73027"}
 METHODS = tuple(METHOD_COLORS)
@@ -38,10 +42,10 @@ RUN_STYLES = {"A": "-", "B": "--"}
 MAX_POINTS = 300
 
 _RC = {
-    "svg.fonttype": "none",        # text as <text>, not glyph paths
-    "svg.hashsalt": "surgery",     # deterministic ids: the same result renders the same page
+    "svg.fonttype": "none",  # text as <text>, not glyph paths
+    "svg.hashsalt": "surgery",  # deterministic ids: the same result renders the same page
     "svg.image_inline": True,
-    "text.parse_math": False,      # layer names are data, never mathtext ("$" stays "$")
+    "text.parse_math": False,  # layer names are data, never mathtext ("$" stays "$")
     "text.usetex": False,
     "font.size": 8,
     "axes.titlesize": 9,
@@ -61,8 +65,8 @@ _RC = {
 }
 
 # Figure numbers for id prefixes; one sequence per page (see id_scope), so a page renders the same twice.
-_figure_numbers: contextvars.ContextVar[Iterator[int]] = contextvars.ContextVar("figure_numbers",
-                                                                                default=itertools.count())
+_figure_numbers: contextvars.ContextVar[Iterator[int]] = contextvars.ContextVar("figure_numbers")
+_unscoped_figure_numbers = itertools.count()  # outside any id_scope: one process-wide sequence
 _DECIMALS = re.compile(r"(-?\d+\.\d\d)\d+")
 _ID = re.compile(r'\bid="([^"]+)"')
 
@@ -75,10 +79,15 @@ def to_svg(fig: Figure, *, tight: bool = True) -> str:
     """
     buf = io.StringIO()
     with matplotlib.rc_context(_RC):
-        fig.savefig(buf, format="svg", bbox_inches="tight" if tight else None, pad_inches=0.04,
-                    metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
+        fig.savefig(
+            buf,
+            format="svg",
+            bbox_inches="tight" if tight else None,
+            pad_inches=0.04,
+            metadata={"Creator": None, "Date": None, "Format": None, "Type": None},
+        )
     text = buf.getvalue()
-    text = text[text.index("<svg"):]                               # XML prologue and DOCTYPE
+    text = text[text.index("<svg") :]  # XML prologue and DOCTYPE
     text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
     # Inline SVG in HTML5 gets its namespace from the parser; the declarations are only
     # namespace names (never fetched), but leaving them out keeps the page free of URLs.
@@ -91,11 +100,12 @@ def to_svg(fig: Figure, *, tight: bool = True) -> str:
     text = re.sub(r' transform="rotate\(-0 [^"]*\)"', "", text)
     text = re.sub(r'\b(x|y|width|height)="(-?\d+\.\d\d)\d+"', r'\1="\2"', text)
     # Unique ids per figure: clip paths and markers are referenced by id within one document.
-    prefix = f"f{next(_figure_numbers.get())}-"
+    prefix = f"f{next(_figure_numbers.get(_unscoped_figure_numbers))}-"
     ids = set(_ID.findall(text))
     if ids:
-        pattern = re.compile(r'(\bid="|url\(#|href="#)(' + "|".join(map(re.escape, sorted(ids, key=len,
-                                                                                       reverse=True))) + r')(?=["\)])')
+        pattern = re.compile(
+            r'(\bid="|url\(#|href="#)(' + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + r')(?=["\)])'
+        )
         text = pattern.sub(lambda m: m.group(1) + prefix + m.group(2), text)
     return text.strip()
 
@@ -112,15 +122,18 @@ def id_scope() -> Iterator[None]:
 
 def _styled(plot):
     """Run a plot function under the report's rcParams (artists read them when created)."""
+
     @functools.wraps(plot)
     def wrapper(*args, **kwargs):
         with matplotlib.rc_context(_RC):
             return plot(*args, **kwargs)
+
     return wrapper
 
 
-def _figure(width: float, height: float, ncols: int = 1,
-            margins: tuple[float, float, float, float] | None = None) -> tuple[Figure, list[Any]]:
+def _figure(
+    width: float, height: float, ncols: int = 1, margins: tuple[float, float, float, float] | None = None
+) -> tuple[Figure, list[Any]]:
     """A figure laid out by constrained layout, or by fixed ``margins`` (left, right, bottom, top; inches)."""
     if margins is None:
         fig = Figure(figsize=(width, height), layout="constrained")
@@ -209,9 +222,15 @@ def histogram(hist: dict[str, Any], title: str) -> str | None:
         if len(counts) != len(widths) or not np.isfinite(counts).all() or counts.sum() <= 0:
             continue
         density = counts / counts.sum() / widths
-        ax.stairs(density, edges, color=STAGE_COLORS[stage], linewidth=1.2 if stage != "reference" else 1.6,
-                  fill=stage == "reference", alpha=0.25 if stage == "reference" else 1.0,
-                  label=STAGE_LABELS[stage])
+        ax.stairs(
+            density,
+            edges,
+            color=STAGE_COLORS[stage],
+            linewidth=1.2 if stage != "reference" else 1.6,
+            fill=stage == "reference",
+            alpha=0.25 if stage == "reference" else 1.0,
+            label=STAGE_LABELS[stage],
+        )
         if stage == "reference":
             ax.stairs(density, edges, color=STAGE_COLORS[stage], linewidth=1.0)
         drawn += 1
@@ -259,20 +278,24 @@ def drift(rows: Sequence[dict[str, Any]], threshold: float | None, *, seeds: int
 @_styled
 def layer_map(layer_map: dict[str, Any], title: str) -> str | None:
     """A reference-blocks × patient-blocks CKA heatmap (0 to 1), each patient block's best match outlined."""
-    rows, cols = [str(r) for r in layer_map.get("reference_layers") or []], [str(c) for c in layer_map.get("layers") or []]
-    values = np.array([[math.nan if v is None else float(v) for v in row] for row in layer_map.get("cka") or []],
-                      dtype=float)
+    rows, cols = (
+        [str(r) for r in layer_map.get("reference_layers") or []],
+        [str(c) for c in layer_map.get("layers") or []],
+    )
+    values = np.array(
+        [[math.nan if v is None else float(v) for v in row] for row in layer_map.get("cka") or []], dtype=float
+    )
     if not rows or not cols or values.shape != (len(rows), len(cols)) or not np.isfinite(values).any():
         return None
     fig, (ax,) = _figure(2.2 + 0.32 * len(cols), 1.3 + 0.2 * len(rows))
-    image = ax.imshow(np.clip(values, 0.0, 1.0), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(
+        np.clip(values, 0.0, 1.0), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest"
+    )
     for j in range(len(cols)):
         column = values[:, j]
         if np.isfinite(column).any():
             i = int(np.nanargmax(column))
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e7298a",
-                                                      linewidth=1.4))
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e7298a", linewidth=1.4))
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)))
@@ -292,8 +315,9 @@ def dead_channels(rows: Sequence[dict[str, Any]], threshold: float | None) -> st
         return None
     layers = _layer_order(rows)
     worst = _worst_by(rows, "dead_channel_frac")
-    ref = _worst_by([dict(r, stage="reference") for r in rows if r.get("stage") == rows[0].get("stage")],
-                    "ref_dead_channel_frac")
+    ref = _worst_by(
+        [dict(r, stage="reference") for r in rows if r.get("stage") == rows[0].get("stage")], "ref_dead_channel_frac"
+    )
     series = {"reference": [ref.get((layer, "reference"), math.nan) for layer in layers]}
     for stage in PATIENT_STAGES:
         if any(r.get("stage") == stage for r in rows):
@@ -326,16 +350,21 @@ def _curve_xy(curve: Any, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @_styled
-def finetune_curve(runs: Sequence[dict[str, Any]], *, source: float | None = None,
-                   baseline: float | None = None) -> str | None:
+def finetune_curve(
+    runs: Sequence[dict[str, Any]], *, source: float | None = None, baseline: float | None = None
+) -> str | None:
     """Loss and accuracy against step for each run.
 
     ``runs``: dicts with ``label``, ``curve`` (list of ``{step, loss, accuracy}``), optional
     ``baseline_curve``, ``nonfinite_step`` and ``style`` ("-" or "--"). ``source`` and
     ``baseline`` draw horizontal reference lines on the accuracy panel.
     """
-    has_points = any(np.isfinite(_curve_xy(r.get(c), k)[1]).any()
-                     for r in runs for c in ("curve", "baseline_curve") for k in ("loss", "accuracy"))
+    has_points = any(
+        np.isfinite(_curve_xy(r.get(c), k)[1]).any()
+        for r in runs
+        for c in ("curve", "baseline_curve")
+        for k in ("loss", "accuracy")
+    )
     if not has_points:
         return None
     fig, (ax_loss, ax_acc) = _figure(8.6, 2.6, ncols=2, margins=(0.45, 1.75, 0.42, 0.25))
@@ -346,17 +375,33 @@ def finetune_curve(runs: Sequence[dict[str, Any]], *, source: float | None = Non
         for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
             xs, ys = _curve_xy(run.get("curve"), key)
             if len(xs):
-                ax.plot(xs, ys, style, color=color, label=run.get("label", "patient"),
-                        marker="o" if len(xs) <= 12 else None, markersize=2.5)
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    color=color,
+                    label=run.get("label", "patient"),
+                    marker="o" if len(xs) <= 12 else None,
+                    markersize=2.5,
+                )
             bx, by = _curve_xy(run.get("baseline_curve"), key)
             if len(bx):
                 label = f"baseline {run['label']}" if len(runs) > 1 and run.get("label") else "baseline (random init)"
-                ax.plot(bx, by, style, color="#8c8c8c", linewidth=1.0, label=label,
-                        marker="o" if len(bx) <= 12 else None, markersize=2)
+                ax.plot(
+                    bx,
+                    by,
+                    style,
+                    color="#8c8c8c",
+                    linewidth=1.0,
+                    label=label,
+                    marker="o" if len(bx) <= 12 else None,
+                    markersize=2,
+                )
             step = run.get("nonfinite_step")
             if step is not None:
-                ax.axvline(float(step), color="#b2182b", linewidth=1.0, linestyle=":",
-                           label=f"non-finite at step {step}")
+                ax.axvline(
+                    float(step), color="#b2182b", linewidth=1.0, linestyle=":", label=f"non-finite at step {step}"
+                )
     if source is not None and math.isfinite(source):
         ax_acc.axhline(source, color="#4d4d4d", linestyle=":", linewidth=1.0, label=f"source {source:.3f}")
     if baseline is not None and math.isfinite(baseline):
@@ -394,14 +439,27 @@ def coverage_map(rows: Sequence[dict[str, Any]]) -> str | None:
         counts = np.nan_to_num(counts)
         shown = counts > 0
         if shown.any():
-            ax.barh(ys[shown], counts[shown], left=left[shown], height=0.78, color=METHOD_COLORS[method],
-                    label=method, linewidth=0)
+            ax.barh(
+                ys[shown],
+                counts[shown],
+                left=left[shown],
+                height=0.78,
+                color=METHOD_COLORS[method],
+                label=method,
+                linewidth=0,
+            )
         left += counts
     for y, total, r in zip(ys, left, rows):
         cov = _finite([r.get("elements_covered")])[0]
         if not math.isfinite(cov) or cov < 1:  # only the rows that are not fully covered
-            ax.text(total + 0.1, y, "n/a" if not math.isfinite(cov) else f"{cov:.0%}", va="center", fontsize=5.5,
-                    color="#b2182b")
+            ax.text(
+                total + 0.1,
+                y,
+                "n/a" if not math.isfinite(cov) else f"{cov:.0%}",
+                va="center",
+                fontsize=5.5,
+                color="#b2182b",
+            )
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=size)
     ax.set_ylim(n - 0.5, -0.5)
@@ -432,8 +490,15 @@ def compare_drift(runs: dict[str, Sequence[dict[str, Any]]], threshold: float | 
     for i, (run, stage, ys) in enumerate(series):
         xs = np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width
         finite = np.isfinite(ys)
-        ax.bar(xs[finite], ys[finite], width, color=STAGE_COLORS[stage], alpha=1.0 if run == "A" else 0.45,
-               linewidth=0, label=f"{run}: {STAGE_LABELS[stage]}")
+        ax.bar(
+            xs[finite],
+            ys[finite],
+            width,
+            color=STAGE_COLORS[stage],
+            alpha=1.0 if run == "A" else 0.45,
+            linewidth=0,
+            label=f"{run}: {STAGE_LABELS[stage]}",
+        )
     _threshold_line(ax, threshold, f"drift_max {threshold:.3g}" if threshold is not None else "")
     _layer_axis(ax, layers)
     ax.locator_params(axis="y", nbins=4)
@@ -468,8 +533,9 @@ def calibration_bands(rows: Sequence[dict[str, Any]]) -> str | None:
             ax.axvline(threshold, color="#b2182b", linestyle="--", linewidth=1.0)
         observed = _finite([row.get("observed")])[0]
         if math.isfinite(observed):
-            ax.scatter([observed], [0], marker="D", s=28, zorder=3,
-                       color=STATUS_COLORS.get(row.get("status", ""), "#000000"))
+            ax.scatter(
+                [observed], [0], marker="D", s=28, zorder=3, color=STATUS_COLORS.get(row.get("status", ""), "#000000")
+            )
         ax.set_ylim(-0.6, 0.6)
         ax.set_yticks([])
         ax.grid(False)

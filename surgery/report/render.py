@@ -52,12 +52,20 @@ def _index_row(result: CaseResult, folder: Path) -> dict[str, Any]:
     figs = figures(result)
     drifts = [v for v in (figs["drift.surgery"], figs["drift.finetune"]) if v is not None]
     has_report = (folder / "report.html").is_file()
-    return {"case": result.case, "description": result.description, "verdict": result.verdict,
-            "href": f"{quote(folder.name)}/report.html" if has_report else f"{quote(folder.name)}/results.json",
-            "has_report": has_report, "held": sum(1 for e in result.expectations if e.passed),
-            "total": len(result.expectations), "failed": [e.name for e in result.failures],
-            "undecided": [e.name for e in result.undecided], "error": result.error, "figures": figs,
-            "worst_drift": (math.nan if any(math.isnan(v) for v in drifts) else max(drifts)) if drifts else None}
+    return {
+        "case": result.case,
+        "description": result.description,
+        "verdict": result.verdict,
+        "href": f"{quote(folder.name)}/report.html" if has_report else f"{quote(folder.name)}/results.json",
+        "has_report": has_report,
+        "held": sum(1 for e in result.expectations if e.passed),
+        "total": len(result.expectations),
+        "failed": [e.name for e in result.failures],
+        "undecided": [e.name for e in result.undecided],
+        "error": result.error,
+        "figures": figs,
+        "worst_drift": (math.nan if any(math.isnan(v) for v in drifts) else max(drifts)) if drifts else None,
+    }
 
 
 INDEX_ORDER = {"error": 0, "fail": 0, "undecided": 1, "pass": 2}  # what needs attention first
@@ -77,15 +85,24 @@ def write_index(report_dir: Path) -> Path:
             notes.append(f"{where} skipped: {exc.__class__.__name__}: {str(exc).replace(str(path) + ': ', '')}")
     rows.sort(key=lambda r: (INDEX_ORDER[r["verdict"]], r["case"]))
     counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in ("pass", "undecided", "fail", "error")}
-    page = render_page("index.html.j2", rows=rows, notes=notes, counts=counts, title="surgery reports",
-                       report_dir=str(report_dir))
+    page = render_page(
+        "index.html.j2", rows=rows, notes=notes, counts=counts, title="surgery reports", report_dir=str(report_dir)
+    )
     return _write_page(report_dir / "index.html", page)
 
 
-SUMMARY_COLUMNS = {"coverage.tensors": "coverage (tensors)", "coverage.elements": "coverage (elements)",
-                   "accuracy.source": "source", "accuracy.before": "before", "accuracy.after": "after",
-                   "accuracy.baseline": "baseline", "accuracy.recovery": "recovery", "accuracy.bn_gain": "AdaBN gain",
-                   "drift.surgery": "worst W1 (surgery)", "drift.finetune": "worst W1 (fine-tune)"}
+SUMMARY_COLUMNS = {
+    "coverage.tensors": "coverage (tensors)",
+    "coverage.elements": "coverage (elements)",
+    "accuracy.source": "source",
+    "accuracy.before": "before",
+    "accuracy.after": "after",
+    "accuracy.baseline": "baseline",
+    "accuracy.recovery": "recovery",
+    "accuracy.bn_gain": "AdaBN gain",
+    "drift.surgery": "worst W1 (surgery)",
+    "drift.finetune": "worst W1 (fine-tune)",
+}
 
 
 def summary_table(report_dir: Path) -> str:
