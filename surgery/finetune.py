@@ -31,8 +31,11 @@ from surgery.errors import SurgeryInputError
 from surgery.image_cache import CachedImages, Images, on_device
 
 
-# Cached images are evaluated in batches of at most this many float32 values (256 MB): 445 images at 224 px.
-EVAL_BATCH_VALUES = 2**26
+# Cached images are evaluated in batches of at most this many input values (16 MB as float32): 27 images at
+# 224 px, whose ResNet activations stay near a training batch's; 512 at 32 px. It bounds peak memory by a
+# batch, not by the test split: at 2**26 (445 images at 224 px) a 10,000-image folder's 200-image test
+# split was evaluated in one batch, 1.1 GB over a 1,000-image folder's 20 (benchmarks/test_real_data.py).
+EVAL_BATCH_VALUES = 2**22
 
 
 def resolve_device(name: str = "auto") -> torch.device:
