@@ -529,3 +529,10 @@ def test_index_is_one_line_per_case_failed_then_undecided_then_passed(tmp_path):
     assert len(cells) == 4 and all(c.startswith("<details>") and c.rstrip().endswith("</details>") for c in cells)
     description = "ResNet-50 weights selected into a ResNet-50 on digits."
     assert page.count(description) == 3 == sum(c.count(description) for c in cells)
+
+
+def test_index_orders_numbered_cases_as_numbers(tmp_path):
+    for name in ("seed-10", "seed-2", "seed-1"):
+        write_case_report(synthetic_result(name=name, n_layers=2, steps=100, blocks=SMALL), tmp_path)
+    page = write_index(tmp_path).read_text(encoding="utf-8")
+    assert re.findall(r'<td><a href="[^"]+">(seed-\d+)</a>', page) == ["seed-1", "seed-2", "seed-10"]

@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -71,6 +72,11 @@ def _index_row(result: CaseResult, folder: Path) -> dict[str, Any]:
 INDEX_ORDER = {"error": 0, "fail": 0, "undecided": 1, "pass": 2}  # what needs attention first
 
 
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key reading digit runs as numbers: ``case-2`` before ``case-10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part]
+
+
 def write_index(report_dir: Path) -> Path:
     """Write ``report_dir/index.html``: one line per ``*/results.json``, failed (and errors) first, then undecided,
     then passed (unreadable files listed as notes)."""
@@ -83,7 +89,7 @@ def write_index(report_dir: Path) -> Path:
         except Exception as exc:  # noqa: BLE001 - one bad file must not hide the others
             where = f"{path.parent.name}/results.json"
             notes.append(f"{where} skipped: {exc.__class__.__name__}: {str(exc).replace(str(path) + ': ', '')}")
-    rows.sort(key=lambda r: (INDEX_ORDER[r["verdict"]], r["case"]))
+    rows.sort(key=lambda r: (INDEX_ORDER[r["verdict"]], natural_key(r["case"])))
     counts = {v: sum(1 for r in rows if r["verdict"] == v) for v in ("pass", "undecided", "fail", "error")}
     page = render_page(
         "index.html.j2", rows=rows, notes=notes, counts=counts, title="surgery reports", report_dir=str(report_dir)
