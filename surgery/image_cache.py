@@ -32,8 +32,8 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from surgery.files import cache_dir, write_atomic, write_json
-from surgery.errors import SurgeryInputError
-from surgery.image_sources import DecodeItems, Geometry, ImageSource
+from surgery.errors import SurgeryInputError, first_line
+from surgery.image_sources import DecodeItems, Geometry, ImageSource, ReadFiles, decode_files, pixels_of_bytes
 from surgery.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -173,32 +173,67 @@ def _first_error(errors: list[str | None]) -> tuple[int, str | None]:
     return len(errors), next((e for e in errors if e is not None), None)
 
 
+def _decode_batched(tmp: Path, source: ImageSource, geometry: Geometry, *, workers: int, bar: tqdm) -> None:
+    """``data.decoder: cpu | cuda``: workers read the files' bytes; this process decodes each batch with
+    torchvision.io on the decoder's device and writes the pixels at their records."""
+    device = torch.device(geometry.decoder)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeryInputError("data.decoder is 'cuda' but this machine has no CUDA device; use 'pil' or 'cpu'")
+    record = geometry.channels * geometry.crop * geometry.crop
+    loader = torch.utils.data.DataLoader(
+        ReadFiles(source), batch_size=DECODE_BATCH, num_workers=workers, collate_fn=list, pin_memory=False
+    )
+    fd = os.open(tmp, os.O_WRONLY)
+    try:
+        start = 0
+        for batch in loader:
+            error = next((e for _, e in batch if e is not None), None)
+            if error is not None:
+                raise SurgeryInputError(error)
+            blobs = [blob for blob, _ in batch]
+            for offset, (blob, image) in enumerate(zip(blobs, decode_files(blobs, geometry, device))):
+                index = start + offset
+                try:
+                    pixels = pixels_of_bytes(blob, geometry) if image is None else image.numpy()
+                except Exception as exc:  # PIL raises several types for an unreadable or truncated file
+                    raise SurgeryInputError(f"cannot read image {source.item_name(index)}: {first_line(exc)}") from None
+                os.pwrite(fd, np.ascontiguousarray(pixels).data, index * record)
+            start += len(batch)
+            bar.update(len(batch))
+    finally:
+        os.close(fd)
+
+
+def _decode_in_workers(tmp: Path, source: ImageSource, geometry: Geometry, *, workers: int, bar: tqdm) -> None:
+    """``data.decoder: pil``: each DataLoader worker decodes its items with PIL and writes them at their records."""
+    items = _DecodeIntoFile(DecodeItems(source, geometry), tmp, geometry.channels * geometry.crop * geometry.crop)
+    loader = torch.utils.data.DataLoader(
+        items,
+        batch_size=DECODE_BATCH,
+        num_workers=workers,
+        collate_fn=_first_error,
+        prefetch_factor=4 if workers else None,
+    )
+    try:
+        for count, error in loader:
+            if error is not None:
+                raise SurgeryInputError(error)
+            bar.update(count)
+    finally:
+        items.close()  # the main process's descriptor, when it decoded without workers
+
+
 def _decode_into(path: Path, source: ImageSource, geometry: Geometry, *, workers: int, progress: bool | None) -> None:
     """Decode every item of ``source`` and write its pixels to ``path`` as fixed-size records (atomically)."""
     log.info("decoding %d images of %s once into the cache (%s)", len(source), source.description, path.parent)
     show = sys.stderr.isatty() if progress is None else progress
-    record = geometry.channels * geometry.crop * geometry.crop
+    decode = _decode_in_workers if geometry.decoder == "pil" else _decode_batched
 
     def write(tmp: Path) -> None:
-        os.truncate(tmp, record * len(source))
-        items = _DecodeIntoFile(DecodeItems(source, geometry), tmp, record)
-        loader = torch.utils.data.DataLoader(
-            items,
-            batch_size=DECODE_BATCH,
-            num_workers=workers,
-            collate_fn=_first_error,
-            prefetch_factor=4 if workers else None,
-        )
-        with tqdm(
-            total=len(source), desc=f"decoding {source.description}", unit="img", disable=not show, leave=False
-        ) as bar:
-            try:
-                for count, error in loader:
-                    if error is not None:
-                        raise SurgeryInputError(error)
-                    bar.update(count)
-            finally:
-                items.close()  # the main process's descriptor, when it decoded without workers
+        os.truncate(tmp, geometry.channels * geometry.crop * geometry.crop * len(source))
+        desc = f"decoding {source.description}"
+        with tqdm(total=len(source), desc=desc, unit="img", disable=not show, leave=False) as bar:
+            decode(tmp, source, geometry, workers=workers, bar=bar)
 
     write_atomic(path, write)
 

@@ -16,6 +16,7 @@ input naming its path. Decoding runs in DataLoader workers; :mod:`surgery.image_
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -40,14 +41,54 @@ class Geometry:
     crop: int
     channels: int
     interpolation: str = "bilinear"
+    decoder: str = "pil"  # "pil", or torchvision.io's decoder on "cpu" or "cuda" (see DECODERS)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        geometry = {
             "resize": self.resize,
             "crop": self.crop,
             "channels": self.channels,
             "interpolation": self.interpolation,
         }
+        # Another decoder writes (slightly) other pixels; PIL's entries keep the keys they always had.
+        return geometry if self.decoder == "pil" else {**geometry, "decoder": self.decoder}
+
+
+# ``data.decoder``: who turns a file's bytes into pixels. PIL (the default) matches torchvision's
+# ImageFolder transforms exactly; "cpu" and "cuda" use torchvision.io.decode_jpeg in batches (on the
+# GPU, nvJPEG), then resize and crop the tensors there. A file decode_jpeg cannot read (a PNG, a CMYK
+# JPEG) goes through PIL, so both accept what PIL accepts.
+DECODERS = ("pil", "cpu", "cuda")
+
+
+def _resize_and_crop(image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """A decoded ``(C, H, W)`` uint8 tensor, its shorter side resized and centre-cropped, on its own device."""
+    image = TF.resize(image, [geometry.resize], interpolation=InterpolationMode(geometry.interpolation), antialias=True)
+    return TF.center_crop(image, [geometry.crop])
+
+
+def decode_files(blobs: list[np.ndarray], geometry: Geometry, device: torch.device) -> list[torch.Tensor | None]:
+    """The encoded files ``blobs`` as ``(C, crop, crop)`` uint8 tensors on the CPU, decoded by
+    ``torchvision.io.decode_jpeg`` on ``device`` in one batch; None for a file it cannot decode (PIL's turn)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode = ImageReadMode.GRAY if geometry.channels == 1 else ImageReadMode.RGB
+    # NOTE: only whole JPEGs (SOI ... EOI): libjpeg fills a truncated file with grey and warns, where PIL
+    # refuses it; PIL gets the rest, so a truncated file is bad input whichever decoder is asked for.
+    whole = [len(b) > 4 and bytes(b[:2]) == b"\xff\xd8" and bytes(b[-2:]) == b"\xff\xd9" for b in blobs]
+    data = [torch.from_numpy(blob) for blob, ok in zip(blobs, whole) if ok]
+    try:
+        decoded: list[torch.Tensor | None] = list(decode_jpeg(data, mode=mode, device=device)) if data else []
+    except RuntimeError:  # one file of the batch is a JPEG decode_jpeg cannot read (CMYK, ...): each alone
+        decoded = []
+        for one in data:
+            try:
+                decoded.append(decode_jpeg(one, mode=mode, device=device))
+            except RuntimeError:
+                decoded.append(None)
+    found = iter(decoded)
+    images = [next(found) if ok else None for ok in whole]
+    return [None if image is None else _resize_and_crop(image, geometry).cpu() for image in images]
 
 
 def to_pixels(image: Any, geometry: Geometry) -> np.ndarray:
@@ -84,6 +125,16 @@ class ImageSource:
     def item_name(self, index: int) -> str:
         return self.names[index] if self.names else f"item {index} of {self.description}"
 
+    def read_bytes(self, index: int) -> np.ndarray:
+        """The encoded bytes of file item ``index`` (a folder's or a tar's; a dataset's items are not files)."""
+        if self.reader is None:
+            raise SurgeryInputError(
+                f"{self.description} yields decoded images, not files: data.decoder applies to an imagefolder only"
+            )
+        fileobj, _ = self.reader[index]
+        with fileobj:
+            return np.frombuffer(fileobj.read(), dtype=np.uint8).copy()
+
     def open(self, index: int) -> Any:
         """The image of item ``index`` (a PIL image, tensor or array), not yet decoded for a file."""
         if self.reader is not None:
@@ -114,6 +165,27 @@ class DecodeItems(torch.utils.data.Dataset):
             return to_pixels(self.source.open(index), self.geometry), None
         except Exception as exc:  # PIL raises several types for an unreadable or truncated file
             return None, f"cannot read image {self.source.item_name(index)}: {first_line(exc)}"
+
+
+class ReadFiles(torch.utils.data.Dataset):
+    """The items of a file source as ``(bytes or None, error or None)``: what a worker reads for a batched decoder."""
+
+    def __init__(self, source: ImageSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return self.source.read_bytes(index), None
+        except OSError as exc:
+            return None, f"cannot read image {self.source.item_name(index)}: {first_line(exc)}"
+
+
+def pixels_of_bytes(blob: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """One encoded file decoded by PIL at ``geometry``: the fallback of the batched decoders."""
+    return to_pixels(Image.open(io.BytesIO(blob.tobytes())), geometry)
 
 
 def _digest(*parts: Any) -> str:

@@ -332,3 +332,56 @@ def test_the_tiny_224px_folder_case_runs(tmp_path: Path):
     results = run.results
     assert results["per_seed"][0]["data"]["classes"] == 5
     assert results["provenance"]["preprocess"]["crop"] == 224
+
+
+# --------------------------------------------------------------------------- batched decoders (data.decoder)
+
+
+def _decoded(root: Path, decoder: str, size: int = 48) -> torch.Tensor:
+    """Every image of the folder at ``root`` as the cache holds it when ``decoder`` decodes it."""
+    from surgery.image_cache import cached_entry
+    from surgery.image_sources import Geometry, folder_source
+
+    entry = cached_entry(
+        folder_source(str(root)), Geometry(resize=size, crop=size, channels=3, decoder=decoder), workers=0
+    )
+    return CachedImages(entry, np.arange(entry.count), ZOO_PREPROCESS).read(slice(None))
+
+
+def _mixed_folder(folder: Path) -> Path:
+    """The shapes folder plus a PNG and a CMYK JPEG: files decode_jpeg does not read, PIL does."""
+    Image.new("RGB", (60, 50), (250, 10, 10)).save(folder / "0-circle" / "png.png")
+    Image.new("CMYK", (50, 60), (0, 255, 255, 0)).save(folder / "1-square" / "cmyk.jpg")
+    return folder
+
+
+def _assert_close_to_pil(root: Path, decoder: str, *, mean: float, most: float) -> None:
+    """Pixels within ``mean`` grey levels of PIL's on average, and 99% of them within ``most``."""
+    reference, batched = _decoded(root, "pil"), _decoded(root, decoder)
+    assert batched.shape == reference.shape and batched.dtype == torch.uint8
+    difference = (batched.int() - reference.int()).abs().float()
+    assert difference.mean() < mean and torch.quantile(difference, 0.99) <= most, (difference.mean(), difference.max())
+
+
+def test_the_torchvision_decoder_writes_what_pil_writes_within_rounding(folder: Path, isolated_cache: Path):
+    # the same libjpeg-turbo decode, resized as a tensor instead of a PIL image: 0.15 levels apart on average
+    _assert_close_to_pil(_mixed_folder(folder), "cpu", mean=0.5, most=1)
+    # its own cache entry beside PIL's: another decoder writes other pixels
+    assert len(list((isolated_cache / "images").glob("*.u8"))) == 2
+
+
+def test_the_torchvision_decoder_refuses_a_truncated_image_as_pil_does(folder: Path, isolated_cache: Path):
+    from surgery.errors import SurgeryInputError
+
+    victim = next(folder.glob("*-cross/*.jpg"))
+    victim.write_bytes(victim.read_bytes()[:300])
+    with pytest.raises(SurgeryInputError, match=f"cannot read image {victim}"):
+        _decoded(folder, "cpu")
+    assert not list((isolated_cache / "images").glob("*.u8"))  # nothing half-written is left
+
+
+@pytest.mark.gpu
+def test_the_cuda_decoder_writes_what_pil_writes_within_rounding(folder: Path, isolated_cache: Path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _assert_close_to_pil(_mixed_folder(folder), "cuda", mean=1.5, most=8)  # nvJPEG's IDCT is not libjpeg's
