@@ -716,7 +716,7 @@ def input_batches(inputs: Any, batch_size: int) -> tuple[int, Iterable[Tensor]]:
                 "probe: the DataLoader's dataset has no length (an IterableDataset); pass a "
                 "map-style dataset or a list of batches"
             )
-        total = len(dataset)  # type: ignore[arg-type]
+        total = len(dataset)
         if inputs.drop_last and inputs.batch_size:
             total -= total % inputs.batch_size
         return total, (_batch_images(b) for b in inputs)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from surgery.files import write_atomic
 from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
-from surgery.calibration import CalibrationRecord, ItemCalibration, record_path, save_record, yaml_path
+from surgery.calibration import CalibrationRecord, ItemCalibration, Rule, record_path, save_record, yaml_path
 from surgery.case import Case, experiment_hash, load_case, threshold_range
 from surgery.checks.expect import evaluate_expectations, threshold_location
 from surgery.errors import SurgeryInputError
@@ -85,7 +85,7 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
     case = load_case(case_path)
     result = run_case(case, RunOptions(seeds=seeds, progress=False, calibrating=True))
     figures: dict[str, dict[str, float | None]] = {}
-    rules: dict[str, dict[str, str]] = {}
+    rules: dict[str, Rule] = {}
     for seed_figures in result.per_seed:
         for item in evaluate_expectations(case, [seed_figures])[0]:
             if item.name == "finite":
@@ -153,7 +153,7 @@ def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> d
 # ----------------------------------------------------------------------------- deriving thresholds
 
 
-def summarise(samples: dict[str, dict[str, float | None]], rule: dict[str, str]) -> ItemCalibration | None:
+def summarise(samples: dict[str, dict[str, float | None]], rule: Rule) -> ItemCalibration | None:
     """Mean and spread of an item's figures over every run; None when fewer than two seeds gave one."""
     values = [v for per_seed in samples.values() for v in per_seed.values() if v is not None and math.isfinite(v)]
     seeds = {s for per_seed in samples.values() for s, v in per_seed.items() if v is not None and math.isfinite(v)}
@@ -258,7 +258,7 @@ def calibrate_case(
         raise SurgeryInputError("--seeds: a calibration needs at least 2 seeds")
     all_seeds = calibration_seeds(case, seeds)
     samples: dict[str, dict[str, dict[str, float | None]]] = {}
-    rules: dict[str, dict[str, str]] = {}
+    rules: dict[str, Rule] = {}
     provenance: dict[str, dict[str, Any]] = {}
     cores = os.cpu_count() or 1
     for profile in profiles:

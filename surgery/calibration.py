@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from surgery.files import write_json
 from surgery.bounds import Aggregate, Calibrated, Direction
@@ -48,6 +48,13 @@ def yaml_path(item: str) -> tuple[str, ...]:
     ``accuracy.beats_baseline`` → expect.accuracy.beats_baseline.margin."""
     parts = ("expect",) + tuple(item.split("."))
     return parts + ("margin",) if item == "accuracy.beats_baseline" else parts
+
+
+class Rule(TypedDict):
+    """How an expectation judges its figure (an expectation result's ``details["rule"]``)."""
+
+    direction: Direction
+    aggregate: Aggregate
 
 
 @dataclass

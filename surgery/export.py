@@ -15,6 +15,7 @@ when the candidate's case differs from the case it is gated with. Files are writ
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -68,6 +69,9 @@ def export_patients(
     """Write each seed's patient of ``result`` under ``out_dir``; return the paths, in seed order."""
     from safetensors.torch import save_file
 
+    def save(state: dict[str, torch.Tensor], metadata: dict[str, str], tmp: Path) -> None:
+        save_file(state, str(tmp), metadata=metadata)
+
     paths = []
     for figures in result.per_seed:
         seed = figures["seed"]
@@ -76,7 +80,7 @@ def export_patients(
         path = export_path(out_dir, result.case, seed)
         meta = export_metadata(result, figures, experiment_hash=experiment_hash)
         tensors = dict(states[seed])
-        write_atomic(path, lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m))
+        write_atomic(path, functools.partial(save, tensors, meta))
         paths.append(path)
     return paths
 

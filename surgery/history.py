@@ -254,7 +254,7 @@ def calibrated_band(calibration: dict[str, Any] | None) -> tuple[float, float] |
                 cal,
                 alpha=float(calibration["alpha"]),
                 k=int(calibration.get("k") or 1),
-                aggregate=str(calibration.get("aggregate") or "mean"),
+                aggregate="worst" if calibration.get("aggregate") == "worst" else "mean",
             )
     except (KeyError, TypeError, ValueError):
         return None
@@ -396,7 +396,8 @@ def _watched(result: CaseResult) -> dict[str, str]:
 
 def provenance_changes(nights: list[Night]) -> list[Change]:
     """Per case, the watched provenance fields that differ from the case's previous night."""
-    changes, previous = [], {}
+    changes: list[Change] = []
+    previous: dict[str, dict[str, str]] = {}
     for i, night in enumerate(nights):
         for case, result in night.results.items():
             now = _watched(result)

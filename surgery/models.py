@@ -11,7 +11,7 @@ import inspect
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 import torch.nn as nn
@@ -132,16 +132,17 @@ def _set_in_chans(model: nn.Module, in_chans: int) -> None:
         if isinstance(module, nn.Conv2d):
             if module.in_channels == in_chans:
                 return
+            # A Conv2d's size fields are pairs (its constructor makes them so); torch types them tuple[int, ...].
             set_module(
                 model,
                 name,
                 nn.Conv2d(
                     in_chans,
                     module.out_channels,
-                    module.kernel_size,
-                    module.stride,
-                    module.padding,
-                    module.dilation,
+                    cast("tuple[int, int]", module.kernel_size),
+                    cast("tuple[int, int]", module.stride),
+                    cast("str | tuple[int, int]", module.padding),
+                    cast("tuple[int, int]", module.dilation),
                     module.groups,
                     module.bias is not None,
                 ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -159,7 +160,7 @@ def write_results(result: CaseResult, out_dir: str | Path) -> Path:
     for name, rows in result.tables.items():
         if rows:
             frame = pd.DataFrame(rows)
-            write_atomic(out_dir / f"{safe_name(name)}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+            write_atomic(out_dir / f"{safe_name(name)}.csv", functools.partial(frame.to_csv, index=False))
     return path
 
 

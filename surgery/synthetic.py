@@ -8,6 +8,7 @@ reads one with ``data.train: {dataset: "surgery.synthetic:ShapesFolder", count: 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -42,18 +43,17 @@ def write_shapes_folder(
         return root
     for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
+
+    def save_jpeg(rgb: np.ndarray, tmp: Path) -> None:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="JPEG", quality=quality)
+
     for start in range(0, count, CHUNK):
         n = min(CHUNK, count - start)
         images, labels = make_shapes(n, size, seed=seed * 1_000_003 + start, noise=noise)
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for i in range(n):
             path = root / classes[int(labels[i])] / f"{start + i:06d}.jpg"
-            write_atomic(
-                path,
-                lambda tmp, p=pixels[i]: Image.fromarray(np.ascontiguousarray(p)).save(
-                    tmp, format="JPEG", quality=quality
-                ),
-            )
+            write_atomic(path, functools.partial(save_jpeg, pixels[i]))
     write_atomic(marker, lambda tmp: tmp.write_text(json.dumps(stamp)))
     return root
 

@@ -107,7 +107,7 @@ def train_recipe(recipe: Recipe, *, device: torch.device, progress: bool | None 
     )
     accuracy = evaluate(model, split.test_x, split.test_y, device=device)
     model = model.cpu().to(memory_format=torch.contiguous_format)
-    return (model.conv1 if recipe.kind == "stem" else model), accuracy
+    return (model.get_submodule("conv1") if recipe.kind == "stem" else model), accuracy
 
 
 def build(name: str, *, device: torch.device | str = "cpu", progress: bool | None = None) -> Path:

@@ -294,8 +294,7 @@ def activation_swap(
     wanted = set(from_kinds)
 
     model = copy.deepcopy(model)
-    present = Counter(kind_of(m) for _, m in model.named_modules(remove_duplicate=False))
-    present.pop(None, None)
+    present = Counter(k for _, m in model.named_modules(remove_duplicate=False) if (k := kind_of(m)) is not None)
 
     # Inspect the graph before the swap (call sites of the old kinds, functional calls).
     traced, trace_error = True, None

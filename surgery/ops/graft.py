@@ -209,7 +209,9 @@ def donor_from_state_dict(
             weight = adapt_input_conv(in_channels, weight, base_chans=in_c)
             in_c = in_channels
         pad = (kh // 2, kw // 2) if padding is None else padding
-        module: nn.Module = nn.Conv2d(in_c, out_c, (kh, kw), stride=stride, padding=pad, bias=bias is not None)
+        module: nn.Conv2d | nn.Linear = nn.Conv2d(
+            in_c, out_c, (kh, kw), stride=stride, padding=pad, bias=bias is not None
+        )
     elif weight.ndim == 2:
         if in_channels is not None and in_channels != weight.shape[1]:
             raise SurgeryInputError(
@@ -227,7 +229,7 @@ def donor_from_state_dict(
         )
     with torch.no_grad():
         module.weight.copy_(weight.to(module.weight.dtype))
-        if bias is not None:
+        if bias is not None and module.bias is not None:  # the module has a bias exactly when the donor has one
             module.bias.copy_(bias.to(module.bias.dtype))
     setattr(module, SOURCE_SHAPES_ATTR, source_shapes)
     return module

@@ -158,10 +158,10 @@ def _steps(cells: Sequence[tuple[float, float]]) -> list[list[tuple[float, float
     """A step line through ``(x, y)`` (x in nights) with its risers halfway between nights, as runs of
     vertices; a night without a value breaks the line; each run reaches half a night past its ends."""
     runs: list[list[tuple[float, float]]] = []
-    previous = None
+    previous: tuple[float, float] | None = None
     for x, y in cells:
         if previous is None or x - previous[0] > 1:
-            if runs:
+            if previous is not None:  # a run is open
                 runs[-1].append((previous[0] + 0.5, previous[1]))
             runs.append([(x - 0.5, y)])
         else:
@@ -201,8 +201,8 @@ def _svg_panel(
     """One expectation's panel, its plot area ``top`` … ``top + PLOT``: back to front, as matplotlib drew it."""
     pts = sorted(panel["points"], key=lambda p: p["x"])
     ys = [(p["x"], finite(p["y"])) for p in pts]
-    bands = [(p["x"], finite(p["lo"]), finite(p["hi"])) for p in pts]
-    bands = [(x, lo, hi) for x, lo, hi in bands if lo is not None and hi is not None]
+    found = [(p["x"], finite(p["lo"]), finite(p["hi"])) for p in pts]
+    bands = [(x, lo, hi) for x, lo, hi in found if lo is not None and hi is not None]
     thresholds = [(p["x"], t) for p in pts if (t := finite(p["threshold"])) is not None]
     low, high, off = _y_range(
         [y for _, y in ys if y is not None] + [v for _, lo, hi in bands for v in (lo, hi)], [t for _, t in thresholds]

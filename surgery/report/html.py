@@ -153,8 +153,8 @@ def _activation_rows(result: CaseResult) -> list[dict[str, Any]]:
 
 
 def _worst_drift(rows: list[dict[str, Any]], stage: str) -> float | None:
-    values = [_num(r.get("w1_norm")) for r in rows if r.get("stage") == stage]
-    values = [v for v in values if v is not None]
+    found = [_num(r.get("w1_norm")) for r in rows if r.get("stage") == stage]
+    values = [v for v in found if v is not None]
     if not values:
         return None
     return math.nan if any(math.isnan(v) for v in values) else max(values)

@@ -20,12 +20,15 @@ import io
 import itertools
 import math
 import re
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 # Colours shared by the plots and the page's CSS legend (render.py passes them to the templates).
 STAGE_COLORS = {"reference": "#4d4d4d", "surgery": "#e66100", "finetune": "#5d3a9b", "gate": "#1a7f37"}
@@ -41,7 +44,7 @@ METHODS = tuple(METHOD_COLORS)
 RUN_STYLES = {"A": "-", "B": "--"}
 MAX_POINTS = 300
 
-_RC = {
+_RC: dict[RcKeyType, Any] = {
     "svg.fonttype": "none",  # text as <text>, not glyph paths
     "svg.hashsalt": "surgery",  # deterministic ids: the same result renders the same page
     "svg.image_inline": True,
@@ -131,15 +134,21 @@ def _styled(plot):
     return wrapper
 
 
+class _ReportFigure(Figure):
+    """A figure that records how it is laid out: ``_surgery_tight`` (constrained layout) or fixed margins."""
+
+    _surgery_tight: bool = True
+
+
 def _figure(
     width: float, height: float, ncols: int = 1, margins: tuple[float, float, float, float] | None = None
 ) -> tuple[Figure, list[Any]]:
     """A figure laid out by constrained layout, or by fixed ``margins`` (left, right, bottom, top; inches)."""
     if margins is None:
-        fig = Figure(figsize=(width, height), layout="constrained")
+        fig = _ReportFigure(figsize=(width, height), layout="constrained")
     else:
         left, right, bottom, top = margins
-        fig = Figure(figsize=(width, height))
+        fig = _ReportFigure(figsize=(width, height))
         fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
     fig._surgery_tight = margins is None
     return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
@@ -327,8 +336,8 @@ def dead_channels(rows: Sequence[dict[str, Any]], threshold: float | None) -> st
         return None
     fig, ax = _layer_figure(layers, height=1.7)
     width = 0.8 / len(series)
-    for i, (stage, ys) in enumerate(series.items()):
-        ys = np.asarray(ys, dtype=float)
+    for i, (stage, stage_values) in enumerate(series.items()):
+        ys = np.asarray(stage_values, dtype=float)
         xs = np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width
         finite = np.isfinite(ys)
         ax.bar(xs[finite], ys[finite], width, color=STAGE_COLORS[stage], label=STAGE_LABELS[stage])
