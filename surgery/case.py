@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from surgery.calibration import MEASUREMENT, CalibrationRecord, is_threshold_key, load_record, record_path
 from surgery.checks import CHECKS  # importing the package registers the built-in checks
@@ -156,11 +156,11 @@ def _compose_with_lines(text: str, filename: str) -> tuple[Any, dict[Path_, int]
                 active.discard(id(node))
         return construct(node, path)
 
-    def convert_collection(node: yaml.Node, path: Path_) -> Any:
+    def convert_collection(node: yaml.MappingNode | yaml.SequenceNode, path: Path_) -> Any:
         if isinstance(node, yaml.SequenceNode):
             return [convert(child, path + (i,)) for i, child in enumerate(node.value)]
         out: dict[Any, Any] = {}
-        merged_keys: set[str] = set()
+        merged_keys: set[str | int] = set()
         for key_node, value_node, from_merge in pairs(node, path):
             key = construct(key_node, path)
             # Integer keys are seed counts of a calibrated threshold ({1: 0.88, 3: 0.9}); the schema
@@ -205,15 +205,17 @@ def _dotted(path: Path_) -> str:
 
 @lru_cache(maxsize=None)
 def _models(keys: tuple[str, ...], ops: tuple[str, ...]) -> tuple[type[Strict], type["Case"]]:
+    # Types built at run time: Any to the type checker (pydantic's create_model asks for static type forms).
+    check_fields: dict[str, Any] = {key: (CHECKS[key].spec | None, None) for key in keys}
     expectations = create_model(
         "Expectations",
         __base__=Strict,
         __doc__="The ``expect`` section: one entry per registered check (surgery.checks), plus ``finite``.",
-        **{key: (CHECKS[key].spec | None, None) for key in keys},
+        **check_fields,
         finite=(bool, Field(True, description="no NaN/inf in the loss or the weights")),
     )
     operations = tuple(SPECS[name] for name in ops)
-    surgery = Annotated[Union[operations], Field(discriminator="op")] if len(operations) > 1 else operations[0]
+    surgery: Any = Annotated[Union[operations], Field(discriminator="op")] if len(operations) > 1 else operations[0]
     case = create_model("Case", __base__=Case, surgery=(surgery, ...), expect=(expectations, ...))
     return expectations, case
 
@@ -342,7 +344,7 @@ def case_schema() -> dict[str, Any]:
 # --------------------------------------------------------------------------- loading
 
 
-def _error_line(err: dict[str, Any], data: Any, lines: dict[Path_, int]) -> tuple[int, str]:
+def _error_line(err: ErrorDetails, data: Any, lines: dict[Path_, int]) -> tuple[int, str]:
     """Map a pydantic error location onto the YAML: (line, dotted field path)."""
     loc = list(err["loc"])
     if err["type"] == "unknown_key":
@@ -369,7 +371,7 @@ def _error_line(err: dict[str, Any], data: Any, lines: dict[Path_, int]) -> tupl
     return line, _dotted(path) or "<top>"
 
 
-def _error_message(err: dict[str, Any]) -> str:
+def _error_message(err: ErrorDetails) -> str:
     msg = err["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
@@ -460,7 +462,7 @@ def check_factories(case: Case) -> None:
                 raise SurgeryInputError(f"{case.where(field + '.model')}: {exc}") from None
 
 
-def load_cases(paths: list[str | Path]) -> list[Case]:
+def load_cases(paths: Sequence[str | Path]) -> list[Case]:
     """Load case files in two stages: every file parsed first (no torch: a typo in the last one costs a second),
     then every factory they name imported and checked (:func:`check_factories`)."""
     cases = [load_case(p) for p in paths]
@@ -469,7 +471,7 @@ def load_cases(paths: list[str | Path]) -> list[Case]:
     return cases
 
 
-def find_cases(paths: list[str | Path]) -> list[Path]:
+def find_cases(paths: Sequence[str | Path]) -> list[Path]:
     """Expand files and directories into case files (``**/*.yaml`` / ``*.yml``), sorted."""
     found: list[Path] = []
     for p in map(Path, paths):

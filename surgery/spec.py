@@ -120,6 +120,8 @@ def threshold(lo: float | None = None, hi: float | None = None) -> Any:
 
 
 UnitThreshold = threshold(0.0, 1.0)
+SignedUnitThreshold = threshold(-1.0, 1.0)
+NonNegativeThreshold = threshold(0.0)
 
 
 def check_reference_syntax(ref: str, what: str) -> str:

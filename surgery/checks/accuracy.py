@@ -8,7 +8,7 @@ from typing import Any, Iterable, Literal
 from pydantic import Field
 
 from surgery.checks.base import Check, register_check, seeds_label
-from surgery.spec import ModelSpec, Strict, UnitThreshold, threshold
+from surgery.spec import ModelSpec, NonNegativeThreshold, SignedUnitThreshold, Strict, UnitThreshold
 
 ACCURACY_FIGURES = ("source", "before", "after", "baseline", "recovery", "bn_before", "bn_after", "bn_gain")
 
@@ -38,7 +38,7 @@ def accuracy_metrics(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, floa
 class BeatsBaseline(Strict):
     """``expect.accuracy.beats_baseline``: the patient against the same budget from random init."""
 
-    margin: threshold(-1.0, 1.0) = Field(0.0, description="after must exceed the baseline by at least this much")
+    margin: SignedUnitThreshold = Field(0.0, description="after must exceed the baseline by at least this much")
     model: ModelSpec | None = Field(None, description="baseline model; default: the patient's architecture")
 
 
@@ -48,7 +48,7 @@ class AccuracyExpect(Strict):
     source_min: UnitThreshold | None = None
     before_min: UnitThreshold | None = None
     after_min: UnitThreshold | None = None
-    recovery_min: threshold(0.0) | None = None
+    recovery_min: NonNegativeThreshold | None = None
     beats_baseline: BeatsBaseline | None = None
     aggregate: Literal["mean", "worst"] = "mean"
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from surgery.checks.base import Check, register_check, seeds_label, worst_dead_row, worst_drift_row
-from surgery.spec import Strict, UnitThreshold, threshold
+from surgery.spec import NonNegativeThreshold, Strict, UnitThreshold
 
 
 class ActivationsExpect(Strict):
@@ -15,7 +15,7 @@ class ActivationsExpect(Strict):
 
     layers: list[str] = Field(min_length=1, description="module names or globs of the patient")
     reference_layers: list[str] | None = Field(None, description="the reference's names, if they differ")
-    drift_max: threshold(0.0) | None = Field(None, description="normalised W1; Evidently's default is 0.1")
+    drift_max: NonNegativeThreshold | None = Field(None, description="normalised W1; Evidently's default is 0.1")
     dead_max: UnitThreshold | None = None
     at: Literal["surgery", "finetune"] = Field("surgery", description="which patient drift_max applies to")
 

@@ -168,20 +168,26 @@ class Judge:
     def foresee(self, name: str, raw: Threshold, direction: Direction, aggregate_by: Aggregate) -> bool:
         """True when this run's seeds cannot decide the claim ``name`` whatever they observe: a fixed
         threshold the fresh record calls undecided at this seed count (the figure need not be measured)."""
-        cal = self.record.items.get(name) if self.record is not None else None
+        record = self.record
+        cal = record.items.get(name) if record is not None else None
         threshold = resolve_threshold(raw, self.seeds)
-        if cal is None or threshold is None or isinstance(raw, dict):
+        if record is None or cal is None or threshold is None or isinstance(raw, dict):
             return False
-        return self._claim_decision(cal, threshold, direction, aggregate_by) == "undecided"
+        return self._claim_decision(record, cal, threshold, direction, aggregate_by) == "undecided"
 
     def _claim_decision(
-        self, cal: ItemCalibration, threshold: float, direction: Direction, aggregate_by: Aggregate
+        self,
+        record: CalibrationRecord,
+        cal: ItemCalibration,
+        threshold: float,
+        direction: Direction,
+        aggregate_by: Aggregate,
     ) -> Decision:
         """What the record says a run of this many seeds makes of a fixed threshold: holds, fails or undecided."""
         return decide(
             cal.calibrated(),
             threshold,
-            alpha=self.record.alpha,
+            alpha=record.alpha,
             k=self.seeds,
             direction=direction,
             aggregate=aggregate_by,
@@ -200,10 +206,11 @@ class Judge:
     ) -> ExpectationResult:
         threshold = resolve_threshold(raw, self.seeds)
         details = {**(details or {}), "rule": {"direction": direction, "aggregate": aggregate_by}}
-        cal = self.record.items.get(name) if self.record is not None else None
-        calibration = None
-        if cal is not None:
-            alpha = self.record.alpha
+        record = self.record
+        cal = record.items.get(name) if record is not None else None
+        calibration: dict[str, Any] | None = None
+        if record is not None and cal is not None:
+            alpha = record.alpha
             calibration = {
                 "mean": cal.mean,
                 "std": cal.std,
@@ -221,10 +228,10 @@ class Judge:
                 "samples": [v for runs in cal.samples.values() for v in runs.values() if v is not None],
             }
         if threshold is None:
-            why = (
-                "threshold not calibrated yet (run `surgery calibrate --write`)"
-                if raw == CALIBRATE
-                else f"calibrated for {min(raw)} or more seeds only, this run has {self.seeds}"
+            why = (  # raw is the placeholder or a mapping (resolve_threshold refuses any other word)
+                f"calibrated for {min(raw)} or more seeds only, this run has {self.seeds}"
+                if isinstance(raw, dict)
+                else "threshold not calibrated yet (run `surgery calibrate --write`)"
             )
             return ExpectationResult(
                 name,
@@ -243,23 +250,23 @@ class Judge:
         else:
             result = at_most(name, observed, threshold, where, details)
         result.calibration = calibration
-        if cal is None:
+        if record is None or cal is None or calibration is None:  # no calibration for this item
             return result
-        shown = self.record.describe(name)
+        shown = record.describe(name)
         plural = "s" if self.seeds != 1 else ""
         if isinstance(raw, dict):
             result.message += (
                 f"; calibrated {shown}; threshold for {self.seeds} seed{plural} "
-                f"({aggregate_by}) at α = {self.record.alpha:g}"
+                f"({aggregate_by}) at α = {record.alpha:g}"
             )
             return result
-        decision = self._claim_decision(cal, threshold, direction, aggregate_by)
+        decision = self._claim_decision(record, cal, threshold, direction, aggregate_by)
         calibration["decision"] = decision
         if decision != "undecided":
             result.message += f"; calibrated {shown}: a claim decided ({decision}) for {self.seeds} seed{plural}"
             return result
         needed = seeds_to_decide(
-            cal.calibrated(), threshold, alpha=self.record.alpha, direction=direction, aggregate=aggregate_by
+            cal.calibrated(), threshold, alpha=record.alpha, direction=direction, aggregate=aggregate_by
         )
         calibration["seeds_to_decide"] = needed
         remedy = (
@@ -271,7 +278,7 @@ class Judge:
         field = name.rsplit(".", 1)[-1]
         result.status, result.passed = "undecided", False
         result.message = (
-            f"undecided at α = {self.record.alpha:g} with {self.seeds} seed{plural}: {field} "
+            f"undecided at α = {record.alpha:g} with {self.seeds} seed{plural}: {field} "
             f"{fmt(threshold)} against calibrated {shown}; {remedy} (observed {fmt(observed)}, {where})"
         )
         return result

@@ -14,13 +14,13 @@ from pydantic import Field
 
 from surgery.checks.accuracy import aggregate
 from surgery.checks.base import Check, SeedContext, register_check, seeds_label
-from surgery.spec import Strict, threshold
+from surgery.spec import SignedUnitThreshold, Strict
 
 
 class BnRecalibrationExpect(Strict):
     """``expect.bn_recalibration``: the accuracy gain of AdaBN, before any gradient step."""
 
-    gain_min: threshold(-1.0, 1.0) = 0.0
+    gain_min: SignedUnitThreshold = 0.0
     batches: int = Field(20, gt=0)
 
 
@@ -49,6 +49,8 @@ class BnRecalibrationCheck(Check):
             seed=context.seed,
         )
         before = context.accuracy["before"]
+        if before is None:  # the runner measures it before any check runs
+            raise TypeError("bn_recalibration: no accuracy of the patient before the fine-tune")
         after = evaluate(calibrated, split.test_x, split.test_y, device=context.device)
         # Kept with the accuracies too, where the report and the summary table read them.
         context.accuracy.update(bn_before=before, bn_after=after, bn_gain=after - before)
