@@ -203,10 +203,18 @@ def _dotted(path: Path_) -> str:
 # --------------------------------------------------------------------------- schema
 
 
+def _check_summary(key: str) -> str:
+    """A check's section described by its spec's docstring (``expect.KEY``: SUMMARY), its first paragraph."""
+    doc = " ".join((CHECKS[key].spec.__doc__ or "").strip().split("\n\n")[0].split())
+    return doc.removeprefix(f"``expect.{key}``: ").rstrip(".") or f"the {key} check"
+
+
 @lru_cache(maxsize=None)
 def _models(keys: tuple[str, ...], ops: tuple[str, ...]) -> tuple[type[Strict], type["Case"]]:
     # Types built at run time: Any to the type checker (pydantic's create_model asks for static type forms).
-    check_fields: dict[str, Any] = {key: (CHECKS[key].spec | None, None) for key in keys}
+    check_fields: dict[str, Any] = {
+        key: (CHECKS[key].spec | None, Field(None, description=_check_summary(key))) for key in keys
+    }
     expectations = create_model(
         "Expectations",
         __base__=Strict,
@@ -216,7 +224,12 @@ def _models(keys: tuple[str, ...], ops: tuple[str, ...]) -> tuple[type[Strict], 
     )
     operations = tuple(SPECS[name] for name in ops)
     surgery: Any = Annotated[Union[operations], Field(discriminator="op")] if len(operations) > 1 else operations[0]
-    case = create_model("Case", __base__=Case, surgery=(surgery, ...), expect=(expectations, ...))
+    case = create_model(
+        "Case",
+        __base__=Case,
+        surgery=(surgery, Field(description="the operation performed on the source, chosen by its op")),
+        expect=(expectations, Field(description="what the run is held to: one section per check, plus finite")),
+    )
     return expectations, case
 
 
@@ -228,16 +241,22 @@ def expectations_model() -> type[Strict]:
 class Case(Strict):
     """A case file. Its ``expect`` section's fields come from the registered checks (see :func:`parse_case`)."""
 
-    name: str = Field(min_length=1)
-    description: str = ""
+    name: str = Field(min_length=1, description="the case's name in test ids, reports and exported file paths")
+    description: str = Field("", description="free text the reports show with the case")
     seed: list[Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]] = Field(
         [0], min_length=1, description="one non-negative integer (below 2**63) or a list of them"
     )
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    markers: list[Literal["slow", "gpu"]] = []
-    data: DataSpec
-    source: ModelSpec
-    finetune: FinetuneSpec = FinetuneSpec()
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the models run: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N",
+    )
+    markers: list[Literal["slow", "gpu"]] = Field(
+        [], description="pytest markers on the case's items: slow, gpu (skipped without CUDA)"
+    )
+    data: DataSpec = Field(description="the images: the train set, its split, the probe set, the preprocessing")
+    source: ModelSpec = Field(description="the model the surgery starts from")
+    finetune: FinetuneSpec = Field(FinetuneSpec(), description="the fine-tune of the patient after surgery")
     gate: GateSpec | None = Field(None, description="what `surgery gate` scores a release candidate on")
     if TYPE_CHECKING:  # set by the subclass parse_case builds from the registered operations and checks
         surgery: Any
@@ -296,6 +315,8 @@ def _accept_shorthands(schema: dict[str, Any]) -> None:
                 "description": defs[name].get("description", ""),
             }
     if "DatasetSpec" in defs:  # {dataset: pkg.mod:Name, …}: keys other than these are the Dataset's keyword arguments
+        own = defs["DatasetSpec"]["anyOf"][-1].get("properties", {})
+        said = {key: own.get(key, {}).get("description", "") for key in ("dataset", "root", "limit")}
         defs["DatasetSpec"]["anyOf"].append(
             {
                 "type": "object",
@@ -303,10 +324,10 @@ def _accept_shorthands(schema: dict[str, Any]) -> None:
                 "additionalProperties": True,
                 "description": "a map-style Dataset by reference; its other keys are the Dataset's keyword arguments",
                 "properties": {
-                    "dataset": {"type": "string"},
-                    "name": {"const": "dataset"},
-                    "root": {"type": "string"},
-                    "limit": {"type": "integer", "exclusiveMinimum": 0},
+                    "dataset": {"type": "string", "description": said["dataset"]},
+                    "name": {"const": "dataset", "description": "may be left out: a reference implies it"},
+                    "root": {"type": "string", "description": said["root"]},
+                    "limit": {"type": "integer", "exclusiveMinimum": 0, "description": said["limit"]},
                 },
             }
         )

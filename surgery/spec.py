@@ -141,7 +141,10 @@ class DatasetSpec(Strict):
     ``torch.utils.data.Dataset`` by reference; its other keys are the dataset's keyword arguments.
     """
 
-    name: Literal["mnist5k", "digits", "shapes", "imagefolder", "dataset"]
+    name: Literal["mnist5k", "digits", "shapes", "imagefolder", "dataset"] = Field(
+        description="mnist5k (5,000 MNIST digits), digits (scikit-learn's 1,797 8x8 digits), shapes (generated), "
+        "imagefolder (read from root) or dataset (a reference)"
+    )
     root: str | None = Field(
         None,
         description="imagefolder: a directory of class folders, or a .tar of one; dataset: passed as its root argument",
@@ -209,7 +212,10 @@ class PreprocessSpec(Strict):
     crop_pct: float | None = Field(
         None, gt=0, le=1, description="centre crop / resized shorter side (torchvision's ResNet-50: 224 / 232)"
     )
-    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
+        None,
+        description="resampling of the resize before the centre crop (folders and datasets; embedded sets: bilinear)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -224,11 +230,17 @@ class PreprocessSpec(Strict):
 
 
 class DataSpec(Strict):
-    train: DatasetSpec
+    train: DatasetSpec = Field(
+        description="the images the run trains and tests on, split train/test by each seed (after the holdout)"
+    )
     probe: DatasetSpec | None = Field(None, description="probe set for activations; default: train's test split")
-    image_size: int = Field(32, ge=8, le=512)
-    channels: Literal[1, 3] = 3
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    image_size: int = Field(
+        32, ge=8, le=512, description="side of the square images the models see, in pixels (images are resized to it)"
+    )
+    channels: Literal[1, 3] = Field(3, description="1 (grey) or 3 (RGB) image channels; the models' default in_chans")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="fraction of data.train (holdout excluded) in each seed's test split"
+    )
     split_seed: int | None = Field(
         None,
         description="fixed train/test split (default: the run's seed); "
@@ -254,8 +266,17 @@ class DataSpec(Strict):
 
 class ModelSpec(Strict):
     model: str = Field(description="torchvision:NAME | timm:NAME | zoo:NAME | package.module:factory")
-    num_classes: int | None = Field(None, gt=0)
-    in_chans: int | None = Field(None, gt=0)
+    num_classes: int | None = Field(
+        None,
+        gt=0,
+        description="outputs of the model's head; default: the train dataset's class count "
+        "(a donor: the architecture's own; pretrained weights and zoo: models keep their head)",
+    )
+    in_chans: int | None = Field(
+        None,
+        gt=0,
+        description="input channels of the model's first layer; default: data.channels (zoo: models keep theirs)",
+    )
     checkpoint: str | None = Field(None, description=".pt/.pth (weights_only) or .safetensors")
     pretrained: bool = Field(False, description="timm/torchvision weights from the local cache only")
 
@@ -267,25 +288,45 @@ class ModelSpec(Strict):
 
 
 class DistillSpec(Strict):
-    temperature: float = Field(2.0, gt=0)
-    weight: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(
+        2.0,
+        gt=0,
+        description="softmax temperature of both the teacher's (source's) and the patient's logits; higher is softer",
+    )
+    weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of the distillation term in the loss: 0 is cross-entropy only, 1 distillation only",
+    )
 
 
 class OptimizerSpec(Strict):
-    name: Literal["sgd", "adamw"] = "adamw"
+    name: Literal["sgd", "adamw"] = Field("adamw", description="the optimiser: sgd (with momentum) or adamw")
     lr: float = Field(1e-3, gt=0, le=1e30, description="at most 1e30: times lr_scale it must stay a float32")
-    weight_decay: float = Field(0.0, ge=0, le=1e6)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(
+        0.0, ge=0, le=1e6, description="weight decay of the optimiser (decoupled for adamw, L2 for sgd); 0: none"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's momentum, 0 to 1 (exclusive); adamw ignores it")
 
 
 class ScheduleSpec(Strict):
-    name: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    name: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="the learning rate after warm-up: constant, or a cosine decay towards 0 at the last step",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="first steps, in which the learning rate rises linearly to lr; 0: none"
+    )
 
 
 class RandomResizedCropSpec(Strict):
-    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.08, 1.0)
-    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (3 / 4, 4 / 3)
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.08, 1.0), description="[low, high]: the crop's area as a fraction of the image, drawn uniformly"
+    )
+    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (3 / 4, 4 / 3), description="[low, high]: the crop's aspect ratio (width / height), drawn log-uniformly"
+    )
 
 
 class AugmentSpec(Strict):
@@ -299,19 +340,31 @@ class AugmentSpec(Strict):
 
 class ParamGroupSpec(Strict):
     params: str = Field(description="glob over parameter names, e.g. 'conv1.*' or 'layer4.*'")
-    freeze: bool = False
-    lr_scale: float = Field(1.0, ge=0, le=1e6)
-    unfreeze_at: int | None = Field(None, ge=0)
+    freeze: bool = Field(False, description="the group's parameters do not train (until unfreeze_at, if set)")
+    lr_scale: float = Field(1.0, ge=0, le=1e6, description="factor on optimizer.lr for the group's parameters")
+    unfreeze_at: int | None = Field(
+        None, ge=0, description="step from which the group trains; before it the group is frozen, even without freeze"
+    )
 
 
 class FinetuneSpec(Strict):
-    steps: int = Field(100, ge=0)
+    steps: int = Field(100, ge=0, description="optimiser steps of the fine-tune after surgery; 0: no fine-tune")
     batch_size: int = Field(64, ge=2, description="at least 2: BatchNorm cannot train on one example")
-    optimizer: OptimizerSpec = OptimizerSpec()
-    schedule: ScheduleSpec = ScheduleSpec()
-    eval_every: int = Field(25, gt=0)
-    clip_grad: float | None = Field(None, gt=0)
-    groups: list[ParamGroupSpec] = []
+    optimizer: OptimizerSpec = Field(OptimizerSpec(), description="the optimiser and its learning rate")
+    schedule: ScheduleSpec = Field(ScheduleSpec(), description="how the learning rate changes over the steps")
+    eval_every: int = Field(
+        25,
+        gt=0,
+        description="steps between evaluations on the test split (the fine-tune curve); the last step always is",
+    )
+    clip_grad: float | None = Field(
+        None, gt=0, description="gradients clipped to this total L2 norm at each step; none: no clipping"
+    )
+    groups: list[ParamGroupSpec] = Field(
+        [],
+        description="parameters by name glob with their own freeze, lr_scale, unfreeze_at; "
+        "a parameter joins the first group that matches, else trains at lr",
+    )
     bn_recalibrate: bool = Field(False, description="AdaBN on the train split before the first step")
     augment: AugmentSpec | None = Field(None, description="hflip, random_resized_crop; none by default")
 

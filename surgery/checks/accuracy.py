@@ -45,12 +45,24 @@ class BeatsBaseline(Strict):
 class AccuracyExpect(Strict):
     """``expect.accuracy``: accuracies of the source, the patient before and after the fine-tune, recovery."""
 
-    source_min: UnitThreshold | None = None
-    before_min: UnitThreshold | None = None
-    after_min: UnitThreshold | None = None
-    recovery_min: NonNegativeThreshold | None = None
-    beats_baseline: BeatsBaseline | None = None
-    aggregate: Literal["mean", "worst"] = "mean"
+    source_min: UnitThreshold | None = Field(
+        None, description="lowest test accuracy (0 to 1) the source must reach, its mean or worst over the seeds"
+    )
+    before_min: UnitThreshold | None = Field(
+        None, description="lowest test accuracy (0 to 1) of the patient right after surgery, before any fine-tune step"
+    )
+    after_min: UnitThreshold | None = Field(
+        None, description="lowest test accuracy (0 to 1) of the patient after the fine-tune"
+    )
+    recovery_min: NonNegativeThreshold | None = Field(
+        None, description="lowest ratio of the patient's accuracy after the fine-tune to the source's (1: all of it)"
+    )
+    beats_baseline: BeatsBaseline | None = Field(
+        None, description="the patient after the fine-tune against the same fine-tune from random init"
+    )
+    aggregate: Literal["mean", "worst"] = Field(
+        "mean", description="what the thresholds compare: the seeds' mean or their worst (lowest) figure"
+    )
 
 
 @register_check

@@ -16,8 +16,15 @@ class ActivationsExpect(Strict):
     layers: list[str] = Field(min_length=1, description="module names or globs of the patient")
     reference_layers: list[str] | None = Field(None, description="the reference's names, if they differ")
     drift_max: NonNegativeThreshold | None = Field(None, description="normalised W1; Evidently's default is 0.1")
-    dead_max: UnitThreshold | None = None
-    at: Literal["surgery", "finetune"] = Field("surgery", description="which patient drift_max applies to")
+    dead_max: UnitThreshold | None = Field(
+        None,
+        description="highest fraction of a layer's channels that may be dead (never positive on the probe set), "
+        "worst layer and seed",
+    )
+    at: Literal["surgery", "finetune"] = Field(
+        "surgery",
+        description="which patient drift_max and dead_max apply to: right after surgery, or after the fine-tune",
+    )
 
 
 @register_check

@@ -20,8 +20,14 @@ from surgery.spec import SignedUnitThreshold, Strict
 class BnRecalibrationExpect(Strict):
     """``expect.bn_recalibration``: the accuracy gain of AdaBN, before any gradient step."""
 
-    gain_min: SignedUnitThreshold = 0.0
-    batches: int = Field(20, gt=0)
+    gain_min: SignedUnitThreshold = Field(
+        0.0,
+        description="lowest gain in test accuracy (-1 to 1) from re-estimating the patient's BatchNorm statistics "
+        "on the train split right after surgery, mean over the seeds",
+    )
+    batches: int = Field(
+        20, gt=0, description="batches of the train split (finetune.batch_size each) the statistics are estimated on"
+    )
 
 
 @register_check

@@ -68,8 +68,16 @@ def coverage_table(record: "SurgeryRecord") -> "pd.DataFrame":
 class CoverageExpect(Strict):
     """``expect.coverage``: the fraction of target tensors (and elements) the surgery set from the source."""
 
-    tensors_min: UnitThreshold | None = None
-    elements_min: UnitThreshold | None = None
+    tensors_min: UnitThreshold | None = Field(
+        None,
+        description="lowest fraction of the patient's floating-point tensors the surgery must set from the source "
+        "(exact, sliced or adapted), worst seed",
+    )
+    elements_min: UnitThreshold | None = Field(
+        None,
+        description="lowest fraction of the patient's floating-point tensor elements the surgery must set from the "
+        "source, worst seed",
+    )
     tensors_max: UnitThreshold | None = Field(None, description="for baselines expected to cover little")
 
 

@@ -77,9 +77,13 @@ def canonical_kind(name: str, *, known: Sequence[str] = ACTIVATION_KINDS, what: 
 class ActivationSwapSpec(Strict):
     """``surgery: {op: activation_swap}``: every activation of the kinds ``from`` replaced by ``to``."""
 
-    op: Literal["activation_swap"]
-    from_: list[str] = Field(alias="from", min_length=1)
-    to: str
+    op: Literal["activation_swap"] = Field(description="activation_swap: activation modules replaced, weights kept")
+    from_: list[str] = Field(
+        alias="from",
+        min_length=1,
+        description="the activation kinds replaced, one or a list (e.g. ReLU; case, '_' and '-' ignored)",
+    )
+    to: str = Field(description="the activation kind put in their place, e.g. GELU")
 
     @field_validator("from_", mode="before")
     @classmethod
