@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from pydantic import ValidationError
 
 from surgery.case import Case, ModelSpec
 from surgery.activation_probe import LayerStats, ProbeStats, probe_activations
@@ -105,7 +106,7 @@ def create_model(
         spec = ModelSpec(
             model=model, num_classes=num_classes, in_chans=in_chans, checkpoint=checkpoint, pretrained=pretrained
         )
-    except ValueError as exc:
+    except ValidationError as exc:
         raise SurgeryInputError(f"{model}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     return build_model(spec)
 

@@ -244,6 +244,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         for name in names:
             path = zoo.build(name, progress=None)
             meta = zoo.metadata(name)
+            if meta is None:  # build() has just written the file
+                raise TypeError(f"zoo:{name}: no cached model after the build")
             print(f"{name}: test accuracy {meta['test_accuracy']:.4f} ({path})")
         return ExitCode.OK
     rows = zoo.status()
@@ -268,13 +270,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from surgery.case import ModelSpec
     from surgery.builder import build_model
     from surgery.ops.bridge import list_feature_nodes
 
     try:
         spec = ModelSpec(model=args.model, num_classes=args.num_classes, checkpoint=args.checkpoint)
-    except ValueError as exc:
+    except ValidationError as exc:
         raise SurgeryInputError(f"{args.model}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     model = build_model(spec)
     print(f"# modules and parameter shapes of {args.model}")

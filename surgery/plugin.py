@@ -16,12 +16,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from surgery import nights
 from surgery.errors import SurgeryInputError
+
+if TYPE_CHECKING:
+    from _pytest._code.code import TerminalRepr
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -150,7 +153,11 @@ def _workers_wait_passively(config: pytest.Config) -> None:
     if "OMP_WAIT_POLICY" in os.environ:
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    config.add_cleanup(lambda: os.environ.pop("OMP_WAIT_POLICY", None))
+
+    def restore() -> None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+
+    config.add_cleanup(restore)
 
 
 def _ray_address(config: pytest.Config) -> str | None:
@@ -336,6 +343,8 @@ class CaseFile(pytest.File):
 class CaseItem(pytest.Item):
     """One expectation of a case."""
 
+    parent: CaseFile  # a CaseItem is made by its case file (CaseFile.collect)
+
     def __init__(self, *, expectation: str, **kwargs: Any):
         super().__init__(**kwargs)
         self.expectation = expectation
@@ -355,7 +364,7 @@ class CaseItem(pytest.Item):
         if not found.passed:
             raise ExpectationFailed(found.message)
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str | TerminalRepr:
         if isinstance(excinfo.value, ExpectationFailed):
             return f"{self.parent.case.name}: {self.expectation}: {excinfo.value}"
         if isinstance(excinfo.value, SurgeryInputError):

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, overload
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,12 @@ def blame(case: Case, field: str) -> Iterator[None]:
         raise SurgeryInputError(f"{case.where(field)}: {exc}") from None
 
 
+@overload
+def resolve_relative(case: Case, value: str) -> str: ...
+@overload
+def resolve_relative(case: Case, value: None) -> None: ...
+@overload
+def resolve_relative(case: Case, value: str | None) -> str | None: ...
 def resolve_relative(case: Case, value: str | None) -> str | None:
     """A path written in the case file, resolved against the case file's folder when it is relative."""
     if not value or case.path == "<memory>" or Path(value).expanduser().is_absolute():
@@ -262,7 +268,8 @@ class Probes:
         self.layers = probed_layers(case, patient)
         self.ref_layers = probed_layers(case, reference, reference=True)
         if len(self.layers) != len(self.ref_layers):
-            field, _ = probed_expectation(case)
+            probed = probed_expectation(case)  # not None: a case that probes nothing has no layers on either side
+            field = probed[0] if probed is not None else "expect"
             raise SurgeryInputError(
                 f"{case.where(field + '.layers')}: {len(self.layers)} patient layers {self.layers[:4]} but "
                 f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them"

@@ -66,7 +66,7 @@ from surgery.checks.accuracy import aggregate, recovery
 from surgery.checks.base import at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row, worst_drift_row
 from surgery.data import Split, load_eval_set
 from surgery.finetune import predict, to_device
-from surgery.image_cache import CachedImages
+from surgery.image_cache import CachedImages, Images
 from surgery.models import load_state_dict_file, load_weights
 from surgery.files import file_sha256, strict_json, write_atomic
 from surgery.results import CaseResult, ExpectationResult, provenance
@@ -129,7 +129,9 @@ def bn_stats_rows(model: nn.Module, *, counted: set[str] | None = None) -> list[
     """
     rows = []
     for name, m in model.named_modules():
-        if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.track_running_stats or m.running_var is None:
+        if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.track_running_stats:
+            continue
+        if m.running_var is None or m.running_mean is None:  # both or neither
             continue
         var, mean = m.running_var.detach().float().cpu(), m.running_mean.detach().float().cpu()
         problems = []
@@ -167,7 +169,7 @@ def bn_stats_rows(model: nn.Module, *, counted: set[str] | None = None) -> list[
     return rows
 
 
-def _logits(model: nn.Module, x: torch.Tensor, device: torch.device, what: str, split: Split) -> torch.Tensor:
+def _logits(model: nn.Module, x: Images, device: torch.device, what: str, split: Split) -> torch.Tensor:
     """Logits on ``x``; a forward that fails (input too small for the architecture…) is bad input."""
     try:
         return predict(model, x, device=device)
@@ -179,7 +181,7 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
 
 
-def nonfinite_outputs(model: nn.Module, x: torch.Tensor, *, device: torch.device) -> dict[str, int]:
+def nonfinite_outputs(model: nn.Module, x: Images, *, device: torch.device) -> dict[str, int]:
     """Non-finite output values per module on ``x``, innermost module first, only modules that have some.
 
     Every module's output is hooked (the root's as ``<output>``) and modules are listed in the order
@@ -374,6 +376,8 @@ def gate_data(case: Case, split: Split, seed: int) -> GateData:
             False,
         )
     if spec.data == "holdout":
+        if split.holdout_x is None or split.holdout_y is None:  # the case asks data.holdout > 0 for this
+            raise TypeError("gate.data holdout: the split holds no held-out examples")
         return GateData(
             split.holdout_x,
             split.holdout_y,
@@ -439,7 +443,7 @@ def drift_layers(case: Case, model: nn.Module) -> list[str]:
 
 
 def champion_drift(
-    case: Case, champion: nn.Module, candidate: nn.Module, x: torch.Tensor, device: torch.device, seed: int
+    case: Case, champion: nn.Module, candidate: nn.Module, x: Images, device: torch.device, seed: int
 ) -> list[dict[str, Any]]:
     """Per layer, the drift of the candidate's activations against the champion's on the gate examples."""
     layers = drift_layers(case, candidate)
@@ -506,7 +510,7 @@ def run_gate(
     load_weights(patient, state, origin=f"checkpoint {candidate}")
     counted = {k for k in state if k.endswith("num_batches_tracked")}
     del state
-    if champ_model is not None:
+    if champ_model is not None and champ_state is not None:  # both or neither
         load_weights(
             champ_model, champ_state, origin=f"{champ_where}: champion {champ_file} (not the candidate's architecture?)"
         )
