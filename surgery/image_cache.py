@@ -157,6 +157,8 @@ class _DecodeIntoFile(torch.utils.data.Dataset):
         assert pixels is not None and pixels.size == self.record
         if self._pid != os.getpid():  # one descriptor per worker process, opened there
             self._fd, self._pid = os.open(self.path, os.O_WRONLY), os.getpid()
+        if self._fd is None:  # closed in this process
+            raise TypeError("the cache writer is closed")
         os.pwrite(self._fd, np.ascontiguousarray(pixels).data, index * self.record)
         return None
 
@@ -301,8 +303,9 @@ class CachedImages:
         return images[0] if isinstance(positions, int) else images
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 Images = torch.Tensor | CachedImages  # what a split holds: an embedded set's tensor, or cached images

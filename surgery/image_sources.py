@@ -203,7 +203,8 @@ def folder_source(root: str) -> ImageSource:
             f"imagefolder root {root!r} is neither a directory nor a .tar file; expected one folder per class"
         )
     try:
-        reader = create_reader("", root=str(path), **({"cache_tarinfo": False} if is_tar else {}))
+        options: dict[str, Any] = {"cache_tarinfo": False} if is_tar else {}
+        reader = create_reader("", root=str(path), **options)
     except (RuntimeError, AssertionError, OSError, ValueError) as exc:
         raise SurgeryInputError(f"imagefolder root {root!r}: {first_line(exc)}") from None
     labels = [int(t) for t in (reader.targets if is_tar else [t for _, t in reader.samples])]
