@@ -197,9 +197,11 @@ def test_finetune_throughput_on_a_folder(benchmark, record_ratio, tmp_path, monk
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))  # the image cache: this test's own
     steps = 8
     _harness_training(root, 1)  # decode into the cache once, outside the timing (the cost measured above)
+    # Alternating rounds, the fastest of each kept (as the decoding benchmark does): a busy machine slows both alike.
     bare = _bare_training(root, steps)
     ours = benchmark.pedantic(_harness_training, args=(root, steps), rounds=1)
     bare = max(bare, _bare_training(root, steps))
+    ours = max(ours, _harness_training(root, steps))
     record_ratio("finetune_images_per_s_224", ours, "")
     record_ratio("bare_loader_images_per_s_224", bare, "")
     record_ratio("finetune_vs_bare_loader", ours / bare, ">= 0.9")
