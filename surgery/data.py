@@ -224,6 +224,7 @@ def cached_images(
         crop=image_size,
         channels=channels,
         interpolation=preprocess.interpolation,
+        decoder=spec.decoder or "pil",
     )
     entry = cached_entry(source, geometry, workers=workers)
     rows = np.arange(entry.count)

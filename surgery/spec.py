@@ -155,6 +155,12 @@ class DatasetSpec(Strict):
     kwargs: dict[str, Any] | None = Field(
         None, description="dataset: keyword arguments (written inline beside 'dataset')"
     )
+    decoder: Literal["pil", "cpu", "cuda"] | None = Field(
+        None,
+        description="imagefolder: who decodes the files on the first read: pil (default: torchvision "
+        "ImageFolder's pixels exactly), or torchvision.io.decode_jpeg in batches on cpu or cuda (nvJPEG); "
+        "files it cannot read go through PIL",
+    )
     limit: int | None = Field(None, gt=0, description="use at most this many samples")
     size: int = Field(3000, gt=0, description="shapes: number of images generated")
     background: float = Field(0.0, ge=0, le=1, description="shapes: background brightness")
@@ -188,6 +194,8 @@ class DatasetSpec(Strict):
             raise ValueError("imagefolder needs 'root': a directory with one folder per class, or a .tar of one")
         if self.name == "dataset" and not self.dataset:
             raise ValueError("name 'dataset' needs 'dataset': a reference such as torchvision.datasets:CIFAR10")
+        if self.decoder is not None and self.name != "imagefolder":
+            raise ValueError("'decoder' applies to an imagefolder's files; drop it")
         if self.dataset and self.name != "dataset":
             raise ValueError(f"'dataset' is a reference of its own; drop 'name: {self.name}'")
         return self

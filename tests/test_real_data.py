@@ -385,3 +385,15 @@ def test_the_cuda_decoder_writes_what_pil_writes_within_rounding(folder: Path, i
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _assert_close_to_pil(_mixed_folder(folder), "cuda", mean=1.5, most=8)  # nvJPEG's IDCT is not libjpeg's
+
+
+def test_a_case_asks_for_the_batched_decoder(folder: Path, tmp_path: Path, isolated_cache: Path):
+    case_path = tmp_path / "own.yaml"
+    case_path.write_text(CASE.format(train=f"{{name: imagefolder, root: {folder}, decoder: cpu}}"))
+    run = run_case_file(case_path, tmp_path / "report")
+    assert run.rc == 0, run.err
+    (meta,) = (json.loads(p.read_text()) for p in (isolated_cache / "images").glob("*.json"))
+    assert meta["geometry"]["decoder"] == "cpu"
+    case_path.write_text(CASE.format(train="{name: shapes, decoder: cpu}"))
+    bad = run_case_file(case_path, tmp_path / "report-bad")
+    assert bad.rc == 2 and "decoder" in bad.err and len(bad.err.strip().splitlines()) == 1, bad.err
