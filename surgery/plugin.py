@@ -16,15 +16,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from surgery import nights
 from surgery.errors import SurgeryInputError
-
-if TYPE_CHECKING:
-    from _pytest._code.code import TerminalRepr
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -364,7 +361,7 @@ class CaseItem(pytest.Item):
         if not found.passed:
             raise ExpectationFailed(found.message)
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str | TerminalRepr:
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> Any:
         if isinstance(excinfo.value, ExpectationFailed):
             return f"{self.parent.case.name}: {self.expectation}: {excinfo.value}"
         if isinstance(excinfo.value, SurgeryInputError):
