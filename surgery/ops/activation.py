@@ -53,28 +53,11 @@ TARGETS: dict[str, Callable[[], nn.Module]] = {
     "Softplus": nn.Softplus,
 }
 
-# Module class -> canonical kind, for torch.nn's classes; timm's are in TIMM_CLASS_KINDS.
+# Module class -> canonical kind, for torch.nn's classes (the TARGETS that are classes; GELUTanh is a
+# configured GELU); timm's are in TIMM_CLASS_KINDS.
 # NOTE: parametrised activations (PReLU) are left out on purpose: swapping them would drop or add
 # weights, and this op promises that every weight is kept.
-_CLASS_KINDS: dict[type, str] = {
-    cls: kind
-    for kind, cls in {
-        "ReLU": nn.ReLU,
-        "ReLU6": nn.ReLU6,
-        "SiLU": nn.SiLU,
-        "GELU": nn.GELU,
-        "Hardswish": nn.Hardswish,
-        "Hardsigmoid": nn.Hardsigmoid,
-        "LeakyReLU": nn.LeakyReLU,
-        "Mish": nn.Mish,
-        "Tanh": nn.Tanh,
-        "Sigmoid": nn.Sigmoid,
-        "ELU": nn.ELU,
-        "SELU": nn.SELU,
-        "CELU": nn.CELU,
-        "Softplus": nn.Softplus,
-    }.items()
-}
+_CLASS_KINDS: dict[type, str] = {cls: kind for kind, cls in TARGETS.items() if isinstance(cls, type)}
 
 
 @functools.cache
