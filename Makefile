@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench bench-gpu zoo perturb calibrate schema docs lint clean
+.PHONY: install test test-slow demo screenshots bench bench-publish bench-gpu zoo perturb calibrate schema docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-slow: install
 demo: install
 	$(BIN)/surgery run cases --report reports --seeds 1 --quiet
 
+# The report's screenshot in docs/report.md is the browser test's own (tests/test_report_browser.py checks it).
+screenshots: install
+	SURGERY_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_report_browser.py -q
+
 zoo: install
 	$(BIN)/surgery zoo build
 
@@ -46,9 +50,21 @@ calibrate: install
 
 # Benchmarks: results saved as JSON under .benchmarks/; compare two nights with
 #   pytest benchmarks --benchmark-compare --benchmark-compare-fail=mean:10%
+# Each run also writes .benchmarks/latest-{fast,slow}.json; `make bench-publish MACHINE=name` copies them to
+# docs/benchmarks/<name>/, from which docs/performance_hook.py generates the performance page's tables.
 bench: install
-	$(BIN)/python -m pytest benchmarks -m "not slow" --benchmark-autosave --benchmark-columns=min,mean,rounds -q
-	$(BIN)/python -m pytest benchmarks -m slow --benchmark-autosave --benchmark-columns=min,rounds -q
+	$(BIN)/python -m pytest benchmarks -m "not slow" --benchmark-autosave --benchmark-columns=min,mean,rounds -q \
+		--benchmark-json=.benchmarks/latest-fast.json
+	$(BIN)/python -m pytest benchmarks -m slow --benchmark-autosave --benchmark-columns=min,rounds -q \
+		--benchmark-json=.benchmarks/latest-slow.json
+
+MACHINE ?=
+bench-publish:
+	@test -n "$(MACHINE)" || { echo "make bench-publish MACHINE=name (for example 2026-12-06-epyc-avx2-2core)"; exit 2; }
+	mkdir -p docs/benchmarks/$(MACHINE)
+	for run in fast slow; do \
+		test ! -f .benchmarks/latest-$$run.json || cp .benchmarks/latest-$$run.json docs/benchmarks/$(MACHINE)/$$run.json; \
+	done
 
 # RAY=ADDRESS runs the case suite on that Ray cluster (RAY=local: a cluster on this machine), one task per
 # case and seed with one GPU each; the driver (this machine) writes reports/nightly/<UTC time>/, points

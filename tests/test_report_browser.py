@@ -11,6 +11,11 @@ detector sees such requests. Everything goes to a dead proxy (``127.0.0.1:9``), 
 browser's own traffic never leaves the machine. The DOM is also checked for network URLs.
 
 Without Chromium the test is skipped, except under CI (``CI=true``), where it fails.
+
+The screenshot this test checks is the one docs/report.md shows: ``make screenshots`` runs the test with
+``SURGERY_DOCS_SCREENSHOTS=1``, which writes its top part to ``docs/img/report.png`` (and the Chromium
+version beside it); otherwise the test checks that the committed picture still is this page, painted by the
+same Chromium version, so a change to the report that is not re-photographed fails here.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from surgery.files import write_atomic
 from surgery.report.render import write_case_report
 
 try:  # tests/ is on sys.path (rootdir-relative, no __init__.py) ...
@@ -46,6 +52,8 @@ FLAGS = [
     "--hide-scrollbars",
 ]
 WINDOW = (1280, 2400)
+DOCS_SHOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "report.png"
+DOCS_SHOT_HEIGHT = 1500  # the banner, the expectations, the coverage map and the first drift plots
 
 
 def find_chromium() -> str:
@@ -95,10 +103,17 @@ def chromium() -> str:
     return find_chromium()
 
 
-def test_report_in_headless_chromium(chromium, tmp_path):
+@pytest.fixture(scope="module")
+def painted_report(chromium, tmp_path_factory):
+    """The synthetic result's report, painted once: the result, its DOM, screenshot and requests."""
+    work = tmp_path_factory.mktemp("browser")
     result = synthetic_result()
-    page = write_case_report(result, tmp_path / "reports")
-    dom, shot, requests = open_page(chromium, page, tmp_path, "report")
+    page = write_case_report(result, work / "reports")
+    return (result, *open_page(chromium, page, work, "report"))
+
+
+def test_report_in_headless_chromium(painted_report):
+    result, dom, shot, requests = painted_report
 
     # the page asked for nothing (its own file is loaded without a network request)
     assert requests == [], requests
@@ -136,16 +151,32 @@ def test_report_in_headless_chromium(chromium, tmp_path):
         assert pixels_near(image, colour) > 200, colour
 
 
-def test_the_request_detector_sees_a_leaky_page(chromium, tmp_path):
-    """Control: a page that does fetch from the network shows up in the detector used above."""
-    leaky = tmp_path / "leaky.html"
-    leaky.write_text(
-        "<!doctype html><style>body{background:url(http://127.0.0.1:9/bg.png)}</style>"
-        "<p>control</p><img src='https://example.invalid/pixel.png'>",
-        encoding="utf-8",
-    )
-    _, _, requests = open_page(chromium, leaky, tmp_path, "control")
-    assert {r["url"] for r in requests} >= {"http://127.0.0.1:9/bg.png", "https://example.invalid/pixel.png"}
+def test_the_docs_screenshot_is_this_page(chromium, painted_report):
+    """docs/img/report.png is the top of the page the test above checks (``make screenshots`` renews it)."""
+    top = rgb(painted_report[2])[:DOCS_SHOT_HEIGHT]
+    version = chromium_version(chromium)
+    stamp = DOCS_SHOT.with_suffix(".chromium")
+    if os.environ.get("SURGERY_DOCS_SCREENSHOTS") == "1":
+        write_png(DOCS_SHOT, top)
+        write_atomic(stamp, lambda partial: partial.write_text(version + "\n", encoding="utf-8"))
+    if not stamp.is_file() or stamp.read_text(encoding="utf-8").strip() != version:
+        pytest.skip(f"docs/img/report.png was painted by another Chromium than {version}")
+    docs = rgb(DOCS_SHOT)
+    assert docs.shape == top.shape, "docs/img/report.png is stale: run `make screenshots`"
+    differing = (np.abs(docs - top).max(axis=2) > 0.1).mean()
+    assert differing < 0.005, f"docs/img/report.png is stale ({differing:.1%} of pixels differ): run `make screenshots`"
+
+
+def chromium_version(chromium: str) -> str:
+    out = subprocess.run([chromium, "--version"], capture_output=True, text=True, timeout=60).stdout
+    return " ".join(out.split()[:2])
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write ``image`` (floats in [0, 1]) as a PNG, atomically."""
+    import matplotlib.image
+
+    write_atomic(path, lambda partial: matplotlib.image.imsave(partial, np.clip(image, 0, 1), format="png"))
 
 
 def rgb(path: Path) -> np.ndarray:
