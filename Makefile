@@ -40,7 +40,7 @@ zoo: install
 # The CI seed of every case under native numerics, 1 thread, ATEN_CPU_CAPABILITY=default and a zoo rebuilt
 # with 1 thread in a fresh cache; prints a table; exit 1 if any expectation failed anywhere.
 perturb: install
-	$(BIN)/python -m surgery.perturb cases --report reports/perturb
+	$(BIN)/python -m surgery.running.perturb cases --report reports/perturb
 
 # Recalibrate every case (2-3 hours on 2 cores; 6-27 minutes a case on the machines of 2026-12-02): records
 # beside the cases, thresholds written back. 2 seeds per perturbed profile, as the committed records.

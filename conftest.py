@@ -3,7 +3,7 @@
 It also holds the fixtures all three share: an isolated zoo cache, and the device of a run.
 
 Figures depend on torch's thread count (the order of float sums), so every session of this project
-runs with the count the runner uses (``$SURGERY_THREADS``, else ``surgery.numerics.DEFAULT_THREADS``;
+runs with the count the runner uses (``$SURGERY_THREADS``, else ``surgery.train.numerics.DEFAULT_THREADS``;
 ``--surgery-threads`` overrides), and the header says what it ran under. Under pytest-xdist each
 worker gets cores / workers threads instead, which is one of the calibrated profiles' neighbours.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.finetune import resolve_device
-from surgery.numerics import numeric_profile, pin_numerics
+from surgery.train.finetune import resolve_device
+from surgery.train.numerics import numeric_profile, pin_numerics
 
 pytest_plugins = ("pytester",)  # in-process pytest runs for the plugin's own tests
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import surgery
-import surgery.finetune as finetune_module
-import surgery.runner as runner_module
+import surgery.train.finetune as finetune_module
+import surgery.running.runner as runner_module
 from surgery.case import find_cases
 
 PHASES = [  # (module or class, attribute, label)

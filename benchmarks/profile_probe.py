@@ -1,6 +1,6 @@
 """Where a probe's time goes: ``python -m benchmarks.profile_probe [resnet50|resnet18] [contiguous|channels_last]``.
 
-Times a bare ``inference_mode`` forward and the probe (``surgery.activation_probe.probe_activations``) as
+Times a bare ``inference_mode`` forward and the probe (``surgery.stats.activation_probe.probe_activations``) as
 ``test_probe_cost.py`` does, with its helpers (alternating, fastest of 5), then profiles 3 probes with
 cProfile and prints the self time per probe of the calls that cost most: the model's own ops (conv2d,
 batch_norm, ...) are the forward; the rest (sum, amin, amax, sub, le, indexing, NumPy) is the probe's statistics.
@@ -15,7 +15,7 @@ import sys
 import torch
 
 from benchmarks.test_probe_cost import BATCH, MODELS, SAMPLES, alternate, bare_forward, seeded_model_and_inputs
-from surgery.activation_probe import probe_activations, resolve_layers
+from surgery.stats.activation_probe import probe_activations, resolve_layers
 
 ROUNDS = 3
 

@@ -8,7 +8,7 @@ import torchvision
 
 from benchmarks.timing import best_of
 from surgery.case import FinetuneSpec, OptimizerSpec
-from surgery.finetune import finetune, to_device
+from surgery.train.finetune import finetune, to_device
 
 STEPS, BATCH = 30, 64
 

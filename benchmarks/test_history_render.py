@@ -22,7 +22,7 @@ sys.path.insert(0, str(TESTS))  # the history tests' helpers, and the modules th
 
 from history_nights import real_runs, thirty_nights  # noqa: E402
 
-from surgery.history import read_history  # noqa: E402
+from surgery.nightly.history import read_history  # noqa: E402
 from surgery.report.history import write_history  # noqa: E402
 
 GOAL_SECONDS, GOAL_BYTES = 5.0, 2_000_000

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torchvision
 
-from surgery.cka import CKAAccumulator
-from surgery.prepare import map_layers
-from surgery.activation_probe import ProbePass, batches, probe_activations, resolve_layers
+from surgery.stats.cka import CKAAccumulator
+from surgery.running.prepare import map_layers
+from surgery.stats.activation_probe import ProbePass, batches, probe_activations, resolve_layers
 
 MODELS = {
     "resnet50": ["layer?.?"],  # its 16 bottleneck outputs
@@ -145,9 +145,9 @@ def test_cka_cost_on_top_of_a_probe(benchmark, record_ratio):
 
 _MEMORY_SCRIPT = r"""
 import json, resource, sys, threading, time, torch, torchvision
-from surgery.cka import CKAAccumulator
-from surgery.prepare import map_layers
-from surgery.activation_probe import ProbePass, batches, probe_activations, resolve_layers
+from surgery.stats.cka import CKAAccumulator
+from surgery.running.prepare import map_layers
+from surgery.stats.activation_probe import ProbePass, batches, probe_activations, resolve_layers
 from benchmarks.test_probe_cost import naive_probe, MODELS
 n, how = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)

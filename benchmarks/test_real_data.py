@@ -29,9 +29,9 @@ import torch
 import torchvision
 from torchvision.transforms import CenterCrop, Compose, Normalize, PILToTensor, Resize, ToTensor
 
-from surgery.data import load_split
-from surgery.finetune import finetune, to_device
-from surgery.image_cache import CachedImages
+from surgery.data.datasets import load_split
+from surgery.train.finetune import finetune, to_device
+from surgery.data.image_cache import CachedImages
 from surgery.spec import DatasetSpec, FinetuneSpec, OptimizerSpec
 from surgery.synthetic import synthetic_folder
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_zoo_build_cold(benchmark, record_ratio, isolated_cache):
     """Cold cache: train one zoo model (mnist-resnet18) from nothing."""
-    from surgery import zoo
+    from surgery.train import zoo
 
     benchmark.pedantic(zoo.build, args=("mnist-resnet18",), kwargs={"progress": False}, rounds=1)
     record_ratio("zoo_build_mnist_resnet18_s", benchmark.stats.stats.data[0], "")

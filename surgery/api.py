@@ -9,8 +9,8 @@ only when one of its names is used, so ``import surgery`` costs no torch.
 >>> case = surgery.parse_case('''
 ... name: doc-example
 ... data: {train: {name: digits, limit: 200}, image_size: 16, split_seed: 0}
-... source: {model: "surgery.zoo:stem_trainer", num_classes: 10}
-... surgery: {op: transplant, target: {model: "surgery.zoo:stem_trainer", num_classes: 10}}
+... source: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}
+... surgery: {op: transplant, target: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
 ... finetune: {steps: 2, batch_size: 16}
 ... expect: {coverage: {tensors_min: 1.0}}
 ... ''')
@@ -30,15 +30,15 @@ import torch.nn as nn
 from pydantic import ValidationError
 
 from surgery.case import Case, ModelSpec
-from surgery.activation_probe import LayerStats, ProbeStats, probe_activations
+from surgery.stats.activation_probe import LayerStats, ProbeStats, probe_activations
 from surgery.errors import SurgeryInputError
-from surgery.release_gate import run_gate
-from surgery.builder import build_model
+from surgery.running.release_gate import run_gate
+from surgery.running.builder import build_model
 from surgery.ops import list_ops as registered_ops
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
-from surgery.runner import RunOptions, run_case
-from surgery.recipes import ZOO
+from surgery.running.runner import RunOptions, run_case
+from surgery.models.recipes import ZOO
 
 
 def run(
@@ -79,7 +79,7 @@ def gate(
     """Judge a release candidate against a case (and a champion) on the case's gate data; writes the verdict.
 
     ``result.passed`` is the verdict; ``result.provenance["gate"]`` holds every figure with its interval
-    (what ``gate.json`` holds). See :mod:`surgery.release_gate`.
+    (what ``gate.json`` holds). See :mod:`surgery.running.release_gate`.
     """
     return run_gate(
         Path(checkpoint),

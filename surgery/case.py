@@ -17,10 +17,10 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from surgery.calibration import MEASUREMENT, CalibrationRecord, is_threshold_key, load_record, record_path
+from surgery.stats.calibration import MEASUREMENT, CalibrationRecord, is_threshold_key, load_record, record_path
 from surgery.checks import CHECKS  # importing the package registers the built-in checks
 from surgery.errors import SurgeryInputError
-from surgery.model_refs import is_factory_ref, resolve_factory
+from surgery.models.model_refs import is_factory_ref, resolve_factory
 from surgery.ops import SPECS  # importing the package registers the built-in operations' specs (no torch)
 from surgery.spec import (
     CALIBRATE,
@@ -471,7 +471,7 @@ def model_fields(case: Case) -> list[tuple[str, ModelSpec]]:
 
 def check_factories(case: Case) -> None:
     """The second stage of loading a case: import each ``package.module:factory`` it names and check the factory
-    (:func:`surgery.model_refs.resolve_factory`); a bad one is a SurgeryInputError at its line.
+    (:func:`surgery.models.model_refs.resolve_factory`); a bad one is a SurgeryInputError at its line.
 
     Parsing (:func:`load_case`) imports no torch; this imports the factories' packages, which usually do.
     """
@@ -521,7 +521,7 @@ def experiment_hash(case: Case) -> str:
 
     Sections a case leaves out (``None``) are left out of the hash too, so registering a new check does
     not make every record stale; the ``gate`` section scores a checkpoint after the run and is left out.
-    ``MEASUREMENT`` stands for the code that computes the figures (:mod:`surgery.calibration`).
+    ``MEASUREMENT`` stands for the code that computes the figures (:mod:`surgery.stats.calibration`).
     """
     data = case.model_dump(mode="json", by_alias=True, exclude_none=True)
     for key in ("name", "description", "seed", "markers", "device", "gate"):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from surgery import nights
+from surgery.nightly import nights
 from surgery.errors import SurgeryInputError
 
 
@@ -47,7 +47,7 @@ def _print_result(result, report: Path | None) -> None:
 
 def _run_locally(cases: list[Any], options: Any) -> Iterator[tuple[Any, Any]]:
     """Each case with its outcome, run in this process: a CaseResult, or the SurgeryInputError that stopped it."""
-    from surgery.runner import run_case
+    from surgery.running.runner import run_case
 
     for case in cases:
         try:
@@ -58,7 +58,7 @@ def _run_locally(cases: list[Any], options: Any) -> Iterator[tuple[Any, Any]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from surgery.case import find_cases, load_cases
-    from surgery.ray_check import check_address, require_ray
+    from surgery.running.ray_check import check_address, require_ray
 
     if args.ray is not None:  # before the cases: an address that is a path took a case argument
         check_address(None if args.ray == LOCAL_CLUSTER else args.ray)
@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         require_ray()
     # Imported once the cases are known to be good: the runner imports torch, the report matplotlib (seconds).
     from surgery.report.render import write_case_report, write_index
-    from surgery.runner import RunOptions
+    from surgery.running.runner import RunOptions
 
     options = RunOptions(
         device=args.device,
@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         export=args.export is not None,
     )
     if args.ray is not None:
-        from surgery.ray_runner import RayOptions, run_cases_on_ray
+        from surgery.running.ray_runner import RayOptions, run_cases_on_ray
 
         outcomes = run_cases_on_ray(
             cases,
@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_result(outcome, write_case_report(outcome, report))
         if args.export is not None:
             from surgery.case import experiment_hash
-            from surgery.export import export_patients
+            from surgery.running.export import export_patients
 
             for path in export_patients(
                 outcome, outcome.patients, Path(args.export), experiment_hash=experiment_hash(case)
@@ -131,8 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from surgery.calibrate import calibrate_case, format_table
-    from surgery.calibration import load_record, record_path
+    from surgery.running.calibrate import calibrate_case, format_table
+    from surgery.stats.calibration import load_record, record_path
     from surgery.case import check_factories, find_cases, load_case
 
     paths = find_cases(args.cases)
@@ -168,8 +168,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     case = load_cases([args.case])[0]
     # Imported once the case is known to be good: they import torch (seconds).
-    from surgery.release_gate import run_gate
-    from surgery.numerics import pin_numerics
+    from surgery.running.release_gate import run_gate
+    from surgery.train.numerics import pin_numerics
 
     pin_numerics(args.threads)
     verdict = run_gate(
@@ -186,7 +186,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 def _print_gate_context(gate: dict[str, Any]) -> None:
     """Where the candidate (and champion) came from, what they were scored on, and any warnings."""
-    from surgery.export import describe_origin
+    from surgery.running.export import describe_origin
 
     for role in ("candidate", "champion"):
         entry = gate.get(role)
@@ -224,7 +224,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     nights.find_nights(args.dirs)  # bad directories are one line before scipy and matplotlib load (seconds)
-    from surgery.history import read_history
+    from surgery.nightly.history import read_history
     from surgery.report.history import write_history
 
     history = read_history(args.dirs, window=args.window, p_max=args.p)
@@ -237,7 +237,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from surgery import zoo
+    from surgery.train import zoo
 
     if args.action == "build":
         names = args.names or list(zoo.ZOO)
@@ -273,7 +273,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from surgery.case import ModelSpec
-    from surgery.builder import build_model
+    from surgery.running.builder import build_model
     from surgery.ops.bridge import list_feature_nodes
 
     try:

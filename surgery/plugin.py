@@ -3,7 +3,7 @@
 The items of one file share one cached run of the case. A failed expectation prints one line —
 observed value, threshold, where — not a traceback. Registered through the ``pytest11`` entry point.
 
-``--surgery-ray [ADDRESS]`` runs the cases on a Ray cluster (:mod:`surgery.ray_runner`). Every collected
+``--surgery-ray [ADDRESS]`` runs the cases on a Ray cluster (:mod:`surgery.running.ray_runner`). Every collected
 case is submitted up front, in ``pytest_collection_finish``, and each item then waits for its own case:
 submitting lazily, on a case's first item, would run the cases one after another (an item must have its
 result before the next item starts), which is the local run with Ray's overhead on top. Items, their
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from surgery import nights
+from surgery.nightly import nights
 from surgery.errors import SurgeryInputError
 
 
@@ -79,7 +79,7 @@ CASE = pytest.StashKey[Any]()  # a case file's parsed Case, or the SurgeryInputE
 OUTCOME = pytest.StashKey[Any]()  # a case file's run: its CaseResult or the SurgeryInputError it raised
 DATED = pytest.StashKey[bool]()  # --surgery-report-dated: this session named a new dated report directory
 DATED_INPUT = "surgery_report_dated"  # the key of that directory in an xdist worker's workerinput
-ZOO_LOGGER = "surgery.zoo"
+ZOO_LOGGER = "surgery.train.zoo"
 
 
 @pytest.hookimpl(trylast=True)  # after pytest has registered its terminal reporter
@@ -125,7 +125,7 @@ def _workers_oversubscribe(config: pytest.Config) -> bool:
     workers = getattr(config.option, "numprocesses", None)
     if not isinstance(workers, int) or workers < 1 or os.environ.get("PYTEST_XDIST_WORKER"):
         return False
-    from surgery.numerics import requested_threads, zoo_threads  # torch: only for xdist sessions
+    from surgery.train.numerics import requested_threads, zoo_threads  # torch: only for xdist sessions
 
     try:
         per_worker = requested_threads(config.getoption("surgery_threads"), workers=workers)
@@ -139,7 +139,7 @@ def _workers_wait_passively(config: pytest.Config) -> None:
     """``OMP_WAIT_POLICY=PASSIVE`` for the xdist workers this session starts, unless the user set a policy.
 
     Called when the workers oversubscribe the cores (:func:`_workers_oversubscribe`): a zoo build trains with
-    the zoo's 2 threads whatever a worker's count (:func:`surgery.numerics.zoo_threads`), and beside the other,
+    the zoo's 2 threads whatever a worker's count (:func:`surgery.train.numerics.zoo_threads`), and beside the other,
     busy worker OpenMP's default (threads spin at each barrier) left one thread waiting for the other to be
     scheduled: on 2 cores beside one busy process, training ``zoo:mnist-resnet18`` took 134 s spinning and
     77 s passive, its weights bit for bit the same. Alone on the machine it took 40 s spinning and 56 s
@@ -166,7 +166,7 @@ def _check_ray_options(config: pytest.Config) -> None:
     """--surgery-ray without Ray installed, with a path for an address, or beside xdist: a usage error."""
     if getattr(config.option, "numprocesses", None) or os.environ.get("PYTEST_XDIST_WORKER"):
         raise pytest.UsageError("--surgery-ray and pytest-xdist (-n) both spread the cases: use one")
-    from surgery.ray_check import check_address, require_ray
+    from surgery.running.ray_check import check_address, require_ray
 
     try:
         check_address(_ray_address(config), "--surgery-ray")
@@ -177,7 +177,7 @@ def _check_ray_options(config: pytest.Config) -> None:
 
 def _ray_connect(config: pytest.Config) -> None:
     if RAY_CONNECTED not in config.stash:
-        from surgery.ray_runner import connect
+        from surgery.running.ray_runner import connect
 
         try:
             config.stash[RAY_CONNECTED] = connect(_ray_address(config), option="--surgery-ray", quiet=True)
@@ -194,7 +194,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         run.close()  # tasks still out (-x, Ctrl-C) are cancelled
         del config.stash[RAY_RUN]
     if config.stash.get(RAY_CONNECTED, False):
-        from surgery.ray_runner import disconnect
+        from surgery.running.ray_runner import disconnect
 
         disconnect()
         config.stash[RAY_CONNECTED] = False
@@ -225,7 +225,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _run_options(config: pytest.Config) -> Any:
-    from surgery.runner import RunOptions
+    from surgery.running.runner import RunOptions
 
     return RunOptions(
         device=_worker_device(config.getoption("surgery_device")),
@@ -251,7 +251,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if not files:
         return
     _ray_connect(config)
-    from surgery.ray_runner import RayOptions, RayRun
+    from surgery.running.ray_runner import RayOptions, RayRun
 
     try:
         config.stash[RAY_RUN] = RayRun(
@@ -317,7 +317,7 @@ class CaseFile(pytest.File):
         """The cached run of this case (run on first use, or on Ray; a bad-input error is cached too, and so is an
         internal error from a Ray task)."""
         if OUTCOME not in self.stash:
-            from surgery.runner import run_case
+            from surgery.running.runner import run_case
 
             config = self.config
             ray_run = config.stash.get(RAY_RUN, None)
@@ -379,7 +379,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     outcome = yield
     report = outcome.get_result()
     if isinstance(item, CaseItem) and report.skipped and isinstance(report.longrepr, tuple) and item.parent.case:
-        from surgery.calibration import yaml_path
+        from surgery.stats.calibration import yaml_path
 
         line = item.parent.case.lines.get(".".join(yaml_path(item.expectation)), 1)
         report.longrepr = (str(item.path), line, report.longrepr[2])  # pytest shows this 1-based line as is

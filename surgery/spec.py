@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from surgery.model_refs import refuse_untrusted, validate_model_ref
+from surgery.models.model_refs import refuse_untrusted, validate_model_ref
 
 DATASETS = ("mnist5k", "digits", "shapes", "imagefolder", "dataset")
 EMBEDDED_DATASETS = ("mnist5k", "digits", "shapes")  # held as tensors; the others stream from a uint8 cache
@@ -126,7 +126,7 @@ NonNegativeThreshold = threshold(0.0)
 
 def check_reference_syntax(ref: str, what: str) -> str:
     """A ``package.module:Name`` reference checked as text (no import): syntax, and the trust rules of model
-    factories (:func:`surgery.model_refs.refuse_untrusted`). Importing it is the run's job."""
+    factories (:func:`surgery.models.model_refs.refuse_untrusted`). Importing it is the run's job."""
     module_name, sep, name = ref.partition(":")
     if not sep or not all(part.isidentifier() for part in module_name.split(".")) or not name.isidentifier():
         raise ValueError(f"{what} {ref!r}: expected package.module:Name, e.g. torchvision.datasets:CIFAR10")

@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from surgery.files import cache_dir, write_atomic
-from surgery.data import SHAPE_CLASSES, make_shapes
+from surgery.data.datasets import SHAPE_CLASSES, make_shapes
 
 CHUNK = 256  # images generated at once (a 224 px float chunk is 154 MB)
 

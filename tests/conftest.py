@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgery.numerics import outside_xdist
+from surgery.train.numerics import outside_xdist
 
 # A small, self-contained valid case (does not depend on cases/, which evolves): every line is known,
 # so error tests can name the exact line a problem is on.
@@ -74,7 +74,7 @@ def make_tiny():
 def digits16():
     """The UCI digits at 16 px, 1 channel, split with seed 0 (shared: loading is the slow part)."""
     from surgery.case import DatasetSpec
-    from surgery.data import load_split
+    from surgery.data.datasets import load_split
 
     return load_split(DatasetSpec(name="digits"), image_size=16, channels=1, seed=0)
 

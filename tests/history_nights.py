@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from surgery.nights import STAMP, point_latest
+from surgery.nightly.nights import STAMP, point_latest
 from surgery.report.render import write_index
 
 from cli_runs import run_cli

@@ -10,13 +10,13 @@ import pytest
 
 import surgery
 import surgery.api
-import surgery.bounds
+import surgery.stats.bounds
 
 TINY = """\
 name: api-tiny
 data: {train: {name: digits, limit: 200}, image_size: 16, split_seed: 0}
-source: {model: "surgery.zoo:stem_trainer", num_classes: 10}
-surgery: {op: transplant, target: {model: "surgery.zoo:stem_trainer", num_classes: 10}}
+source: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}
+surgery: {op: transplant, target: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
 finetune: {steps: 2, batch_size: 16}
 expect: {coverage: {tensors_min: 1.0}, accuracy: {after_min: 0.99}}
 """
@@ -28,7 +28,7 @@ def test_import_surgery_loads_no_torch():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("module", [surgery.api, surgery.bounds], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [surgery.api, surgery.stats.bounds], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0

@@ -38,7 +38,7 @@ def test_no_private_names_imported_across_modules(path):
 
 def test_rendering_a_report_imports_no_torch(tmp_path):
     code = (
-        "import sys; import surgery.report.render, surgery.results, surgery.calibration, surgery.bounds; "
+        "import sys; import surgery.report.render, surgery.results, surgery.stats.calibration, surgery.stats.bounds; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from surgery.case import parse_case
-from surgery.reuse import BASELINES, SOURCE_ACCURACIES
-from surgery.runner import RunOptions, run_case
+from surgery.running.reuse import BASELINES, SOURCE_ACCURACIES
+from surgery.running.runner import RunOptions, run_case
 
 CASE = """\
 name: reuse-{strategy}
 seed: {seed}
 device: cpu
 data: {{train: {{name: digits, limit: 240}}, image_size: 16, split_seed: 0}}
-source: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+source: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
 surgery:
   op: transplant
-  target: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+  target: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
   strategy: {strategy}
 finetune: {{steps: {steps}, batch_size: 16, eval_every: {steps}, optimizer: {{name: adamw, lr: 0.003}}}}
 expect:

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
-from surgery.calibration import load_record, record_path
+from surgery.stats.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
+from surgery.stats.calibration import load_record, record_path
 from surgery.case import experiment_hash, load_case, parse_case
 from surgery.checks.base import resolve_threshold
 from surgery.errors import SurgeryInputError
-from surgery.numerics import pin_numerics, requested_threads
+from surgery.train.numerics import pin_numerics, requested_threads
 
 from cli_runs import run_cli  # the in-process CLI harness of tests/
 
@@ -107,10 +107,10 @@ name: tiny-calibrated
 seed: [0, 1]
 device: cpu
 data: {{train: {{name: digits, limit: 300}}, image_size: 16, split_seed: 0}}
-source: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+source: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
 surgery:
   op: transplant
-  target: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+  target: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
   strategy: exact
 finetune: {{steps: {steps}, batch_size: 16, eval_every: 4, optimizer: {{name: adamw, lr: 3.0e-3}}}}
 expect:

@@ -1,4 +1,4 @@
-"""Linear CKA (surgery.cka): the streamed minibatch estimator against direct computations, and its invariances."""
+"""Linear CKA (surgery.stats.cka): the streamed minibatch estimator against direct computations, and its invariances."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from surgery.case import parse_case
-from surgery.cka import CKAAccumulator, gram, hsic_unbiased, linear_cka
-from surgery.drift import drift
-from surgery.prepare import Probes, build_source, load_data, perform_surgery
-from surgery.activation_probe import probe_activations
+from surgery.stats.cka import CKAAccumulator, gram, hsic_unbiased, linear_cka
+from surgery.stats.drift import drift
+from surgery.running.prepare import Probes, build_source, load_data, perform_surgery
+from surgery.stats.activation_probe import probe_activations
 
 
 def _features(n: int, d: int, seed: int) -> torch.Tensor:
@@ -105,7 +105,7 @@ expect:
 
 
 def test_joint_probe_pass_matches_separate_probes_and_its_layer_map():
-    # The run's probe (surgery.prepare.Probes) runs the reference and every stage side by side on each
+    # The run's probe (surgery.running.prepare.Probes) runs the reference and every stage side by side on each
     # batch. Its figures must be those of separate probes, and its pair CKA the layer map's entry for
     # the same outputs (a ResNet stage's output is its last block's).
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_probe_grams_are_each_layers_own_output_even_where_memory_is_reused():
     # block (the very same tensor), never another block's that lay at the same address.
     import torchvision
 
-    from surgery.activation_probe import ProbePass
+    from surgery.stats.activation_probe import ProbePass
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).eval()

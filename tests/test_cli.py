@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from surgery import cli, zoo
+from surgery import cli
+
+from surgery.train import zoo
 
 from cli_runs import CaseRun, run_case_file  # the in-process CLI harness of tests/
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from surgery.case import DatasetSpec
-from surgery.data import SHAPE_CLASSES, load_images, load_split, make_shapes
+from surgery.data.datasets import SHAPE_CLASSES, load_images, load_split, make_shapes
 from surgery.errors import SurgeryInputError
 
 SIZES = {"mnist5k": 5000, "digits": 1797, "shapes": 3000}

@@ -1,4 +1,4 @@
-"""Drift metrics (surgery.drift): W1, KS and PSI against scipy and numpy, on probe samples too."""
+"""Drift metrics (surgery.stats.drift): W1, KS and PSI against scipy and numpy, on probe samples too."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import scipy.stats
 import torch
 
-from surgery.drift import DRIFT_COLUMNS, drift, drift_table, ks_statistic, psi, wasserstein_1d
-from surgery.activation_probe import probe_activations
+from surgery.stats.drift import DRIFT_COLUMNS, drift, drift_table, ks_statistic, psi, wasserstein_1d
+from surgery.stats.activation_probe import probe_activations
 from probe_helpers import identity_model, one_thread, resnet, seeded_inputs  # noqa: F401 (one_thread: autouse)
 
 

@@ -16,8 +16,8 @@ README = Path(__file__).resolve().parent.parent / "docs" / "extending.md"  # the
 CASE = """\
 name: params-example
 data: {train: {name: digits, limit: 200}, image_size: 16, split_seed: 0}
-source: {model: "surgery.zoo:stem_trainer", num_classes: 10}
-surgery: {op: transplant, target: {model: "surgery.zoo:stem_trainer", num_classes: 10}}
+source: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}
+surgery: {op: transplant, target: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
 finetune: {steps: 2, batch_size: 16}
 expect:
   coverage: {tensors_min: 1.0}

@@ -16,7 +16,7 @@ from typing import Literal
 
 import pytest
 
-from surgery import model_names
+from surgery.models import model_names
 from surgery.case import check_factories, model_fields, parse_case
 from surgery.checks import list_checks
 from surgery.errors import SurgeryInputError
@@ -53,7 +53,7 @@ expect:
   bn_recalibration: {gain_min: -1.0}
 """,
     "graft": """\
-surgery: {op: graft, path: conv1, donor: {model: "surgery.zoo:stem_trainer"}, policy: {freeze: true}}
+surgery: {op: graft, path: conv1, donor: {model: "surgery.train.zoo:stem_trainer"}, policy: {freeze: true}}
 expect: {accuracy: {after_min: 0.1}}
 """,
     "bridge": """\
@@ -120,14 +120,14 @@ def test_a_run_parses_every_file_before_importing_anything_heavy(tmp_path: Path)
 
 
 def test_factories_are_checked_after_parsing_at_their_line():
-    text = _case_text("graft").replace("surgery.zoo:stem_trainer", "surgery.zoo:ZOO")
+    text = _case_text("graft").replace("surgery.train.zoo:stem_trainer", "surgery.train.zoo:ZOO")
     case = parse_case(text, "g.yaml")  # the syntax and the trust rules hold: parsing imports nothing
     assert [field for field, _ in model_fields(case)] == ["source", "surgery.donor"]
     with pytest.raises(SurgeryInputError) as info:
         check_factories(case)
     assert str(info.value) == (
-        "g.yaml:7: surgery.donor.model: model 'surgery.zoo:ZOO': ZOO is a dict, expected a "
-        "factory (a class or function defined in surgery.zoo)"
+        "g.yaml:7: surgery.donor.model: model 'surgery.train.zoo:ZOO': ZOO is a dict, expected a "
+        "factory (a class or function defined in surgery.train.zoo)"
     )
 
 
@@ -137,7 +137,7 @@ def test_trust_rules_still_refuse_at_parse_time():
         match=r"^g.yaml:7: surgery.donor.model: model 'os:system': 'os' is a "
         r"module of the standard library",
     ):
-        parse_case(_case_text("graft").replace("surgery.zoo:stem_trainer", "os:system"), "g.yaml")
+        parse_case(_case_text("graft").replace("surgery.train.zoo:stem_trainer", "os:system"), "g.yaml")
 
 
 def test_every_model_field_is_found_nested_and_in_file_order():
@@ -207,7 +207,7 @@ def test_activation_names_of_the_spec_are_the_classes_of_the_swap():
 
 def test_shipped_model_names_are_those_of_the_installed_libraries():
     shipped = json.loads(model_names.NAMES_FILE.read_text(encoding="utf-8"))
-    assert shipped == model_names.generate(), "stale: run `python -m surgery.model_names` and commit the file"
+    assert shipped == model_names.generate(), "stale: run `python -m surgery.models.model_names` and commit the file"
 
 
 def test_a_list_of_another_version_is_not_trusted(monkeypatch: pytest.MonkeyPatch):

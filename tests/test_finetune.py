@@ -10,7 +10,7 @@ from torch import nn
 
 from surgery.case import FinetuneSpec, OptimizerSpec, ParamGroupSpec, ScheduleSpec
 from surgery.errors import SurgeryInputError
-from surgery.finetune import evaluate, finetune, recalibrate_bn, resolve_device
+from surgery.train.finetune import evaluate, finetune, recalibrate_bn, resolve_device
 
 CPU = torch.device("cpu")
 
@@ -238,7 +238,7 @@ def test_huge_learning_rate_is_reported_not_raised(make_tiny, digits16, lr):
 
 def test_huge_learning_rate_with_batchnorm_is_caught_by_the_weights(make_tiny, digits16):
     """With BatchNorm the loss may stay finite while the weights explode: ``all_finite`` is the second net."""
-    from surgery.finetune import all_finite
+    from surgery.train.finetune import all_finite
 
     model = make_tiny()
     assert all_finite(model)

@@ -32,7 +32,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from surgery.zoo import ZOO
+from surgery.train.zoo import ZOO
 
 from cli_runs import CaseRun, run_case_file  # the in-process CLI harness of tests/
 
@@ -57,7 +57,9 @@ settings.register_profile(
 
 # Each zoo model is replaced by its architecture, untrained: a zoo model used in a fresh clone would
 # be trained first, for minutes. The stem donor's architecture is the zoo's own stem factory.
-ZOO_STANDINS = {f"zoo:{r.name}": (r.arch if r.kind == "classifier" else "surgery.zoo:make_stem") for r in ZOO.values()}
+ZOO_STANDINS = {
+    f"zoo:{r.name}": (r.arch if r.kind == "classifier" else "surgery.train.zoo:make_stem") for r in ZOO.values()
+}
 
 # How much work a run may do. These fields have no upper bound in the schema on purpose (a long
 # fine-tune is slow, not wrong), so a mutation may not make them larger than this, nor drop them

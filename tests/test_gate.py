@@ -25,9 +25,9 @@ from torch import nn
 
 from surgery.case import DatasetSpec
 from surgery.cli import main
-from surgery.data import load_split
-from surgery.finetune import predict, recalibrate_bn
-from surgery.release_gate import GATE_FILE, bn_stats_rows, write_verdict
+from surgery.data.datasets import load_split
+from surgery.train.finetune import predict, recalibrate_bn
+from surgery.running.release_gate import GATE_FILE, bn_stats_rows, write_verdict
 from surgery.results import CaseResult, ExpectationResult
 
 IMAGE_SIZE, LIMIT, SEED = 16, 400, 0

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from surgery.bounds import Calibrated, prediction_bound
-from surgery.history import calibrated_band, drift_test, mann_whitney_u, read_history
-from surgery.nights import LATEST, find_nights, new_dated_dir, point_latest
+from surgery.stats.bounds import Calibrated, prediction_bound
+from surgery.nightly.history import calibrated_band, drift_test, mann_whitney_u, read_history
+from surgery.nightly.nights import LATEST, find_nights, new_dated_dir, point_latest
 
 from cli_runs import run_cli
 from history_nights import CPU_FROM, TORCH_FROM, expectation, real_runs, thirty_nights
@@ -105,7 +105,7 @@ def test_calibrated_band_is_the_runs_two_sided_prediction_interval():
 
 def test_history_imports_no_torch():
     code = (
-        "import sys; import surgery.cli, surgery.nights, surgery.history, surgery.report.history; "
+        "import sys; import surgery.cli, surgery.nightly.nights, surgery.nightly.history, surgery.report.history; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

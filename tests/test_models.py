@@ -12,9 +12,9 @@ from torch import nn
 
 from surgery.case import ModelSpec
 from surgery.errors import SurgeryInputError
-from surgery.builder import build_model
-from surgery.model_refs import validate_model_ref
-from surgery.models import build_architecture, clean_key, clean_prefixes, load_state_dict_file, load_weights
+from surgery.running.builder import build_model
+from surgery.models.model_refs import validate_model_ref
+from surgery.models.checkpoints import build_architecture, clean_key, clean_prefixes, load_state_dict_file, load_weights
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -177,7 +177,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, tiny, payload):
     assert not marker.exists()
     # and through the case-level API, as a checkpoint of a model spec
     with pytest.raises(SurgeryInputError):
-        build_model(ModelSpec(model="surgery.zoo:stem_trainer", checkpoint=str(path)))
+        build_model(ModelSpec(model="surgery.train.zoo:stem_trainer", checkpoint=str(path)))
     assert not marker.exists()
 
 
@@ -199,7 +199,7 @@ def test_load_weights_copies_everything(make_tiny):
 
 def test_keys_match_nothing(tmp_path, make_tiny):
     torch.save({"encoder.conv.weight": torch.zeros(3)}, tmp_path / "other.pt")
-    spec = ModelSpec(model="surgery.zoo:stem_trainer", checkpoint=str(tmp_path / "other.pt"))
+    spec = ModelSpec(model="surgery.train.zoo:stem_trainer", checkpoint=str(tmp_path / "other.pt"))
     with pytest.raises(SurgeryInputError) as info:
         build_model(spec)
     message = _one_line(info)
@@ -225,9 +225,9 @@ def test_partial_checkpoint_is_an_error(make_tiny):
 
 def test_checkpoint_through_build_model(tmp_path):
     torch.manual_seed(0)
-    trained = build_architecture("surgery.zoo:stem_trainer", num_classes=4)
+    trained = build_architecture("surgery.train.zoo:stem_trainer", num_classes=4)
     torch.save({"module." + k: v for k, v in trained.state_dict().items()}, tmp_path / "stem.pt")
-    spec = ModelSpec(model="surgery.zoo:stem_trainer", num_classes=4, checkpoint=str(tmp_path / "stem.pt"))
+    spec = ModelSpec(model="surgery.train.zoo:stem_trainer", num_classes=4, checkpoint=str(tmp_path / "stem.pt"))
     model = build_model(spec)
     assert _equal_state(model.state_dict(), trained.state_dict())
 
@@ -247,8 +247,8 @@ def test_timm_ref_with_classes_and_channels():
 
 
 def test_factory_ref():
-    model = build_model(ModelSpec(model="surgery.zoo:stem_trainer", num_classes=3, in_chans=1))
-    from surgery.zoo import StemTrainer
+    model = build_model(ModelSpec(model="surgery.train.zoo:stem_trainer", num_classes=3, in_chans=1))
+    from surgery.train.zoo import StemTrainer
 
     assert isinstance(model, StemTrainer)
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
@@ -256,7 +256,7 @@ def test_factory_ref():
 
 def test_factory_without_those_keywords():
     """A factory that takes no num_classes (a fixed architecture) still builds; defaults are not forced on it."""
-    model = build_model(ModelSpec(model="surgery.zoo:make_stem"), num_classes=10, in_chans=1)
+    model = build_model(ModelSpec(model="surgery.train.zoo:make_stem"), num_classes=10, in_chans=1)
     assert isinstance(model, nn.Conv2d) and model.in_channels == 1
 
 
@@ -264,9 +264,9 @@ def test_factory_without_those_keywords():
     "ref, fragment",
     [
         ("nosuchpkg.models:net", "cannot import"),
-        ("surgery.zoo:no_such_factory", "cannot import"),
-        ("surgery.zoo:ZOO", "expected a factory"),
-        ("surgery.recipes:asdict", "not in 'surgery.recipes'"),
+        ("surgery.train.zoo:no_such_factory", "cannot import"),
+        ("surgery.train.zoo:ZOO", "expected a factory"),
+        ("surgery.models.recipes:asdict", "not in 'surgery.models.recipes'"),
         ("os:getcwd", "standard library"),
     ],
 )
@@ -280,7 +280,7 @@ def test_bad_factory_refs(ref, fragment):
 
 def test_factory_that_raises_is_bad_input():
     with pytest.raises(SurgeryInputError, match="factory raised"):
-        build_architecture("surgery.zoo:stem_trainer", num_classes=-3)
+        build_architecture("surgery.train.zoo:stem_trainer", num_classes=-3)
 
 
 @pytest.mark.parametrize(
@@ -338,7 +338,7 @@ def test_pretrained_from_local_cache(tmp_path, monkeypatch):
 
 def test_pretrained_for_factory_refs_is_an_error():
     with pytest.raises(SurgeryInputError, match="'pretrained' applies to"):
-        build_model(ModelSpec(model="surgery.zoo:stem_trainer", pretrained=True))
+        build_model(ModelSpec(model="surgery.train.zoo:stem_trainer", pretrained=True))
 
 
 def test_weights_digest_is_of_the_tensors_not_the_file(tmp_path):
@@ -346,7 +346,7 @@ def test_weights_digest_is_of_the_tensors_not_the_file(tmp_path):
     from safetensors.torch import save_file
 
     from surgery.files import file_sha256
-    from surgery.builder import weights_digest
+    from surgery.running.builder import weights_digest
 
     torch.manual_seed(0)
     state = {k: v.contiguous() for k, v in nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict().items()}

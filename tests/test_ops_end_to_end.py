@@ -10,10 +10,10 @@ import torch
 
 from surgery.case import parse_case
 from surgery.cli import main
-from surgery.data import load_split
-from surgery.finetune import finetune, resolve_device
-from surgery.builder import build_model
-from surgery.prepare import perform_surgery
+from surgery.data.datasets import load_split
+from surgery.train.finetune import finetune, resolve_device
+from surgery.running.builder import build_model
+from surgery.running.prepare import perform_surgery
 
 GRAFT = """\
 name: graft-mismatch
@@ -90,7 +90,7 @@ expect: {accuracy: {after_min: 0.0}}
 @pytest.mark.gpu
 def test_tiny_case_runs_on_cuda(tmp_path):
     """The GPU path (data on the device, bf16 autocast, channels_last) end to end; skipped without CUDA."""
-    from surgery.runner import RunOptions, run_case
+    from surgery.running.runner import RunOptions, run_case
 
     case = parse_case("""\
 name: tiny-cuda

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from surgery.numerics import outside_xdist
+from surgery.train.numerics import outside_xdist
 
 pytest_plugins = ["pytester"]
 
@@ -16,10 +16,10 @@ TINY = """\
 name: tiny-{name}
 seed: 0
 data: {{train: {{name: digits, limit: 300}}, image_size: 16}}
-source: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+source: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
 surgery:
   op: transplant
-  target: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+  target: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
   strategy: exact
 finetune: {{steps: 3, batch_size: 16, eval_every: 3}}
 expect:

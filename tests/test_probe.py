@@ -1,4 +1,5 @@
-"""The probe (surgery.activation_probe): streamed statistics against every value stored, the sample, hooks, CUDA."""
+"""The probe (surgery.stats.activation_probe):
+streamed statistics against every value stored, the sample, hooks, CUDA."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from surgery.errors import SurgeryInputError
-from surgery.activation_probe import (
+from surgery.stats.activation_probe import (
     LayerStats,
     ProbePass,
     ProbeStats,

@@ -1,6 +1,6 @@
 """``surgery run --ray`` and ``pytest --surgery-ray`` against a real local Ray cluster (never a mock).
 
-One cluster of 2 CPUs serves the module (started by ``surgery.ray_runner.connect`` in a session fixture); a
+One cluster of 2 CPUs serves the module (started by ``surgery.running.ray_runner.connect`` in a session fixture); a
 subprocess joins it by its address. The long forms are marked ``slow`` (``make test-slow``, nightly): a test that
 starts a second cluster with ``ray start --head`` and drives it from a subprocess, and the killed-worker tests
 on a task five times longer. The case is tiny: a ResNet stem trained in the zoo (``zoo:mnist-stem``, about 3 s
@@ -26,9 +26,9 @@ import pytest
 
 from surgery.case import load_case, parse_case
 from surgery.errors import SurgeryInputError
-from surgery.numerics import outside_xdist
-from surgery.ray_check import INSTALL_HINT
-from surgery.ray_runner import (
+from surgery.train.numerics import outside_xdist
+from surgery.running.ray_check import INSTALL_HINT
+from surgery.running.ray_runner import (
     WORKER_NICENESS_ENV,
     RayOptions,
     RemoteError,
@@ -38,11 +38,11 @@ from surgery.ray_runner import (
     run_cases_on_ray,
     task_device,
 )
-from surgery.recipes import ZOO
+from surgery.models.recipes import ZOO
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
-from surgery.runner import RunOptions, run_case
-from surgery.zoo import zoo_path
+from surgery.running.runner import RunOptions, run_case
+from surgery.train.zoo import zoo_path
 
 from cli_runs import CaseRun, run_case_file, run_cli  # the in-process CLI harness of tests/
 
@@ -54,7 +54,7 @@ name: {name}
 seed: [0, 1]
 device: cpu
 data: {{train: {{name: digits, limit: 240}}, image_size: 16, split_seed: 0}}
-source: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
+source: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
 surgery: {{op: graft, donor: {{model: "zoo:mnist-stem"}}, path: {path}}}
 finetune: {{steps: {steps}, batch_size: 16, eval_every: {eval_every}, optimizer: {{name: adamw, lr: 0.003}}}}
 expect:
@@ -155,7 +155,7 @@ def test_ray_export_writes_the_local_runs_patients(runs):
     """--export on Ray: the patients come back through the object store, bit-identical to a local run's."""
     from safetensors.torch import load_file
 
-    from surgery.export import read_metadata
+    from surgery.running.export import read_metadata
 
     ray_file, local_file = (
         runs["exports"] / side / "tiny" / "seed-0.safetensors" for side in ("ray-export", "local-export")
@@ -448,7 +448,7 @@ def test_without_ray_installed_ray_options_are_one_line_errors(tmp_path):
     case = write_case(tmp_path / "cases", "tiny")
     code = f"""
 import sys
-import surgery, surgery.cli, surgery.plugin, surgery.runner, surgery.ray_runner
+import surgery, surgery.cli, surgery.plugin, surgery.running.runner, surgery.running.ray_runner
 assert "ray" not in sys.modules, "importing surgery imported ray"
 sys.modules["ray"] = None  # what an environment without Ray gives: ImportError
 rc = surgery.cli.main(["run", {str(case)!r}, "--report", {str(tmp_path / "reports")!r}, "--ray"])

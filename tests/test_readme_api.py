@@ -22,8 +22,8 @@ CASE = "cases/transplant/resnet50-to-resnet18-select.yaml"
 TINY = """\
 name: api-tiny
 data: {train: {name: digits, limit: 200}, image_size: 16, split_seed: 0}
-source: {model: "surgery.zoo:stem_trainer", num_classes: 10}
-surgery: {op: transplant, target: {model: "surgery.zoo:stem_trainer", num_classes: 10}}
+source: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}
+surgery: {op: transplant, target: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
 finetune: {steps: 2, batch_size: 16}
 expect: {coverage: {tensors_min: 1.0}}
 """
@@ -48,7 +48,7 @@ def test_every_public_name_is_the_documented_object_after_run_is_touched():
     code = """
 import importlib, surgery
 surgery.run
-import surgery.api, surgery.runner, surgery.release_gate, surgery.activation_probe
+import surgery.api, surgery.running.runner, surgery.running.release_gate, surgery.stats.activation_probe
 wrong = []
 for name, module in surgery._EXPORTS.items():
     value, expected = getattr(surgery, name), getattr(importlib.import_module(module), name)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision
 
-from surgery.models import build_architecture
+from surgery.models.checkpoints import build_architecture
 from surgery.synthetic import write_shapes_folder
 
 from cli_runs import run_case_file

@@ -20,14 +20,14 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
 
 from surgery.case import load_case
-from surgery.data import load_split
-from surgery.finetune import finetune
-from surgery.image_cache import CachedImages
-from surgery.prepare import load_data
-from surgery.preprocess import IMAGENET_PREPROCESS, ZOO_PREPROCESS, torchvision_preprocess
-from surgery.activation_probe import probe_activations
+from surgery.data.datasets import load_split
+from surgery.train.finetune import finetune
+from surgery.data.image_cache import CachedImages
+from surgery.running.prepare import load_data
+from surgery.data.preprocess import IMAGENET_PREPROCESS, ZOO_PREPROCESS, torchvision_preprocess
+from surgery.stats.activation_probe import probe_activations
 from surgery.spec import AugmentSpec, DatasetSpec, FinetuneSpec
-from surgery.augment import augment_batch, augment_generator
+from surgery.train.augment import augment_batch, augment_generator
 from surgery.synthetic import write_shapes_folder
 
 from cli_runs import run_case_file
@@ -213,7 +213,7 @@ def test_a_pretrained_source_is_fed_its_own_preprocessing(folder: Path, tmp_path
     kind, _, name = ref.partition(":")
     path = _pretrained_file(kind, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from surgery.models import build_architecture
+    from surgery.models.checkpoints import build_architecture
 
     model = build_architecture(ref, num_classes=1000, in_chans=3)  # "pretrained": weights the test writes
     if path.suffix == ".safetensors":
@@ -339,8 +339,8 @@ def test_the_tiny_224px_folder_case_runs(tmp_path: Path):
 
 def _decoded(root: Path, decoder: str, size: int = 48) -> torch.Tensor:
     """Every image of the folder at ``root`` as the cache holds it when ``decoder`` decodes it."""
-    from surgery.image_cache import cached_entry
-    from surgery.image_sources import Geometry, folder_source
+    from surgery.data.image_cache import cached_entry
+    from surgery.data.image_sources import Geometry, folder_source
 
     entry = cached_entry(
         folder_source(str(root)), Geometry(resize=size, crop=size, channels=3, decoder=decoder), workers=0

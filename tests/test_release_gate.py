@@ -1,6 +1,6 @@
 """The release gate on held-out data: champion against candidate, provenance carried in the exported weights.
 
-One small real case is run once for the module: a conv net (``surgery.zoo:stem_trainer``) fine-tuned
+One small real case is run once for the module: a conv net (``surgery.train.zoo:stem_trainer``) fine-tuned
 for 40 steps on UCI digits at 16 px, a fifth of the digits held out for the gate. ``surgery run
 --export`` writes its patient; the tests gate it against itself, against a head-permuted copy and
 against a candidate fine-tuned 10x shorter, through the real CLI.
@@ -19,19 +19,19 @@ from safetensors.torch import load_file, save_file
 
 from cli_runs import run_case_file, run_cli
 from surgery.case import load_case
-from surgery.compare import compare_predictions
-from surgery.data import holdout_indices
-from surgery.export import read_metadata
-from surgery.release_gate import GATE_FILE, gate_schema_path
-from surgery.prepare import load_data
+from surgery.stats.compare import compare_predictions
+from surgery.data.datasets import holdout_indices
+from surgery.running.export import read_metadata
+from surgery.running.release_gate import GATE_FILE, gate_schema_path
+from surgery.running.prepare import load_data
 
 CASE = """\
 name: release-small
 seed: [0]
 device: cpu
 data: {{train: digits, image_size: 16, holdout: 0.2}}
-source: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}
-surgery: {{op: transplant, target: {{model: "surgery.zoo:stem_trainer", num_classes: 10}}, strategy: exact}}
+source: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}
+surgery: {{op: transplant, target: {{model: "surgery.train.zoo:stem_trainer", num_classes: 10}}, strategy: exact}}
 finetune: {{steps: {steps}, batch_size: 32, schedule: {{name: cosine, warmup_steps: 2}}}}
 expect:
   coverage: {{tensors_min: 1.0}}

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from surgery.case import load_case
-from surgery.prepare import load_data
-from surgery.zoo import stem_trainer
+from surgery.running.prepare import load_data
+from surgery.train.zoo import stem_trainer
 
 from cli_runs import run_case_file  # the in-process CLI harness of tests/
 
@@ -46,7 +46,7 @@ def _case(tmp_path: Path, **fields: str) -> Path:
         "checkpoint": "",
         "path": "body.0",
         "layer": "body.1",
-        "source": "surgery.zoo:stem_trainer",
+        "source": "surgery.train.zoo:stem_trainer",
     }
     values.update(fields)
     path = tmp_path / "located.yaml"

@@ -23,9 +23,9 @@ from torch import nn
 from surgery import cli
 from surgery.case import ModelSpec, parse_case
 from surgery.errors import SurgeryInputError
-from surgery.builder import build_model
-from surgery.model_refs import resolve_factory, validate_model_ref
-from surgery.models import build_architecture
+from surgery.running.builder import build_model
+from surgery.models.model_refs import resolve_factory, validate_model_ref
+from surgery.models.checkpoints import build_architecture
 
 from cli_runs import CaseRun, run_case_file  # the in-process CLI harness of tests/
 
@@ -74,7 +74,7 @@ def _ref(factory: object) -> str:
     return f"{factory.__module__}:{factory.__name__}"
 
 
-def _run(tmp_path: Path, *, model: str = "surgery.zoo:stem_trainer", seed: str = "0") -> CaseRun:
+def _run(tmp_path: Path, *, model: str = "surgery.train.zoo:stem_trainer", seed: str = "0") -> CaseRun:
     """``surgery run CASE --report DIR --quiet`` in-process on ``CASE`` with this model and seed."""
     case = tmp_path / "safety.yaml"
     case.write_text(CASE.format(model=model, seed=seed))
@@ -114,14 +114,14 @@ def test_standard_library_refs_exit_2_at_parse_time(tmp_path: Path, ref: str, mo
 def test_standard_library_refs_are_refused_without_an_import(tmp_path: Path, ref: str):
     """In a fresh interpreter the module is dropped from sys.modules first: parsing must not bring it back.
 
-    ``surgery.models`` (which does the check) is imported before, as the loader would import it anyway.
+    ``surgery.models.checkpoints`` (which does the check) is imported before, as the loader would import it anyway.
     """
     module = ref.partition(":")[0]
     case = tmp_path / "case.yaml"
     case.write_text(CASE.format(model=ref, seed=0))
     script = textwrap.dedent(f"""
         import sys
-        import surgery.models
+        import surgery.models.checkpoints
         from surgery.case import load_case
         from surgery.errors import SurgeryInputError
         sys.modules.pop({module!r})
@@ -209,7 +209,7 @@ def test_private_names_are_refused_before_any_import(package, template: str, wha
 
 
 def test_private_names_in_a_case_file(tmp_path: Path):
-    message = _assert_bad_input(_run(tmp_path, model="surgery.zoo:_recipe"), MODEL_LINE, "source.model")
+    message = _assert_bad_input(_run(tmp_path, model="surgery.train.zoo:_recipe"), MODEL_LINE, "source.model")
     assert "'_recipe' is a private name" in message
 
 
@@ -232,11 +232,17 @@ def test_a_missing_name_does_not_run_the_module_getattr(package):
 @pytest.mark.parametrize(
     "ref, fragment",
     [
-        ("surgery.models:Path", "Path is defined in 'pathlib', not in 'surgery.models'"),  # a re-exported class
-        ("surgery.model_names:lru_cache", "lru_cache is defined in 'functools', not in 'surgery.model_names'"),
-        ("surgery.zoo:ZOO", "ZOO is a dict, expected a factory"),
-        ("surgery.models:PREFIXES", "PREFIXES is a tuple, expected a factory"),
-        ("surgery.zoo:no_such_factory", "cannot import 'no_such_factory' from 'surgery.zoo'"),
+        (
+            "surgery.models.checkpoints:Path",
+            "Path is defined in 'pathlib', not in 'surgery.models.checkpoints'",
+        ),  # a re-exported class
+        (
+            "surgery.models.model_names:lru_cache",
+            "lru_cache is defined in 'functools', not in 'surgery.models.model_names'",
+        ),
+        ("surgery.train.zoo:ZOO", "ZOO is a dict, expected a factory"),
+        ("surgery.models.checkpoints:PREFIXES", "PREFIXES is a tuple, expected a factory"),
+        ("surgery.train.zoo:no_such_factory", "cannot import 'no_such_factory' from 'surgery.train.zoo'"),
         ("nosuchpkg.models:net", "cannot import 'nosuchpkg.models' (ModuleNotFoundError"),
     ],
 )
@@ -253,7 +259,7 @@ def test_what_is_not_a_factory_defined_in_its_module(tmp_path: Path, ref: str, f
 def test_refusal_names_the_line_of_a_nested_model(tmp_path: Path):
     case = tmp_path / "graft.yaml"
     case.write_text(
-        CASE.format(model="surgery.zoo:stem_trainer", seed=0).replace(
+        CASE.format(model="surgery.train.zoo:stem_trainer", seed=0).replace(
             "surgery: {op: activation_swap, from: [ReLU], to: SiLU}",
             'surgery:\n  op: graft\n  path: conv1\n  donor: {model: "subprocess:Popen"}',
         )
@@ -288,7 +294,13 @@ def test_a_factory_defined_in_its_module_still_builds(factory):
 
 
 @pytest.mark.parametrize(
-    "ref", ["surgery.zoo:stem_trainer", "surgery.zoo:StemTrainer", "surgery.zoo:make_stem", "torch.nn:Identity"]
+    "ref",
+    [
+        "surgery.train.zoo:stem_trainer",
+        "surgery.train.zoo:StemTrainer",
+        "surgery.train.zoo:make_stem",
+        "torch.nn:Identity",
+    ],
 )  # re-exported by its own package: accepted
 def test_public_factories_of_their_package_are_accepted(ref: str):
     validate_model_ref(ref)
@@ -324,4 +336,4 @@ def test_bad_seeds_exit_2_at_their_line(tmp_path: Path, seed: str, field: str, f
 
 @pytest.mark.parametrize("seed, parsed", [("0", [0]), ("7", [7]), ("[3, 0]", [3, 0]), (str(2**63 - 1), [2**63 - 1])])
 def test_good_seeds_parse(seed: str, parsed: list[int]):
-    assert parse_case(CASE.format(model="surgery.zoo:stem_trainer", seed=seed)).seed == parsed
+    assert parse_case(CASE.format(model="surgery.train.zoo:stem_trainer", seed=seed)).seed == parsed

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery import zoo
+from surgery.train import zoo
 from surgery.files import write_atomic
 from surgery.errors import SurgeryInputError
-from surgery.models import load_state_dict_file
+from surgery.models.checkpoints import load_state_dict_file
 
 NAME = "mnist-stem"  # the cheapest recipe: a 7×7 stem inside a small net
 STEPS = 3
@@ -246,7 +246,7 @@ def test_pytest_shows_one_line_per_zoo_model_trained(small_zoo, pytester):
 name: zoo-progress
 device: cpu
 data: {train: {name: digits, limit: 100}, image_size: 16, split_seed: 0}
-source: {model: "surgery.zoo:stem_trainer", num_classes: 10}
+source: {model: "surgery.train.zoo:stem_trainer", num_classes: 10}
 surgery: {op: graft, donor: {model: "zoo:mnist-stem"}, path: conv1}
 finetune: {steps: 1, batch_size: 8}
 expect: {coverage: {tensors_min: 0.0}}
@@ -255,7 +255,7 @@ expect: {coverage: {tensors_min: 0.0}}
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         [
-            "*zoo: training mnist-stem (surgery.zoo:stem_trainer on mnist5k, 3 steps*",
+            "*zoo: training mnist-stem (surgery.train.zoo:stem_trainer on mnist5k, 3 steps*",
             "*zoo: mnist-stem trained in * s, test accuracy *",
         ]
     )

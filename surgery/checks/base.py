@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from surgery.bounds import Aggregate, Decision, Direction, decide, prediction_bound, seeds_to_decide
-from surgery.calibration import CalibrationRecord, ItemCalibration
+from surgery.stats.bounds import Aggregate, Decision, Direction, decide, prediction_bound, seeds_to_decide
+from surgery.stats.calibration import CalibrationRecord, ItemCalibration
 from surgery.results import ExpectationResult
 from surgery.spec import CALIBRATE, Strict, Threshold
 

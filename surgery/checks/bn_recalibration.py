@@ -41,8 +41,8 @@ class BnRecalibrationCheck(Check):
         return ["bn_recalibration.gain_min"]
 
     def after_surgery(self, spec: BnRecalibrationExpect, context: SeedContext) -> dict[str, Any]:
-        # here, not at the top: parsing a case imports this module, and surgery.finetune imports torch
-        from surgery.finetune import evaluate, recalibrate_bn
+        # here, not at the top: parsing a case imports this module, and surgery.train.finetune imports torch
+        from surgery.train.finetune import evaluate, recalibrate_bn
 
         split = context.split
         calibrated = copy.deepcopy(context.patient)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.calibration import CalibrationRecord, yaml_path
+from surgery.stats.calibration import CalibrationRecord, yaml_path
 from surgery.checks.accuracy import accuracy_metrics
 from surgery.checks.base import CHECKS, Check, Judge, check, seeds_label
 from surgery.results import ExpectationResult

@@ -1,8 +1,8 @@
 """The ``similarity`` check: linear CKA between each patient layer and its reference layer, from the probe.
 
-CKA (see ``surgery.cka``) says whether a layer still represents what its reference layer did,
+CKA (see ``surgery.stats.cka``) says whether a layer still represents what its reference layer did,
 which drift of the value distributions cannot: a rotated representation has the same marginals.
-The figures come from the same probe pass as the activation statistics (``surgery.prepare.Probes``);
+The figures come from the same probe pass as the activation statistics (``surgery.running.prepare.Probes``);
 the check judges the worst pair over layers and seeds.
 """
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgery.errors import SurgeryInputError, first_line
-from surgery.models import set_module
+from surgery.models.checkpoints import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
 from surgery.ops.activation_spec import (
     ACTIVATION_KINDS,

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from surgery.ops.record import SurgeryRecord
 
 # build(spec, field, **defaults): a model spec of the case built with its relative paths resolved and its
-# errors located at ``field`` (the run passes surgery.prepare.build).
+# errors located at ``field`` (the run passes surgery.running.prepare.build).
 Build = Callable[..., "nn.Module"]
 
 

@@ -21,7 +21,7 @@ from surgery.errors import SurgeryInputError, first_line
 from surgery.ops.base import Operation, register_op
 from surgery.ops.graft_spec import GraftSpec
 from surgery.spec import ParamGroupSpec
-from surgery.models import set_module
+from surgery.models.checkpoints import set_module
 from surgery.ops.record import SurgeryRecord, recordable_state
 
 # Attribute a donor may carry to say which of its tensors were adapted from a source of another

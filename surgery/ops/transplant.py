@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from surgery.errors import SurgeryInputError
-from surgery.models import clean_key, clean_prefixes
+from surgery.models.checkpoints import clean_key, clean_prefixes
 from surgery.ops.record import Method, SurgeryRecord
 from surgery.ops.base import Operation, register_op
 from surgery.ops.transplant_spec import STRATEGIES, Strategy, TransplantSpec

@@ -1,6 +1,6 @@
 """The history page: every case's expectations over the nights, flags first (no files read, no torch).
 
-:func:`history_html` turns a :class:`surgery.history.History` into one self-contained page, with the
+:func:`history_html` turns a :class:`surgery.nightly.history.History` into one self-contained page, with the
 same Content-Security-Policy and escaping as the reports (:mod:`surgery.report.html`): per case one
 figure with a panel per expectation (figure per night, calibrated band, threshold, failed and undecided
 markers, provenance changes, the drift test's window), each point a link to that night's report.
@@ -13,7 +13,7 @@ rest of the page; the SVG has no ids, so any number of them share a page.
 
 Usage::
 
-    from surgery.history import read_history
+    from surgery.nightly.history import read_history
     from surgery.report.history import write_history
     write_history(read_history(["reports/nightly"]), Path("reports/nightly/history.html"))
 """
@@ -30,7 +30,7 @@ from urllib.parse import quote
 from markupsafe import Markup
 
 from surgery.files import write_atomic
-from surgery.history import Change, History, Night, Series, finite
+from surgery.nightly.history import Change, History, Night, Series, finite
 from surgery.report import plots
 from surgery.report.html import fmt, render_page
 from surgery.results import safe_name

@@ -5,7 +5,7 @@ of ``cases/`` each fine-tune a fresh ResNet-18 on the same split for the same bu
 bridges a fresh ResNet-18 on the digits. Fine-tuning is deterministic for its inputs in one
 process, so a baseline whose every input equals an earlier one's (architecture, initial tensors,
 which of them train, the split, the fine-tune spec, seed, device, thread count) is looked up in
-:data:`BASELINES` instead of trained again (see :func:`surgery.runner.run_baseline`). Likewise a
+:data:`BASELINES` instead of trained again (see :func:`surgery.running.runner.run_baseline`). Likewise a
 source model's accuracy: four cases evaluate the zoo's ResNet-50 on the same MNIST test split.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery.builder import digest_tensor
-from surgery.data import Split
-from surgery.image_cache import CachedImages
-from surgery.finetune import evaluate
+from surgery.running.builder import digest_tensor
+from surgery.data.datasets import Split
+from surgery.data.image_cache import CachedImages
+from surgery.train.finetune import evaluate
 from surgery.spec import FinetuneSpec
 
 

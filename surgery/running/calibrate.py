@@ -2,10 +2,10 @@
 
 For each case, every profile (an environment: thread count, CPU instruction set, a zoo rebuilt
 under other numerics) runs in its own subprocess, because ``ATEN_CPU_CAPABILITY`` must be set
-before torch loads. Each run of one seed yields every expectation's figure; :mod:`surgery.bounds`
+before torch loads. Each run of one seed yields every expectation's figure; :mod:`surgery.stats.bounds`
 turns the figures into, per expectation and per seed count k (1 for CI, all of the case's seeds for
 the nightly run), a prediction bound at false-alarm rate alpha. The record
-(:mod:`surgery.calibration`) is written beside the case; ``--write`` also puts the bounds into the
+(:mod:`surgery.stats.calibration`) is written beside the case; ``--write`` also puts the bounds into the
 case file's calibrated thresholds (``{1: …, 3: …}`` or the ``calibrate`` placeholder), keeping its
 comments and layout. Thresholds written as plain numbers are claims: they are kept, and the record
 says whether the seeds can decide them.
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from surgery.files import write_atomic
-from surgery.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
-from surgery.calibration import CalibrationRecord, ItemCalibration, Rule, record_path, save_record, yaml_path
+from surgery.stats.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
+from surgery.stats.calibration import CalibrationRecord, ItemCalibration, Rule, record_path, save_record, yaml_path
 from surgery.case import Case, experiment_hash, load_case, threshold_range
 from surgery.checks.expect import evaluate_expectations, threshold_location
 from surgery.errors import SurgeryInputError
@@ -57,7 +57,7 @@ DEFAULT_PROFILES = ("native", "threads1", "isa-default", "zoo-threads1")
 
 def profile_env(name: str) -> dict[str, str]:
     """The environment of a profile, on top of this process's."""
-    from surgery.zoo import cache_dir
+    from surgery.train.zoo import cache_dir
 
     if name not in PROFILES:
         raise SurgeryInputError(f"--profiles: unknown profile {name!r}; expected some of: {', '.join(PROFILES)}")
@@ -80,7 +80,7 @@ def calibration_seeds(case: Case, count: int) -> list[int]:
 
 def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
     """Run ``seeds`` of a case in this process; return each expectation's figure per seed, and provenance."""
-    from surgery.runner import RunOptions, run_case
+    from surgery.running.runner import RunOptions, run_case
 
     case = load_case(case_path)
     result = run_case(case, RunOptions(seeds=seeds, progress=False, calibrating=True))
@@ -108,7 +108,7 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
 
 def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> dict[str, Any]:
     """Run a profile's seeds in ``jobs`` subprocesses; merge their figures."""
-    from surgery.numerics import outside_xdist
+    from surgery.train.numerics import outside_xdist
 
     # NOTE: idle OpenMP threads sleep instead of spinning, so a 2-thread profile does not collapse when
     # something else runs beside it. This changes how threads wait, not which sums they compute.
@@ -121,7 +121,7 @@ def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> d
             cmd = [
                 sys.executable,
                 "-m",
-                "surgery.calibrate",
+                "surgery.running.calibrate",
                 "--worker",
                 case_path,
                 "--worker-seeds",
@@ -251,7 +251,7 @@ def calibrate_case(
     log: Callable[[str], None] = _log,
 ) -> CalibrationRecord:
     """Calibrate one case file: run it, derive its thresholds, write its record (and the case with ``write``)."""
-    from surgery.numerics import requested_threads
+    from surgery.train.numerics import requested_threads
 
     case = load_case(case_path)
     if seeds < 2:
@@ -327,8 +327,8 @@ def format_table(record: CalibrationRecord) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The subprocess entry point of one profile (``python -m surgery.calibrate --worker``)."""
-    parser = argparse.ArgumentParser(prog="python -m surgery.calibrate")
+    """The subprocess entry point of one profile (``python -m surgery.running.calibrate --worker``)."""
+    parser = argparse.ArgumentParser(prog="python -m surgery.running.calibrate")
     parser.add_argument("--worker", required=True)
     parser.add_argument("--worker-seeds", required=True)
     parser.add_argument("--worker-out", required=True)

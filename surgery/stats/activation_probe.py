@@ -32,7 +32,7 @@ Example::
 
     ref = probe_activations(source, probe_x, ["layer?"])
     pat = probe_activations(patient, probe_x, ["layer?"], edges=ref)   # the reference's bins
-    from surgery.drift import drift_table
+    from surgery.stats.drift import drift_table
     drift_table(ref, pat)                                               # one row per layer
 """
 
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from surgery.cka import gram
+from surgery.stats.cka import gram
 from surgery.errors import SurgeryInputError
 
 __all__ = [

@@ -1,9 +1,9 @@
 """The fine-tune engine: a short, deterministic training loop.
 
-Embedded sets sit on the device as tensors. Cached images (a user's folder: :mod:`surgery.image_cache`)
+Embedded sets sit on the device as tensors. Cached images (a user's folder: :mod:`surgery.data.image_cache`)
 stream: each step reads its batch as uint8, moves it (pinned, non-blocking on CUDA) and normalises it
 on the device, while a background thread reads the next one. ``finetune.augment`` applies to each
-training batch on the device (:mod:`surgery.augment`).
+training batch on the device (:mod:`surgery.train.augment`).
 
 Parameter groups are chosen by glob on parameter names, each with ``freeze``, ``lr_scale`` and
 ``unfreeze_at``. A non-finite loss stops the run and is reported, never raised.
@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from surgery.augment import augment_batch, augment_generator
+from surgery.train.augment import augment_batch, augment_generator
 from surgery.spec import DistillSpec, FinetuneSpec, ParamGroupSpec
 from surgery.errors import SurgeryInputError
-from surgery.image_cache import CachedImages, Images, on_device
+from surgery.data.image_cache import CachedImages, Images, on_device
 
 
 # Cached images are evaluated in batches of at most this many input values (16 MB as float32): 27 images at

@@ -1,5 +1,5 @@
 """Cases on a Ray cluster: one task per (case, seed), per random-init baseline and per zoo model; the driver
-assembles each case's result with the local run's own code (:func:`surgery.runner.assemble`).
+assembles each case's result with the local run's own code (:func:`surgery.running.runner.assemble`).
 
 The task graph of a run::
 
@@ -7,7 +7,7 @@ The task graph of a run::
         -> the seed tasks and baseline tasks of the cases that read them   (Ray waits for the builds)
             -> the driver: assemble, results.json, report.html, then index.html
 
-Resources: a task takes ``num_cpus`` = the run's pinned thread count (:mod:`surgery.numerics`), so the
+Resources: a task takes ``num_cpus`` = the run's pinned thread count (:mod:`surgery.train.numerics`), so the
 tasks on a node never ask for more threads than it has cores, and ``num_gpus=1`` when its case runs on
 CUDA or is marked ``gpu``, so it never lands on a node without one. Zoo builds train on the CPU, as they
 do in a local run, with the zoo's own thread count, and take that many CPUs (at most the largest node's).
@@ -29,7 +29,7 @@ Weights reach the tasks one of two ways (``RayOptions.weights``, ``surgery run -
 Ray is imported by :func:`require_ray` only, when a run asks for it: ``import surgery`` never loads it.
 
 >>> from surgery.case import load_case
->>> from surgery.runner import RunOptions
+>>> from surgery.running.runner import RunOptions
 >>> cases = [load_case("cases/swap/resnet50-relu-to-silu.yaml")]                          # doctest: +SKIP
 >>> for case, outcome in run_cases_on_ray(cases, RunOptions(max_seeds=1), RayOptions()):   # doctest: +SKIP
 ...     print(case.name, outcome.passed if isinstance(outcome, CaseResult) else outcome)
@@ -56,13 +56,13 @@ from typing import Any, Callable, Iterator
 from surgery.files import write_atomic
 from surgery.case import Case, CaseCalibration, case_calibration, parse_case
 from surgery.errors import SurgeryInputError
-from surgery.numerics import pin_numerics, requested_threads, zoo_threads
-from surgery.prepare import device_for
-from surgery.ray_check import check_address, require_ray
-from surgery.ray_tracker import TaskTracker
-from surgery.recipes import ZOO
+from surgery.train.numerics import pin_numerics, requested_threads, zoo_threads
+from surgery.running.prepare import device_for
+from surgery.running.ray_check import check_address, require_ray
+from surgery.running.ray_tracker import TaskTracker
+from surgery.models.recipes import ZOO
 from surgery.results import CaseResult
-from surgery.runner import (
+from surgery.running.runner import (
     RunOptions,
     assemble,
     case_provenance,
@@ -73,7 +73,7 @@ from surgery.runner import (
     run_baseline,
     run_seed,
 )
-from surgery.zoo import build as build_zoo, cache_dir, zoo_path
+from surgery.train.zoo import build as build_zoo, cache_dir, zoo_path
 
 WEIGHTS = ("auto", "shared", "object-store")
 CACHE_ENV = ("SURGERY_CACHE", "TORCH_HOME")  # what a task on a shared file system reads from the driver
@@ -84,7 +84,7 @@ DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 @dataclass
 class RayOptions:
-    """How to run on Ray, beyond :class:`~surgery.runner.RunOptions`."""
+    """How to run on Ray, beyond :class:`~surgery.running.runner.RunOptions`."""
 
     address: str | None = None  # join this cluster (host:port, auto, ray://...); None: start one on this machine
     weights: str = "auto"  # auto | shared | object-store: how zoo weights reach the tasks
@@ -226,7 +226,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 def zoo_task(name: str, env: dict[str, str], inline: bool, tracker: Any = None) -> dict[str, Any]:
     """Build (or find cached) one zoo model, on the CPU with the zoo's own threads
-    (:func:`surgery.numerics.zoo_threads`): ``{"value": path or bytes}``."""
+    (:func:`surgery.train.numerics.zoo_threads`): ``{"value": path or bytes}``."""
     _start_task(tracker, f"zoo:{name}")
     start = time.perf_counter()
     try:
@@ -239,8 +239,9 @@ def zoo_task(name: str, env: dict[str, str], inline: bool, tracker: Any = None) 
 
 
 def case_task(job: TaskJob, *builds: dict[str, Any]) -> dict[str, Any]:
-    """Run one seed (:func:`~surgery.runner.run_seed`) or one baseline (:func:`~surgery.runner.run_baseline`) of a
-    case in a Ray worker. ``builds``: the zoo tasks' results, in ``job.zoo`` order. Errors come back as data."""
+    """Run one seed (:func:`~surgery.running.runner.run_seed`) or one baseline
+    (:func:`~surgery.running.runner.run_baseline`) of a case in a Ray worker.
+    ``builds``: the zoo tasks' results, in ``job.zoo`` order. Errors come back as data."""
     _start_task(job.tracker, job.key)
     start = time.perf_counter()
     for build in builds:

@@ -1,7 +1,7 @@
 """Drift between two probes of the same layers: W1, KS and PSI per layer.
 
 Drift between a reference model and a patient (the model after surgery, or after fine-tune)
-is measured per layer on the probe's summaries (``surgery.activation_probe.LayerStats``):
+is measured per layer on the probe's summaries (``surgery.stats.activation_probe.LayerStats``):
 
 - ``wasserstein_norm``: W1 between the two uniform samples divided by the reference's exact
   std (Evidently's default drift test for numerical data, threshold 0.1);
@@ -9,7 +9,7 @@ is measured per layer on the probe's summaries (``surgery.activation_probe.Layer
 - ``psi``: population stability index on histogram bins shared by both models.
 
 W1 and KS agree with ``scipy.stats.wasserstein_distance`` and ``ks_2samp`` on the same samples
-(tested); the samples are uniform draws of ``surgery.activation_probe.SAMPLE_SIZE`` values per layer, so
+(tested); the samples are uniform draws of ``surgery.stats.activation_probe.SAMPLE_SIZE`` values per layer, so
 the figures are estimates of the full-population distances with that sampling error.
 """
 
@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from surgery.activation_probe import LayerStats, histogram
+from surgery.stats.activation_probe import LayerStats, histogram
 
 __all__ = ["PSI_EPS", "W1_NORM_FLOOR", "wasserstein_1d", "ks_statistic", "psi", "drift", "drift_table", "DRIFT_COLUMNS"]
 

@@ -5,8 +5,8 @@ Two paths, one :class:`Split`:
 - the embedded sets (mnist5k, digits, shapes) are small: held as float32 tensors ``(N, C, S, S)``,
   normalised once by the model's preprocessing (the zoo's ``(x - 0.5) / 0.5`` by default);
 - an image folder, a tar of one, or a map-style Dataset by reference is decoded once into the uint8
-  image cache (:mod:`surgery.image_cache`) and read a batch at a time: its split holds
-  :class:`~surgery.image_cache.CachedImages` views, indexed like tensors, normalised per batch.
+  image cache (:mod:`surgery.data.image_cache`) and read a batch at a time: its split holds
+  :class:`~surgery.data.image_cache.CachedImages` views, indexed like tensors, normalised per batch.
 
 Labels are int64 tensors; the train/test split is a deterministic permutation drawn from a seed.
 """
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from surgery.errors import SurgeryInputError
-from surgery.image_cache import CachedImages, Images, cached_entry, subset
-from surgery.image_sources import Geometry, ImageSource, dataset_source, folder_source
-from surgery.preprocess import ZOO_PREPROCESS, Preprocess
+from surgery.data.image_cache import CachedImages, Images, cached_entry, subset
+from surgery.data.image_sources import Geometry, ImageSource, dataset_source, folder_source
+from surgery.data.preprocess import ZOO_PREPROCESS, Preprocess
 
 
 @dataclass

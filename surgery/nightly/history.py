@@ -1,11 +1,11 @@
 """Nightly history: every expectation's figure over many report directories, against its calibrated band.
 
-Read the nights (:func:`surgery.nights.find_nights`), then per case and expectation build a
+Read the nights (:func:`surgery.nightly.nights.find_nights`), then per case and expectation build a
 :class:`Series`: one :class:`Point` per night with the observed figure, the threshold it was held to,
 its outcome (passed, failed, undecided) and the *calibrated band*. Three things are flagged:
 
 - **outside the band**: a night whose figure lies outside the band its own run was judged against. The
-  band is the two-sided prediction interval of :func:`surgery.bounds.prediction_bound` at the calibration's
+  band is the two-sided prediction interval of :func:`surgery.stats.bounds.prediction_bound` at the calibration's
   α, for that run's seed count and aggregate (mean or worst): where the figure should land, α on each
   side, if nothing changed since the calibration. A figure can pass its threshold and still be outside.
 - **drifting**: a sustained move, as ASV flags a benchmark step: a two-sided Mann–Whitney U test of the
@@ -29,9 +29,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from surgery.bounds import Calibrated, prediction_bound
+from surgery.stats.bounds import Calibrated, prediction_bound
 from surgery.errors import SurgeryInputError
-from surgery.nights import RESULTS, STAMP, find_nights
+from surgery.nightly.nights import RESULTS, STAMP, find_nights
 from surgery.results import CaseResult, load_results
 
 WINDOW = 7  # k: the last k nights against the k before them
@@ -239,7 +239,7 @@ def read_night(path: Path) -> Night:
 def calibrated_band(calibration: dict[str, Any] | None) -> tuple[float, float] | None:
     """The two-sided band (α each side) that an expectation's run was judged against, from the calibration
     its ``results.json`` carries; ``None`` without one. The judged side is the run's own prediction bound
-    (``bound``); the other mirrors it about the mean, as :func:`surgery.bounds.prediction_bound` does."""
+    (``bound``); the other mirrors it about the mean, as :func:`surgery.stats.bounds.prediction_bound` does."""
     if not isinstance(calibration, dict):
         return None
     try:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from surgery.errors import SurgeryInputError
-from surgery.model_refs import resolve_factory, validate_model_ref
+from surgery.models.model_refs import resolve_factory, validate_model_ref
 
 PREFIXES = ("module.", "_orig_mod.")
 

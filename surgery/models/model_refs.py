@@ -1,9 +1,9 @@
 """Model references as a case file writes them: ``torchvision:NAME``, ``timm:NAME``, ``zoo:NAME``,
-``package.module:factory``. Building one is :mod:`surgery.builder`'s job.
+``package.module:factory``. Building one is :mod:`surgery.running.builder`'s job.
 
 Checking one has two stages, so that a case file is checked without importing torch (issue 30):
 :func:`validate_model_ref` imports nothing (torchvision's and timm's names come from
-:mod:`surgery.model_names`; a factory ref is checked for its syntax and the trust rules), and
+:mod:`surgery.models.model_names`; a factory ref is checked for its syntax and the trust rules), and
 :func:`resolve_factory` imports a factory's module and checks the factory, before anything heavy runs.
 """
 
@@ -16,8 +16,8 @@ import sys
 from typing import Any
 
 from surgery.errors import first_line
-from surgery.model_names import known_names
-from surgery.recipes import ZOO
+from surgery.models.model_names import known_names
+from surgery.models.recipes import ZOO
 
 LIBRARY_KINDS = ("torchvision", "timm", "zoo")  # the prefixes that name no factory
 

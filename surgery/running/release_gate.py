@@ -22,7 +22,7 @@ Absolute checks, with the case's own calibrated thresholds for one model (one se
 - ``gate.bn_stats``  — BatchNorm running statistics sane (always checked).
 
 With a **champion** (``--champion`` or ``gate.champion``), both models predict the same gate
-examples and :mod:`surgery.compare` gives the accuracy difference with a paired bootstrap
+examples and :mod:`surgery.stats.compare` gives the accuracy difference with a paired bootstrap
 interval, McNemar's exact test and the flip rate; ``gate.not_worse_than`` holds when the one-sided
 lower bound of the difference at ``confidence`` is at least ``−accuracy`` (default rule: 0.01 at
 0.95). The per-layer drift of the candidate against the champion is measured too (information).
@@ -57,20 +57,20 @@ import torch
 import torch.nn as nn
 
 from surgery.case import Case, NotWorseThanSpec, experiment_hash
-from surgery.compare import DEFAULT_RESAMPLES, PairedComparison, accuracy_interval, compare_predictions
-from surgery.drift import drift
+from surgery.stats.compare import DEFAULT_RESAMPLES, PairedComparison, accuracy_interval, compare_predictions
+from surgery.stats.drift import drift
 from surgery.errors import SurgeryInputError
-from surgery.export import read_metadata
-from surgery.activation_probe import probe_activations
+from surgery.running.export import read_metadata
+from surgery.stats.activation_probe import probe_activations
 from surgery.checks.accuracy import aggregate, recovery
 from surgery.checks.base import at_least, at_most, below, check, fmt, resolve_threshold, worst_dead_row, worst_drift_row
-from surgery.data import Split, load_eval_set
-from surgery.finetune import predict, to_device
-from surgery.image_cache import CachedImages, Images
-from surgery.models import load_state_dict_file, load_weights
+from surgery.data.datasets import Split, load_eval_set
+from surgery.train.finetune import predict, to_device
+from surgery.data.image_cache import CachedImages, Images
+from surgery.models.checkpoints import load_state_dict_file, load_weights
 from surgery.files import file_sha256, strict_json, write_atomic
 from surgery.results import CaseResult, ExpectationResult, provenance
-from surgery.prepare import (
+from surgery.running.prepare import (
     FORWARD_ERRORS,
     Probes,
     blame,
@@ -625,7 +625,7 @@ def run_gate(
 
 def gate_schema_path() -> Path:
     """The JSON Schema of ``gate.json``, shipped in the package (``surgery/schemas/gate.schema.json``)."""
-    return Path(__file__).resolve().parent / "schemas" / "gate.schema.json"
+    return Path(__file__).resolve().parent.parent / "schemas" / "gate.schema.json"
 
 
 def write_verdict(result: CaseResult, report_dir: Path, *, checkpoint: Path, sha256: str) -> Path:

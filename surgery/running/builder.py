@@ -1,5 +1,6 @@
 """Building the model a case's ``ModelSpec`` describes: policy (which weights, from where) over the mechanics
-of :mod:`surgery.models` (architectures, checkpoints) and :mod:`surgery.zoo` (trained, cached sources).
+of :mod:`surgery.models.checkpoints` (architectures, checkpoints) and :mod:`surgery.train.zoo` (trained, cached
+sources).
 
 Weights come from a ``zoo:`` model (trained here and cached), a checkpoint (weights only), or timm's and
 torchvision's pretrained files in the local cache; nothing is ever downloaded.
@@ -17,8 +18,8 @@ import torch.nn as nn
 import torchvision
 
 from surgery.errors import SurgeryInputError
-from surgery.models import build_architecture, load_state_dict_file, load_weights
-from surgery.zoo import ZOO, load_zoo_model, zoo_path
+from surgery.models.checkpoints import build_architecture, load_state_dict_file, load_weights
+from surgery.train.zoo import ZOO, load_zoo_model, zoo_path
 
 
 def _hub_file(url: str) -> Path:

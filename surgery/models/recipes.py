@@ -1,7 +1,7 @@
 """The zoo's recipes: how each source model is trained, as data (no torch).
 
 A recipe names its architecture, data set and training budget; its hash names the cached file
-(:mod:`surgery.zoo` trains and caches them). Kept apart from the training code so that case files
+(:mod:`surgery.train.zoo` trains and caches them). Kept apart from the training code so that case files
 can be validated against the zoo's names without importing torch.
 """
 
@@ -44,6 +44,6 @@ ZOO: dict[str, Recipe] = {
         Recipe("mnist-mobilenetv3", "timm:mobilenetv3_small_100", "mnist5k", steps=500, lr=5e-3),
         Recipe("shapes-resnet18", "torchvision:resnet18", "shapes", num_classes=5, steps=200),
         # A ResNet stem (3→64, 7×7, stride 2) trained inside a small net on MNIST: the graft donor.
-        Recipe("mnist-stem", "surgery.zoo:stem_trainer", "mnist5k", kind="stem", steps=200),
+        Recipe("mnist-stem", "surgery.train.zoo:stem_trainer", "mnist5k", kind="stem", steps=200),
     ]
 }

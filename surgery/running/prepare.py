@@ -23,18 +23,18 @@ import torch
 import torch.nn as nn
 
 from surgery.case import Case, DatasetSpec, ModelSpec
-from surgery.drift import drift
-from surgery.cka import CKAAccumulator
-from surgery.activation_probe import ProbePass, ProbeStats, batches, resolve_layers
-from surgery.data import Split, load_split
-from surgery.image_cache import CachedImages, head
-from surgery.preprocess import Preprocess, resolve_preprocess
+from surgery.stats.drift import drift
+from surgery.stats.cka import CKAAccumulator
+from surgery.stats.activation_probe import ProbePass, ProbeStats, batches, resolve_layers
+from surgery.data.datasets import Split, load_split
+from surgery.data.image_cache import CachedImages, head
+from surgery.data.preprocess import Preprocess, resolve_preprocess
 from surgery.errors import SurgeryInputError
-from surgery.finetune import resolve_device
-from surgery.builder import build_model
+from surgery.train.finetune import resolve_device
+from surgery.running.builder import build_model
 from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
-from surgery.recipes import ZOO
+from surgery.models.recipes import ZOO
 
 
 # Examples per forward when probing: the batch the benchmarks time; fewer for large images, so that a

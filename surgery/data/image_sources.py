@@ -10,7 +10,7 @@ Two kinds of source, behind one :class:`ImageSource`:
 Each image is decoded with PIL, converted to RGB or L (grayscale, RGBA, CMYK and palette images are
 converted, not refused), its shorter side resized and centre-cropped as torchvision's
 ``ImageClassification`` transform does. An image that cannot be decoded (unreadable, truncated) is bad
-input naming its path. Decoding runs in DataLoader workers; :mod:`surgery.image_cache` stores the result.
+input naming its path. Decoding runs in DataLoader workers; :mod:`surgery.data.image_cache` stores the result.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from surgery.errors import SurgeryInputError, first_line
-from surgery.model_refs import resolve_factory
+from surgery.models.model_refs import resolve_factory
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def folder_source(root: str) -> ImageSource:
 
 def resolve_dataset_class(ref: str) -> Any:
     """The class or function ``package.module:Name`` names, by the trust rules of model factories
-    (:func:`surgery.model_refs.resolve_factory`); nothing is called here."""
+    (:func:`surgery.models.model_refs.resolve_factory`); nothing is called here."""
     try:
         return resolve_factory(ref, "dataset")
     except ValueError as exc:

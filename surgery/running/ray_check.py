@@ -1,7 +1,7 @@
 """What ``--ray`` / ``--surgery-ray`` need before a run: an address that is no path, and Ray installed.
 
 Light on purpose: the CLI and the plugin check the option before reading the cases, and the cases before
-importing anything heavy (:mod:`surgery.ray_runner` imports torch); Ray itself is imported by
+importing anything heavy (:mod:`surgery.running.ray_runner` imports torch); Ray itself is imported by
 :func:`require_ray` only, when a run asks for it.
 """
 

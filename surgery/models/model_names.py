@@ -3,7 +3,7 @@
 Importing either takes seconds, and a case file is checked in well under one (issue 30). So the names are
 shipped with the package in ``model_names.json``, with the versions they were listed from; when the
 installed version is another, the library itself is asked (imported) instead, so a list never goes stale
-silently. ``python -m surgery.model_names`` rewrites the list from the installed libraries, and a test
+silently. ``python -m surgery.models.model_names`` rewrites the list from the installed libraries, and a test
 compares the two.
 """
 

@@ -20,12 +20,12 @@ import torch.nn as nn
 
 from surgery.files import cache_dir, write_atomic
 from surgery.spec import DatasetSpec, FinetuneSpec, OptimizerSpec, ScheduleSpec
-from surgery.data import load_split
-from surgery.finetune import evaluate, finetune, to_device
-from surgery.model_refs import validate_model_ref
-from surgery.models import build_architecture, load_state_dict_file, load_weights
-from surgery.numerics import torch_threads, zoo_threads
-from surgery.recipes import ZOO, Recipe
+from surgery.data.datasets import load_split
+from surgery.train.finetune import evaluate, finetune, to_device
+from surgery.models.model_refs import validate_model_ref
+from surgery.models.checkpoints import build_architecture, load_state_dict_file, load_weights
+from surgery.train.numerics import torch_threads, zoo_threads
+from surgery.models.recipes import ZOO, Recipe
 from surgery.errors import SurgeryInputError
 
 log = logging.getLogger(__name__)  # one line per model trained; the pytest plugin shows them in the terminal

@@ -1,6 +1,6 @@
 """The perturbation matrix: the CI seed of every case under several numeric profiles, as one table.
 
-``python -m surgery.perturb cases`` (``make perturb``) runs ``surgery run CASES --seeds 1`` once per
+``python -m surgery.running.perturb cases`` (``make perturb``) runs ``surgery run CASES --seeds 1`` once per
 profile (native; 1 thread; ``ATEN_CPU_CAPABILITY=default``; 1 thread with a fresh zoo cache, so the
 zoo is rebuilt under other numerics), each in its own process, then prints one row per case and
 one column per profile. Exit 0 when no expectation failed anywhere: calibrated thresholds are meant
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from surgery.calibrate import profile_env
+from surgery.running.calibrate import profile_env
 
 MATRIX = ("native", "threads1", "isa-default", "zoo-fresh-threads1")
 
@@ -40,7 +40,7 @@ def cell(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m surgery.perturb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m surgery.running.perturb", description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+")
     parser.add_argument("--report", default="reports/perturb", help="one report directory per profile here")
     parser.add_argument("--profiles", default=",".join(MATRIX))

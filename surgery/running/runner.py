@@ -20,16 +20,16 @@ from surgery.checks.accuracy import baseline_undecidable, recovery
 from surgery.checks.coverage import coverage_summary, coverage_table
 from surgery.checks.base import Judge, SeedContext
 from surgery.checks.expect import declared_checks, evaluate_expectations, uncalibrated_fields
-from surgery.data import Split
+from surgery.data.datasets import Split
 from surgery.errors import SurgeryInputError
-from surgery.export import patient_state
-from surgery.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_device
-from surgery.builder import weight_files, weights_digest
-from surgery.models import build_architecture
-from surgery.numerics import numeric_profile, pin_numerics
+from surgery.running.export import patient_state
+from surgery.train.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_device
+from surgery.running.builder import weight_files, weights_digest
+from surgery.models.checkpoints import build_architecture
+from surgery.train.numerics import numeric_profile, pin_numerics
 from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
-from surgery.prepare import (
+from surgery.running.prepare import (
     Probes,
     architecture_ref,
     blame,
@@ -44,7 +44,7 @@ from surgery.prepare import (
     probe_inputs,
 )
 from surgery.results import CaseResult, provenance
-from surgery.reuse import BASELINES, baseline_key, source_accuracy
+from surgery.running.reuse import BASELINES, baseline_key, source_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class RunOptions:
     max_seeds: int | None = None  # run at most this many of the case's seeds
     progress: bool | None = None  # progress bars; None = only on a terminal
     seeds: list[int] | None = None  # run exactly these seeds instead of the case's (calibration does)
-    threads: int | None = None  # torch threads; None = $SURGERY_THREADS or surgery.numerics.DEFAULT_THREADS
+    threads: int | None = None  # torch threads; None = $SURGERY_THREADS or surgery.train.numerics.DEFAULT_THREADS
     calibrating: bool = False  # thresholds may still be the ``calibrate`` placeholder
     export: bool = False  # keep each seed's fine-tuned patient (CaseResult.patients) for --export
 
@@ -200,7 +200,7 @@ def run_baseline(case: Case, seed: int, device: torch.device, options: RunOption
 
     It depends on the seed alone (the split and the initialisation are drawn from it), so it runs
     apart from :func:`run_seed`, in any order and any process, with the same figures. A baseline
-    this process trained on equal inputs for another case is reused (:mod:`surgery.reuse`).
+    this process trained on equal inputs for another case is reused (:mod:`surgery.running.reuse`).
     """
     torch.manual_seed(seed)
     split = load_data(case, seed)
@@ -347,7 +347,7 @@ def assemble(
 def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
     """Run every seed of ``case`` (and its baselines) here, and check its expectations.
 
-    Bad input raises SurgeryInputError. :mod:`surgery.ray_runner` runs the same parts as Ray tasks.
+    Bad input raises SurgeryInputError. :mod:`surgery.running.ray_runner` runs the same parts as Ray tasks.
     """
     options = options or RunOptions()
     start = time.perf_counter()

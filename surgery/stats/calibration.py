@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from surgery.files import write_json
-from surgery.bounds import Aggregate, Calibrated, Direction
+from surgery.stats.bounds import Aggregate, Calibrated, Direction
 from surgery.errors import SurgeryInputError
 
 RECORD_SCHEMA = 1
@@ -97,7 +97,7 @@ class CalibrationRecord:
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)  # item -> derived bounds / decisions
     method: str = (
         "one-sided normal prediction bound for the mean (or worst) of k seeds, t quantile with "
-        "n - 1 degrees of freedom, n = calibration seeds (surgery.bounds)"
+        "n - 1 degrees of freedom, n = calibration seeds (surgery.stats.bounds)"
     )
     created: str = ""
     schema: int = RECORD_SCHEMA

@@ -1,6 +1,6 @@
 """Decode once, read many: a user's images as uint8 records on disk, read a batch at a time.
 
-The first read of a source (:mod:`surgery.image_sources`) decodes every image once, in DataLoader
+The first read of a source (:mod:`surgery.data.image_sources`) decodes every image once, in DataLoader
 workers, at the case's geometry (resize, centre crop, channels, interpolation), and writes the
 pixels as fixed-size records to ``$SURGERY_CACHE/images/KEY.u8`` with ``KEY.json`` beside it (labels,
 classes, shape). KEY hashes the source's fingerprint (every file's path, size and mtime; a tar's
@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from surgery.files import cache_dir, write_atomic, write_json
 from surgery.errors import SurgeryInputError, first_line
-from surgery.image_sources import DecodeItems, Geometry, ImageSource, ReadFiles, decode_files, pixels_of_bytes
-from surgery.preprocess import Preprocess
+from surgery.data.image_sources import DecodeItems, Geometry, ImageSource, ReadFiles, decode_files, pixels_of_bytes
+from surgery.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 

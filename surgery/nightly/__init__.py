@@ -1,0 +1,1 @@
+"""Nightly runs: dated report folders and the history over nights."""

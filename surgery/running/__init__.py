@@ -1,0 +1,1 @@
+"""Running cases: preparing models, running seeds, reusing work, exporting, calibrating, gating, Ray."""

@@ -1,0 +1,1 @@
+"""The statistics: activation probes, drift, CKA, paired comparisons, prediction bounds, calibration records."""

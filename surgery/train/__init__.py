@@ -1,0 +1,1 @@
+"""Training: the fine-tune loop, augmentation, pinned numerics and the zoo of source models."""
