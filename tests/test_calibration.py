@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from surgery.stats.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
+from surgery.stats.bounds import (
+    Calibrated,
+    calibration_seeds_to_decide,
+    decide,
+    prediction_bound,
+    rounded_bound,
+    seeds_to_decide,
+)
 from surgery.stats.calibration import load_record, record_path
 from surgery.case import experiment_hash, load_case, parse_case
 from surgery.checks.base import resolve_threshold
@@ -82,6 +89,25 @@ def test_a_claim_inside_the_spread_is_undecided_and_more_seeds_decide_it():
     assert seeds_to_decide(Calibrated(mean=0.107, std=0.07, seeds=3, runs=9), 0.03, alpha=0.001) is None
     # A figure without spread (coverage) is decided by any seed count.
     assert decide(Calibrated(1.0, 0.0, 5, 15), 0.99, alpha=0.001, k=1) == "holds"
+
+
+@pytest.mark.parametrize(("aggregate", "direction", "claim"), [("mean", "lower", 0.3), ("worst", "upper", 3.0)])
+def test_what_a_small_calibration_cannot_decide_a_larger_one_would(aggregate, direction, claim):
+    """The scale cases' records (3 seeds at 224 px): run seeds cannot decide these claims, calibration seeds can."""
+    mean, std = (0.1817, 0.0275) if aggregate == "mean" else (0.8136, 0.42)
+    small = Calibrated(mean=mean, std=std, seeds=3, runs=3)
+    assert decide(small, claim, alpha=0.001, k=1, direction=direction, aggregate=aggregate) == "undecided"
+    assert seeds_to_decide(small, claim, alpha=0.001, direction=direction, aggregate=aggregate) is None
+    wanted = calibration_seeds_to_decide(small, claim, alpha=0.001, k=1, direction=direction, aggregate=aggregate)
+    assert wanted is not None and wanted > 3
+
+    def with_seeds(n: int) -> str:
+        wider = Calibrated(mean=mean, std=std, seeds=n, runs=n)
+        return decide(wider, claim, alpha=0.001, k=1, direction=direction, aggregate=aggregate)
+
+    assert with_seeds(wanted) != "undecided" and with_seeds(wanted - 1) == "undecided"
+    # a claim at the mean stays undecided however large the calibration
+    assert calibration_seeds_to_decide(small, mean, alpha=0.001, k=1, direction=direction, aggregate=aggregate) is None
 
 
 def test_rounding_never_tightens_a_bound():

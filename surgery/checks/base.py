@@ -22,7 +22,15 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from surgery.stats.bounds import Aggregate, Decision, Direction, decide, prediction_bound, seeds_to_decide
+from surgery.stats.bounds import (
+    Aggregate,
+    Decision,
+    Direction,
+    calibration_seeds_to_decide,
+    decide,
+    prediction_bound,
+    seeds_to_decide,
+)
 from surgery.stats.calibration import CalibrationRecord, ItemCalibration
 from surgery.results import ExpectationResult
 from surgery.spec import CALIBRATE, Strict, Threshold
@@ -269,12 +277,22 @@ class Judge:
             cal.calibrated(), threshold, alpha=record.alpha, direction=direction, aggregate=aggregate_by
         )
         calibration["seeds_to_decide"] = needed
-        remedy = (
-            f"{needed} seeds would decide it"
-            if needed is not None
-            else "more seeds alone cannot decide it: make the experiment quieter (more fine-tune steps, "
-            "a larger evaluation set)"
+        calibration_needed = calibration_seeds_to_decide(
+            cal.calibrated(), threshold, alpha=record.alpha, k=self.seeds, direction=direction, aggregate=aggregate_by
         )
+        calibration["calibration_seeds_to_decide"] = calibration_needed
+        if needed is not None:
+            remedy = f"{needed} seeds would decide it"
+        elif calibration_needed is not None:
+            remedy = (
+                f"more seeds in this run alone cannot decide it; calibrating with {calibration_needed} seeds "
+                f"would (the record has {cal.calibrated().seeds})"
+            )
+        else:
+            remedy = (
+                "more seeds alone cannot decide it: make the experiment quieter (more fine-tune steps, "
+                "a larger evaluation set)"
+            )
         field = name.rsplit(".", 1)[-1]
         result.status, result.passed = "undecided", False
         result.message = (

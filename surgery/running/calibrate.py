@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from surgery.files import write_atomic
-from surgery.stats.bounds import Calibrated, decide, prediction_bound, rounded_bound, seeds_to_decide
+from surgery.stats.bounds import (
+    Calibrated,
+    calibration_seeds_to_decide,
+    decide,
+    prediction_bound,
+    rounded_bound,
+    seeds_to_decide,
+)
 from surgery.stats.calibration import CalibrationRecord, ItemCalibration, Rule, record_path, save_record, yaml_path
 from surgery.case import Case, experiment_hash, load_case, threshold_range
 from surgery.checks.expect import evaluate_expectations, threshold_location
@@ -319,11 +326,25 @@ def format_table(record: CalibrationRecord) -> str:
             claim = (
                 f"{derived['claim']:g}: {decisions}"
                 + (f"; {needed} seeds decide it" if needed and "undecided" in decisions else "")
-                + ("; seeds alone cannot decide it" if needed is None else "")
+                + (
+                    f"; seeds alone cannot decide it{_wider_calibration(cal, derived, record.alpha)}"
+                    if needed is None
+                    else ""
+                )
             )
         spread = cal.std if cal.std > 1e-12 * max(1.0, abs(cal.mean)) else 0.0  # float noise of a constant
         lines.append(f"| {item} | {cal.mean:.4g} ± {spread:.2g} | {cal.runs} | {bounds} | {claim} |")
     return "\n".join(lines)
+
+
+def _wider_calibration(cal: ItemCalibration, derived: dict[str, Any], alpha: float) -> str:
+    """`` (N calibration seeds would, for one seed)`` when a larger calibration would decide a claim."""
+    if cal.seeds < 2:
+        return ""
+    wanted = calibration_seeds_to_decide(
+        cal.calibrated(), derived["claim"], alpha=alpha, k=1, direction=cal.direction, aggregate=cal.aggregate
+    )
+    return f" ({wanted} calibration seeds would, for a one-seed run)" if wanted else ""
 
 
 def main(argv: list[str] | None = None) -> int:

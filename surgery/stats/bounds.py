@@ -145,3 +145,40 @@ def seeds_to_decide(
         else:
             hi = mid
     return lo
+
+
+def calibration_seeds_to_decide(
+    calibrated: Calibrated,
+    threshold: float,
+    *,
+    alpha: float,
+    k: int,
+    direction: Direction = "lower",
+    aggregate: Aggregate = "mean",
+) -> int | None:
+    """The fewest calibration seeds that would decide the claim for a k-seed run, were the figure's mean and
+    spread what this calibration measured; None when no number of them would (the threshold lies too close).
+
+    A small calibration pays twice: a wide t quantile (``n - 1`` degrees of freedom) and the ``1/n`` term.
+
+    >>> c = Calibrated(mean=0.81, std=0.42, seeds=3, runs=3)
+    >>> decide(c, 3.0, alpha=0.001, k=1, direction="upper", aggregate="worst")
+    'undecided'
+    >>> calibration_seeds_to_decide(c, 3.0, alpha=0.001, k=1, direction="upper", aggregate="worst")
+    8
+    """
+
+    def decided(n: int) -> bool:
+        wider = Calibrated(calibrated.mean, calibrated.std, seeds=n, runs=max(n, calibrated.runs))
+        return decide(wider, threshold, alpha=alpha, k=k, direction=direction, aggregate=aggregate) != "undecided"
+
+    if not decided(MAX_SEEDS_TO_DECIDE):
+        return None
+    lo, hi = calibrated.seeds, MAX_SEEDS_TO_DECIDE
+    while lo < hi:  # more calibration seeds only narrow the interval
+        mid = (lo + hi) // 2
+        if decided(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
