@@ -27,8 +27,9 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest tests cases -q --surgery-seeds 1 -n $(TEST_WORKERS) -m slow --durations=25
 
+# The 224 px cases (cases/scale/, marked slow: minutes each on a CPU) are left out: `surgery run cases` runs them.
 demo: install
-	$(BIN)/surgery run cases --report reports --seeds 1 --quiet
+	$(BIN)/surgery run cases --report reports --seeds 1 --quiet --skip-slow
 
 # The report's screenshot in docs/report.md is the browser test's own (tests/test_report_browser.py checks it).
 screenshots: install

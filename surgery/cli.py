@@ -66,6 +66,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not paths:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
     cases = load_cases(paths)  # every file is validated before anything heavy is imported, let alone run
+    if args.skip_slow:
+        slow = [case.name for case in cases if "slow" in case.markers]
+        cases = [case for case in cases if "slow" not in case.markers]
+        if slow:
+            print(f"left out {len(slow)} case(s) marked slow (--skip-slow): {', '.join(slow)}")
+        if not cases:
+            raise SurgeryInputError(
+                f"every case in {' '.join(args.cases)} is marked slow, and --skip-slow leaves them out"
+            )
     if args.ray is not None:  # without Ray installed this is one line, exit 2
         require_ray()
     # Imported once the cases are known to be good: the runner imports torch, the report matplotlib (seconds).
@@ -335,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="override the cases' device: auto, cpu, cuda, cuda:N")
     run.add_argument("--seeds", type=int, default=None, metavar="N", help="run at most N seeds per case")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--skip-slow",
+        action="store_true",
+        help="leave out the cases marked slow (the 224 px cases of cases/scale/: minutes each on a CPU)",
+    )
     run.add_argument(
         "--threads",
         type=int,

@@ -15,7 +15,7 @@ from surgery import cli
 
 from surgery.train import zoo
 
-from cli_runs import CaseRun, run_case_file  # the in-process CLI harness of tests/
+from cli_runs import CaseRun, run_case_file, run_cli  # the in-process CLI harness of tests/
 
 CASE = """\
 name: {name}
@@ -158,6 +158,21 @@ def test_run_with_bad_model_at_build_time_exits_2(tmp_path, module_cache, capsys
 
 
 # --------------------------------------------------------------------------- inspect and zoo
+
+
+def test_skip_slow_leaves_out_the_cases_marked_slow(tmp_path, module_cache):
+    (tmp_path / "quick.yaml").write_text(CASE.format(name="tiny-quick", lr="0.01", after_min="0.0"))
+    slow = CASE.format(name="tiny-slow", lr="0.01", after_min="0.0").replace("seed: 0\n", "seed: 0\nmarkers: [slow]\n")
+    (tmp_path / "slow.yaml").write_text(slow)
+    rc, out, err = run_cli("run", tmp_path, "--report", tmp_path / "reports", "--quiet", "--skip-slow")
+    assert rc == 0, out + err
+    assert "left out 1 case(s) marked slow (--skip-slow): tiny-slow" in out
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir() if p.is_dir()) == ["tiny-quick"]
+
+    (tmp_path / "quick.yaml").unlink()
+    rc, out, err = run_cli("run", tmp_path, "--report", tmp_path / "other", "--quiet", "--skip-slow")
+    assert rc == 2 and "every case in" in err and "--skip-slow leaves them out" in err, out + err
+    assert not (tmp_path / "other").exists()
 
 
 def test_inspect_lists_modules_and_shapes(capsys):
