@@ -273,12 +273,15 @@ class Judge:
         if decision != "undecided":
             result.message += f"; calibrated {shown}: a claim decided ({decision}) for {self.seeds} seed{plural}"
             return result
-        needed = seeds_to_decide(
-            cal.calibrated(), threshold, alpha=record.alpha, direction=direction, aggregate=aggregate_by
-        )
+        calibrated = cal.calibrated()
+        needed = seeds_to_decide(calibrated, threshold, alpha=record.alpha, direction=direction, aggregate=aggregate_by)
         calibration["seeds_to_decide"] = needed
-        calibration_needed = calibration_seeds_to_decide(
-            cal.calibrated(), threshold, alpha=record.alpha, k=self.seeds, direction=direction, aggregate=aggregate_by
+        calibration_needed = (
+            None  # the run's own seeds can decide it: no larger calibration is needed
+            if needed is not None
+            else calibration_seeds_to_decide(
+                calibrated, threshold, alpha=record.alpha, k=self.seeds, direction=direction, aggregate=aggregate_by
+            )
         )
         calibration["calibration_seeds_to_decide"] = calibration_needed
         if needed is not None:
@@ -286,7 +289,7 @@ class Judge:
         elif calibration_needed is not None:
             remedy = (
                 f"more seeds in this run alone cannot decide it; calibrating with {calibration_needed} seeds "
-                f"would (the record has {cal.calibrated().seeds})"
+                f"would (the record has {calibrated.seeds})"
             )
         else:
             remedy = (

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 
 Direction = Literal["lower", "upper"]  # the figure must be >= threshold (lower) or <= threshold (upper)
@@ -135,15 +135,24 @@ def seeds_to_decide(
             if decide(calibrated, threshold, alpha=alpha, k=1, direction=direction, aggregate=aggregate) != "undecided"
             else None
         )
-    lo, hi = 1, MAX_SEEDS_TO_DECIDE
-    if decide(calibrated, threshold, alpha=alpha, k=hi, direction=direction) == "undecided":
+    return _fewest(
+        lambda k: decide(calibrated, threshold, alpha=alpha, k=k, direction=direction) != "undecided", start=1
+    )
+
+
+def _fewest(decided: Callable[[int], bool], *, start: int) -> int | None:
+    """The smallest count from ``start`` up to :data:`MAX_SEEDS_TO_DECIDE` for which ``decided`` holds, or None.
+
+    ``decided`` must be monotone: more seeds only narrow a prediction interval."""
+    lo, hi = start, MAX_SEEDS_TO_DECIDE
+    if not decided(hi):
         return None
-    while lo < hi:  # the interval shrinks monotonically with k
+    while lo < hi:
         mid = (lo + hi) // 2
-        if decide(calibrated, threshold, alpha=alpha, k=mid, direction=direction) == "undecided":
-            lo = mid + 1
-        else:
+        if decided(mid):
             hi = mid
+        else:
+            lo = mid + 1
     return lo
 
 
@@ -172,13 +181,4 @@ def calibration_seeds_to_decide(
         wider = Calibrated(calibrated.mean, calibrated.std, seeds=n, runs=max(n, calibrated.runs))
         return decide(wider, threshold, alpha=alpha, k=k, direction=direction, aggregate=aggregate) != "undecided"
 
-    if not decided(MAX_SEEDS_TO_DECIDE):
-        return None
-    lo, hi = calibrated.seeds, MAX_SEEDS_TO_DECIDE
-    while lo < hi:  # more calibration seeds only narrow the interval
-        mid = (lo + hi) // 2
-        if decided(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    return _fewest(decided, start=calibrated.seeds)
