@@ -41,7 +41,7 @@ def _figure(value: Any) -> str:
 
 def _title(fullname: str) -> str:
     """``benchmarks/test_probe_cost.py::test_probe_vs_bare_forward[resnet50-contiguous]`` → a readable name."""
-    file, _, test = fullname.partition("::")
+    test = fullname.partition("::")[2]
     name, _, params = test.partition("[")
     words = name.removeprefix("test_").replace("_", " ")
     return f"{words} [{params}" if params else words
