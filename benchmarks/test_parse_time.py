@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GOOD = ROOT / "cases" / "transplant" / "resnet50-to-resnet18-select.yaml"
+GOOD = ROOT / "cases" / "transplant" / "resnet50-to-resnet18-strategies.yaml"
 ROUNDS = 9
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 

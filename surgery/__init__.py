@@ -4,7 +4,7 @@ The public API, loaded lazily (PEP 562): ``import surgery`` imports no torch (py
 package in every session through the plugin); the first use of a name imports its module.
 
 >>> import surgery
->>> case = surgery.load_case("cases/transplant/resnet50-to-resnet18-select.yaml")  # doctest: +SKIP
+>>> case = surgery.load_case("cases/transplant/resnet50-to-resnet18-strategies.yaml")  # doctest: +SKIP
 >>> result = surgery.run(case, device="cpu", seeds=1)                              # doctest: +SKIP
 >>> result.passed, [e.message for e in result.failures]                            # doctest: +SKIP
 """

@@ -19,10 +19,12 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from surgery.stats.calibration import MEASUREMENT, CalibrationRecord, is_threshold_key, load_record, record_path
 from surgery.checks import CHECKS  # importing the package registers the built-in checks
+from surgery.checks.comparisons import CompareSpec
 from surgery.errors import SurgeryInputError
 from surgery.models.model_refs import is_factory_ref, resolve_factory
 from surgery.ops import SPECS  # importing the package registers the built-in operations' specs (no torch)
 from surgery.spec import (
+    ARM_NAME,
     CALIBRATE,
     DATASETS,
     DatasetSpec,
@@ -41,6 +43,7 @@ from surgery.spec import (
     UnitThreshold,
     threshold,
     threshold_range,
+    VariantSpec,
 )
 
 __all__ = [
@@ -221,6 +224,14 @@ def _models(keys: tuple[str, ...], ops: tuple[str, ...]) -> tuple[type[Strict], 
         __doc__="The ``expect`` section: one entry per registered check (surgery.checks), plus ``finite``.",
         **check_fields,
         finite=(bool, Field(True, description="no NaN/inf in the loss or the weights")),
+        compare=(
+            list[CompareSpec],
+            Field([], description="variant cases: claims that one arm beats another, on paired differences"),
+        ),
+        rank=(
+            list[str] | None,
+            Field(None, description="variant cases: arms from best to worst; each beats the next (margin 0)"),
+        ),
     )
     operations = tuple(SPECS[name] for name in ops)
     surgery: Any = Annotated[Union[operations], Field(discriminator="op")] if len(operations) > 1 else operations[0]
@@ -258,6 +269,11 @@ class Case(Strict):
     source: ModelSpec = Field(description="the model the surgery starts from")
     finetune: FinetuneSpec = Field(FinetuneSpec(), description="the fine-tune of the patient after surgery")
     gate: GateSpec | None = Field(None, description="what `surgery gate` scores a release candidate on")
+    variants: dict[Annotated[str, Field(pattern=ARM_NAME)], VariantSpec] | None = Field(
+        None,
+        description="named arms run on the same seeds, paired, each with its own items; expect.compare and "
+        "expect.rank judge them against each other (docs: Variants)",
+    )
     if TYPE_CHECKING:  # set by the subclass parse_case builds from the registered operations and checks
         surgery: Any
         expect: Any
@@ -266,12 +282,19 @@ class Case(Strict):
     path: str = Field("<memory>", exclude=True)
     file_hash: str = Field("", exclude=True)
     lines: dict[str, int] = Field({}, exclude=True, description="dotted field path -> line in the file")
+    # set by parse_case for a case with variants: its arms, each a Case (see arm_cases)
+    arms: dict[str, Any] = Field({}, exclude=True)
+    # set on an arm: its name, and the dotted fields its variant entry sets (errors name them as variants.ARM.…)
+    variant: str = Field("", exclude=True)
+    overridden: list[str] = Field([], exclude=True)
 
     def where(self, field: str) -> str:
         """``FILE:LINE: field`` for a dotted field path, its nearest parent's line if it is not in the file."""
         path = field
         while path and path not in self.lines:
             path = path.rpartition(".")[0]
+        if self.variant and any(_within(field, o) for o in self.overridden):
+            field = f"variants.{self.variant}.{field}"
         return f"{self.path}:{self.lines.get(path, 1)}: {field}"
 
     @field_validator("seed", mode="before")
@@ -284,7 +307,7 @@ class Case(Strict):
     @classmethod
     def _no_internal_fields(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for key in ("path", "file_hash", "lines"):
+            for key in LOADER_FIELDS:
                 if key in data:
                     raise PydanticCustomError(
                         "unknown_key", "unknown key {shown}; it is set by the loader", {"key": key, "shown": repr(key)}
@@ -293,7 +316,7 @@ class Case(Strict):
 
 
 SCHEMA_ID = "https://surgery.invalid/case.schema.json"
-LOADER_FIELDS = ("path", "file_hash", "lines")
+LOADER_FIELDS = ("path", "file_hash", "lines", "arms", "variant", "overridden")
 
 
 # Shorthands the models' ``mode="before"`` validators accept, which pydantic's schema cannot see:
@@ -418,17 +441,28 @@ def _error_message(err: ErrorDetails) -> str:
     return msg[0].lower() + msg[1:] if msg else msg
 
 
+def _validate(
+    data: dict[str, Any], lines: dict[Path_, int], filename: str, arm: str = "", overridden: Sequence[str] = ()
+) -> Case:
+    """Validate parsed YAML as a case; a pydantic error becomes one line naming the field (``variants.ARM.…``
+    when it lies in what ``overridden``, the fields arm ``arm``'s entry sets, holds)."""
+    try:
+        return _models(tuple(CHECKS), tuple(SPECS))[1].model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        line, field = _error_line(err, data, lines)
+        if any(_within(field, o) for o in overridden):
+            field = f"variants.{arm}.{field}"
+        suffix = f" (in variant {arm!r}, the case with its entry merged over it)" if arm else ""
+        raise SurgeryInputError(f"{filename}:{line}: {field}: {_error_message(err)}{suffix}") from None
+
+
 def parse_case(text: str, filename: str = "<memory>") -> Case:
     """Parse and validate case-file text; raise SurgeryInputError (one line) on any problem."""
     data, lines = _compose_with_lines(text, filename)
     if not isinstance(data, dict):
         raise SurgeryInputError(f"{filename}:1: <top>: expected a mapping with name, data, source, surgery, expect")
-    try:
-        case = _models(tuple(CHECKS), tuple(SPECS))[1].model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        line, field = _error_line(err, data, lines)
-        raise SurgeryInputError(f"{filename}:{line}: {field}: {_error_message(err)}") from None
+    case = _validate(data, lines, filename)
     case.path = filename
     case.file_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
     case.lines = {_dotted(path): line for path, line in lines.items() if path}
@@ -437,7 +471,106 @@ def parse_case(text: str, filename: str = "<memory>") -> Case:
             f"{case.where('gate.data')}: 'holdout' needs data.holdout > 0 (e.g. 0.2), or a "
             "dataset of its own, e.g. {name: imagefolder, root: release-eval}"
         )
+    _check_comparisons(case)
+    if case.variants:
+        case.arms = _arm_cases(case, data, lines)
     return case
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def _leaves(lines: dict[Path_, int], prefix: Path_) -> list[str]:
+    """The dotted paths, relative to ``prefix``, of the values under it that hold no further keys."""
+    under = [path[len(prefix) :] for path in lines if path[: len(prefix)] == prefix and len(path) > len(prefix)]
+    return [_dotted(p) for p in under if not any(q[: len(p)] == p and len(q) > len(p) for q in under)]
+
+
+def _within(field: str, prefix: str) -> bool:
+    """Whether dotted ``field`` is ``prefix`` or lies inside it."""
+    return field == prefix or field.startswith((prefix + ".", prefix + "["))
+
+
+def _check_comparisons(case: Case) -> None:
+    """``expect.compare`` and ``expect.rank`` name arms of ``variants``, each pair once; ``beats_baseline`` is
+    replaced by a random arm in a variant case."""
+    arms = list(case.variants or {})
+    compare, rank = case.expect.compare, case.expect.rank
+    if not case.variants:
+        if compare or rank is not None:
+            field = "expect.compare" if compare else "expect.rank"
+            raise SurgeryInputError(f"{case.where(field)}: compares arms; expected a variants section naming them")
+        return
+    if len(arms) < 2:
+        raise SurgeryInputError(f"{case.where('variants')}: one arm compares with nothing; expected two or more")
+    accuracy = getattr(case.expect, "accuracy", None)
+    if accuracy is not None and accuracy.beats_baseline is not None:
+        raise SurgeryInputError(
+            f"{case.where('expect.accuracy.beats_baseline')}: in a variant case the baseline is an arm; expected "
+            "a variant with init: random and expect.compare: [{better: ARM, than: that arm, margin: …}]"
+        )
+    pairs: set[tuple[str, str]] = set()
+    for i, spec in enumerate(compare):
+        for key in ("better", "than"):
+            if getattr(spec, key) not in arms:
+                raise SurgeryInputError(
+                    f"{case.where(f'expect.compare[{i}].{key}')}: got {getattr(spec, key)!r}; "
+                    f"expected one of the arms: {', '.join(arms)}"
+                )
+        if spec.better == spec.than:
+            raise SurgeryInputError(f"{case.where(f'expect.compare[{i}].than')}: an arm compared with itself")
+        if (spec.better, spec.than) in pairs:
+            raise SurgeryInputError(f"{case.where(f'expect.compare[{i}]')}: this pair is compared twice")
+        pairs.add((spec.better, spec.than))
+    if rank is not None:
+        if len(rank) < 2 or len(set(rank)) != len(rank) or any(name not in arms for name in rank):
+            raise SurgeryInputError(
+                f"{case.where('expect.rank')}: got {rank!r}; expected two or more distinct arms of: {', '.join(arms)}"
+            )
+
+
+def _merged(base: Any, override: Any) -> Any:
+    """``override`` deep-merged over ``base``: mappings key by key (one naming another ``op`` replaces the
+    section), anything else replaced."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    if "op" in override and override["op"] != base.get("op"):
+        return override
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(base[key], value) if key in base else value
+    return out
+
+
+ARM_SECTIONS = ("surgery", "finetune", "expect")
+
+
+def _arm_cases(case: Case, data: dict[str, Any], lines: dict[Path_, int]) -> dict[str, Case]:
+    """Each arm of ``case.variants`` as a case of its own, named ``CASE.ARM``: the case with the arm's sections
+    merged over it (a random arm keeps only ``finite`` of the expectations), validated as a case."""
+    base = {key: value for key, value in data.items() if key != "variants"}
+    base["expect"] = {k: v for k, v in data.get("expect", {}).items() if k not in ("compare", "rank")}
+    shared = {path: line for path, line in lines.items() if path[:1] != ("variants",)}
+    arms: dict[str, Case] = {}
+    for arm, spec in (case.variants or {}).items():
+        entry = data["variants"][arm]
+        merged = dict(base)
+        if spec.init == "random":
+            merged["expect"] = {"finite": base["expect"].get("finite", True)}
+        for section in ARM_SECTIONS:
+            if section in entry:
+                merged[section] = _merged(merged.get(section), entry[section])
+        own = {path[2:]: line for path, line in lines.items() if path[:2] == ("variants", arm) and len(path) > 2}
+        arm_lines = {**shared, **own}
+        overridden = [leaf for leaf in _leaves(lines, ("variants", arm)) if any(_within(leaf, s) for s in ARM_SECTIONS)]
+        arm_case = _validate(merged, arm_lines, case.path, arm, overridden)
+        arm_case.name = f"{case.name}.{arm}"
+        arm_case.description = spec.description or case.description
+        arm_case.path, arm_case.file_hash, arm_case.variant = case.path, case.file_hash, arm
+        arm_case.lines = {_dotted(path): line for path, line in arm_lines.items() if path}
+        arm_case.overridden = overridden
+        arms[arm] = arm_case
+    return arms
 
 
 def load_case(path: str | Path) -> Case:
@@ -516,6 +649,14 @@ def _without_thresholds(value: Any) -> Any:
     return value
 
 
+def _pruned(value: Any) -> Any:
+    """Mappings left empty (their thresholds taken out) removed, recursively."""
+    if isinstance(value, dict):
+        kept = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v != {}}
+    return value
+
+
 def experiment_hash(case: Case) -> str:
     """A hash of what the figures depend on: the case without name, description, seeds, markers, thresholds.
 
@@ -528,6 +669,13 @@ def experiment_hash(case: Case) -> str:
         data.pop(key, None)
     data["measurement"] = MEASUREMENT
     data["expect"] = _without_thresholds(data["expect"])
+    if not data["expect"].get("compare"):  # a case without variants hashes as it did before they existed
+        data["expect"].pop("compare", None)
+    for entry in (data.get("variants") or {}).values():
+        entry.pop("description", None)
+        expect = _pruned(_without_thresholds(entry.pop("expect", None) or {}))
+        if expect:  # an arm's section holding only thresholds (calibrate --write puts them there) is no change
+            entry["expect"] = expect
     blob = json.dumps(data, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -544,6 +692,10 @@ class CaseCalibration:
     def usable(self) -> CalibrationRecord | None:
         """The record when it belongs to this experiment, else None."""
         return self.record if self.fresh else None
+
+    def for_arm(self, arm: str) -> "CaseCalibration":
+        """The calibration of one arm of a variant case: the case's record, seen through ``arm_view``."""
+        return CaseCalibration(None if self.record is None else self.record.arm_view(arm), self.path, self.fresh)
 
     def status(self) -> str:
         """One line for the report: calibrated, stale or missing."""

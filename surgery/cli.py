@@ -38,6 +38,8 @@ def _print_result(result, report: Path | None) -> None:
         f"{status} {result.case}: {passed}/{len(result.expectations)} expectations held{undecided} "
         f"({result.seconds:.1f}s){f' -> {report}' if report else ''}"
     )
+    if result.variants:  # a variant case: the arms in the order its comparisons decided
+        print(f"    order: {result.variants['order_text']} (an arm stands above another only where a claim held)")
     for e in result.expectations:
         if not e.passed:
             print(f"    {e.name}: {e.message}")

@@ -379,9 +379,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     outcome = yield
     report = outcome.get_result()
     if isinstance(item, CaseItem) and report.skipped and isinstance(report.longrepr, tuple) and item.parent.case:
-        from surgery.stats.calibration import yaml_path
+        from surgery.checks.expect import threshold_line
 
-        line = item.parent.case.lines.get(".".join(yaml_path(item.expectation)), 1)
+        line = threshold_line(item.parent.case, item.expectation)
         report.longrepr = (str(item.path), line, report.longrepr[2])  # pytest shows this 1-based line as is
 
 

@@ -58,6 +58,11 @@ class CaseResult:
     seconds: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
+    # A variant case: each arm's own result (CaseResult.to_dict()), and what spans arms: per arm its spec and
+    # per-seed accuracies, the paired differences of each comparison and the decided order (running.variants).
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variants: dict[str, Any] = field(default_factory=dict)
+
     calibration: str = ""  # calibrated, stale or missing, in one line
     calibration_notes: list[str] = field(default_factory=list)  # where this run's provenance differs from it
     # Seed -> the fine-tuned patient's state_dict, when the run was asked to export them (never serialised).
@@ -90,6 +95,10 @@ class CaseResult:
         from surgery.report.html import case_html  # matplotlib and jinja2 only when a notebook asks
 
         return case_html(self)
+
+    def arm(self, name: str) -> "CaseResult":
+        """One arm of a variant case's result, as a result of its own."""
+        return CaseResult.from_dict(self.arms[name])
 
     def expectation(self, name: str) -> ExpectationResult | None:
         return next((e for e in self.expectations if e.name == name), None)

@@ -393,3 +393,49 @@ class GateSpec(Strict):
     champion: str | None = Field(None, description="the released checkpoint to compare with (--champion overrides)")
     not_worse_than: NotWorseThanSpec | None = Field(None, description="non-inferiority against the champion")
     resamples: int = Field(2000, ge=100, le=100_000, description="paired bootstrap resamples")
+
+
+ARM_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+
+
+class VariantSpec(Strict):
+    """One arm of ``variants``: overrides of the case's surgery, fine-tune and expectations, or a random init.
+
+    An arm with ``init: surgery`` (the default) is the case with these sections deep-merged over it, validated
+    as a case of its own; one with ``init: random`` is the surgery's architecture from random init (the
+    random-init baseline), fine-tuned on the same budget. Every arm runs on the same seeds, paired: within a
+    seed all arms share the split, the batch order, the probe samples and the initial values of every tensor
+    the surgery leaves fresh.
+    """
+
+    description: str = Field("", description="free text the report shows with the arm")
+    init: Literal["surgery", "random"] = Field(
+        "surgery",
+        description="surgery: the case's surgery with this arm's overrides; random: its architecture "
+        "from random init, fine-tuned on the same budget",
+    )
+    inits: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="random arms only: random initialisations per seed, their accuracies averaged "
+        "(a quieter baseline); the first shares the fresh tensors' initial values with the surgery arms",
+    )
+    surgery: dict[str, Any] | None = Field(
+        None, description="fields of the surgery section this arm changes (a new op replaces the section)"
+    )
+    finetune: dict[str, Any] | None = Field(None, description="fields of the finetune section this arm changes")
+    expect: dict[str, Any] | None = Field(
+        None, description="fields of the expect section this arm changes (its calibrated thresholds live here)"
+    )
+
+    @model_validator(mode="after")
+    def _random_takes_no_surgery(self) -> "VariantSpec":
+        if self.init == "random" and (self.surgery is not None or self.expect is not None):
+            raise ValueError(
+                "a random arm has no surgery and no expectations of its own; expected init, inits, finetune, "
+                "description (compare it with expect.compare or expect.rank)"
+            )
+        if self.init == "surgery" and self.inits != 1:
+            raise ValueError("inits averages random initialisations; expected it only with init: random")
+        return self

@@ -61,7 +61,7 @@ def test_every_seed_case_is_covered():
     ],
 )
 def test_the_schema_rejects_bad_cases(edit, where):
-    case = yaml.safe_load((ROOT / "cases/transplant/resnet50-to-resnet18-select.yaml").read_text(encoding="utf-8"))
+    case = yaml.safe_load((ROOT / "cases/transplant/resnet50-to-resnet18-strategies.yaml").read_text(encoding="utf-8"))
     edit(case)
     errors = list(_validator().iter_errors(case))
     assert errors and any(where in (e.message + " ".join(map(str, e.absolute_path))) for e in errors), [

@@ -331,7 +331,8 @@ def test_fuzzed_case_exits_0_1_or_2_with_one_line_long(quick_docs: dict[str, dic
 def test_split_seed_beyond_torch_range_is_bad_input(quick_docs: dict[str, dict[str, Any]]):
     """``data.split_seed: 2**64`` overflowed torch's generator: exit 3. Now one line, exit 2."""
     run = fuzz_one(
-        quick_docs["transplant/resnet50-to-resnet18-exact.yaml"], Mutation("number", ("data", "split_seed"), 2**64)
+        quick_docs["transplant/resnet50-to-resnet18-strategies.yaml"],
+        Mutation("number", ("data", "split_seed"), 2**64),
     )
     assert run.rc == 2 and "data: seed 18446744073709551616" in run.err and "out of range" in run.err
 
@@ -339,14 +340,15 @@ def test_split_seed_beyond_torch_range_is_bad_input(quick_docs: dict[str, dict[s
 def test_known_batch_of_one(quick_docs: dict[str, dict[str, Any]]):
     """A batch of one sample through a ResNet's BatchNorm in train mode."""
     fuzz_one(
-        quick_docs["transplant/resnet50-to-resnet18-order.yaml"], Mutation("number", ("finetune", "batch_size"), 1)
+        quick_docs["transplant/resnet50-to-resnet18-strategies.yaml"],
+        Mutation("number", ("finetune", "batch_size"), 1),
     )
 
 
 @pytest.mark.parametrize(
     "case, path, value",
     [
-        ("transplant/resnet50-to-resnet18-exact.yaml", ("surgery", "target", "num_classes"), True),
+        ("transplant/resnet50-to-resnet18-strategies.yaml", ("surgery", "target", "num_classes"), True),
         ("swap/resnet50-relu-to-silu.yaml", ("source", "num_classes"), 7),
         ("bridge/resnet50-linear-head.yaml", ("surgery", "num_classes"), 3),
     ],
@@ -361,8 +363,8 @@ def test_known_fewer_outputs_than_classes(
 @pytest.mark.parametrize(
     "case, path",
     [
-        ("transplant/resnet50-to-resnet18-exact.yaml", ("finetune", "optimizer", "lr")),
-        ("graft/mnist-stem-into-resnet18-lr-scale.yaml", ("surgery", "policy", "lr_scale")),
+        ("transplant/resnet50-to-resnet18-strategies.yaml", ("finetune", "optimizer", "lr")),
+        ("graft/mnist-stem-into-resnet18-policies.yaml", ("variants", "lr-scale", "surgery", "policy", "lr_scale")),
     ],
 )
 def test_known_learning_rate_beyond_float32(quick_docs: dict[str, dict[str, Any]], case: str, path: tuple[str, ...]):

@@ -151,6 +151,23 @@ def test_ray_run_writes_what_a_local_run_writes(runs):
     assert runs["zoo_built_by_ray"]  # the zoo model came from a Ray task into the shared (driver's) cache
 
 
+def test_a_variant_case_on_ray_runs_one_task_per_arm_and_seed_with_the_local_figures(runs, tmp_path):
+    """Each arm and seed of a variant case is a task of its own; the comparisons come out as a local run's."""
+    from test_variants import variant_text  # the tiny variant case of tests/test_variants.py
+
+    case = tmp_path / "cases" / "variants.yaml"
+    case.parent.mkdir()
+    case.write_text(variant_text())
+    ray_run = run_case_file(case, tmp_path / "ray", *ONE_SEED, "--ray")
+    local = run_case_file(case, tmp_path / "local", *ONE_SEED)
+    assert (ray_run.rc, local.rc) == (local.rc, local.rc) and ray_run.err == "", ray_run.err + local.err
+    assert ray_run.results["variants"]["after"] == local.results["variants"]["after"]
+    assert ray_run.results["variants"]["inits"] == local.results["variants"]["inits"]
+    shown = [(e["name"], e["status"], e["observed"]) for e in ray_run.results["expectations"]]
+    assert shown == [(e["name"], e["status"], e["observed"]) for e in local.results["expectations"]]
+    assert set(ray_run.results["arms"]) == {"exact", "select", "random"}
+
+
 def test_ray_export_writes_the_local_runs_patients(runs):
     """--export on Ray: the patients come back through the object store, bit-identical to a local run's."""
     from safetensors.torch import load_file

@@ -18,7 +18,7 @@ import surgery
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MARK = "<!-- api example: run by tests/test_readme_api.py -->"
-CASE = "cases/transplant/resnet50-to-resnet18-select.yaml"
+CASE = "cases/transplant/resnet50-to-resnet18-strategies.yaml"
 TINY = """\
 name: api-tiny
 data: {train: {name: digits, limit: 200}, image_size: 16, split_seed: 0}

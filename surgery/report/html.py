@@ -63,7 +63,7 @@ DETAILS_LIMIT = 4000  # characters of an expectation's details shown on the page
 # formatting
 
 
-def _num(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     """A float, or ``None`` for anything that is not a number (NaN stays NaN)."""
     if isinstance(value, bool) or value is None:
         return None
@@ -79,7 +79,7 @@ def fmt(value: Any, kind: str = "num") -> str:
         return "—"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    x = _num(value)
+    x = as_number(value)
     if x is None:
         return str(value)
     if math.isnan(x):
@@ -117,7 +117,8 @@ def render_page(template: str, **context: Any) -> str:
     return _env().get_template(template).render(**context)
 
 
-def _svg(text: str | None) -> Markup | None:
+def svg_markup(text: str | None) -> Markup | None:
+    """A plot's SVG marked safe for the templates (``None`` stays ``None``)."""
     # The only markup marked safe: SVG written by matplotlib, which escapes the text it draws.
     return Markup(text) if text else None
 
@@ -126,34 +127,37 @@ def _svg(text: str | None) -> Markup | None:
 # reading a result defensively (results of failed runs miss sections)
 
 
-def _dict(value: Any) -> dict[str, Any]:
+def as_dict(value: Any) -> dict[str, Any]:
+    """``value`` if it is a dict, else an empty one (a section a failed run left out)."""
     return value if isinstance(value, dict) else {}
 
 
-def _list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """``value`` if it is a list, else an empty one."""
     return value if isinstance(value, list) else []
 
 
 def _agg(result: CaseResult, name: str) -> dict[str, Any] | None:
-    agg = _dict(result.metrics.get("accuracy")).get(name)
+    agg = as_dict(result.metrics.get("accuracy")).get(name)
     return agg if isinstance(agg, dict) else None
 
 
-def _activation_rows(result: CaseResult) -> list[dict[str, Any]]:
-    rows = _list(result.tables.get("activations"))
+def activation_rows(result: CaseResult) -> list[dict[str, Any]]:
+    """The per-layer activation rows of a result (its table, else each seed's rows with its seed)."""
+    rows = as_list(result.tables.get("activations"))
     if not rows:
         rows = [
             dict(r, seed=s.get("seed"))
-            for s in _list(result.per_seed)
+            for s in as_list(result.per_seed)
             if isinstance(s, dict)
-            for r in _list(s.get("activations"))
+            for r in as_list(s.get("activations"))
             if isinstance(r, dict)
         ]
     return [r for r in rows if isinstance(r, dict)]
 
 
 def _worst_drift(rows: list[dict[str, Any]], stage: str) -> float | None:
-    found = [_num(r.get("w1_norm")) for r in rows if r.get("stage") == stage]
+    found = [as_number(r.get("w1_norm")) for r in rows if r.get("stage") == stage]
     values = [v for v in found if v is not None]
     if not values:
         return None
@@ -162,24 +166,24 @@ def _worst_drift(rows: list[dict[str, Any]], stage: str) -> float | None:
 
 def figures(result: CaseResult) -> dict[str, float | None]:
     """The key figures of a result, by the keys of :data:`FIGURES` (``None`` when absent)."""
-    coverage = _dict(result.metrics.get("coverage"))
+    coverage = as_dict(result.metrics.get("coverage"))
     out: dict[str, float | None] = {
-        "coverage.tensors": _num(coverage.get("tensors")),
-        "coverage.elements": _num(coverage.get("elements")),
+        "coverage.tensors": as_number(coverage.get("tensors")),
+        "coverage.elements": as_number(coverage.get("elements")),
     }
     for name in ("source", "before", "after", "baseline", "recovery", "bn_gain"):
         agg = _agg(result, name)
-        out[f"accuracy.{name}"] = _num(agg.get("mean")) if agg else None
-    rows = _activation_rows(result)
+        out[f"accuracy.{name}"] = as_number(agg.get("mean")) if agg else None
+    rows = activation_rows(result)
     out["drift.surgery"] = _worst_drift(rows, "surgery")
     out["drift.finetune"] = _worst_drift(rows, "finetune")
-    out["seconds"] = _num(result.seconds)
+    out["seconds"] = as_number(result.seconds)
     return out
 
 
 def _threshold(result: CaseResult, name: str) -> float | None:
     exp = result.expectation(name)
-    return _num(exp.threshold) if exp is not None else None
+    return as_number(exp.threshold) if exp is not None else None
 
 
 def verdict_of(result: CaseResult) -> str:
@@ -200,7 +204,8 @@ def _details_text(details: Any) -> str:
 # page models
 
 
-def _expectation_rows(result: CaseResult) -> list[dict[str, Any]]:
+def expectation_rows(result: CaseResult) -> list[dict[str, Any]]:
+    """Every expectation of a result as the expectations table shows it (details as indented JSON)."""
     return [
         {
             "name": e.name,
@@ -219,14 +224,14 @@ def _calibration_rows(result: CaseResult) -> list[dict[str, Any]]:
     """The calibrated expectations, for the band plot: distribution, threshold, observed, outcome."""
     rows = []
     for e in result.expectations:
-        cal = _dict(e.calibration)
+        cal = as_dict(e.calibration)
         if cal:
             rows.append(
                 {
                     "name": e.name,
                     "mean": cal.get("mean"),
                     "std": cal.get("std"),
-                    "samples": _list(cal.get("samples")),
+                    "samples": as_list(cal.get("samples")),
                     "threshold": e.threshold,
                     "observed": e.observed,
                     "status": e.status,
@@ -238,7 +243,7 @@ def _calibration_rows(result: CaseResult) -> list[dict[str, Any]]:
 def _glance(result: CaseResult) -> list[dict[str, str]]:
     """The story at a glance: one card per figure that the run produced."""
     figs, cards = figures(result), []
-    n_seeds = len(result.seeds) or len(_list(result.per_seed))
+    n_seeds = len(result.seeds) or len(as_list(result.per_seed))
 
     def spread(name: str) -> str:
         agg = _agg(result, name)
@@ -290,10 +295,10 @@ def _glance(result: CaseResult) -> list[dict[str, str]]:
 
 def _per_seed_rows(result: CaseResult) -> list[dict[str, Any]]:
     rows = []
-    for s in _list(result.per_seed):
+    for s in as_list(result.per_seed):
         if not isinstance(s, dict):
             continue
-        acc, ft = _dict(s.get("accuracy")), _dict(s.get("finetune"))
+        acc, ft = as_dict(s.get("accuracy")), as_dict(s.get("finetune"))
         rows.append(
             {
                 "seed": s.get("seed"),
@@ -313,8 +318,8 @@ def _per_seed_rows(result: CaseResult) -> list[dict[str, Any]]:
 
 
 def _record_view(result: CaseResult) -> dict[str, Any]:
-    record = _dict(result.record)
-    tensors = [t for t in _list(record.get("tensors")) if isinstance(t, dict)]
+    record = as_dict(result.record)
+    tensors = [t for t in as_list(record.get("tensors")) if isinstance(t, dict)]
 
     def shape(value: Any) -> str:
         return "×".join(str(d) for d in value) if isinstance(value, list) else "—"
@@ -332,7 +337,7 @@ def _record_view(result: CaseResult) -> dict[str, Any]:
     by_method = {m: sum(1 for t in tensors if t.get("method") == m) for m in plots.METHODS}
     notes = {
         str(k): (json.dumps(v, default=str) if isinstance(v, (list, dict)) else v)
-        for k, v in _dict(record.get("notes")).items()
+        for k, v in as_dict(record.get("notes")).items()
     }
     return {
         "op": record.get("op"),
@@ -370,47 +375,49 @@ def _activation_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _histogram_plots(result: CaseResult) -> tuple[list[dict[str, Any]], Any]:
     """Histograms of the first seed that has them, one small SVG per layer."""
-    for s in _list(result.per_seed):
-        hists = _dict(_dict(s).get("histograms"))
+    for s in as_list(result.per_seed):
+        hists = as_dict(as_dict(s).get("histograms"))
         if hists:
             out = []
             for layer, hist in hists.items():
-                svg = plots.histogram(_dict(hist), str(layer))
-                out.append({"layer": str(layer), "svg": _svg(svg)})
+                svg = plots.histogram(as_dict(hist), str(layer))
+                out.append({"layer": str(layer), "svg": svg_markup(svg)})
             return out, s.get("seed")
     return [], None
 
 
 def _layer_maps(result: CaseResult) -> tuple[list[dict[str, Any]], Any]:
     """The CKA layer maps of the first seed that has them, one heatmap per stage."""
-    for s in _list(result.per_seed):
-        maps = _dict(_dict(s).get("layer_maps"))
+    for s in as_list(result.per_seed):
+        maps = as_dict(as_dict(s).get("layer_maps"))
         if maps:
             out = []
             for stage, layer_map in maps.items():
-                layer_map = _dict(layer_map)
+                layer_map = as_dict(layer_map)
                 title = f"after {stage}" if stage in ("surgery", "finetune") else str(stage)
                 out.append(
                     {
                         "stage": str(stage),
-                        "svg": _svg(plots.layer_map(layer_map, title)),
-                        "best": _best_matches(layer_map),
+                        "svg": svg_markup(plots.layer_map(layer_map, title)),
+                        "best": best_matches(layer_map),
                     }
                 )
             return out, s.get("seed")
     return [], None
 
 
-def _best_matches(layer_map: dict[str, Any]) -> list[dict[str, Any]]:
+def best_matches(layer_map: dict[str, Any]) -> list[dict[str, Any]]:
     """For each patient block: the source block with the highest CKA, and that CKA."""
     rows, cols, values = (
-        _list(layer_map.get("reference_layers")),
-        _list(layer_map.get("layers")),
-        _list(layer_map.get("cka")),
+        as_list(layer_map.get("reference_layers")),
+        as_list(layer_map.get("layers")),
+        as_list(layer_map.get("cka")),
     )
     out = []
     for j, col in enumerate(cols):
-        column = [(_num(row[j]) if isinstance(row, list) and j < len(row) else None, i) for i, row in enumerate(values)]
+        column = [
+            (as_number(row[j]) if isinstance(row, list) and j < len(row) else None, i) for i, row in enumerate(values)
+        ]
         scored = [(v, i) for v, i in column if v is not None]
         if scored:
             value, i = max(scored)
@@ -420,14 +427,14 @@ def _best_matches(layer_map: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _curve_runs(result: CaseResult, *, label_prefix: str = "", style: str = "-") -> list[dict[str, Any]]:
     runs = []
-    for s in _list(result.per_seed):
-        s = _dict(s)
-        ft = _dict(s.get("finetune"))
+    for s in as_list(result.per_seed):
+        s = as_dict(s)
+        ft = as_dict(s.get("finetune"))
         runs.append(
             {
                 "label": f"{label_prefix}seed {s.get('seed')}",
-                "curve": _list(ft.get("curve")),
-                "baseline_curve": _list(s.get("baseline_curve")),
+                "curve": as_list(ft.get("curve")),
+                "baseline_curve": as_list(s.get("baseline_curve")),
                 "nonfinite_step": ft.get("nonfinite_step"),
                 "style": style,
             }
@@ -445,7 +452,8 @@ def _provenance_text(value: Any) -> Any:
     return value
 
 
-def _provenance_items(prov: dict[str, Any]) -> list[tuple[str, Any]]:
+def provenance_items(prov: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Provenance as (field, text) pairs for the page's footer, the usual fields first."""
     keys = [k for k in PROVENANCE_ORDER if k in prov] + sorted(k for k in prov if k not in PROVENANCE_ORDER)
     return [(k, _provenance_text(prov[k])) for k in keys]
 
@@ -455,7 +463,7 @@ def _gate_view(prov: dict[str, Any]) -> dict[str, Any] | None:
     gate = prov.get("gate")
     if not isinstance(gate, dict):
         return None
-    comparison = _dict(gate.get("comparison"))
+    comparison = as_dict(gate.get("comparison"))
     rows = []
     if comparison:
         pct = round(100 * (2 * float(comparison.get("confidence", 0.95)) - 1))
@@ -476,19 +484,19 @@ def _gate_view(prov: dict[str, Any]) -> dict[str, Any] | None:
             ),
             ("flip rate (answers changed)", fmt(comparison.get("flip_rate"))),
         ]
-    accuracy = _dict(gate.get("accuracy"))
+    accuracy = as_dict(gate.get("accuracy"))
     interval = accuracy.get("interval") or [None, None]
     return {
         "data": gate.get("data"),
         "held_out": gate.get("held_out"),
-        "warnings": _list(gate.get("warnings")),
-        "candidate": _dict(gate.get("candidate")),
-        "champion": _dict(gate.get("champion")),
+        "warnings": as_list(gate.get("warnings")),
+        "candidate": as_dict(gate.get("candidate")),
+        "champion": as_dict(gate.get("champion")),
         "accuracy": f"{fmt(accuracy.get('value'))} [{fmt(interval[0])}, {fmt(interval[1])}]",
         "comparison": rows,
         "drift": [
             {k: r.get(k) for k in ("layer", "w1_norm", "ks", "psi")}
-            for r in _list(gate.get("champion_drift"))
+            for r in as_list(gate.get("champion_drift"))
             if isinstance(r, dict)
         ],
     }
@@ -496,7 +504,7 @@ def _gate_view(prov: dict[str, Any]) -> dict[str, Any] | None:
 
 def case_view(result: CaseResult) -> dict[str, Any]:
     """Everything the case template shows, computed from ``result`` (strings still unescaped)."""
-    act_rows = _activation_rows(result)
+    act_rows = activation_rows(result)
     drift_max = _threshold(result, "activations.drift_max") or _threshold(result, "gate.drift_max")
     dead_max = _threshold(result, "activations.dead_max") or _threshold(result, "gate.dead_max")
     hists, hist_seed = _histogram_plots(result)
@@ -506,7 +514,7 @@ def case_view(result: CaseResult) -> dict[str, Any]:
     undecided = sum(1 for e in result.expectations if e.status == "undecided")
     n_seeds = len({r.get("seed") for r in act_rows}) or 1
     coverage_rows = [
-        {k: r.get(k) for k in COVERAGE_COLUMNS} for r in _list(result.tables.get("coverage")) if isinstance(r, dict)
+        {k: r.get(k) for k in COVERAGE_COLUMNS} for r in as_list(result.tables.get("coverage")) if isinstance(r, dict)
     ]
     return {
         "case": result.case,
@@ -519,21 +527,21 @@ def case_view(result: CaseResult) -> dict[str, Any]:
         "total": len(result.expectations),
         "calibration": result.calibration,
         "calibration_notes": list(result.calibration_notes),
-        "expectations": _expectation_rows(result),
+        "expectations": expectation_rows(result),
         "glance": _glance(result),
         "per_seed": _per_seed_rows(result),
         "plots": {
-            "drift": _svg(plots.drift(act_rows, drift_max, seeds=n_seeds)),
-            "dead": _svg(plots.dead_channels(act_rows, dead_max)),
-            "curve": _svg(
+            "drift": svg_markup(plots.drift(act_rows, drift_max, seeds=n_seeds)),
+            "dead": svg_markup(plots.dead_channels(act_rows, dead_max)),
+            "curve": svg_markup(
                 plots.finetune_curve(
                     _curve_runs(result),
-                    source=_num(acc_source.get("mean")) if acc_source else None,
-                    baseline=_num(acc_baseline.get("mean")) if acc_baseline else None,
+                    source=as_number(acc_source.get("mean")) if acc_source else None,
+                    baseline=as_number(acc_baseline.get("mean")) if acc_baseline else None,
                 )
             ),
-            "coverage": _svg(plots.coverage_map(coverage_rows)),
-            "calibration": _svg(plots.calibration_bands(_calibration_rows(result))),
+            "coverage": svg_markup(plots.coverage_map(coverage_rows)),
+            "calibration": svg_markup(plots.calibration_bands(_calibration_rows(result))),
         },
         "has_activations": bool(act_rows),
         "drift_max": drift_max,
@@ -546,8 +554,8 @@ def case_view(result: CaseResult) -> dict[str, Any]:
         "activations": _activation_table(act_rows),
         "coverage": coverage_rows,
         "record": _record_view(result),
-        "provenance": _provenance_items({k: v for k, v in _dict(result.provenance).items() if k != "gate"}),
-        "gate": _gate_view(_dict(result.provenance)),
+        "provenance": provenance_items({k: v for k, v in as_dict(result.provenance).items() if k != "gate"}),
+        "gate": _gate_view(as_dict(result.provenance)),
         "schema_version": result.schema_version,
     }
 
@@ -606,7 +614,7 @@ def compare_view(a: CaseResult, b: CaseResult) -> dict[str, Any]:
                 "delta_text": _delta_text(delta, kind),
             }
         )
-    pa, pb = _dict(a.provenance), _dict(b.provenance)
+    pa, pb = as_dict(a.provenance), as_dict(b.provenance)
     prov = []
     extra = sorted((set(pa) | set(pb)) - set(PROVENANCE_ORDER))
     for key in [k for k in PROVENANCE_ORDER if k in pa or k in pb] + extra:
@@ -641,8 +649,8 @@ def compare_view(a: CaseResult, b: CaseResult) -> dict[str, Any]:
         "coverage": [m["method"] for m in methods if m["changed"]],
     }
     return {
-        "a": _run_header(a),
-        "b": _run_header(b),
+        "a": run_header(a),
+        "b": run_header(b),
         "same_case": a.case == b.case,
         "expectations": expectations,
         "figures": moved,
@@ -651,8 +659,8 @@ def compare_view(a: CaseResult, b: CaseResult) -> dict[str, Any]:
         "summary": summary,
         "changes": sum(len(v) for v in summary.values()),
         "plots": {
-            "curve": _svg(plots.finetune_curve(runs, source=_num(src.get("mean")) if src else None)),
-            "drift": _svg(plots.compare_drift({"A": _activation_rows(a), "B": _activation_rows(b)}, drift_max)),
+            "curve": svg_markup(plots.finetune_curve(runs, source=as_number(src.get("mean")) if src else None)),
+            "drift": svg_markup(plots.compare_drift({"A": activation_rows(a), "B": activation_rows(b)}, drift_max)),
         },
     }
 
@@ -667,8 +675,9 @@ def _delta_text(delta: float | None, kind: str) -> str:
     return f"{delta:+.4g}"
 
 
-def _run_header(result: CaseResult) -> dict[str, Any]:
-    prov = _dict(result.provenance)
+def run_header(result: CaseResult) -> dict[str, Any]:
+    """What identifies a run on a page: case, verdict, expectations held, when, commit, case hash."""
+    prov = as_dict(result.provenance)
     return {
         "case": result.case,
         "path": result.path,
@@ -688,7 +697,12 @@ def _run_header(result: CaseResult) -> dict[str, Any]:
 
 
 def case_html(result: CaseResult) -> str:
-    """The self-contained report page of one result."""
+    """The self-contained report page of one result; of a variant case, its variant page
+    (:func:`surgery.report.variants.variant_html`, without links to the arms' own pages)."""
+    if getattr(result, "arms", None):
+        from surgery.report.variants import variant_html  # that module builds on this one's helpers
+
+        return variant_html(result)
     with plots.id_scope():
         return render_page("case.html.j2", v=case_view(result), title=f"{result.case} · surgery report")
 

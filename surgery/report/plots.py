@@ -365,8 +365,10 @@ def finetune_curve(
     """Loss and accuracy against step for each run.
 
     ``runs``: dicts with ``label``, ``curve`` (list of ``{step, loss, accuracy}``), optional
-    ``baseline_curve``, ``nonfinite_step`` and ``style`` ("-" or "--"). ``source`` and
-    ``baseline`` draw horizontal reference lines on the accuracy panel.
+    ``baseline_curve``, ``nonfinite_step``, ``style`` ("-" or "--"), ``color`` (else one of a
+    palette by position) and ``thin`` (a faint line without markers; a label starting with ``_``
+    keeps a line out of the legend). ``source`` and ``baseline`` draw horizontal reference lines
+    on the accuracy panel.
     """
     has_points = any(
         np.isfinite(_curve_xy(r.get(c), k)[1]).any()
@@ -380,7 +382,8 @@ def finetune_curve(
     fig.subplots_adjust(wspace=0.22)
     palette = ["#5d3a9b", "#1b7837", "#2166ac", "#b35806", "#762a83", "#01665e"]
     for i, run in enumerate(runs):
-        color, style = palette[i % len(palette)], run.get("style", "-")
+        color, style = run.get("color") or palette[i % len(palette)], run.get("style", "-")
+        thin = bool(run.get("thin"))
         for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
             xs, ys = _curve_xy(run.get("curve"), key)
             if len(xs):
@@ -390,8 +393,10 @@ def finetune_curve(
                     style,
                     color=color,
                     label=run.get("label", "patient"),
-                    marker="o" if len(xs) <= 12 else None,
+                    marker="o" if len(xs) <= 12 and not thin else None,
                     markersize=2.5,
+                    linewidth=0.7 if thin else None,
+                    alpha=0.35 if thin else None,
                 )
             bx, by = _curve_xy(run.get("baseline_curve"), key)
             if len(bx):
@@ -483,8 +488,16 @@ def coverage_map(rows: Sequence[dict[str, Any]]) -> str | None:
 
 
 @_styled
-def compare_drift(runs: dict[str, Sequence[dict[str, Any]]], threshold: float | None) -> str | None:
-    """Drift per layer for two runs: bars per run and stage (run A solid, run B light)."""
+def compare_drift(
+    runs: dict[str, Sequence[dict[str, Any]]],
+    threshold: float | None,
+    *,
+    colors: dict[str, str] | None = None,
+    title: str = "Drift per layer, A against B",
+) -> str | None:
+    """Drift per layer for several runs: bars per run and stage. Without ``colors``, coloured by stage (the
+    first run solid, the others light); with ``colors`` (run -> colour), coloured by run (after surgery light,
+    after fine-tune solid)."""
     if not any(runs.values()):
         return None
     layers = _layer_order([r for rows in runs.values() for r in rows])
@@ -499,12 +512,16 @@ def compare_drift(runs: dict[str, Sequence[dict[str, Any]]], threshold: float | 
     for i, (run, stage, ys) in enumerate(series):
         xs = np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width
         finite = np.isfinite(ys)
+        if colors is None:
+            color, alpha = STAGE_COLORS[stage], 1.0 if run == "A" else 0.45
+        else:
+            color, alpha = colors.get(run, "#4d4d4d"), 0.45 if stage == "surgery" else 1.0
         ax.bar(
             xs[finite],
             ys[finite],
             width,
-            color=STAGE_COLORS[stage],
-            alpha=1.0 if run == "A" else 0.45,
+            color=color,
+            alpha=alpha,
             linewidth=0,
             label=f"{run}: {STAGE_LABELS[stage]}",
         )
@@ -512,7 +529,7 @@ def compare_drift(runs: dict[str, Sequence[dict[str, Any]]], threshold: float | 
     _layer_axis(ax, layers)
     ax.locator_params(axis="y", nbins=4)
     ax.set_ylabel("W1 / std(ref)")
-    ax.set_title("Drift per layer, A against B", loc="left")
+    ax.set_title(title, loc="left")
     _legend_on_top(fig, 4)
     return _render(fig)
 
@@ -550,3 +567,108 @@ def calibration_bands(rows: Sequence[dict[str, Any]]) -> str | None:
         ax.grid(False)
         ax.set_title(str(row["name"]), loc="left", fontsize=7, pad=2)
     return _render(fig)
+
+
+INTERVAL_COLORS = {"points": "#636363", "band": "#c6dbef", "calibrated": "#4575b4", "margin": "#b2182b"}
+
+
+@_styled
+def paired_intervals(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The comparisons of a variant case, one row each, in percentage points of accuracy after the fine-tune.
+
+    ``rows``: dicts with ``label``, this run's per-seed paired differences ``points`` and their ``mean`` and
+    ``std``, ``status`` (colours the mean), the claim's ``margin``, and when calibrated the prediction
+    interval ``band`` (lo, hi), its ``calibrated_mean`` and the ``bound`` the run was judged against.
+    """
+    rows = [r for r in rows if _has_interval(r)]
+    if not rows:
+        return None
+    labels = [str(r.get("label", "")) for r in rows]
+    label_width = 0.2 + max(map(len, labels)) * 7 * 0.62 / 72
+    n = len(rows)
+    fig, (ax,) = _figure(max(6.4, label_width + 5.6), 0.75 + 0.42 * n, margins=(label_width, 0.15, 0.42, 0.45))
+    seen: set[str] = set()
+
+    def label(name: str) -> str:
+        if name in seen:
+            return "_nolegend_"
+        seen.add(name)
+        return name
+
+    for y, row in enumerate(rows):
+        band = _finite(row.get("band") or [])
+        if band.size == 2 and np.isfinite(band).all():
+            lo, hi = sorted(100 * band)
+            ax.barh(
+                y,
+                hi - lo,
+                left=lo,
+                height=0.56,
+                color=INTERVAL_COLORS["band"],
+                linewidth=0,
+                label=label("calibrated prediction interval"),
+            )
+        for key, width, name in (("calibrated_mean", 0.8, "calibrated mean"), ("bound", 2.0, "bound judged against")):
+            value = _finite([row.get(key)])[0]
+            if math.isfinite(value):
+                ax.plot(
+                    [100 * value] * 2,
+                    [y - 0.28, y + 0.28],
+                    color=INTERVAL_COLORS["calibrated"],
+                    linewidth=width,
+                    label=label(name),
+                )
+        margin = _finite([row.get("margin")])[0]
+        if math.isfinite(margin):
+            ax.plot(
+                [100 * margin] * 2,
+                [y - 0.4, y + 0.4],
+                "--",
+                color=INTERVAL_COLORS["margin"],
+                linewidth=1.1,
+                label=label("margin (the claim)"),
+            )
+        points = _finite(row.get("points") or [])
+        points = points[np.isfinite(points)]
+        if points.size:
+            jitter = np.linspace(-0.14, 0.14, points.size) if points.size > 1 else np.zeros(1)
+            ax.scatter(
+                100 * points,
+                y + jitter,
+                s=9,
+                color=INTERVAL_COLORS["points"],
+                alpha=0.75,
+                linewidths=0,
+                label=label("per-seed difference"),
+                zorder=3,
+            )
+        mean, std = _finite([row.get("mean"), row.get("std")])
+        if math.isfinite(mean):
+            ax.errorbar(
+                [100 * mean],
+                [y],
+                xerr=[100 * std] if math.isfinite(std) and std > 0 else None,
+                fmt="D",
+                color=STATUS_COLORS.get(str(row.get("status")), "#000000"),
+                markersize=5,
+                capsize=2.5,
+                elinewidth=1.2,
+                label=label("this run: mean ± sd"),
+                zorder=4,
+            )
+    ax.axvline(0, color="#8c8c8c", linewidth=0.6)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.grid(axis="y", visible=False)
+    ax.tick_params(axis="y", length=0)
+    ax.locator_params(axis="x", nbins=6)
+    ax.set_xlabel("paired difference of accuracy after fine-tune (percentage points)")
+    _legend_on_top(fig, 3)
+    return _render(fig)
+
+
+def _has_interval(row: dict[str, Any]) -> bool:
+    """A comparison row with something to draw: a mean, a per-seed point or a calibrated band."""
+    values = _finite([row.get("mean"), *(row.get("points") or []), *(row.get("band") or [])])
+    return bool(np.isfinite(values).any())

@@ -1,13 +1,16 @@
-"""Reports as files: ``results.json``, CSVs and ``report.html`` per case, an ``index.html`` per report
-directory, a comparison page, and a Markdown summary table.
+"""Reports as files: ``results.json``, CSVs and ``report.html`` per case (for a variant case also each arm's
+own page under ``arms/``), an ``index.html`` per report directory, a comparison page, and a Markdown
+summary table.
 
 The pages themselves (what they show, how they stay self-contained and escaped) are made by
-:mod:`surgery.report.html`; this module writes them, atomically, beside the results they show.
+:mod:`surgery.report.html` and, for a variant case, :mod:`surgery.report.variants`; this module writes
+them, atomically, beside the results they show.
 
 Usage::
 
     from surgery.report.render import write_case_report, write_index, render_report
     html = write_case_report(result, Path("reports"))      # reports/<case>/report.html (+ results.json, CSVs)
+                                                            # a variant case: + reports/<case>/arms/<arm>/report.html
     write_index(Path("reports"))                            # reports/index.html
     render_report(load_results("a/results.json"), Path("compare.html"),
                   compare=load_results("b/results.json"))  # A and B side by side, changes marked
@@ -23,6 +26,7 @@ from urllib.parse import quote
 
 from surgery.files import write_atomic
 from surgery.report.html import case_html, compare_html, figures, render_page
+from surgery.report.variants import order_text, variant_html, winner_text
 from surgery.results import CaseResult, load_results, safe_name, write_results
 
 
@@ -37,15 +41,40 @@ def _write_page(path: Path, page: str) -> Path:
 
 
 def render_report(result: CaseResult, out: Path, *, compare: CaseResult | None = None) -> Path:
-    """Render one result to ``out`` (HTML), or ``result`` (A) and ``compare`` (B) side by side."""
+    """Render one result to ``out`` (HTML; a variant case's variant page, without its arms' pages), or
+    ``result`` (A) and ``compare`` (B) side by side."""
     page = case_html(result) if compare is None else compare_html(result, compare)
     return _write_page(Path(out), page)
 
 
+ARMS_DIR = "arms"  # a variant case's arm pages: <case>/arms/<arm>/report.html
+
+
+def write_arm_reports(result: CaseResult, case_dir: Path) -> dict[str, str]:
+    """Write each arm's own case page of a variant result under ``case_dir/arms/<arm>/report.html`` (removing
+    the pages of arms this result does not have); return arm -> its link relative to ``case_dir``."""
+    arms_dir = Path(case_dir) / ARMS_DIR
+    links = {}
+    for arm in result.arms:
+        folder = safe_name(arm)
+        _write_page(arms_dir / folder / "report.html", case_html(result.arm(arm)))
+        links[arm] = f"{ARMS_DIR}/{quote(folder)}/report.html"
+    kept = {safe_name(arm) for arm in result.arms}
+    for stale in arms_dir.glob("*/report.html") if arms_dir.is_dir() else []:
+        if stale.parent.name not in kept:  # an arm of an earlier run that this run left out
+            stale.unlink()
+            if not any(stale.parent.iterdir()):
+                stale.parent.rmdir()
+    return links
+
+
 def write_case_report(result: CaseResult, report_dir: Path) -> Path:
-    """Write ``report_dir/<case>/results.json``, CSVs and ``report.html``; return the HTML path."""
+    """Write ``report_dir/<case>/results.json``, CSVs and ``report.html``; return the HTML path. A variant
+    case's ``report.html`` is its variant page, linking to each arm's page (:func:`write_arm_reports`)."""
     out = Path(report_dir) / safe_name(result.case)
     write_results(result, out)
+    if result.arms:
+        return _write_page(out / "report.html", variant_html(result, write_arm_reports(result, out)))
     return render_report(result, out / "report.html")
 
 
@@ -66,6 +95,9 @@ def _index_row(result: CaseResult, folder: Path) -> dict[str, Any]:
         "error": result.error,
         "figures": figs,
         "worst_drift": (math.nan if any(math.isnan(v) for v in drifts) else max(drifts)) if drifts else None,
+        "variant": {"winner": winner_text(result), "order": order_text(result)}
+        if result.arms or result.variants
+        else None,
     }
 
 

@@ -38,9 +38,9 @@ from surgery.stats.bounds import (
     rounded_bound,
     seeds_to_decide,
 )
-from surgery.stats.calibration import CalibrationRecord, ItemCalibration, Rule, record_path, save_record, yaml_path
+from surgery.stats.calibration import CalibrationRecord, ItemCalibration, Rule, record_path, save_record
 from surgery.case import Case, experiment_hash, load_case, threshold_range
-from surgery.checks.expect import evaluate_expectations, threshold_location
+from surgery.checks.expect import threshold_location, threshold_path
 from surgery.errors import SurgeryInputError
 
 DEFAULT_ALPHA = 0.001
@@ -89,15 +89,17 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
     """Run ``seeds`` of a case in this process; return each expectation's figure per seed, and provenance."""
     from surgery.running.runner import RunOptions, run_case
 
+    from surgery.running.variants import seed_expectations
+
     case = load_case(case_path)
     result = run_case(case, RunOptions(seeds=seeds, progress=False, calibrating=True))
     figures: dict[str, dict[str, float | None]] = {}
     rules: dict[str, Rule] = {}
-    for seed_figures in result.per_seed:
-        for item in evaluate_expectations(case, [seed_figures])[0]:
-            if item.name == "finite":
+    for seed, items in seed_expectations(case, result).items():
+        for item in items:
+            if "rule" not in item.details:  # finite: a fact, not a figure with a threshold
                 continue
-            figures.setdefault(item.name, {})[str(seed_figures["seed"])] = item.observed
+            figures.setdefault(item.name, {})[str(seed)] = item.observed
             rules[item.name] = item.details["rule"]
     keep = (
         "cpu_capability",
@@ -110,7 +112,22 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
         "machine",
         "python",
     )
-    return {"figures": figures, "rules": rules, "provenance": {k: result.provenance.get(k) for k in keep}}
+    arm_figures = {  # a variant case: each arm's accuracy per seed, and each random init's (pairing's effect)
+        arm: {
+            seed: {
+                "after": after,
+                **({"inits": result.variants["inits"][arm][seed]} if arm in result.variants["inits"] else {}),
+            }
+            for seed, after in by_seed.items()
+        }
+        for arm, by_seed in result.variants.get("after", {}).items()
+    }
+    return {
+        "figures": figures,
+        "rules": rules,
+        "arm_figures": arm_figures,
+        "provenance": {k: result.provenance.get(k) for k in keep},
+    }
 
 
 def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> dict[str, Any]:
@@ -143,7 +160,7 @@ def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> d
                     chunk,
                 )
             )
-        merged: dict[str, Any] = {"figures": {}, "rules": {}, "provenance": None}
+        merged: dict[str, Any] = {"figures": {}, "rules": {}, "arm_figures": {}, "provenance": None}
         for proc, out, chunk in procs:
             _, err = proc.communicate()
             if proc.returncode != 0:
@@ -153,6 +170,8 @@ def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> d
             for item, per_seed in part["figures"].items():
                 merged["figures"].setdefault(item, {}).update(per_seed)
             merged["rules"].update(part["rules"])
+            for arm, per_seed in part.get("arm_figures", {}).items():
+                merged["arm_figures"].setdefault(arm, {}).update(per_seed)
             merged["provenance"] = merged["provenance"] or part["provenance"]
     return merged
 
@@ -217,19 +236,22 @@ def write_thresholds(case: Case, thresholds: dict[str, dict[str, Any]]) -> list[
     yaml = YAML()  # round-trip: comments, key order, quoting and flow style survive
     yaml.preserve_quotes = True
     yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)  # block lists as the seed cases write them (``  - item``)
     document = yaml.load(path.read_text(encoding="utf-8"))
     changed = []
     for item, derived in thresholds.items():
         if derived["form"] == "claim":
             continue
-        keys = yaml_path(item)
+        keys = threshold_path(case, item)
         node = document
         for key in keys[:-1]:
+            if isinstance(key, str) and key not in node:  # an arm's first threshold of its own: make its section
+                node[key] = CommentedMap()
             node = node[key]
         value = CommentedMap((int(k), v) for k, v in derived["bounds"].items())
         value.fa.set_flow_style()
         node[keys[-1]] = value
-        changed.append(".".join(keys))
+        changed.append(".".join(map(str, keys)))
     if changed:
 
         def dump(tmp: Path) -> None:
@@ -267,6 +289,7 @@ def calibrate_case(
     samples: dict[str, dict[str, dict[str, float | None]]] = {}
     rules: dict[str, Rule] = {}
     provenance: dict[str, dict[str, Any]] = {}
+    arm_figures: dict[str, dict[str, dict[str, Any]]] = {}
     cores = os.cpu_count() or 1
     for profile in profiles:
         env = profile_env(profile)
@@ -283,6 +306,8 @@ def calibrate_case(
         rules.update(merged["rules"])
         for item, per_seed in merged["figures"].items():
             samples.setdefault(item, {})[profile] = per_seed
+        if merged["arm_figures"]:
+            arm_figures[profile] = merged["arm_figures"]
     record = CalibrationRecord(
         case=case.name,
         experiment_hash=experiment_hash(case),
@@ -290,6 +315,7 @@ def calibrate_case(
         seeds=all_seeds,
         profiles=provenance,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        arm_figures=arm_figures,
     )
     for item, per_profile in samples.items():
         cal = summarise(per_profile, rules[item])
@@ -304,7 +330,35 @@ def calibrate_case(
         if changed:
             log(f"{case.path}: wrote {', '.join(changed)}")
     log(format_table(record))
+    for line in pairing_lines(case, record):
+        log(line)
     return record
+
+
+def pairing_lines(case: Case, record: CalibrationRecord) -> list[str]:
+    """For each comparison of a variant case: the sd of its difference unpaired, paired and paired with the
+    random arm's inits averaged (:func:`surgery.stats.pairing.pairing_spread`)."""
+    from surgery.checks.comparisons import comparisons
+    from surgery.stats.pairing import pairing_spread
+
+    lines = []
+    for comparison in comparisons(case):
+        spread = pairing_spread(record.arm_figures, *comparison.arms)
+        if not spread["runs"]:
+            continue
+        shown = {
+            k: "n/a" if spread[k] is None else f"{spread[k]:.3g}" for k in ("unpaired", "paired", "paired_averaged")
+        }
+        averaged = (
+            f", paired with the {spread['inits']} random inits averaged {shown['paired_averaged']}"
+            if spread["inits"] > 1
+            else ""
+        )
+        lines.append(
+            f"{comparison.name}: sd of the difference over {spread['runs']} runs: unpaired {shown['unpaired']}, "
+            f"paired {shown['paired']}{averaged}"
+        )
+    return lines
 
 
 def format_table(record: CalibrationRecord) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 from pathlib import Path
 from typing import Any, Iterator, overload
@@ -32,6 +33,7 @@ from surgery.data.preprocess import Preprocess, resolve_preprocess
 from surgery.errors import SurgeryInputError
 from surgery.train.finetune import resolve_device
 from surgery.running.builder import build_model
+from surgery.models.checkpoints import build_architecture
 from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
 from surgery.models.recipes import ZOO
@@ -208,8 +210,30 @@ def architecture_ref(ref: str) -> str:
     return ZOO[name].arch if kind == "zoo" else ref
 
 
-def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Module, SurgeryRecord]:
-    """Apply the case's operation to ``source`` (never modified); return the patient and the record."""
+def paired_init_seed(seed: int, init: int = 0) -> int:
+    """The RNG seed a variant arm builds its models from, for run seed ``seed`` and random init ``init``: every
+    arm of a seed builds its target from ``init`` 0, so the tensors a surgery leaves fresh start from the
+    values the random arm's first init gives them."""
+    digest = hashlib.sha256(f"surgery-variant-init/{seed}/{init}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def seeded_build(case: Case, spec: ModelSpec, field: str, init_seed: int | None, **defaults: Any) -> nn.Module:
+    """:func:`build`, its random initial values drawn from ``init_seed`` (None: the global RNG, as it is)."""
+    if init_seed is None:
+        return build(case, spec, field, **defaults)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return build(case, spec, field, **defaults)
+
+
+def perform_surgery(
+    case: Case, source: nn.Module, split: Split, init_seed: int | None = None
+) -> tuple[nn.Module, SurgeryRecord]:
+    """Apply the case's operation to ``source`` (never modified); return the patient and the record.
+
+    ``init_seed``: the models the operation builds draw their initial values from it (variant arms, paired).
+    """
     op = get_op(case.surgery.op)
     with blame(case, f"surgery.{op.blamed_field}"):
         return op.apply(
@@ -218,8 +242,20 @@ def perform_surgery(case: Case, source: nn.Module, split: Split) -> tuple[nn.Mod
             example=example_inputs(split),
             num_classes=split.num_classes,
             in_chans=case.data.channels,
-            build=lambda spec, field, **kw: build(case, spec, field, **kw),
+            build=lambda spec, field, **kw: seeded_build(case, spec, field, init_seed, **kw),
         )
+
+
+def random_init_model(case: Case, split: Split, init_seed: int) -> nn.Module:
+    """The surgery's architecture from random init (drawn from ``init_seed``), made like the patient: a
+    variant case's random arm."""
+    op = get_op(case.surgery.op)
+    with blame(case, f"surgery.{op.blamed_field}"):
+        ref = architecture_ref(op.baseline_architecture(case.surgery, case.source.model))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = build_architecture(ref, num_classes=split.num_classes, in_chans=case.data.channels)
+        return op.baseline(case.surgery, model)
 
 
 def probed_expectation(case: Case) -> tuple[str, Any] | None:

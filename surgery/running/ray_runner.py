@@ -73,6 +73,7 @@ from surgery.running.runner import (
     run_baseline,
     run_seed,
 )
+from surgery.running.variants import arms_left_out, assemble_variants, run_arm_seed
 from surgery.train.zoo import build as build_zoo, cache_dir, zoo_path
 
 WEIGHTS = ("auto", "shared", "object-store")
@@ -173,6 +174,7 @@ class TaskJob:
     zoo: tuple[str, ...]  # the zoo models whose build results follow the job, in order
     provenance_seeds: tuple[int, ...] | None = None  # the first seed's task also reads the case's provenance
     tracker: Any = None  # the TaskTracker actor
+    arm: str = ""  # kind "arm": the arm of a variant case this seed runs
 
 
 @contextlib.contextmanager
@@ -257,6 +259,10 @@ def case_task(job: TaskJob, *builds: dict[str, Any]) -> dict[str, Any]:
             device = device_for(case, job.options.device)
             if job.kind == "baseline":
                 value: dict[str, Any] = {"baseline": run_baseline(case, job.seed, device, job.options)}
+            elif job.kind == "arm":
+                value = {"arm": job.arm, "seed": run_arm_seed(case, job.arm, job.seed, device, job.options)}
+                if job.provenance_seeds is not None:
+                    value["provenance"] = case_provenance(case, list(job.provenance_seeds), device, threads)
             else:
                 value = {"seed": run_seed(case, job.seed, device, job.options)}
                 if job.provenance_seeds is not None:
@@ -321,8 +327,9 @@ class CasePlan:
 
     case: Case
     seeds: list[int] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)  # seed tasks in seed order, then baselines
+    keys: list[str] = field(default_factory=list)  # seed tasks in seed order, then baselines (arm by arm)
     calibration: CaseCalibration | None = None
+    left_out: dict[str, str] = field(default_factory=dict)  # a variant case's arms this run leaves out, with why
     outcome: CaseResult | Exception | None = None
 
 
@@ -399,6 +406,8 @@ class RayRun:
     def _submit(self, plan: CasePlan, options: RunOptions, gpus: float) -> None:
         """Check a case on the driver, then submit its seed and baseline tasks (after the zoo builds they read)."""
         case = plan.case
+        for arm_case in case.arms.values():
+            check_thresholds(arm_case, options)
         check_thresholds(case, options)
         plan.calibration = case_calibration(case)
         device, needs_gpu = task_device(case, options.device, gpus)
@@ -409,14 +418,17 @@ class RayRun:
         task_options = dataclasses.replace(
             options, device=device, threads=self.threads, progress=False, seeds=None, max_seeds=None
         )
-        kinds = [("seed", s) for s in plan.seeds]
+        kinds = [("seed", s, "") for s in plan.seeds]
         kinds += (
-            [("baseline", s) for s in plan.seeds]
+            [("baseline", s, "") for s in plan.seeds]
             if runs_baseline(case, len(plan.seeds), plan.calibration, options)
             else []
         )
-        for index, (kind, seed) in enumerate(kinds):
-            key = f"{case.path} {kind} {seed}"
+        if case.arms:  # a variant case: one task per arm and seed
+            plan.left_out = arms_left_out(case, len(plan.seeds), plan.calibration.usable, options)
+            kinds = [("arm", s, arm) for arm in case.arms if arm not in plan.left_out for s in plan.seeds]
+        for index, (kind, seed, arm) in enumerate(kinds):
+            key = f"{case.path} {arm + ' ' if arm else ''}{kind} {seed}"
             if key in plan.keys:  # a seed listed twice runs twice, as it does locally
                 key += f" #{index}"
             job = TaskJob(
@@ -429,6 +441,7 @@ class RayRun:
                 zoo=names,
                 provenance_seeds=tuple(plan.seeds) if index == 0 else None,
                 tracker=self.tracker,
+                arm=arm,
             )
             ref = self.remote_case_task.options(
                 num_cpus=self.threads,
@@ -481,6 +494,9 @@ class RayRun:
         per_seed = [r["value"]["seed"] for r in results if "seed" in r["value"]]
         baselines = [r["value"]["baseline"] for r in results if "baseline" in r["value"]]
         provenance = next(r["value"]["provenance"] for r in results if "provenance" in r["value"])
+        if plan.case.arms:
+            self._finish_variants(plan, results, provenance)
+            return
         try:
             plan.outcome = assemble(
                 plan.case,
@@ -489,6 +505,28 @@ class RayRun:
                 provenance=provenance,
                 seconds=sum(r["seconds"] for r in results),
                 calibration=plan.calibration,
+            )
+        except SurgeryInputError as exc:
+            plan.outcome = exc
+        except Exception as exc:  # noqa: BLE001 - reported as this case's internal error; the others go on
+            plan.outcome = RemoteError(f"{exc.__class__.__name__}: {exc}", traceback.format_exc())
+
+    def _finish_variants(self, plan: CasePlan, results: list[dict[str, Any]], provenance: dict[str, Any]) -> None:
+        per_arm: dict[str, list[dict[str, Any]]] = {}
+        seconds: dict[str, float] = {}
+        for r in results:  # in submission order: arm by arm, each in seed order
+            arm = r["value"]["arm"]
+            per_arm.setdefault(arm, []).append(r["value"]["seed"])
+            seconds[arm] = seconds.get(arm, 0.0) + r["seconds"]
+        try:
+            plan.outcome = assemble_variants(
+                plan.case,
+                per_arm,
+                plan.left_out,
+                provenance=provenance,
+                seconds=seconds,
+                total_seconds=sum(seconds.values()),
+                calibration=plan.calibration or case_calibration(plan.case),
             )
         except SurgeryInputError as exc:
             plan.outcome = exc

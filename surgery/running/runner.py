@@ -40,6 +40,7 @@ from surgery.running.prepare import (
     device_for,
     load_data,
     model_spec,
+    paired_init_seed,
     perform_surgery,
     probe_inputs,
 )
@@ -93,7 +94,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     torch.manual_seed(seed)
     split = load_data(case, seed)
     source, source_width = build_source(case, split)
-    patient, record = perform_surgery(case, source, split)
+    patient, record = perform_surgery(case, source, split, init_seed=paired_init_seed(seed) if case.variant else None)
     check_patient(case, patient, split)
     source, patient = to_device(source, device), to_device(patient, device)
 
@@ -232,7 +233,10 @@ def run_baseline(case: Case, seed: int, device: torch.device, options: RunOption
 
 
 def model_specs(case: Case) -> list[ModelSpec]:
-    """Every model spec a run of ``case`` builds: source, target or donor, and the baseline's."""
+    """Every model spec a run of ``case`` builds: source, target or donor, and the baseline's (a variant case:
+    every arm's)."""
+    if case.arms:
+        return [spec for arm in case.arms.values() for spec in model_specs(arm)]
     specs = [case.source] + [spec for _, spec in get_op(case.surgery.op).models(case.surgery)]
     accuracy = case.expect.accuracy
     if accuracy is not None and accuracy.beats_baseline is not None and accuracy.beats_baseline.model is not None:
@@ -350,6 +354,10 @@ def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
     Bad input raises SurgeryInputError. :mod:`surgery.running.ray_runner` runs the same parts as Ray tasks.
     """
     options = options or RunOptions()
+    if case.arms:
+        from surgery.running.variants import run_variant_case  # it runs each arm with this module's parts
+
+        return run_variant_case(case, options)
     start = time.perf_counter()
     check_thresholds(case, options)
     threads = pin_numerics(options.threads)

@@ -95,6 +95,8 @@ class CalibrationRecord:
     profiles: dict[str, dict[str, Any]]  # profile name -> its environment and provenance
     items: dict[str, ItemCalibration] = field(default_factory=dict)
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)  # item -> derived bounds / decisions
+    # variant cases: profile -> arm -> seed -> accuracy after the fine-tune, and each random init's (``inits``)
+    arm_figures: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     method: str = (
         "one-sided normal prediction bound for the mean (or worst) of k seeds, t quantile with "
         "n - 1 degrees of freedom, n = calibration seeds (surgery.stats.bounds)"
@@ -112,6 +114,22 @@ class CalibrationRecord:
             f"profile{'s' if len(cal.samples) != 1 else ''})"
         )
 
+    def arm_view(self, arm: str, separator: str = "/") -> "CalibrationRecord":
+        """The record as one arm of a variant case sees it: its items (``ARM/name``) under their own names."""
+        prefix = arm + separator
+        return CalibrationRecord(
+            case=f"{self.case}.{arm}",
+            experiment_hash=self.experiment_hash,
+            alpha=self.alpha,
+            seeds=self.seeds,
+            profiles=self.profiles,
+            items={k.removeprefix(prefix): v for k, v in self.items.items() if k.startswith(prefix)},
+            thresholds={k.removeprefix(prefix): v for k, v in self.thresholds.items() if k.startswith(prefix)},
+            method=self.method,
+            created=self.created,
+            schema=self.schema,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
@@ -124,6 +142,7 @@ class CalibrationRecord:
             "profiles": self.profiles,
             "thresholds": self.thresholds,
             "items": {k: v.to_dict() for k, v in self.items.items()},
+            **({"arm_figures": self.arm_figures} if self.arm_figures else {}),
         }
 
     @classmethod
@@ -137,6 +156,7 @@ class CalibrationRecord:
             profiles=dict(data["profiles"]),
             items=items,
             thresholds=dict(data.get("thresholds", {})),
+            arm_figures=dict(data.get("arm_figures", {})),
             method=data.get("method", ""),
             created=data.get("created", ""),
             schema=int(data.get("schema", RECORD_SCHEMA)),
