@@ -54,8 +54,11 @@ def _table(definition: dict[str, Any]) -> list[str]:
         default = "*required*" if name in required else ""
         if name not in required and "default" in prop:
             default = "its defaults" if isinstance(prop["default"], dict) else f"`{json.dumps(prop['default'])}`"
-        bounds = ", ".join(f"{k} {prop[k]}" for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
-                                                       "minLength", "pattern") if k in prop)
+        bounds = ", ".join(
+            f"{k} {prop[k]}"
+            for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "minLength", "pattern")
+            if k in prop
+        )
         description = _cell(prop.get("description", "")) + (f" ({_cell(bounds)})" if bounds else "")
         rows.append(f"| `{name}` | {_cell(_type(prop))} | {_cell(default)} | {description} |")
     return rows
@@ -71,9 +74,14 @@ def _section(name: str, definition: dict[str, Any]) -> list[str]:
     elif objects:
         others = [_type(d) for d in definition["anyOf"] if "properties" not in d]
         if others:
-            out += ["Also written as: " + ", ".join(f"{o} ({_cell(d.get('description', ''))})" for o, d in
-                                                     zip(others, [d for d in definition["anyOf"]
-                                                                  if "properties" not in d], strict=True)), ""]
+            out += [
+                "Also written as: "
+                + ", ".join(
+                    f"{o} ({_cell(d.get('description', ''))})"
+                    for o, d in zip(others, [d for d in definition["anyOf"] if "properties" not in d], strict=True)
+                ),
+                "",
+            ]
         for obj in objects:
             out += _table(obj) + [""]
     else:
@@ -94,8 +102,15 @@ def _claim(derived: dict[str, Any]) -> str:
         return ""
     decisions = ", ".join(f"{k} seed{'s' if k != '1' else ''} {v}" for k, v in derived["decision"].items())
     needed = derived.get("seeds_to_decide")
+    together = derived.get("seeds_to_decide_together")
     if "undecided" in decisions:
-        decisions += f" ({needed} seeds decide it)" if needed else " (seeds alone cannot decide it)"
+        decisions += (
+            f" ({needed} seeds decide it)"
+            if needed
+            else f" ({together} seeds against a calibration of {together} would decide it)"
+            if together
+            else " (seeds alone cannot decide it)"
+        )
     return f"{derived['claim']:g}: {decisions}"
 
 

@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from surgery.running.calibrate import calibrate_case, format_table
+    from surgery.running.calibrate import calibrate_case, format_table, pairing_lines, rederive_case
     from surgery.stats.calibration import load_record, record_path
     from surgery.case import check_factories, find_cases, load_case
 
@@ -151,14 +151,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SurgeryInputError(f"no case files (*.yaml) found in {' '.join(args.cases)}")
     cases = [load_case(path) for path in paths]  # every file is validated before anything runs
     if args.show:
-        for path in paths:
+        for path, case in zip(paths, cases):
             record_file = record_path(path)
             if not record_file.is_file():
                 raise SurgeryInputError(f"{path}: no calibration record ({record_file}); run without --show first")
-            print(format_table(load_record(record_file)) + "\n")
+            record = load_record(record_file)
+            print("\n".join([format_table(record), *pairing_lines(case, record)]) + "\n")
         return ExitCode.OK
     if not 0 < args.alpha < 1:
         raise SurgeryInputError(f"--alpha: got {args.alpha}; expected a false-alarm rate in (0, 1), e.g. 0.001")
+    if args.rederive:
+        for path in paths:
+            rederive_case(path, alpha=args.alpha, write=args.write)
+        return ExitCode.OK
     profiles = tuple(p.strip() for p in args.profiles.split(",") if p.strip())
     for case in cases:
         check_factories(case)
@@ -409,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--write", action="store_true", help="also write the calibrated thresholds into the case files (comments kept)"
     )
     cal.add_argument("--show", action="store_true", help="print the existing records' tables; run nothing")
+    cal.add_argument(
+        "--rederive",
+        action="store_true",
+        help="derive the thresholds and decisions again from a fresh record's samples (at --alpha); run nothing",
+    )
     cal.set_defaults(func=cmd_calibrate)
 
     gate = sub.add_parser("gate", help="check a finished checkpoint against a case before release")

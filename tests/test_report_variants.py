@@ -298,3 +298,11 @@ def test_every_caller_of_a_case_page_gets_the_variant_page(sample, tmp_path):
         assert 'id="order-tiers"' in page and "winner: select" in page
         assert "arm-page" not in page  # no arm pages were written beside it
     assert variant_html(result) == variant_html(result)  # reproducible (plot ids numbered per page)
+
+
+def test_a_random_arms_own_page_says_it_performs_no_surgery(sample):
+    result = result_of(sample)
+    random_page = text_of(case_html(result.arm("random")))
+    assert "No surgery: every tensor of this model starts from random init" in random_page
+    assert "every recorded target tensor came from the source" not in random_page
+    assert "No surgery" not in text_of(case_html(result.arm("select")))

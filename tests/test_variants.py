@@ -21,6 +21,13 @@ from surgery.running.prepare import build_source, load_data, paired_init_seed, p
 from surgery.running.runner import RunOptions, run_case
 from surgery.running.variants import arms_left_out, seed_expectations
 from surgery.stats.calibration import CalibrationRecord, ItemCalibration, load_record, record_path
+from surgery.stats.bounds import (
+    Calibrated,
+    calibration_seeds_to_decide,
+    decide,
+    seeds_to_decide,
+    seeds_to_decide_together,
+)
 from surgery.stats.pairing import pairing_spread
 
 # Line numbers matter: error tests name them. The source is a ResNet-50 from random init (no zoo: fast), the
@@ -255,6 +262,22 @@ def test_a_random_arm_whose_comparisons_these_seeds_cannot_decide_is_left_out():
     assert judged[0].status == "undecided" and "arm random was not run" in judged[0].message
 
 
+def test_a_left_out_arms_own_items_are_undecided_with_why(tmp_path):
+    """Every item of a left-out arm has a result (pytest items exist for them): undecided, never passed."""
+    path = tmp_path / "v.yaml"
+    path.write_text(variant_text(margin="0.03"))
+    case = load_case(path)
+    record = _record(case, 0.12, 0.045)
+    from surgery.stats.calibration import save_record
+
+    save_record(record, record_path(path))
+    result = run_case(case, RunOptions(progress=False, max_seeds=1))
+    assert set(result.arms) == {"exact", "select"} and result.variants["arms"]["random"]["run"] is False
+    finite = result.expectation("random/finite")
+    assert finite.status == "undecided" and "arm random was not run" in finite.message
+    assert [e.name for e in result.expectations] == expectation_names(case)
+
+
 def test_the_decided_order_places_an_arm_below_every_arm_shown_to_beat_it():
     case = parse_case(variant_text().replace("rank: [select, exact]", "rank: [select, exact, random]"), "v.yaml")
 
@@ -316,12 +339,35 @@ def test_calibrating_a_variant_case_writes_arm_thresholds_and_comparison_samples
         assert isinstance(written, dict) and set(written) == {1, 2}
     assert "    expect:\n      accuracy:" in path.read_text() or "after_min: {1:" in path.read_text()
     assert not uncalibrated_fields(case)
+    # --rederive: the same samples at another alpha, nothing run; the record stays fresh.
+    before = record.thresholds["select/accuracy.after_min"]["bounds"]["1"]
+    rc, out, err = run_cli("calibrate", str(path), "--rederive", "--alpha", "0.2", "--write")
+    assert rc == 0, out + err
+    again = load_record(record_path(path))
+    assert again.alpha == 0.2 and again.thresholds["select/accuracy.after_min"]["bounds"]["1"] >= before
+    assert again.items == record.items and case_calibration(load_case(path)).fresh
     # A run reads the arm's view of the record.
     rc, out, err = run_cli("run", str(path), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
     assert rc == 0, out + err
     results = json.loads(next((tmp_path / "r").glob("*/results.json")).read_text())
     after = next(e for e in results["expectations"] if e["name"] == "select/accuracy.after_min")
     assert "calibrated" in after["message"] and after["calibration"]["k"] == 1
+
+
+def test_what_neither_more_run_seeds_nor_a_larger_calibration_decides_together_they_do():
+    # The strategies case's select - random: mean 0.099, sd 0.062 over 8 calibration seeds, claim 0.03.
+    calibrated = Calibrated(mean=0.0987, std=0.062, seeds=8, runs=14)
+    assert seeds_to_decide(calibrated, 0.03, alpha=0.001) is None
+    assert calibration_seeds_to_decide(calibrated, 0.03, alpha=0.001, k=3) is None
+    n = seeds_to_decide_together(calibrated, 0.03, alpha=0.001)
+    assert n is not None and n > 8
+
+    def decision(count: int) -> str:
+        wider = Calibrated(calibrated.mean, calibrated.std, seeds=count, runs=count)
+        return decide(wider, 0.03, alpha=0.001, k=count)
+
+    assert decision(n) == "holds" and decision(n - 1) == "undecided"
+    assert seeds_to_decide_together(calibrated, 0.03, alpha=0.001, aggregate="worst") is None
 
 
 def test_surgery_run_reports_a_bad_variant_with_exit_code_2(tmp_path):
@@ -346,3 +392,13 @@ def test_parsing_a_variant_case_imports_no_torch():
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_gating_a_checkpoint_against_a_variant_case_is_bad_input(tmp_path):
+    case = tmp_path / "v.yaml"
+    case.write_text(variant_text())
+    candidate = tmp_path / "candidate.safetensors"
+    candidate.write_bytes(b"")
+    rc, out, err = run_cli("gate", str(candidate), "--case", str(case), "--report", str(tmp_path / "r"))
+    assert rc == 2 and f"{case}:14: variants: a variant case compares arms" in err, err
+    assert not (tmp_path / "r").exists()

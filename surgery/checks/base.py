@@ -30,6 +30,7 @@ from surgery.stats.bounds import (
     decide,
     prediction_bound,
     seeds_to_decide,
+    seeds_to_decide_together,
 )
 from surgery.stats.calibration import CalibrationRecord, ItemCalibration
 from surgery.results import ExpectationResult
@@ -292,8 +293,15 @@ class Judge:
                 f"would (the record has {calibrated.seeds})"
             )
         else:
+            together = seeds_to_decide_together(
+                calibrated, threshold, alpha=record.alpha, direction=direction, aggregate=aggregate_by
+            )
+            calibration["seeds_to_decide_together"] = together
             remedy = (
-                "more seeds alone cannot decide it: make the experiment quieter (more fine-tune steps, "
+                f"neither more run seeds nor a larger calibration alone decides it; a run of {together} seeds "
+                f"against a calibration of {together} would, or a quieter experiment"
+                if together is not None
+                else "more seeds alone cannot decide it: make the experiment quieter (more fine-tune steps, "
                 "a larger evaluation set)"
             )
         field = name.rsplit(".", 1)[-1]

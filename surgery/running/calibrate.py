@@ -37,8 +37,9 @@ from surgery.stats.bounds import (
     prediction_bound,
     rounded_bound,
     seeds_to_decide,
+    seeds_to_decide_together,
 )
-from surgery.stats.calibration import CalibrationRecord, ItemCalibration, Rule, record_path, save_record
+from surgery.stats.calibration import CalibrationRecord, ItemCalibration, Rule, load_record, record_path, save_record
 from surgery.case import Case, experiment_hash, load_case, threshold_range
 from surgery.checks.expect import threshold_location, threshold_path
 from surgery.errors import SurgeryInputError
@@ -221,6 +222,11 @@ def derive(case: Case, cal: ItemCalibration, item: str, alpha: float) -> dict[st
         out["seeds_to_decide"] = seeds_to_decide(
             calibrated, raw, alpha=alpha, direction=cal.direction, aggregate=cal.aggregate
         )
+        if out["seeds_to_decide"] is None and "undecided" in out["decision"].values():
+            # neither more run seeds nor a larger calibration alone: both, N each
+            out["seeds_to_decide_together"] = seeds_to_decide_together(
+                calibrated, raw, alpha=alpha, direction=cal.direction, aggregate=cal.aggregate
+            )
     return out
 
 
@@ -335,6 +341,29 @@ def calibrate_case(
     return record
 
 
+def rederive_case(
+    case_path: str | Path, *, alpha: float = DEFAULT_ALPHA, write: bool = False, log: Callable[[str], None] = _log
+) -> CalibrationRecord:
+    """Derive a case's thresholds and claims' decisions again from its record's samples, at ``alpha``: what a
+    new alpha or a new derivation gives without running anything. The record must be fresh."""
+    case = load_case(case_path)
+    path = record_path(case.path)
+    if not path.is_file():
+        raise SurgeryInputError(f"{case.path}: no calibration record ({path}); run `surgery calibrate` first")
+    record = load_record(path)
+    if record.experiment_hash != experiment_hash(case):
+        raise SurgeryInputError(f"{path}: stale (the case changed since); run `surgery calibrate` instead")
+    record.alpha = alpha
+    record.thresholds = {item: derive(case, cal, item, alpha) for item, cal in record.items.items()}
+    save_record(record, path)
+    if write:
+        changed = write_thresholds(case, record.thresholds)
+        if changed:
+            log(f"{case.path}: wrote {', '.join(changed)}")
+    log(format_table(record))
+    return record
+
+
 def pairing_lines(case: Case, record: CalibrationRecord) -> list[str]:
     """For each comparison of a variant case: the sd of its difference unpaired, paired and paired with the
     random arm's inits averaged (:func:`surgery.stats.pairing.pairing_spread`)."""
@@ -392,13 +421,17 @@ def format_table(record: CalibrationRecord) -> str:
 
 
 def _wider_calibration(cal: ItemCalibration, derived: dict[str, Any], alpha: float) -> str:
-    """`` (N calibration seeds would, for one seed)`` when a larger calibration would decide a claim."""
+    """`` (N calibration seeds would, for one seed)`` when a larger calibration would decide a claim, else
+    `` (a run of N seeds against a calibration of N would)`` when only both together would."""
     if cal.seeds < 2:
         return ""
     wanted = calibration_seeds_to_decide(
         cal.calibrated(), derived["claim"], alpha=alpha, k=1, direction=cal.direction, aggregate=cal.aggregate
     )
-    return f" ({wanted} calibration seeds would, for a one-seed run)" if wanted else ""
+    if wanted:
+        return f" ({wanted} calibration seeds would, for a one-seed run)"
+    together = derived.get("seeds_to_decide_together")
+    return f" (a run of {together} seeds against a calibration of {together} would)" if together else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -485,6 +485,11 @@ def run_gate(
     device), with nothing written.
     """
     start = time.perf_counter()
+    if case.arms:
+        raise SurgeryInputError(
+            f"{case.where('variants')}: a variant case compares arms; expected a case of one surgery to gate a "
+            "checkpoint against (an arm's fields merged into a case of its own)"
+        )
     candidate, report_dir = Path(candidate), Path(report_dir)
     dev = device_for(case, device)
     # Load first: a bad or unsafe file is refused before any model is built (weights only, no code runs).

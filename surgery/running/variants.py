@@ -26,7 +26,7 @@ from surgery.checks.comparisons import (
     describe_order,
     evaluate_comparisons,
 )
-from surgery.checks.expect import evaluate_expectations
+from surgery.checks.expect import evaluate_expectations, expectation_names
 from surgery.results import CaseResult, ExpectationResult
 from surgery.running.prepare import device_for, load_data, paired_init_seed, random_init_model
 from surgery.running.runner import RunOptions, assemble, case_provenance, case_seeds, check_thresholds, run_seed
@@ -172,8 +172,22 @@ def assemble_variants(
         case=case.name, path=case.path, description=case.description, seeds=seeds, provenance=dict(provenance)
     )
     result.calibration = calibration.status()
-    for arm, arm_result in arm_results.items():
-        result.expectations += [_as_arm_item(arm, e) for e in arm_result.expectations]
+    for arm in case.arms:
+        if arm in arm_results:
+            result.expectations += [_as_arm_item(arm, e) for e in arm_results[arm].expectations]
+        else:  # left out: its own items are undecided, never passed
+            result.expectations += [
+                ExpectationResult(
+                    arm_item(arm, name),
+                    False,
+                    None,
+                    None,
+                    {"arm": arm},
+                    f"undecided: arm {arm} was not run: {left_out[arm]}",
+                    status="undecided",
+                )
+                for name in expectation_names(case.arms[arm])
+            ]
     result.expectations += compared
     tiers = decided_order(case, compared)
     result.arms = {arm: arm_result.to_dict() for arm, arm_result in arm_results.items()}

@@ -182,3 +182,27 @@ def calibration_seeds_to_decide(
         return decide(wider, threshold, alpha=alpha, k=k, direction=direction, aggregate=aggregate) != "undecided"
 
     return _fewest(decided, start=calibrated.seeds)
+
+
+def seeds_to_decide_together(
+    calibrated: Calibrated,
+    threshold: float,
+    *,
+    alpha: float,
+    direction: Direction = "lower",
+    aggregate: Aggregate = "mean",
+) -> int | None:
+    """The fewest seeds N such that a run of N seeds, judged against a calibration of N seeds, decides the
+    claim (were the figure's mean and spread what this calibration measured); None when no N would.
+
+    The remedy when neither more run seeds (:func:`seeds_to_decide`) nor a larger calibration for the run's
+    seeds (:func:`calibration_seeds_to_decide`) is enough alone. Only a mean narrows this way.
+    """
+    if aggregate == "worst":
+        return None
+
+    def decided(n: int) -> bool:
+        wider = Calibrated(calibrated.mean, calibrated.std, seeds=n, runs=max(n, calibrated.runs))
+        return decide(wider, threshold, alpha=alpha, k=n, direction=direction) != "undecided"
+
+    return _fewest(decided, start=max(2, calibrated.seeds))
