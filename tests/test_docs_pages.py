@@ -70,3 +70,19 @@ def test_a_new_machine_folder_becomes_a_new_section(tmp_path):
 def test_the_report_page_shows_the_browser_tests_screenshot():
     assert "](img/report.png)" in (DOCS / "report.md").read_text(encoding="utf-8")
     assert (DOCS / "img" / "report.png").is_file() and (DOCS / "img" / "report.chromium").is_file()
+
+
+def test_the_seed_case_table_is_every_record_and_the_getting_started_page_asks_for_it():
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    assert spec and spec.loader
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    from surgery.case import find_cases
+    from surgery.stats.calibration import load_record, record_path
+
+    table = hooks.calibration_table()
+    records = [load_record(record_path(p)) for p in find_cases([hooks.CASES]) if record_path(p).is_file()]
+    assert len(table.splitlines()) == 2 + sum(len(r.thresholds) for r in records)
+    assert "| graft-stem-policies | compare.lr-scale>freeze |" in table and "1 seed holds, 3 seeds holds" in table
+    assert "a calibration of 21 would decide it" in table  # a claim only seeds together decide names them
+    assert hooks.TABLE_MARK in (DOCS / "getting-started.md").read_text(encoding="utf-8")

@@ -18,8 +18,8 @@ from typing import Any
 
 from surgery.nightly.history import calibrated_band
 from surgery.report import plots
+from surgery.results import CaseResult
 from surgery.report.html import (
-    CaseResult,
     activation_rows,
     as_dict,
     as_list,
