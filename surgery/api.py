@@ -37,7 +37,8 @@ from surgery.running.builder import build_model
 from surgery.ops import list_ops as registered_ops
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
-from surgery.running.runner import RunOptions, run_case
+from surgery.running.cases import run_case
+from surgery.running.runner import RunOptions
 from surgery.models.recipes import ZOO
 
 

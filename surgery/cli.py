@@ -49,7 +49,7 @@ def _print_result(result, report: Path | None) -> None:
 
 def _run_locally(cases: list[Any], options: Any) -> Iterator[tuple[Any, Any]]:
     """Each case with its outcome, run in this process: a CaseResult, or the SurgeryInputError that stopped it."""
-    from surgery.running.runner import run_case
+    from surgery.running.cases import run_case
 
     for case in cases:
         try:

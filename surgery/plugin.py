@@ -317,7 +317,7 @@ class CaseFile(pytest.File):
         """The cached run of this case (run on first use, or on Ray; a bad-input error is cached too, and so is an
         internal error from a Ray task)."""
         if OUTCOME not in self.stash:
-            from surgery.running.runner import run_case
+            from surgery.running.cases import run_case
 
             config = self.config
             ray_run = config.stash.get(RAY_RUN, None)

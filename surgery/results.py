@@ -92,9 +92,9 @@ class CaseResult:
 
     def _repr_html_(self) -> str:
         """The report page, for a notebook cell (Jupyter renders it inline)."""
-        from surgery.report.html import case_html  # matplotlib and jinja2 only when a notebook asks
+        from surgery.report.pages import page_html  # matplotlib and jinja2 only when a notebook asks
 
-        return case_html(self)
+        return page_html(self)
 
     def arm(self, name: str) -> "CaseResult":
         """One arm of a variant case's result, as a result of its own."""

@@ -6,7 +6,8 @@ import pytest
 
 from surgery.case import parse_case
 from surgery.running.reuse import BASELINES, SOURCE_ACCURACIES
-from surgery.running.runner import RunOptions, run_case
+from surgery.running.cases import run_case
+from surgery.running.runner import RunOptions
 
 CASE = """\
 name: reuse-{strategy}

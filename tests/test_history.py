@@ -18,11 +18,12 @@ import pytest
 from scipy import stats
 
 from surgery.stats.bounds import Calibrated, prediction_bound
-from surgery.nightly.history import calibrated_band, drift_test, mann_whitney_u, read_history
+from surgery.nightly.history import drift_test, mann_whitney_u, read_history
+from surgery.stats.bounds import calibrated_band
 from surgery.nightly.nights import LATEST, find_nights, new_dated_dir, point_latest
 
 from cli_runs import run_cli
-from history_nights import CPU_FROM, TORCH_FROM, expectation, real_runs, thirty_nights
+from history_nights import CPU_FROM, LATER_CPU, TORCH_FROM, expectation, real_runs, thirty_nights
 from history_nights import NAME as CASE
 from history_nights import case_text
 from test_report import NETWORK_URL
@@ -195,7 +196,7 @@ def test_history_of_thirty_nights_renders_flags_and_links(history_dir):
     assert "two-sided Mann–Whitney U of the last k = 7 runs" in text and "p < 0.002" in text
     # provenance changes, where the copies' provenance changed
     assert re.search(r"P1 before 2026-11-13T031500Z .*torch: \S+ → 2\.15\.0\+cu130", text)
-    assert re.search(r"P2 before 2026-11-21T031500Z .*cpu_capability: \S+ → AVX512", text)
+    assert re.search(rf"P2 before 2026-11-21T031500Z .*cpu_capability: \S+ → {LATER_CPU}", text)
     assert (TORCH_FROM, CPU_FROM) == (12, 20)
     # each point links to its night's report (2 drawn expectations × 30 nights), and the files exist; the two that
     # never moved (coverage, finite) are table rows, not plots

@@ -90,7 +90,8 @@ expect: {accuracy: {after_min: 0.0}}
 @pytest.mark.gpu
 def test_tiny_case_runs_on_cuda(tmp_path):
     """The GPU path (data on the device, bf16 autocast, channels_last) end to end; skipped without CUDA."""
-    from surgery.running.runner import RunOptions, run_case
+    from surgery.running.cases import run_case
+    from surgery.running.runner import RunOptions
 
     case = parse_case("""\
 name: tiny-cuda

@@ -41,7 +41,8 @@ from surgery.running.ray_runner import (
 from surgery.models.recipes import ZOO
 from surgery.report.render import write_case_report
 from surgery.results import CaseResult
-from surgery.running.runner import RunOptions, run_case
+from surgery.running.cases import run_case
+from surgery.running.runner import RunOptions
 from surgery.train.zoo import zoo_path
 
 from cli_runs import CaseRun, run_case_file, run_cli  # the in-process CLI harness of tests/

@@ -20,6 +20,7 @@ import pytest
 
 from surgery.checks.comparisons import decided_order, describe_order
 from surgery.report.html import case_html, figures, fmt
+from surgery.report.pages import page_html
 from surgery.report.render import render_report, summary_table, write_case_report, write_index
 from surgery.report.variants import variant_html, variant_view, winner_text
 from surgery.results import CaseResult, ExpectationResult, load_results, safe_name
@@ -288,10 +289,10 @@ def test_index_names_the_winner_and_survives_missing_figures(sample, tmp_path):
     assert "| strategies-decided | 2 |" in table and "| plain | 0 |" in table
 
 
-def test_every_caller_of_a_case_page_gets_the_variant_page(sample, tmp_path):
+def test_every_caller_of_a_report_page_gets_the_variant_page(sample, tmp_path):
     result = result_of(decided(sample))
     for page in (
-        case_html(result),
+        page_html(result),
         result._repr_html_(),
         render_report(result, tmp_path / "r.html").read_text(encoding="utf-8"),
     ):

@@ -18,7 +18,8 @@ from surgery.checks.expect import expectation_names, threshold_line, threshold_p
 from surgery.errors import SurgeryInputError
 from surgery.results import ExpectationResult
 from surgery.running.prepare import build_source, load_data, paired_init_seed, perform_surgery, random_init_model
-from surgery.running.runner import RunOptions, run_case
+from surgery.running.cases import run_case
+from surgery.running.runner import RunOptions
 from surgery.running.variants import arms_left_out, seed_expectations
 from surgery.stats.calibration import CalibrationRecord, ItemCalibration, load_record, record_path
 from surgery.stats.bounds import (

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from surgery.stats.bounds import Calibrated, prediction_bound
+from surgery.stats.bounds import calibrated_band
 from surgery.errors import SurgeryInputError
 from surgery.nightly.nights import RESULTS, STAMP, find_nights
 from surgery.results import CaseResult, load_results
@@ -234,31 +234,6 @@ def read_night(path: Path) -> Night:
 
 # ---------------------------------------------------------------------------------------------
 # statistics
-
-
-def calibrated_band(calibration: dict[str, Any] | None) -> tuple[float, float] | None:
-    """The two-sided band (α each side) that an expectation's run was judged against, from the calibration
-    its ``results.json`` carries; ``None`` without one. The judged side is the run's own prediction bound
-    (``bound``); the other mirrors it about the mean, as :func:`surgery.stats.bounds.prediction_bound` does."""
-    if not isinstance(calibration, dict):
-        return None
-    try:
-        mean = float(calibration["mean"])
-        if calibration.get("bound") is not None:
-            half = abs(mean - float(calibration["bound"]))
-        else:  # an older result without its bound: compute it (scipy.stats, a second to import)
-            cal = Calibrated(
-                mean=mean, std=float(calibration["std"]), seeds=int(calibration["seeds"]), runs=int(calibration["runs"])
-            )
-            half = mean - prediction_bound(
-                cal,
-                alpha=float(calibration["alpha"]),
-                k=int(calibration.get("k") or 1),
-                aggregate="worst" if calibration.get("aggregate") == "worst" else "mean",
-            )
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (mean - half, mean + half) if math.isfinite(half) else None
 
 
 def finite(value: Any) -> float | None:

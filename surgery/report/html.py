@@ -697,12 +697,8 @@ def run_header(result: CaseResult) -> dict[str, Any]:
 
 
 def case_html(result: CaseResult) -> str:
-    """The self-contained report page of one result; of a variant case, its variant page
-    (:func:`surgery.report.variants.variant_html`, without links to the arms' own pages)."""
-    if getattr(result, "arms", None):
-        from surgery.report.variants import variant_html  # that module builds on this one's helpers
-
-        return variant_html(result)
+    """The self-contained report page of one result of a single case (a variant case's page is
+    :func:`surgery.report.pages.page_html`'s)."""
     with plots.id_scope():
         return render_page("case.html.j2", v=case_view(result), title=f"{result.case} · surgery report")
 

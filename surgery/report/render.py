@@ -26,7 +26,8 @@ from urllib.parse import quote
 
 from surgery.files import write_atomic
 from surgery.report.html import case_html, compare_html, figures, render_page
-from surgery.report.variants import order_text, variant_html, winner_text
+from surgery.report.pages import page_html
+from surgery.report.variants import order_text, winner_text
 from surgery.results import CaseResult, load_results, safe_name, write_results
 
 
@@ -43,7 +44,7 @@ def _write_page(path: Path, page: str) -> Path:
 def render_report(result: CaseResult, out: Path, *, compare: CaseResult | None = None) -> Path:
     """Render one result to ``out`` (HTML; a variant case's variant page, without its arms' pages), or
     ``result`` (A) and ``compare`` (B) side by side."""
-    page = case_html(result) if compare is None else compare_html(result, compare)
+    page = page_html(result) if compare is None else compare_html(result, compare)
     return _write_page(Path(out), page)
 
 
@@ -74,7 +75,7 @@ def write_case_report(result: CaseResult, report_dir: Path) -> Path:
     out = Path(report_dir) / safe_name(result.case)
     write_results(result, out)
     if result.arms:
-        return _write_page(out / "report.html", variant_html(result, write_arm_reports(result, out)))
+        return _write_page(out / "report.html", page_html(result, arm_pages=write_arm_reports(result, out)))
     return render_report(result, out / "report.html")
 
 

@@ -16,10 +16,10 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from surgery.nightly.history import calibrated_band
 from surgery.report import plots
-from surgery.results import CaseResult
+from surgery.stats.bounds import calibrated_band
 from surgery.report.html import (
+    CaseResult,
     activation_rows,
     as_dict,
     as_list,

@@ -88,7 +88,8 @@ def calibration_seeds(case: Case, count: int) -> list[int]:
 
 def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
     """Run ``seeds`` of a case in this process; return each expectation's figure per seed, and provenance."""
-    from surgery.running.runner import RunOptions, run_case
+    from surgery.running.cases import run_case
+    from surgery.running.runner import RunOptions
 
     from surgery.running.variants import seed_expectations
 

@@ -1,8 +1,9 @@
 """Run one case: data, source, surgery, probes, fine-tune, baseline, then the expectations.
 
-``run_case(case) -> CaseResult`` knows nothing of pytest or the command line: the plugin and the
-CLI are thin layers over it. Bad input raises :class:`SurgeryInputError`; a failed expectation is
-data in the result, never an exception.
+``run_single_case(case) -> CaseResult`` knows nothing of pytest or the command line: the plugin and the
+CLI are thin layers over :func:`surgery.running.cases.run_case`, which runs a variant case arm by arm with
+this module's parts (:mod:`surgery.running.variants`). Bad input raises :class:`SurgeryInputError`; a
+failed expectation is data in the result, never an exception.
 """
 
 from __future__ import annotations
@@ -348,16 +349,13 @@ def assemble(
     return result
 
 
-def run_case(case: Case, options: RunOptions | None = None) -> CaseResult:
-    """Run every seed of ``case`` (and its baselines) here, and check its expectations.
+def run_single_case(case: Case, options: RunOptions | None = None) -> CaseResult:
+    """Run every seed of ``case`` (and its baselines) here, and check its expectations; a case without
+    variants (:func:`surgery.running.cases.run_case` runs any case).
 
     Bad input raises SurgeryInputError. :mod:`surgery.running.ray_runner` runs the same parts as Ray tasks.
     """
     options = options or RunOptions()
-    if case.arms:
-        from surgery.running.variants import run_variant_case  # it runs each arm with this module's parts
-
-        return run_variant_case(case, options)
     start = time.perf_counter()
     check_thresholds(case, options)
     threads = pin_numerics(options.threads)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 
 Direction = Literal["lower", "upper"]  # the figure must be >= threshold (lower) or <= threshold (upper)
@@ -206,3 +206,28 @@ def seeds_to_decide_together(
         return decide(wider, threshold, alpha=alpha, k=n, direction=direction) != "undecided"
 
     return _fewest(decided, start=max(2, calibrated.seeds))
+
+
+def calibrated_band(calibration: dict[str, Any] | None) -> tuple[float, float] | None:
+    """The two-sided band (α each side) that an expectation's run was judged against, from the calibration
+    its ``results.json`` carries; ``None`` without one. The judged side is the run's own prediction bound
+    (``bound``); the other mirrors it about the mean, as :func:`prediction_bound` does."""
+    if not isinstance(calibration, dict):
+        return None
+    try:
+        mean = float(calibration["mean"])
+        if calibration.get("bound") is not None:
+            half = abs(mean - float(calibration["bound"]))
+        else:  # an older result without its bound: compute it (scipy.stats, a second to import)
+            cal = Calibrated(
+                mean=mean, std=float(calibration["std"]), seeds=int(calibration["seeds"]), runs=int(calibration["runs"])
+            )
+            half = mean - prediction_bound(
+                cal,
+                alpha=float(calibration["alpha"]),
+                k=int(calibration.get("k") or 1),
+                aggregate="worst" if calibration.get("aggregate") == "worst" else "mean",
+            )
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (mean - half, mean + half) if math.isfinite(half) else None
