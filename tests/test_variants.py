@@ -297,6 +297,11 @@ def test_the_decided_order_places_an_arm_below_every_arm_shown_to_beat_it():
         ["random"],
     ]
     assert describe_order(decided_order(case, [])) == "exact = select = random"
+    # A held non-inferiority claim (negative margin) orders nothing; arms not run are not in the order.
+    within = held("exact", "select")
+    within.threshold = -0.02
+    assert decided_order(case, [within]) == [["exact", "select", "random"]]
+    assert decided_order(case, [held("select", "random")], ["exact", "select"]) == [["exact", "select"]]
     assert [c.name for c in comparisons(case)] == ["compare.select>random", "rank.select>exact", "rank.exact>random"]
 
 

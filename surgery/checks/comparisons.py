@@ -117,14 +117,23 @@ def evaluate_comparisons(
     return out
 
 
-def decided_order(case: Any, results: list[ExpectationResult]) -> list[list[str]]:
-    """The arms in tiers, best first, from the comparisons that held: an arm is placed below every arm
-    shown to beat it; arms no held claim separates share a tier."""
-    arms = list(case.variants or {})
+def decided_order(case: Any, results: list[ExpectationResult], arms_run: list[str] | None = None) -> list[list[str]]:
+    """The arms in tiers, best first, from the comparisons that held with a margin of 0 or more: an arm is
+    placed below every arm shown to beat it; arms no such claim separates share a tier. A claim with a
+    negative margin (``lr-scale`` within 0.02 of ``freeze``) says that one arm is not much worse, not that
+    it is better, so it orders nothing. ``arms_run``: the arms the order is over (default: every arm)."""
+    arms = list(case.variants or {}) if arms_run is None else list(arms_run)
     beaten_by: dict[str, set[str]] = {arm: set() for arm in arms}
     for result in results:
-        if result.status == "passed" and result.details.get("better") in beaten_by:
-            beaten_by[result.details["than"]].add(result.details["better"])
+        better, than = result.details.get("better"), result.details.get("than")
+        if (
+            result.status == "passed"
+            and result.threshold is not None
+            and result.threshold >= 0
+            and better in beaten_by
+            and than in beaten_by
+        ):
+            beaten_by[than].add(better)
     tiers: list[list[str]] = []
     placed: set[str] = set()
     while len(placed) < len(arms):

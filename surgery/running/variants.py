@@ -189,7 +189,7 @@ def assemble_variants(
                 for name in expectation_names(case.arms[arm])
             ]
     result.expectations += compared
-    tiers = decided_order(case, compared)
+    tiers = decided_order(case, compared, [arm for arm in case.arms if arm in arm_results])
     result.arms = {arm: arm_result.to_dict() for arm, arm_result in arm_results.items()}
     result.variants = {
         "arms": {
