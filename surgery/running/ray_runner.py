@@ -406,8 +406,6 @@ class RayRun:
     def _submit(self, plan: CasePlan, options: RunOptions, gpus: float) -> None:
         """Check a case on the driver, then submit its seed and baseline tasks (after the zoo builds they read)."""
         case = plan.case
-        for arm_case in case.arms.values():
-            check_thresholds(arm_case, options)
         check_thresholds(case, options)
         plan.calibration = case_calibration(case)
         device, needs_gpu = task_device(case, options.device, gpus)
@@ -491,12 +489,12 @@ class RayRun:
         if errors:
             plan.outcome = self._exception(errors[0])
             return
-        per_seed = [r["value"]["seed"] for r in results if "seed" in r["value"]]
-        baselines = [r["value"]["baseline"] for r in results if "baseline" in r["value"]]
         provenance = next(r["value"]["provenance"] for r in results if "provenance" in r["value"])
         if plan.case.arms:
             self._finish_variants(plan, results, provenance)
             return
+        per_seed = [r["value"]["seed"] for r in results if "seed" in r["value"]]
+        baselines = [r["value"]["baseline"] for r in results if "baseline" in r["value"]]
         try:
             plan.outcome = assemble(
                 plan.case,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery.case import Case, CaseCalibration, ModelSpec, ParamGroupSpec, case_calibration
+from surgery.case import Case, CaseCalibration, DistillSpec, FinetuneSpec, ModelSpec, ParamGroupSpec, case_calibration
 from surgery.checks.accuracy import baseline_undecidable, recovery
 from surgery.checks.coverage import coverage_summary, coverage_table
 from surgery.checks.base import Judge, SeedContext
@@ -24,7 +24,7 @@ from surgery.checks.expect import declared_checks, evaluate_expectations, uncali
 from surgery.data.datasets import Split
 from surgery.errors import SurgeryInputError
 from surgery.running.export import patient_state
-from surgery.train.finetune import all_finite, evaluate, finetune, recalibrate_bn, to_device
+from surgery.train.finetune import FinetuneResult, all_finite, evaluate, finetune, recalibrate_bn, to_device
 from surgery.running.builder import weight_files, weights_digest
 from surgery.models.checkpoints import build_architecture
 from surgery.train.numerics import numeric_profile, pin_numerics
@@ -131,21 +131,17 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
             f"{case.where('surgery.distill')}: the source has {source_width} outputs, the data "
             f"{split.num_classes} classes; distillation needs them equal"
         )
-    run = finetune(
+    run, acc["after"] = finetune_and_score(
         patient,
-        split.train_x,
-        split.train_y,
-        split.test_x,
-        split.test_y,
+        split,
         spec,
         seed=seed,
         device=device,
+        options=options,
+        desc=f"{case.name} seed {seed}",
         teacher=source if distill else None,
         distill=distill,
-        progress=options.progress,
-        desc=f"{case.name} seed {seed}",
     )
-    acc["after"] = run.accuracy_after(patient, split.test_x, split.test_y, device=device)
     acc["recovery"] = recovery(acc["after"], acc["source"])
     finite = run.finite and all_finite(patient)
     if probes is not None:
@@ -197,6 +193,38 @@ def runs_baseline(case: Case, seeds: int, calibration: CaseCalibration, options:
     return options.calibrating or not baseline_undecidable(case.expect.accuracy, judge)
 
 
+def finetune_and_score(
+    model: nn.Module,
+    split: Split,
+    spec: FinetuneSpec,
+    *,
+    seed: int,
+    device: torch.device,
+    options: RunOptions,
+    desc: str,
+    teacher: nn.Module | None = None,
+    distill: DistillSpec | None = None,
+) -> tuple[FinetuneResult, float]:
+    """Fine-tune ``model`` in place on the seed's train split (the seed's batch order; distilled from
+    ``teacher`` with ``distill``), and its accuracy on the test split after: the patient's run, a random-init
+    baseline's, a variant case's random arm's."""
+    run = finetune(
+        model,
+        split.train_x,
+        split.train_y,
+        split.test_x,
+        split.test_y,
+        spec,
+        seed=seed,
+        device=device,
+        teacher=teacher,
+        distill=distill,
+        progress=options.progress,
+        desc=desc,
+    )
+    return run, run.accuracy_after(model, split.test_x, split.test_y, device=device)
+
+
 def run_baseline(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
     """The random-init baseline of one seed, fine-tuned on the same budget: ``{seed, accuracy, curve}``.
 
@@ -212,21 +240,12 @@ def run_baseline(case: Case, seed: int, device: torch.device, options: RunOption
     if (reused := BASELINES.get(key)) is not None:
         log.info("%s: baseline of seed %d reused (trained on equal inputs for an earlier case)", case.name, seed)
         return reused
-    base_run = finetune(
-        base,
-        split.train_x,
-        split.train_y,
-        split.test_x,
-        split.test_y,
-        case.finetune,
-        seed=seed,
-        device=device,
-        progress=options.progress,
-        desc=f"{case.name} baseline",
+    base_run, accuracy = finetune_and_score(
+        base, split, case.finetune, seed=seed, device=device, options=options, desc=f"{case.name} baseline"
     )
     result = {
         "seed": seed,
-        "accuracy": base_run.accuracy_after(base, split.test_x, split.test_y, device=device),
+        "accuracy": accuracy,
         "curve": base_run.curve,
     }
     BASELINES.put(key, result)
@@ -271,12 +290,15 @@ def calibration_notes(calibration: CaseCalibration, run_provenance: dict[str, An
 
 
 def check_thresholds(case: Case, options: RunOptions) -> None:
-    """A case still holding a ``calibrate`` placeholder is bad input, unless it is being calibrated."""
-    if not options.calibrating:
-        missing = uncalibrated_fields(case)
+    """A case still holding a ``calibrate`` placeholder is bad input, unless it is being calibrated. A variant
+    case's arms are checked first, each as a case of its own (its error names the arm's field)."""
+    if options.calibrating:
+        return
+    for checked in [*case.arms.values(), case]:
+        missing = uncalibrated_fields(checked)
         if missing:
             raise SurgeryInputError(
-                f"{case.where(missing[0])}: the placeholder 'calibrate' is not a threshold yet; "
+                f"{checked.where(missing[0])}: the placeholder 'calibrate' is not a threshold yet; "
                 f"run `surgery calibrate {case.path} --write` first"
             )
 

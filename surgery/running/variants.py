@@ -13,6 +13,7 @@ comparisons; ``arms`` holds each arm's full result and ``variants`` what spans t
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,8 +30,16 @@ from surgery.checks.comparisons import (
 from surgery.checks.expect import evaluate_expectations, expectation_names
 from surgery.results import CaseResult, ExpectationResult
 from surgery.running.prepare import device_for, load_data, paired_init_seed, random_init_model
-from surgery.running.runner import RunOptions, assemble, case_provenance, case_seeds, check_thresholds, run_seed
-from surgery.train.finetune import all_finite, finetune, to_device
+from surgery.running.runner import (
+    RunOptions,
+    assemble,
+    case_provenance,
+    case_seeds,
+    check_thresholds,
+    finetune_and_score,
+    run_seed,
+)
+from surgery.train.finetune import all_finite, to_device
 from surgery.train.numerics import pin_numerics
 
 
@@ -43,19 +52,16 @@ def run_random_arm(case: Case, seed: int, device: torch.device, options: RunOpti
     finite, first = True, {}
     for init in range(inits):
         model = to_device(random_init_model(case, split, paired_init_seed(seed, init)), device)
-        run = finetune(
+        run, accuracy = finetune_and_score(
             model,
-            split.train_x,
-            split.train_y,
-            split.test_x,
-            split.test_y,
+            split,
             case.finetune,
             seed=seed,
             device=device,
-            progress=options.progress,
+            options=options,
             desc=f"{case.name} seed {seed} init {init}",
         )
-        accuracies.append(run.accuracy_after(model, split.test_x, split.test_y, device=device))
+        accuracies.append(accuracy)
         curves.append(run.curve)
         finite = finite and run.finite and all_finite(model)
         if init == 0:
@@ -110,8 +116,6 @@ def run_arm_seed(case: Case, arm: str, seed: int, device: torch.device, options:
 def run_variant_case(case: Case, options: RunOptions) -> CaseResult:
     """Run every arm of a variant case on the same seeds, then judge its comparisons on paired differences."""
     start = time.perf_counter()
-    for arm_case in case.arms.values():
-        check_thresholds(arm_case, options)
     check_thresholds(case, options)
     threads = pin_numerics(options.threads)
     device = device_for(case, options.device)
@@ -221,9 +225,7 @@ def assemble_variants(
 
 
 def _as_arm_item(arm: str, result: ExpectationResult) -> ExpectationResult:
-    out = ExpectationResult(**{**result.__dict__, "name": arm_item(arm, result.name)})
-    out.details = {**result.details, "arm": arm}
-    return out
+    return replace(result, name=arm_item(arm, result.name), details={**result.details, "arm": arm})
 
 
 def seed_expectations(case: Case, result: CaseResult) -> dict[int, list[ExpectationResult]]:

@@ -156,6 +156,11 @@ def _fewest(decided: Callable[[int], bool], *, start: int) -> int | None:
     return lo
 
 
+def _with_seeds(calibrated: Calibrated, seeds: int) -> Calibrated:
+    """The same mean and spread, as a calibration of ``seeds`` seeds would measure them."""
+    return Calibrated(calibrated.mean, calibrated.std, seeds=seeds, runs=max(seeds, calibrated.runs))
+
+
 def calibration_seeds_to_decide(
     calibrated: Calibrated,
     threshold: float,
@@ -178,7 +183,7 @@ def calibration_seeds_to_decide(
     """
 
     def decided(n: int) -> bool:
-        wider = Calibrated(calibrated.mean, calibrated.std, seeds=n, runs=max(n, calibrated.runs))
+        wider = _with_seeds(calibrated, n)
         return decide(wider, threshold, alpha=alpha, k=k, direction=direction, aggregate=aggregate) != "undecided"
 
     return _fewest(decided, start=calibrated.seeds)
@@ -202,8 +207,7 @@ def seeds_to_decide_together(
         return None
 
     def decided(n: int) -> bool:
-        wider = Calibrated(calibrated.mean, calibrated.std, seeds=n, runs=max(n, calibrated.runs))
-        return decide(wider, threshold, alpha=alpha, k=n, direction=direction) != "undecided"
+        return decide(_with_seeds(calibrated, n), threshold, alpha=alpha, k=n, direction=direction) != "undecided"
 
     return _fewest(decided, start=max(2, calibrated.seeds))
 
