@@ -22,6 +22,7 @@ from surgery.checks import CHECKS  # importing the package registers the built-i
 from surgery.checks.comparisons import CompareSpec
 from surgery.errors import SurgeryInputError
 from surgery.models.model_refs import is_factory_ref, resolve_factory
+from surgery.models.recipes import ZOO
 from surgery.ops import SPECS  # importing the package registers the built-in operations' specs (no torch)
 from surgery.spec import (
     ARM_NAME,
@@ -641,6 +642,17 @@ def find_cases(paths: Sequence[str | Path]) -> list[Path]:
 # --------------------------------------------------------------------------- calibration of a case
 
 
+def _zoo_names(value: Any) -> set[str]:
+    """The zoo models a dumped case names anywhere (``"zoo:NAME"`` strings)."""
+    if isinstance(value, str):
+        return {value.removeprefix("zoo:")} if value.startswith("zoo:") else set()
+    if isinstance(value, dict):
+        return set().union(*(_zoo_names(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_zoo_names(v) for v in value))
+    return set()
+
+
 def _without_thresholds(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_thresholds(v) for k, v in value.items() if not is_threshold_key(str(k))}
@@ -662,9 +674,13 @@ def experiment_hash(case: Case) -> str:
 
     Sections a case leaves out (``None``) are left out of the hash too, so registering a new check does
     not make every record stale; the ``gate`` section scores a checkpoint after the run and is left out.
-    ``MEASUREMENT`` stands for the code that computes the figures (:mod:`surgery.stats.calibration`).
+    ``MEASUREMENT`` stands for the code that computes the figures (:mod:`surgery.stats.calibration`), and
+    each zoo model the case names enters by its recipe's key: a new recipe trains other weights.
     """
     data = case.model_dump(mode="json", by_alias=True, exclude_none=True)
+    zoo_recipes = {name: ZOO[name].key() for name in sorted(_zoo_names(data)) if name in ZOO}
+    if zoo_recipes:  # a case that names no zoo model hashes as it did before recipes entered the hash
+        data["zoo_recipes"] = zoo_recipes
     for key in ("name", "description", "seed", "markers", "device", "gate"):
         data.pop(key, None)
     data["measurement"] = MEASUREMENT

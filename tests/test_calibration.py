@@ -7,6 +7,7 @@ into itself and fine-tuned 4 steps on 300 UCI digits at 16 px: about a second pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -169,6 +170,19 @@ def test_experiment_hash_ignores_thresholds_but_not_the_experiment():
     b = parse_case(CASE.format(steps=4, after_min="{1: 0.2, 2: 0.3}"))
     c = parse_case(CASE.format(steps=5, after_min="0.5"))
     assert experiment_hash(a) == experiment_hash(b) != experiment_hash(c)
+
+
+def test_a_new_zoo_recipe_makes_the_records_of_the_cases_that_use_it_stale(monkeypatch):
+    """The zoo trains the source from its recipe: another recipe is another source, so other figures."""
+    from surgery.models import recipes
+
+    text = CASE.format(steps=4, after_min="0.5")
+    from_zoo = parse_case(text.replace('{model: "surgery.train.zoo:stem_trainer", num_classes: 10}', '{model: "zoo:mnist-resnet18"}', 1))
+    without_zoo, with_zoo = experiment_hash(parse_case(text)), experiment_hash(from_zoo)
+    longer = dataclasses.replace(recipes.ZOO["mnist-resnet18"], steps=recipes.ZOO["mnist-resnet18"].steps + 1)
+    monkeypatch.setitem(recipes.ZOO, "mnist-resnet18", longer)
+    assert experiment_hash(from_zoo) != with_zoo
+    assert experiment_hash(parse_case(text)) == without_zoo  # a case that names no zoo model is not touched
 
 
 # ----------------------------------------------------------------------------- end to end
