@@ -177,9 +177,12 @@ def test_a_new_zoo_recipe_makes_the_records_of_the_cases_that_use_it_stale(monke
     from surgery.models import recipes
 
     text = CASE.format(steps=4, after_min="0.5")
-    from_zoo = parse_case(text.replace('{model: "surgery.train.zoo:stem_trainer", num_classes: 10}', '{model: "zoo:mnist-resnet18"}', 1))
+    factory_source = '{model: "surgery.train.zoo:stem_trainer", num_classes: 10}'
+    assert factory_source in text
+    from_zoo = parse_case(text.replace(factory_source, '{model: "zoo:mnist-resnet18"}', 1))
     without_zoo, with_zoo = experiment_hash(parse_case(text)), experiment_hash(from_zoo)
-    longer = dataclasses.replace(recipes.ZOO["mnist-resnet18"], steps=recipes.ZOO["mnist-resnet18"].steps + 1)
+    recipe = recipes.ZOO["mnist-resnet18"]
+    longer = dataclasses.replace(recipe, steps=recipe.steps + 1)
     monkeypatch.setitem(recipes.ZOO, "mnist-resnet18", longer)
     assert experiment_hash(from_zoo) != with_zoo
     assert experiment_hash(parse_case(text)) == without_zoo  # a case that names no zoo model is not touched
