@@ -678,9 +678,6 @@ def experiment_hash(case: Case) -> str:
     each zoo model the case names enters by its recipe's key: a new recipe trains other weights.
     """
     data = case.model_dump(mode="json", by_alias=True, exclude_none=True)
-    zoo_recipes = {name: ZOO[name].key() for name in sorted(_zoo_names(data)) if name in ZOO}
-    if zoo_recipes:  # a case that names no zoo model hashes as it did before recipes entered the hash
-        data["zoo_recipes"] = zoo_recipes
     for key in ("name", "description", "seed", "markers", "device", "gate"):
         data.pop(key, None)
     data["measurement"] = MEASUREMENT
@@ -692,6 +689,10 @@ def experiment_hash(case: Case) -> str:
         expect = _pruned(_without_thresholds(entry.pop("expect", None) or {}))
         if expect:  # an arm's section holding only thresholds (calibrate --write puts them there) is no change
             entry["expect"] = expect
+    # the zoo models named by what is hashed (not by a description), each by its recipe
+    zoo_recipes = {name: ZOO[name].key() for name in sorted(_zoo_names(data)) if name in ZOO}
+    if zoo_recipes:  # a case that names no zoo model hashes as it did before recipes entered the hash
+        data["zoo_recipes"] = zoo_recipes
     blob = json.dumps(data, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
