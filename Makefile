@@ -27,7 +27,8 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest tests cases -q --surgery-seeds 1 -n $(TEST_WORKERS) -m slow --durations=25
 
-# The 224 px cases (cases/scale/, marked slow: minutes each on a CPU) are left out: `surgery run cases` runs them.
+# The cases marked slow (the 224 px ones in cases/scale/, minutes each on a CPU, and the long forms of the
+# three whose *-short.yaml runs instead) are left out: `surgery run cases` runs them.
 demo: install
 	$(BIN)/surgery run cases --report reports --seeds 1 --quiet --skip-slow
 

@@ -23,12 +23,13 @@ def test_zoo_build_cold(benchmark, record_ratio, isolated_cache):
 
 @pytest.mark.slow
 def test_seed_cases_warm(benchmark, record_ratio):
-    """Warm cache: `pytest cases --surgery-seeds 1`, as CI runs it."""
+    """Warm cache: `pytest cases --surgery-seeds 1 -m "not slow"`, as CI runs it."""
     subprocess.run([sys.executable, "-m", "surgery.cli", "zoo", "build"], check=True, cwd=ROOT, capture_output=True)
 
     def suite() -> None:
         subprocess.run(
-            [sys.executable, "-m", "pytest", "cases", "-q", "--surgery-seeds", "1", "-p", "no:cacheprovider"],
+            [sys.executable, "-m", "pytest", "cases", "-q", "--surgery-seeds", "1", "-p", "no:cacheprovider"]
+            + ["-m", "not slow"],
             check=True,
             cwd=ROOT,
             capture_output=True,
