@@ -325,7 +325,7 @@ def test_the_folder_case_records_what_it_read(folder: Path, tmp_path: Path):
 
 def test_the_tiny_224px_folder_case_runs(tmp_path: Path):
     """examples/scale/tiny-folder-224.yaml: real JPEG files at 224 px through the whole run, on every change
-    (the session's zoo cache: its source is the zoo's shapes ResNet-18)."""
+    (the session's zoo cache: its source is the zoo's MNIST ResNet-18, which the seed cases need too)."""
     case = Path(__file__).resolve().parent.parent / "examples" / "scale" / "tiny-folder-224.yaml"
     run = run_case_file(case, tmp_path / "report")
     assert run.rc == 0, run.out + run.err
