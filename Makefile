@@ -28,7 +28,7 @@ test-slow: install
 	$(BIN)/python -m pytest tests cases -q --surgery-seeds 1 -n $(TEST_WORKERS) -m slow --durations=25
 
 # The cases marked slow (the 224 px ones in cases/scale/, minutes each on a CPU, and the long forms of the
-# three whose *-short.yaml runs instead) are left out: `surgery run cases` runs them.
+# two whose *-short.yaml runs instead) are left out: `surgery run cases` runs them.
 demo: install
 	$(BIN)/surgery run cases --report reports --seeds 1 --quiet --skip-slow
 
