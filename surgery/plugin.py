@@ -119,6 +119,16 @@ def pytest_configure_node(node: Any) -> None:
         node.workerinput[DATED_INPUT] = node.config.option.surgery_report
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``loadfile``, with the case files that would train the same baseline on one worker (where it is reused)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from surgery.running.worker_groups import CaseGroupScheduling  # xdist: only in the xdist controller
+
+    return CaseGroupScheduling(config, log)
+
+
 def _workers_oversubscribe(config: pytest.Config) -> bool:
     """Whether this session starts xdist workers whose threads, with a zoo build's in one of them, outnumber
     the cores (``make test``: 2 workers of 1 thread on 2 cores, and a build of 2 threads)."""

@@ -63,3 +63,19 @@ def test_a_baseline_with_any_input_changed_is_trained_again(changed):
     baseline_figures("order", **changed)
     assert (BASELINES.misses, BASELINES.hits) == (2, 0)
     assert SOURCE_ACCURACIES.hits == (0 if changed != {"steps": 5} else 1)  # the source is the same there
+
+
+def test_of_the_seed_cases_the_two_bridges_and_only_they_would_train_one_baseline():
+    """What keeps cases on one pytest-xdist worker (:mod:`surgery.running.worker_groups`), read from the parsed
+    case: equal data, fine-tune, seeds, device and baseline model."""
+    from pathlib import Path
+
+    from surgery.case import find_cases, load_case
+    from surgery.running.worker_groups import shared_baseline_key
+
+    seed_cases = find_cases([Path(__file__).parent.parent / "cases"])
+    keys = {path.name: shared_baseline_key(load_case(path)) for path in seed_cases}
+    shared = sorted(name for name, key in keys.items() if key is not None and list(keys.values()).count(key) > 1)
+    assert shared == ["resnet50-linear-head.yaml", "resnet50-transformer-head.yaml"], keys
+    key = lambda steps, name: shared_baseline_key(parse_case(CASE.format(strategy="exact", seed=0, steps=steps), name))  # noqa: E731
+    assert key(4, "a.yaml") == key(4, "b.yaml") != key(5, "a.yaml")  # the file is not an input; the budget is

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -65,6 +66,22 @@ def test_bad_case_is_one_failing_item_naming_the_line(pytester: pytest.Pytester,
     result = pytester.runpytest_subprocess("cases", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*bad input: *typo.yaml:9: surgery.stratgy: unknown key 'stratgy'*"])
+
+
+def test_cases_that_would_train_the_same_baseline_run_on_one_xdist_worker(pytester: pytest.Pytester, case_dir):
+    """A process reuses a baseline it trained on equal inputs, so the scheduler keeps such case files on one
+    worker; plain ``loadfile`` gives these two to both workers, one each, and the test file to the first."""
+    for name in ("a1", "a2"):
+        (case_dir / f"{name}.yaml").write_text(TINY.format(name=name, after_min="0.0, beats_baseline: {margin: -1.0}"))
+    pytester.makepyfile(test_other="def test_other():\n    pass\n")
+    result = pytester.runpytest_inprocess("-n", "2", "-v", "-p", "no:cacheprovider", "--surgery-threads", "1")
+    result.assert_outcomes(passed=9)
+    workers: dict[str, set[str]] = {}
+    for line in result.stdout.lines:
+        if match := re.match(r"\[(gw\d)\] .*PASSED (\S+?)::", line):
+            workers.setdefault(match[2], set()).add(match[1])
+    assert workers.keys() == {"cases/a1.yaml", "cases/a2.yaml", "test_other.py"}, workers
+    assert workers["cases/a1.yaml"] == workers["cases/a2.yaml"] and len(workers["cases/a1.yaml"]) == 1, workers
 
 
 def test_xdist_workers_wait_passively_when_they_oversubscribe_the_cores(pytester: pytest.Pytester, monkeypatch):
