@@ -242,6 +242,7 @@ def _run_options(config: pytest.Config) -> Any:
         max_seeds=config.getoption("surgery_seeds"),
         progress=False,
         threads=config.getoption("surgery_threads"),
+        curves=bool(config.getoption("surgery_report", None)),  # a curve only where a report draws it
     )
 
 

@@ -25,10 +25,12 @@ expect:
 """
 
 
-def baseline_figures(strategy: str = "exact", *, seed: int = 0, steps: int = 4, threads: int = 1) -> tuple:
+def baseline_figures(
+    strategy: str = "exact", *, seed: int = 0, steps: int = 4, threads: int = 1, curves: bool = True
+) -> tuple:
     """Source accuracy, baseline accuracy and curve of a one-seed run of the case (baseline: a fresh small CNN)."""
     case = parse_case(CASE.format(strategy=strategy, seed=seed, steps=steps), f"reuse-{strategy}.yaml")
-    result = run_case(case, RunOptions(threads=threads, progress=False))
+    result = run_case(case, RunOptions(threads=threads, progress=False, curves=curves))
     (only,) = result.per_seed
     return only["accuracy"]["source"], only["accuracy"]["baseline"], only["baseline_curve"]
 
@@ -57,12 +59,26 @@ def test_a_second_case_with_the_same_baseline_inputs_reuses_figures_equal_to_a_f
     assert baseline_figures("exact") == trained
 
 
-@pytest.mark.parametrize("changed", [{"seed": 1}, {"steps": 5}, {"threads": 2}])
+@pytest.mark.parametrize("changed", [{"seed": 1}, {"steps": 5}, {"threads": 2}, {"curves": False}])
 def test_a_baseline_with_any_input_changed_is_trained_again(changed):
     baseline_figures("exact")
     baseline_figures("order", **changed)
     assert (BASELINES.misses, BASELINES.hits) == (2, 0)
-    assert SOURCE_ACCURACIES.hits == (0 if changed != {"steps": 5} else 1)  # the source is the same there
+    assert SOURCE_ACCURACIES.hits == (1 if changed in ({"steps": 5}, {"curves": False}) else 0)  # the same source
+
+
+def test_a_run_without_curves_has_the_figures_of_a_run_with_them():
+    """``RunOptions(curves=False)`` (pytest without a report, calibration): one evaluation per fine-tune, the
+    last, and every figure as with the curve; a baseline memo never hands one kind of run the other's curve."""
+    text = CASE.format(strategy="exact", seed=0, steps=6).replace("eval_every: 6", "eval_every: 2")
+    case = parse_case(text, "c.yaml")
+    full, final = (run_case(case, RunOptions(threads=1, progress=False, curves=c)) for c in (True, False))
+    assert [e.observed for e in final.expectations] == [e.observed for e in full.expectations]
+    [a], [b] = full.per_seed, final.per_seed
+    assert a["accuracy"] == b["accuracy"]
+    assert [len(a["finetune"]["curve"]), len(a["baseline_curve"])] == [3, 3]
+    assert [len(b["finetune"]["curve"]), len(b["baseline_curve"])] == [1, 1]
+    assert b["finetune"]["curve"][0]["accuracy"] == a["finetune"]["curve"][-1]["accuracy"]
 
 
 def test_of_the_seed_cases_the_two_bridges_and_only_they_would_train_one_baseline():

@@ -159,6 +159,19 @@ def test_same_seed_same_curve_and_weights(make_tiny, digits16):
     assert run_c.curve != run_a.curve  # the seed draws the batches
 
 
+def test_without_a_curve_only_the_last_step_is_evaluated_and_the_run_is_the_same(make_tiny, digits16):
+    """``curve=False`` (pytest without a report, calibration): evaluations change neither the model nor a
+    random stream, so leaving out all but the last gives the same weights, BN buffers and final accuracy."""
+    spec = _spec(steps=9, eval_every=2, name="adamw", lr=3e-3, groups=[{"params": "head.*", "lr_scale": 0.5}])
+    with_curve, without = make_tiny(), make_tiny()
+    run_a = _run(with_curve, digits16, spec)
+    data = (digits16.train_x, digits16.train_y, digits16.test_x, digits16.test_y)
+    run_b = finetune(without, *data, spec, seed=0, device=CPU, progress=False, curve=False)
+    assert [p["step"] for p in run_a.curve] == [2, 4, 6, 8, 9] and [p["step"] for p in run_b.curve] == [9]
+    assert run_b.final_accuracy == run_a.final_accuracy == run_a.curve[-1]["accuracy"]
+    assert all(torch.equal(x, y) for x, y in zip(with_curve.state_dict().values(), without.state_dict().values()))
+
+
 def test_training_learns(make_tiny, digits16):
     model = make_tiny()
     before = evaluate(model, digits16.test_x, digits16.test_y, device=CPU)

@@ -94,7 +94,7 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
     from surgery.running.variants import seed_expectations
 
     case = load_case(case_path)
-    result = run_case(case, RunOptions(seeds=seeds, progress=False, calibrating=True))
+    result = run_case(case, RunOptions(seeds=seeds, progress=False, calibrating=True, curves=False))  # figures only
     figures: dict[str, dict[str, float | None]] = {}
     rules: dict[str, Rule] = {}
     for seed, items in seed_expectations(case, result).items():

@@ -47,12 +47,15 @@ def _digest_numerics(digest: Any, device: torch.device) -> None:
     )
 
 
-def baseline_key(model: nn.Module, split: Split, spec: FinetuneSpec, *, seed: int, device: torch.device) -> str:
-    """SHA-256 of everything a baseline's fine-tune reads: equal keys mean equal figures in this process."""
+def baseline_key(
+    model: nn.Module, split: Split, spec: FinetuneSpec, *, seed: int, device: torch.device, curve: bool = True
+) -> str:
+    """SHA-256 of everything a baseline's fine-tune reads, and whether it draws a curve: equal keys mean equal
+    results in this process."""
     digest = hashlib.sha256()
     _digest_model(digest, model)
     _digest_numerics(digest, device)
-    digest.update(f"{spec.model_dump_json()}|seed {seed}|".encode())
+    digest.update(f"{spec.model_dump_json()}|seed {seed}|curve {curve}|".encode())
     for name in ("train_x", "train_y", "test_x", "test_y"):
         _digest_images(digest, name, getattr(split, name))
     return digest.hexdigest()

@@ -62,6 +62,9 @@ class RunOptions:
     threads: int | None = None  # torch threads; None = $SURGERY_THREADS or surgery.train.numerics.DEFAULT_THREADS
     calibrating: bool = False  # thresholds may still be the ``calibrate`` placeholder
     export: bool = False  # keep each seed's fine-tuned patient (CaseResult.patients) for --export
+    # evaluate every ``eval_every`` steps for the report's curve; False: only after the last step, with the same
+    # figures (pytest without --surgery-report and calibration draw no curve: a third of a small case's time)
+    curves: bool = True
 
 
 def baseline_model(case: Case, split: Split) -> nn.Module:
@@ -221,6 +224,7 @@ def finetune_and_score(
         distill=distill,
         progress=options.progress,
         desc=desc,
+        curve=options.curves,
     )
     return run, run.accuracy_after(model, split.test_x, split.test_y, device=device)
 
@@ -236,7 +240,7 @@ def run_baseline(case: Case, seed: int, device: torch.device, options: RunOption
     split = load_data(case, seed)
     torch.manual_seed(seed)
     base = to_device(baseline_model(case, split), device)
-    key = baseline_key(base, split, case.finetune, seed=seed, device=device)
+    key = baseline_key(base, split, case.finetune, seed=seed, device=device, curve=options.curves)
     if (reused := BASELINES.get(key)) is not None:
         log.info("%s: baseline of seed %d reused (trained on equal inputs for an earlier case)", case.name, seed)
         return reused

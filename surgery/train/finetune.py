@@ -263,8 +263,12 @@ def finetune(
     distill: DistillSpec | None = None,
     progress: bool | None = None,
     desc: str = "fine-tune",
+    curve: bool = True,
 ) -> FinetuneResult:
     """Train ``model`` in place for ``spec.steps`` steps; evaluate every ``spec.eval_every`` steps.
+
+    With ``curve=False`` only the last step is evaluated: the same trajectory and figures (an evaluation
+    changes neither the model nor a random stream), a curve of one point, for a run no report draws.
 
     Deterministic for a seed on the CPU. With ``teacher`` and ``distill``, the loss mixes
     cross-entropy with KL divergence to the teacher's softened logits (Hinton et al.).
@@ -332,7 +336,7 @@ def finetune(
         seen += 1
         result.steps_done = step + 1
         bar.update(1)
-        if result.steps_done % spec.eval_every == 0 or result.steps_done == spec.steps:
+        if (curve and result.steps_done % spec.eval_every == 0) or result.steps_done == spec.steps:
             acc = evaluate(model, eval_x, eval_y, device=device)
             result.curve.append(
                 {
