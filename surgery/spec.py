@@ -363,7 +363,10 @@ class FinetuneSpec(Strict):
     eval_every: int = Field(
         25,
         gt=0,
-        description="steps between evaluations on the test split (the fine-tune curve); the last step always is",
+        description=(
+            "steps between evaluations on the test split (the report's fine-tune curve); the last step always is, "
+            "and is the only one where no report is written (pytest without --surgery-report, calibration)"
+        ),
     )
     clip_grad: float | None = Field(
         None, gt=0, description="gradients clipped to this total L2 norm at each step; none: no clipping"
