@@ -37,7 +37,7 @@ VARIANT_CASE = """\
 name: tiny-variants
 seed: [0, 1]
 device: cpu
-data: {{train: digits, image_size: 32}}
+data: {{train: {{name: digits, limit: 400}}, image_size: 16}}
 source: {{model: "torchvision:resnet50", num_classes: 10}}
 surgery:
   op: transplant
