@@ -63,7 +63,8 @@ class RunOptions:
     calibrating: bool = False  # thresholds may still be the ``calibrate`` placeholder
     export: bool = False  # keep each seed's fine-tuned patient (CaseResult.patients) for --export
     # evaluate every ``eval_every`` steps for the report's curve; False: only after the last step, with the same
-    # figures (pytest without --surgery-report and calibration draw no curve: a third of a small case's time)
+    # figures (pytest without --surgery-report and calibration draw no curve; the strategies case spent a fifth of
+    # its time at one thread on the curve's points)
     curves: bool = True
 
 
