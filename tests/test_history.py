@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import itertools
 import math
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from scipy import stats
 
 from surgery.stats.bounds import Calibrated, prediction_bound
+from surgery.train.numerics import outside_xdist
 from surgery.nightly.history import drift_test, mann_whitney_u, read_history
 from surgery.stats.bounds import calibrated_band
 from surgery.nightly.nights import LATEST, find_nights, new_dated_dir, point_latest
@@ -133,13 +135,15 @@ def test_history_of_a_folder_without_reports_is_bad_input(tmp_path):
     assert rc == 2 and "no such directory" in err
 
 
-def test_pytest_report_dated_names_one_night_for_all_xdist_workers(pytester, tmp_path):
+def test_pytest_report_dated_names_one_night_for_all_xdist_workers(pytester, tmp_path, monkeypatch):
+    for key in os.environ.keys() - outside_xdist(os.environ).keys():  # a session of its own, not a worker's
+        monkeypatch.delenv(key)
     (pytester.mkdir("cases") / "tiny.yaml").write_text(case_text(seed=0, drift_max="6.0", after_min="0.0"))
     report = tmp_path / "nightly"
     options = ("cases", "-p", "no:cacheprovider", f"--surgery-report={report}", "--surgery-report-dated")
-    pytester.runpytest_subprocess(*options, "--collect-only").assert_outcomes()
+    pytester.runpytest_inprocess(*options, "--collect-only").assert_outcomes()
     assert not any(report.iterdir())  # nothing ran: no empty night is left behind
-    pytester.runpytest_subprocess(*options, "-n", "1").assert_outcomes(passed=4)  # the worker writes the case
+    pytester.runpytest_inprocess(*options, "-n", "1").assert_outcomes(passed=4)  # the worker writes the case
     found = find_nights([report])
     assert len(found) == 1 and found[0].parent == report and (report / LATEST).resolve() == found[0].resolve()
     assert (found[0] / "index.html").is_file() and (found[0] / CASE / "results.json").is_file()
