@@ -54,7 +54,7 @@ def test_items_per_expectation_one_line_failure_and_seed_cap(pytester: pytest.Py
 
 def test_collects_expectation_names(pytester: pytest.Pytester, case_dir):
     (case_dir / "ok.yaml").write_text(TINY.format(name="ok", after_min=0.0))
-    result = pytester.runpytest_subprocess("cases", "--collect-only", "-q", "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("cases", "--collect-only", "-q", "-p", "no:cacheprovider")
     out = result.stdout.str()
     for name in ("coverage.tensors_min", "accuracy.after_min", "finite"):
         assert f"cases/ok.yaml::{name}" in out
@@ -63,7 +63,7 @@ def test_collects_expectation_names(pytester: pytest.Pytester, case_dir):
 def test_bad_case_is_one_failing_item_naming_the_line(pytester: pytest.Pytester, case_dir):
     text = TINY.format(name="typo", after_min=0.0).replace("strategy: exact", "strategy: exact\n  stratgy: x")
     (case_dir / "typo.yaml").write_text(text)
-    result = pytester.runpytest_subprocess("cases", "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("cases", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*bad input: *typo.yaml:9: surgery.stratgy: unknown key 'stratgy'*"])
 
