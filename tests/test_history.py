@@ -7,7 +7,6 @@ from __future__ import annotations
 import html
 import itertools
 import math
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import pytest
 from scipy import stats
 
 from surgery.stats.bounds import Calibrated, prediction_bound
-from surgery.train.numerics import outside_xdist
 from surgery.nightly.history import drift_test, mann_whitney_u, read_history
 from surgery.stats.bounds import calibrated_band
 from surgery.nightly.nights import LATEST, find_nights, new_dated_dir, point_latest
@@ -135,9 +133,7 @@ def test_history_of_a_folder_without_reports_is_bad_input(tmp_path):
     assert rc == 2 and "no such directory" in err
 
 
-def test_pytest_report_dated_names_one_night_for_all_xdist_workers(pytester, tmp_path, monkeypatch):
-    for key in os.environ.keys() - outside_xdist(os.environ).keys():  # a session of its own, not a worker's
-        monkeypatch.delenv(key)
+def test_pytest_report_dated_names_one_night_for_all_xdist_workers(pytester, tmp_path):
     (pytester.mkdir("cases") / "tiny.yaml").write_text(case_text(seed=0, drift_max="6.0", after_min="0.0"))
     report = tmp_path / "nightly"
     options = ("cases", "-p", "no:cacheprovider", f"--surgery-report={report}", "--surgery-report-dated")
