@@ -626,12 +626,15 @@ def load_cases(paths: Sequence[str | Path]) -> list[Case]:
     return cases
 
 
+CASE_SUFFIXES = (".yaml", ".yml")  # what a case file is named
+
+
 def find_cases(paths: Sequence[str | Path]) -> list[Path]:
     """Expand files and directories into case files (``**/*.yaml`` / ``*.yml``), sorted."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(q for q in p.rglob("*") if q.suffix in (".yaml", ".yml"))
+            found += sorted(q for q in p.rglob("*") if q.suffix in CASE_SUFFIXES)
         elif p.exists():
             found.append(p)
         else:

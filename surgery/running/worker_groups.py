@@ -21,10 +21,8 @@ from typing import Any
 import pytest
 from xdist.scheduler import LoadFileScheduling
 
-from surgery.case import Case, load_case
+from surgery.case import CASE_SUFFIXES, Case, load_case
 from surgery.errors import SurgeryInputError
-
-CASE_SUFFIXES = (".yaml", ".yml")
 
 
 def shared_baseline_key(case: Case) -> str | None:
