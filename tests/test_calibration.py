@@ -30,7 +30,7 @@ from surgery.stats.calibration import load_record, record_path
 from surgery.case import experiment_hash, load_case, parse_case
 from surgery.checks.base import resolve_threshold
 from surgery.errors import SurgeryInputError
-from surgery.train.numerics import pin_numerics, requested_threads
+from surgery.train.numerics import cores_of_this_process, pin_numerics, requested_threads
 
 from cli_runs import run_cli  # the in-process CLI harness of tests/
 
@@ -221,11 +221,19 @@ def calibrated(calibration, tmp_path_factory) -> Path:
         "--write",
     )
     assert rc == 0, out + err
+    (case.parent / "calibrate.log").write_text(out)
     return case
 
 
 def test_calibrate_writes_a_record_and_the_thresholds_keeping_comments(calibrated, calibration):
     seeds, perturbed = calibration
+    # Each profile runs its seeds in as many subprocesses as this process's share of the cores holds at the
+    # threads they pin (native 2, whatever this process runs at: under xdist, 1), never more.
+    log = (calibrated.parent / "calibrate.log").read_text()
+    for profile, threads in (("native", 2), ("threads1", 1)):
+        jobs = min(seeds if profile == "native" else perturbed, max(1, cores_of_this_process() // threads))
+        processes = f"{jobs} process{'es' if jobs > 1 else ''} × {threads} thread{'s' if threads > 1 else ''}"
+        assert f"profile {profile}: " in log and f"({processes})" in log.split(f"profile {profile}: ")[1], log
     record = load_record(record_path(calibrated))
     case = load_case(calibrated)
     assert record.experiment_hash == experiment_hash(case)

@@ -287,7 +287,7 @@ def calibrate_case(
     log: Callable[[str], None] = _log,
 ) -> CalibrationRecord:
     """Calibrate one case file: run it, derive its thresholds, write its record (and the case with ``write``)."""
-    from surgery.train.numerics import requested_threads
+    from surgery.train.numerics import cores_of_this_process, requested_threads
 
     case = load_case(case_path)
     if seeds < 2:
@@ -297,10 +297,11 @@ def calibrate_case(
     rules: dict[str, Rule] = {}
     provenance: dict[str, dict[str, Any]] = {}
     arm_figures: dict[str, dict[str, dict[str, Any]]] = {}
-    cores = os.cpu_count() or 1
+    cores = cores_of_this_process()  # in a pytest-xdist worker, its share: the other workers keep theirs busy
     for profile in profiles:
         env = profile_env(profile)
-        threads = requested_threads(int(env["SURGERY_THREADS"]) if "SURGERY_THREADS" in env else None)
+        # The count the profile's subprocesses pin: they run outside xdist (see _run_profile), whatever this is.
+        threads = requested_threads(int(env["SURGERY_THREADS"]) if "SURGERY_THREADS" in env else None, workers=0)
         chosen = all_seeds if profile == profiles[0] else all_seeds[: perturbed_seeds or seeds]
         jobs = max(1, min(len(chosen), cores // threads))
         start = time.perf_counter()
