@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from surgery.stats.calibration import load_record, record_path
 from surgery.case import experiment_hash, load_case, parse_case
 from surgery.checks.base import resolve_threshold
 from surgery.errors import SurgeryInputError
-from surgery.train.numerics import cores_of_this_process, pin_numerics, requested_threads
+from surgery.train.numerics import cores_of_this_process, outside_xdist, pin_numerics, requested_threads
 
 from cli_runs import run_cli  # the in-process CLI harness of tests/
 
@@ -227,13 +228,14 @@ def calibrated(calibration, tmp_path_factory) -> Path:
 
 def test_calibrate_writes_a_record_and_the_thresholds_keeping_comments(calibrated, calibration):
     seeds, perturbed = calibration
-    # Each profile runs its seeds in as many subprocesses as this process's share of the cores holds at the
-    # threads they pin (native 2, whatever this process runs at: under xdist, 1), never more.
+    # Each profile runs its seeds in as many processes as this process's share of the cores holds at the threads
+    # they pin (native 2, whatever this process runs at: under xdist, 1); one is this process.
     log = (calibrated.parent / "calibrate.log").read_text()
     for profile, threads in (("native", 2), ("threads1", 1)):
         jobs = min(seeds if profile == "native" else perturbed, max(1, cores_of_this_process() // threads))
-        processes = f"{jobs} process{'es' if jobs > 1 else ''} × {threads} thread{'s' if threads > 1 else ''}"
-        assert f"profile {profile}: " in log and f"({processes})" in log.split(f"profile {profile}: ")[1], log
+        where = "this process" if jobs == 1 else f"{jobs} processes"
+        expected = f"({where} × {threads} thread{'s' if threads > 1 else ''})"
+        assert f"profile {profile}: " in log and expected in log.split(f"profile {profile}: ")[1], log
     record = load_record(record_path(calibrated))
     case = load_case(calibrated)
     assert record.experiment_hash == experiment_hash(case)
@@ -252,6 +254,30 @@ def test_calibrate_writes_a_record_and_the_thresholds_keeping_comments(calibrate
     assert written[1] <= after.mean
     # The coverage claim is a structural fact: no spread, decided for every seed count.
     assert record.thresholds["coverage.tensors_min"]["decision"] == {"1": "holds", "2": "holds"}
+
+
+def test_a_profile_run_in_this_process_has_the_figures_of_its_subprocess(calibrated, calibration):
+    """The native profile ran in the calibrating process (one job); its worker subprocess, the path the other
+    profiles take, computes the same figures for the same seed, to the bit."""
+    native = next(
+        line for line in (calibrated.parent / "calibrate.log").read_text().splitlines() if "profile native:" in line
+    )
+    if "(this process" not in native:
+        pytest.skip("the native profile ran in subprocesses here (more cores than its threads)")
+    out = calibrated.parent / "worker-native.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery.running.calibrate", "--worker", str(calibrated), "--worker-seeds", "1"]
+        + ["--worker-out", str(out)],
+        capture_output=True,
+        text=True,
+        env=outside_xdist({key: value for key, value in os.environ.items() if key != "SURGERY_THREADS"}),
+    )
+    assert proc.returncode == 0, proc.stderr
+    worker = json.loads(out.read_text())
+    record = load_record(record_path(calibrated))
+    assert worker["provenance"]["threads"] == record.profiles["native"]["threads"] == 2
+    for item, per_seed in worker["figures"].items():
+        assert per_seed["1"] == record.items[item].samples["native"]["1"], item
 
 
 def test_a_run_shows_the_calibrated_distribution_in_its_messages(calibrated, calibration, tmp_path):

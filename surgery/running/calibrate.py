@@ -1,10 +1,12 @@
 """``surgery calibrate``: run a case over many seeds and numeric profiles, and derive its thresholds.
 
 For each case, every profile (an environment: thread count, CPU instruction set, a zoo rebuilt
-under other numerics) runs in its own subprocess, because ``ATEN_CPU_CAPABILITY`` must be set
-before torch loads. Each run of one seed yields every expectation's figure; :mod:`surgery.stats.bounds`
-turns the figures into, per expectation and per seed count k (1 for CI, all of the case's seeds for
-the nightly run), a prediction bound at false-alarm rate alpha. The record
+under other numerics) runs in subprocesses of its own, because ``ATEN_CPU_CAPABILITY`` must be set
+before torch loads; a profile that sets no more than the thread count, and needs one process, runs
+in this one instead (the same figures: a run pins its thread count, and this process's is put back).
+Each run of one seed yields every expectation's figure; :mod:`surgery.stats.bounds` turns the figures
+into, per expectation and per seed count k (1 for CI, all of the case's seeds for the nightly run),
+a prediction bound at false-alarm rate alpha. The record
 (:mod:`surgery.stats.calibration`) is written beside the case; ``--write`` also puts the bounds into the
 case file's calibrated thresholds (``{1: …, 3: …}`` or the ``calibrate`` placeholder), keeping its
 comments and layout. Thresholds written as plain numbers are claims: they are kept, and the record
@@ -86,15 +88,17 @@ def calibration_seeds(case: Case, count: int) -> list[int]:
 # ----------------------------------------------------------------------------- one profile, in a subprocess
 
 
-def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
-    """Run ``seeds`` of a case in this process; return each expectation's figure per seed, and provenance."""
+def figures_of_run(case_path: str, seeds: list[int], threads: int | None = None) -> dict[str, Any]:
+    """Run ``seeds`` of a case in this process at ``threads`` (default: as a run would choose); return each
+    expectation's figure per seed, and provenance."""
     from surgery.running.cases import run_case
     from surgery.running.runner import RunOptions
 
     from surgery.running.variants import seed_expectations
 
     case = load_case(case_path)
-    result = run_case(case, RunOptions(seeds=seeds, progress=False, calibrating=True, curves=False))  # figures only
+    options = RunOptions(seeds=seeds, threads=threads, progress=False, calibrating=True, curves=False)  # figures only
+    result = run_case(case, options)
     figures: dict[str, dict[str, float | None]] = {}
     rules: dict[str, Rule] = {}
     for seed, items in seed_expectations(case, result).items():
@@ -132,9 +136,33 @@ def figures_of_run(case_path: str, seeds: list[int]) -> dict[str, Any]:
     }
 
 
-def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> dict[str, Any]:
-    """Run a profile's seeds in ``jobs`` subprocesses; merge their figures."""
+def _runs_here(profile: str, jobs: int) -> bool:
+    """Whether a profile can run in this process: one job, and nothing in its environment but the thread count
+    (the instruction set must be chosen before torch loads; another zoo cache would be read by this process's
+    later runs)."""
+    return jobs == 1 and set(PROFILES[profile]) <= {"SURGERY_THREADS"}
+
+
+def _run_profile_here(case_path: str, profile: str, seeds: list[int], threads: int) -> dict[str, Any]:
+    """Run a profile's seeds in this process at ``threads``, as its subprocess would, and put this process's
+    thread count back; the figures as a subprocess returns them (through JSON)."""
+    from surgery.train.numerics import torch_threads
+
+    with torch_threads(threads):
+        try:
+            figures = figures_of_run(case_path, seeds, threads=threads)
+        except SurgeryInputError as exc:
+            raise SurgeryInputError(f"{case_path}: calibration profile {profile!r}, seeds {seeds}: {exc}") from None
+    return json.loads(json.dumps(figures))
+
+
+def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int, threads: int) -> dict[str, Any]:
+    """Run a profile's seeds at ``threads`` in ``jobs`` subprocesses (or this process, see
+    :func:`_runs_here`); merge their figures."""
     from surgery.train.numerics import outside_xdist
+
+    if _runs_here(profile, jobs):
+        return _run_profile_here(case_path, profile, seeds, threads)
 
     # NOTE: idle OpenMP threads sleep instead of spinning, so a 2-thread profile does not collapse when
     # something else runs beside it. This changes how threads wait, not which sums they compute.
@@ -300,15 +328,16 @@ def calibrate_case(
     cores = cores_of_this_process()  # in a pytest-xdist worker, its share: the other workers keep theirs busy
     for profile in profiles:
         env = profile_env(profile)
-        # The count the profile's subprocesses pin: they run outside xdist (see _run_profile), whatever this is.
+        # The count a profile's runs pin, as outside xdist (its subprocesses are), whatever this process runs at.
         threads = requested_threads(int(env["SURGERY_THREADS"]) if "SURGERY_THREADS" in env else None, workers=0)
         chosen = all_seeds if profile == profiles[0] else all_seeds[: perturbed_seeds or seeds]
         jobs = max(1, min(len(chosen), cores // threads))
         start = time.perf_counter()
-        merged = _run_profile(str(case.path), profile, chosen, jobs)
+        merged = _run_profile(str(case.path), profile, chosen, jobs, threads)
+        where = "this process" if _runs_here(profile, jobs) else f"{jobs} process{'es' if jobs > 1 else ''}"
         log(
             f"{case.name}: profile {profile}: {len(chosen)} seeds in {time.perf_counter() - start:.0f}s "
-            f"({jobs} process{'es' if jobs > 1 else ''} × {threads} thread{'s' if threads > 1 else ''})"
+            f"({where} × {threads} thread{'s' if threads > 1 else ''})"
         )
         provenance[profile] = {**merged["provenance"], "env": env, "seeds": chosen}
         rules.update(merged["rules"])
