@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgery.train.numerics import outside_xdist
+from surgery.train.numerics import outside_xdist, torch_threads
 
 # A small, self-contained valid case (does not depend on cases/, which evolves): every line is known,
 # so error tests can name the exact line a problem is on.
@@ -88,7 +88,11 @@ def base_case() -> str:
 @pytest.fixture
 def pytester(pytester, monkeypatch):
     """pytest's own ``pytester``, its inner runs as a plain pytest session even when these tests run under
-    pytest-xdist (a worker's ``PYTEST_XDIST_*`` variables would make the inner session act as a worker)."""
+    pytest-xdist (a worker's ``PYTEST_XDIST_*`` variables would make the inner session act as a worker).
+
+    An in-process session that runs a case pins torch's thread count as a session of its own would (2 outside
+    xdist); the count this process ran at is put back after the test, so the tests after it keep theirs."""
     for name in os.environ.keys() - outside_xdist(os.environ).keys():
         monkeypatch.delenv(name)
-    return pytester
+    with torch_threads(torch.get_num_threads()):
+        yield pytester

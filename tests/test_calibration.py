@@ -293,7 +293,9 @@ def test_a_run_shows_the_calibrated_distribution_in_its_messages(calibrated, cal
     assert "<svg" in (tmp_path / "r" / "tiny-calibrated" / "report.html").read_text()
 
 
-def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_therun_cli(calibrated, tmp_path):
+def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_therun_cli(
+    calibrated, tmp_path, pytester
+):
     record = load_record(record_path(calibrated))
     mean = record.items["accuracy.after_min"].mean
     assert record.items["accuracy.after_min"].std > 0
@@ -307,16 +309,12 @@ def test_a_claim_the_seeds_cannot_decide_is_skipped_in_pytest_and_undecided_in_t
     rc, out, _ = run_cli("run", str(claim), "--report", str(tmp_path / "r"), "--quiet", "--seeds", "1")
     assert rc == 0 and "1 undecided" in out and "undecided at α = 0.01 with 1 seed" in out, out
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(claim), "-rs", "-q", "--surgery-seeds", "1", "-p", "no:cacheprovider"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SKIPPED" in proc.stdout and "undecided at α = 0.01" in proc.stdout, proc.stdout
-    assert "claim.yaml:14: undecided" in proc.stdout, proc.stdout  # the skip points at the threshold's line
-    assert "1 skipped" in proc.stdout and "passed" in proc.stdout
+    session = pytester.runpytest_inprocess(str(claim), "-rs", "-q", "--surgery-seeds", "1", "-p", "no:cacheprovider")
+    out = session.stdout.str()
+    assert session.ret == 0, out
+    assert "SKIPPED" in out and "undecided at α = 0.01" in out, out
+    assert "claim.yaml:14: undecided" in out, out  # the skip points at the threshold's line
+    assert "1 skipped" in out and "passed" in out
 
 
 @pytest.fixture(scope="module")

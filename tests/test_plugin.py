@@ -38,7 +38,7 @@ def test_items_per_expectation_one_line_failure_and_seed_cap(pytester: pytest.Py
     (case_dir / "ok.yaml").write_text(TINY.format(name="ok", after_min=0.0).replace("seed: 0", "seed: [0, 1]"))
     (case_dir / "bad.yaml").write_text(TINY.format(name="bad", after_min=0.999))
     report = tmp_path / "reports"
-    result = pytester.runpytest_subprocess(
+    result = pytester.runpytest_inprocess(
         "cases", "-p", "no:cacheprovider", f"--surgery-report={report}", "--surgery-seeds", "1"
     )
     # ok: coverage, accuracy, finite pass; bad: accuracy.after_min fails, the other two pass
