@@ -45,11 +45,15 @@ zoo: install
 perturb: install
 	$(BIN)/python -m surgery.running.perturb cases --report reports/perturb
 
-# Recalibrate every case (2-3 hours on 2 cores; 6-27 minutes a case on the machines of 2026-12-02): records
-# beside the cases, thresholds written back. 2 seeds per perturbed profile, as the committed records.
+# Recalibrate every case as the committed records were (records beside the cases, thresholds written back): the
+# 32 px cases at 8 seeds native and 2 under each perturbation; the 224 px cases of cases/scale/ (minutes a run on
+# a CPU) at 3 seeds native; the quiet example at 8 seeds native. About 75 minutes on 2 cores whose ResNet-18 step
+# is 0.11 s (2026-12-06: 54 + 11 + 7, and the perturbed zoo's build).
 calibrate: install
-	$(BIN)/surgery calibrate cases --seeds 8 --perturbed-seeds 2 \
-		--profiles native,threads1,isa-default,isa-avx2,zoo-threads1 --write
+	$(BIN)/surgery calibrate $$(find cases -name '*.yaml' -not -path 'cases/scale/*' | sort) --seeds 8 \
+		--perturbed-seeds 2 --profiles native,threads1,isa-default,isa-avx2,zoo-threads1 --write
+	$(BIN)/surgery calibrate cases/scale --seeds 3 --profiles native --write
+	$(BIN)/surgery calibrate examples/strategies-quiet-90.yaml --seeds 8 --profiles native --write
 
 # Benchmarks: results saved as JSON under .benchmarks/; compare two nights with
 #   pytest benchmarks --benchmark-compare --benchmark-compare-fail=mean:10%
