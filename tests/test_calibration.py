@@ -31,7 +31,13 @@ from surgery.stats.calibration import load_record, record_path
 from surgery.case import experiment_hash, load_case, parse_case
 from surgery.checks.base import resolve_threshold
 from surgery.errors import SurgeryInputError
-from surgery.train.numerics import cores_of_this_process, outside_xdist, pin_numerics, requested_threads
+from surgery.train.numerics import (
+    DEFAULT_THREADS,
+    cores_of_this_process,
+    outside_xdist,
+    pin_numerics,
+    requested_threads,
+)
 
 from cli_runs import run_cli  # the in-process CLI harness of tests/
 
@@ -394,3 +400,17 @@ def test_threads_are_pinned_and_recorded(tmp_path, monkeypatch):
     assert rc == 2 and "SURGERY_THREADS='zero': expected a positive integer" in err
     monkeypatch.delenv("SURGERY_THREADS")
     pin_numerics()  # the rest of the session runs with the project's profile again
+
+
+def test_an_xdist_worker_counts_its_share_of_the_cores_and_a_subprocess_the_default_threads(monkeypatch):
+    """What a calibration sizes its jobs by: in a worker of N, cores / N; its subprocesses, outside xdist, pin
+    ``$SURGERY_THREADS`` or the default, whatever the worker runs at."""
+    cores = os.cpu_count() or 1
+    monkeypatch.delenv("SURGERY_THREADS", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    assert cores_of_this_process() == cores and requested_threads() == DEFAULT_THREADS
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(cores))
+    assert cores_of_this_process() == 1 and requested_threads() == 1
+    assert requested_threads(workers=0) == DEFAULT_THREADS
+    monkeypatch.setenv("SURGERY_THREADS", "3")
+    assert requested_threads(workers=0) == 3 and requested_threads() == 3

@@ -85,7 +85,7 @@ def calibration_seeds(case: Case, count: int) -> list[int]:
     return seeds
 
 
-# ----------------------------------------------------------------------------- one profile, in a subprocess
+# ----------------------------------------------------------------------------- one profile: subprocesses or this one
 
 
 def figures_of_run(case_path: str, seeds: list[int], threads: int | None = None) -> dict[str, Any]:

@@ -46,6 +46,17 @@ def _env_int(name: str) -> int | None:
         raise SurgeryInputError(f"{name}={raw!r}: expected a positive integer") from None
 
 
+def xdist_workers() -> int | None:
+    """The pytest-xdist session's worker count when this process is one of its workers, else None."""
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    return int(count) if count else None
+
+
+def cores_of_this_process() -> int:
+    """The cores this process may keep busy: all of them, or its share of them in a pytest-xdist worker."""
+    return max(1, (os.cpu_count() or 1) // (xdist_workers() or 1))
+
+
 def requested_threads(threads: int | None = None, *, workers: int | None = None) -> int:
     """The thread count a run should use: ``threads``, else ``$SURGERY_THREADS``, else the cores shared among
     ``workers`` pytest-xdist workers (default: this worker's session's count, when in one; 0: as a process outside
@@ -60,17 +71,6 @@ def requested_threads(threads: int | None = None, *, workers: int | None = None)
     if threads < 1:
         raise SurgeryInputError(f"threads: got {threads}; expected a positive integer")
     return threads
-
-
-def xdist_workers() -> int | None:
-    """The pytest-xdist session's worker count when this process is one of its workers, else None."""
-    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    return int(count) if count else None
-
-
-def cores_of_this_process() -> int:
-    """The cores this process may keep busy: all of them, or its share of them in a pytest-xdist worker."""
-    return max(1, (os.cpu_count() or 1) // (xdist_workers() or 1))
 
 
 def pin_numerics(threads: int | None = None) -> int:
