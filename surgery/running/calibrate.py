@@ -336,7 +336,8 @@ def calibrate_case(
         merged = _run_profile(str(case.path), profile, chosen, jobs, threads)
         where = "this process" if _runs_here(profile, jobs) else f"{jobs} process{'es' if jobs > 1 else ''}"
         log(
-            f"{case.name}: profile {profile}: {len(chosen)} seeds in {time.perf_counter() - start:.0f}s "
+            f"{case.name}: profile {profile}: {len(chosen)} seed{'s' if len(chosen) > 1 else ''} in "
+            f"{time.perf_counter() - start:.0f}s "
             f"({where} × {threads} thread{'s' if threads > 1 else ''})"
         )
         provenance[profile] = {**merged["provenance"], "env": env, "seeds": chosen}
