@@ -16,8 +16,8 @@ install: $(STAMP)
 # CI runs one seed per case; `surgery run cases` / `pytest cases` without the cap run them all (nightly).
 # Two pytest-xdist workers of one torch thread each (the calibrated `threads1` profile; a case's items stay on
 # one worker; cases that would train the same baseline too). Warm, on 2 cores: 217 s at 0.12 s per ResNet-18
-# step (AVX-512, 2026-12-07, pytest alone, median of 2; 437 s from a fresh clone, empty cache, step 0.14 s). A
-# machine whose step is 0.5 s takes about four times as long (docs/performance.md).
+# step (AVX-512, 2026-12-07, pytest alone, median of 2; 414-450 s from a fresh clone, empty cache, steps 0.10-0.14
+# s). A machine whose step is 0.5 s takes about four times as long (docs/performance.md).
 # The plugin runs the workers with OMP_WAIT_POLICY=PASSIVE (README).
 # Tests marked `slow` (the long forms of checks whose fast form runs here) are left to `make test-slow`, which
 # the nightly runs; --durations prints the 25 slowest, so the budget is seen (issue 30: none over 60 s but cases).
