@@ -156,13 +156,9 @@ def _run_profile_here(case_path: str, profile: str, seeds: list[int], threads: i
     return json.loads(json.dumps(figures))
 
 
-def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int, threads: int) -> dict[str, Any]:
-    """Run a profile's seeds at ``threads`` in ``jobs`` subprocesses (or this process, see
-    :func:`_runs_here`); merge their figures."""
+def _run_profile(case_path: str, profile: str, seeds: list[int], jobs: int) -> dict[str, Any]:
+    """Run a profile's seeds in ``jobs`` subprocesses; merge their figures."""
     from surgery.train.numerics import outside_xdist
-
-    if _runs_here(profile, jobs):
-        return _run_profile_here(case_path, profile, seeds, threads)
 
     # NOTE: idle OpenMP threads sleep instead of spinning, so a 2-thread profile does not collapse when
     # something else runs beside it. This changes how threads wait, not which sums they compute.
@@ -333,8 +329,11 @@ def calibrate_case(
         chosen = all_seeds if profile == profiles[0] else all_seeds[: perturbed_seeds or seeds]
         jobs = max(1, min(len(chosen), cores // threads))
         start = time.perf_counter()
-        merged = _run_profile(str(case.path), profile, chosen, jobs, threads)
-        where = "this process" if _runs_here(profile, jobs) else f"{jobs} process{'es' if jobs > 1 else ''}"
+        if _runs_here(profile, jobs):
+            merged, where = _run_profile_here(str(case.path), profile, chosen, threads), "this process"
+        else:
+            merged = _run_profile(str(case.path), profile, chosen, jobs)
+            where = f"{jobs} process{'es' if jobs > 1 else ''}"
         log(
             f"{case.name}: profile {profile}: {len(chosen)} seed{'s' if len(chosen) > 1 else ''} in "
             f"{time.perf_counter() - start:.0f}s "

@@ -52,9 +52,14 @@ def xdist_workers() -> int | None:
     return int(count) if count else None
 
 
+def _cores_per_worker(workers: int | None) -> int:
+    """The cores each of ``workers`` processes may keep busy (all of them when None or 0)."""
+    return max(1, (os.cpu_count() or 1) // (workers or 1))
+
+
 def cores_of_this_process() -> int:
     """The cores this process may keep busy: all of them, or its share of them in a pytest-xdist worker."""
-    return max(1, (os.cpu_count() or 1) // (xdist_workers() or 1))
+    return _cores_per_worker(xdist_workers())
 
 
 def requested_threads(threads: int | None = None, *, workers: int | None = None) -> int:
@@ -66,7 +71,7 @@ def requested_threads(threads: int | None = None, *, workers: int | None = None)
     if workers is None:
         workers = xdist_workers()
     if threads is None and workers:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = _cores_per_worker(workers)
     threads = DEFAULT_THREADS if threads is None else threads
     if threads < 1:
         raise SurgeryInputError(f"threads: got {threads}; expected a positive integer")
