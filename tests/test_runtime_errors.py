@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from surgery.case import load_case
 from surgery.running.prepare import load_data
+from surgery.running.reuse import SOURCE_ACCURACIES
 from surgery.train.zoo import stem_trainer
 
 from cli_runs import run_case_file  # the in-process CLI harness of tests/
@@ -32,10 +33,14 @@ surgery:
   op: graft
   donor: {{model: "torch.nn:Identity"}}
   path: {path}
-finetune: {{steps: 1, batch_size: 8}}
+finetune: {{steps: 1, batch_size: 8{groups}}}
 expect:
-  activations: {{layers: [{layer}], drift_max: 5.0}}
+  activations: {{layers: [{layer}], drift_max: 5.0}}{baseline}
 """
+
+
+# A baseline whose checkpoint is missing: the baseline is built only after every seed has run.
+ABSENT_BASELINE = "\n  accuracy: {beats_baseline: {model: {model: 'torch.nn:Identity', checkpoint: absent.pt}}}"
 
 
 def _case(tmp_path: Path, **fields: str) -> Path:
@@ -47,6 +52,8 @@ def _case(tmp_path: Path, **fields: str) -> Path:
         "path": "body.0",
         "layer": "body.1",
         "source": "surgery.train.zoo:stem_trainer",
+        "groups": "",
+        "baseline": "",
     }
     values.update(fields)
     path = tmp_path / "located.yaml"
@@ -68,8 +75,26 @@ def _run(case: Path, report: Path) -> tuple[int, list[str]]:
         ({"layer": "no_such_layer"}, 16, "expect.activations.layers", "no_such_layer"),
         ({"device": "cuda:7"}, 2, "device", "cuda"),
         ({"train": "{name: imagefolder, root: missing-folder}"}, 4, "data.train.root", "missing-folder"),
+        ({"groups": ", groups: [{params: 'body.9.*'}]"}, 14, "finetune.groups[0].params", "matches no trainable"),
+        ({"groups": ", groups: [{params: '*'}, {params: 'body.*'}]"}, 14, "finetune.groups[1].params", "earlier group"),
+        (
+            {"baseline": ABSENT_BASELINE},
+            17,
+            "expect.accuracy.beats_baseline.model.checkpoint",
+            "no such file",
+        ),
     ],
-    ids=["image-size", "checkpoint", "graft-path", "probed-layer", "device", "imagefolder-root"],
+    ids=[
+        "image-size",
+        "checkpoint",
+        "graft-path",
+        "probed-layer",
+        "device",
+        "imagefolder-root",
+        "group-glob",
+        "group-taken",
+        "baseline-checkpoint",
+    ],
 )
 def test_runtime_input_errors_name_file_line_and_field(tmp_path, fields, line, field, fragment):
     case = _case(tmp_path, **fields)
@@ -78,6 +103,27 @@ def test_runtime_input_errors_name_file_line_and_field(tmp_path, fields, line, f
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"surgery: error: {case}:{line}: {field}: ") and fragment in err[0], err[0]
     assert not report.exists()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"layer": "no_such_layer"},
+        {"groups": ", groups: [{params: 'body.9.*'}]"},
+        {"baseline": ABSENT_BASELINE},
+    ],
+    ids=["probed-layer", "group-glob", "baseline-checkpoint"],
+)
+def test_errors_the_models_show_come_before_the_run_evaluates_anything(tmp_path, fields):
+    """Found from the models alone, before the source's evaluation (at 224 px the first long wait), the
+    fine-tune and, for the baseline, every seed; the same case without the error does evaluate the source."""
+    evaluations = SOURCE_ACCURACIES.hits + SOURCE_ACCURACIES.misses
+    rc, err = _run(_case(tmp_path, **fields), tmp_path / "reports")
+    assert rc == 2, err
+    assert SOURCE_ACCURACIES.hits + SOURCE_ACCURACIES.misses == evaluations
+    rc, err = _run(_case(tmp_path), tmp_path / "reports")
+    assert rc == 0, err
+    assert SOURCE_ACCURACIES.hits + SOURCE_ACCURACIES.misses == evaluations + 1
 
 
 def test_a_relative_checkpoint_resolves_against_the_case_file(tmp_path, monkeypatch):

@@ -282,6 +282,21 @@ def probed_layers(case: Case, model: nn.Module, *, reference: bool = False) -> l
         return resolve_layers(model, patterns)
 
 
+def paired_probed_layers(case: Case, reference: nn.Module, patient: nn.Module) -> tuple[list[str], list[str]]:
+    """The patient's and the reference's probed layers (:func:`probed_layers`), one for one; a count that
+    differs is bad input at the probed expectation's ``layers``."""
+    layers = probed_layers(case, patient)
+    ref_layers = probed_layers(case, reference, reference=True)
+    if len(layers) != len(ref_layers):
+        probed = probed_expectation(case)  # not None: a case that probes nothing has no layers on either side
+        field = probed[0] if probed is not None else "expect"
+        raise SurgeryInputError(
+            f"{case.where(field + '.layers')}: {len(layers)} patient layers {layers[:4]} but "
+            f"{len(ref_layers)} reference layers {ref_layers[:4]}; set reference_layers to pair them"
+        )
+    return layers, ref_layers
+
+
 class Probes:
     """Activation probes of the reference and the patient at each stage, in one pass over the probe set.
 
@@ -301,15 +316,7 @@ class Probes:
         device: torch.device,
         seed: int,
     ):
-        self.layers = probed_layers(case, patient)
-        self.ref_layers = probed_layers(case, reference, reference=True)
-        if len(self.layers) != len(self.ref_layers):
-            probed = probed_expectation(case)  # not None: a case that probes nothing has no layers on either side
-            field = probed[0] if probed is not None else "expect"
-            raise SurgeryInputError(
-                f"{case.where(field + '.layers')}: {len(self.layers)} patient layers {self.layers[:4]} but "
-                f"{len(self.ref_layers)} reference layers {self.ref_layers[:4]}; set reference_layers to pair them"
-            )
+        self.layers, self.ref_layers = paired_probed_layers(case, reference, patient)
         self.reference, self.x, self.device, self.seed = reference, probe_x, device, seed
         self.map_rows: list[str] = []
         self.map_cols: list[str] = []

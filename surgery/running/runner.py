@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from surgery.case import Case, CaseCalibration, DistillSpec, FinetuneSpec, ModelSpec, ParamGroupSpec, case_calibration
+from surgery.case import Case, CaseCalibration, DistillSpec, FinetuneSpec, ModelSpec, case_calibration
 from surgery.checks.accuracy import baseline_undecidable, recovery
 from surgery.checks.coverage import coverage_summary, coverage_table
 from surgery.checks.base import Judge, SeedContext
@@ -26,15 +26,11 @@ from surgery.errors import SurgeryInputError
 from surgery.running.export import patient_state
 from surgery.train.finetune import FinetuneResult, all_finite, evaluate, finetune, recalibrate_bn, to_device
 from surgery.running.builder import weight_files, weights_digest
-from surgery.models.checkpoints import build_architecture
 from surgery.train.numerics import numeric_profile, pin_numerics
 from surgery.ops import get_op
 from surgery.ops.record import SurgeryRecord
 from surgery.running.prepare import (
     Probes,
-    architecture_ref,
-    blame,
-    build,
     build_source,
     case_preprocess,
     check_patient,
@@ -45,6 +41,7 @@ from surgery.running.prepare import (
     perform_surgery,
     probe_inputs,
 )
+from surgery.running.preflight import baseline_model, finetune_groups, has_baseline, preflight
 from surgery.results import CaseResult, provenance
 from surgery.running.reuse import BASELINES, baseline_key, source_accuracy
 
@@ -68,28 +65,6 @@ class RunOptions:
     curves: bool = True
 
 
-def baseline_model(case: Case, split: Split) -> nn.Module:
-    """The patient's architecture from random init (or ``beats_baseline.model``), for the same budget."""
-    spec = case.expect.accuracy.beats_baseline
-    op = get_op(case.surgery.op)
-    if spec.model is not None:
-        return build(
-            case,
-            spec.model,
-            "expect.accuracy.beats_baseline.model",
-            num_classes=split.num_classes,
-            in_chans=case.data.channels,
-        )
-    with blame(case, "expect.accuracy.beats_baseline"):
-        ref = architecture_ref(op.baseline_architecture(case.surgery, case.source.model))
-    model = build_architecture(ref, num_classes=split.num_classes, in_chans=case.data.channels)
-    return op.baseline(case.surgery, model)
-
-
-def _finetune_groups(case: Case) -> list[ParamGroupSpec]:
-    return get_op(case.surgery.op).groups(case.surgery) + list(case.finetune.groups)
-
-
 def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
     """Everything one seed of a case produces (accuracies, curves, record, probes), its baseline aside.
 
@@ -101,7 +76,11 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     source, source_width = build_source(case, split)
     patient, record = perform_surgery(case, source, split, init_seed=paired_init_seed(seed) if case.variant else None)
     check_patient(case, patient, split)
+    preflight(case, source, source_width, patient, split)  # every error the models show, before any real work
     source, patient = to_device(source, device), to_device(patient, device)
+    probes = None
+    if case.expect.activations is not None or case.expect.similarity is not None:
+        probes = Probes(case, source, patient, probe_inputs(case, split, seed), device, seed)  # data.probe read
 
     acc: dict[str, float | None] = {}
     acc["source"] = (
@@ -110,10 +89,7 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
         else None
     )
     acc["before"] = evaluate(patient, split.test_x, split.test_y, device=device)
-
-    probes = None
-    if case.expect.activations is not None or case.expect.similarity is not None:
-        probes = Probes(case, source, patient, probe_inputs(case, split, seed), device, seed)
+    if probes is not None:
         probes.probe("surgery", patient)
 
     # Checks that measure something of their own do it now (on copies: the patient is theirs to read only).
@@ -128,13 +104,8 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     if case.finetune.bn_recalibrate:
         recalibrate_bn(patient, split.train_x, device=device, batch_size=case.finetune.batch_size, seed=seed)
 
-    spec = case.finetune.model_copy(update={"groups": _finetune_groups(case)})
-    distill = get_op(case.surgery.op).distill(case.surgery)
-    if distill is not None and source_width != split.num_classes:
-        raise SurgeryInputError(
-            f"{case.where('surgery.distill')}: the source has {source_width} outputs, the data "
-            f"{split.num_classes} classes; distillation needs them equal"
-        )
+    spec = case.finetune.model_copy(update={"groups": finetune_groups(case, patient)})
+    distill = get_op(case.surgery.op).distill(case.surgery)  # its widths: checked by preflight
     run, acc["after"] = finetune_and_score(
         patient,
         split,
@@ -181,11 +152,6 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     if options.export:
         out["patient_state"] = patient_state(patient)
     return out
-
-
-def has_baseline(case: Case) -> bool:
-    """Whether the case asks for a random-init baseline (``expect.accuracy.beats_baseline``)."""
-    return case.expect.accuracy is not None and case.expect.accuracy.beats_baseline is not None
 
 
 def runs_baseline(case: Case, seeds: int, calibration: CaseCalibration, options: RunOptions) -> bool:

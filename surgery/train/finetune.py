@@ -153,8 +153,8 @@ class _Group:
     params: list[nn.Parameter]
 
 
-def _assign_groups(model: nn.Module, specs: Sequence[ParamGroupSpec]) -> list[_Group]:
-    """Each trainable parameter goes to the first group whose glob matches its name, else to the default."""
+def _grouped(model: nn.Module, specs: Sequence[ParamGroupSpec]) -> list[_Group]:
+    """Each trainable parameter in the first group whose glob matches its name, else in the default (last)."""
     groups = [_Group(spec, [], []) for spec in specs] + [_Group(None, [], [])]
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -164,12 +164,28 @@ def _assign_groups(model: nn.Module, specs: Sequence[ParamGroupSpec]) -> list[_G
         )
         target.names.append(name)
         target.params.append(p)
-    for g in groups[:-1]:
-        if not g.params and g.spec is not None:  # every group but the default has a spec
-            raise SurgeryInputError(
-                f"finetune.groups: params {g.spec.params!r} matches no trainable parameter "
-                f"(names look like {next(iter(dict(model.named_parameters())), '?')!r})"
-            )
+    return groups
+
+
+def unmatched_group(model: nn.Module, specs: Sequence[ParamGroupSpec]) -> int | None:
+    """The index in ``specs`` of the first group that gets no trainable parameter of ``model`` (first match
+    wins, as in a fine-tune), or None when every group gets some."""
+    return _first_empty(_grouped(model, specs))
+
+
+def _first_empty(groups: list[_Group]) -> int | None:
+    return next((i for i, g in enumerate(groups[:-1]) if not g.params), None)
+
+
+def _assign_groups(model: nn.Module, specs: Sequence[ParamGroupSpec]) -> list[_Group]:
+    """The fine-tune's parameter groups: ``specs`` in order, then the default; a group with no parameter is
+    bad input (a run finds it before it trains: :mod:`surgery.running.preflight`)."""
+    groups = _grouped(model, specs)
+    if (index := _first_empty(groups)) is not None:
+        raise SurgeryInputError(
+            f"finetune.groups: params {specs[index].params!r} matches no trainable parameter "
+            f"(names look like {next(iter(dict(model.named_parameters())), '?')!r})"
+        )
     return [g for g in groups if g.params]
 
 
