@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from surgery.case import parse_case
@@ -95,3 +97,25 @@ def test_of_the_seed_cases_the_two_bridges_and_only_they_would_train_one_baselin
     assert shared == ["resnet50-linear-head.yaml", "resnet50-transformer-head.yaml"], keys
     key = lambda steps, name: shared_baseline_key(parse_case(CASE.format(strategy="exact", seed=0, steps=steps), name))  # noqa: E731
     assert key(4, "a.yaml") == key(4, "b.yaml") != key(5, "a.yaml")  # the file is not an input; the budget is
+
+
+def test_a_source_accuracy_stored_by_another_process_is_read_and_a_damaged_one_evaluated_again(tmp_path, monkeypatch):
+    """The next process (here: this one, its memo emptied) reads the stored figure instead of evaluating; the
+    stored value is made distinguishable to show it is the one read. Another thread count is another file, and
+    a damaged file is evaluated again and replaced."""
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path))
+    evaluated = baseline_figures()[0]
+    (stored,) = (tmp_path / "evaluations").iterdir()
+    assert json.loads(stored.read_text()) == {"accuracy": evaluated}
+
+    stored.write_text(json.dumps({"accuracy": 0.875}))  # far from this random source's ~0.08
+    clear_memos()
+    assert baseline_figures()[0] == 0.875 and SOURCE_ACCURACIES.misses == 1  # not in memory: read from disk
+    clear_memos()
+    assert baseline_figures(threads=2)[0] == pytest.approx(evaluated, abs=0.05)  # other numerics: evaluated
+    assert len(list((tmp_path / "evaluations").iterdir())) == 2
+
+    stored.write_text('{"accuracy": ')
+    clear_memos()
+    assert baseline_figures()[0] == evaluated
+    assert json.loads(stored.read_text()) == {"accuracy": evaluated}
