@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import surgery.train.finetune as finetune_module
 from surgery.case import load_case
 from surgery.running.prepare import load_data
 from surgery.running.reuse import SOURCE_ACCURACIES
@@ -150,3 +151,24 @@ def test_the_gate_scores_on_the_split_its_run_used(tmp_path):
     assert torch.equal(split.test_x, reference.test_x) and torch.equal(split.train_y, reference.train_y)
     other = load_data(case.model_copy(update={"data": case.data.model_copy(update={"split_seed": None})}), 1)
     assert not torch.equal(other.test_y, split.test_y)
+
+
+@pytest.mark.parametrize("delay,shown", [(0.0, True), (finetune_module.PROGRESS_DELAY, False)], ids=["long", "short"])
+def test_a_long_evaluation_or_probe_pass_shows_a_bar_and_a_short_one_none(tmp_path, capsys, monkeypatch, delay, shown):
+    """At 224 px on a CPU a source's evaluation and the probe pass take tens of seconds each: with progress
+    on, a pass shows its bar once it has run ``PROGRESS_DELAY`` seconds (here 0, as if long; and as it is,
+    which this 16 px case never reaches); ``--quiet`` (progress off) shows none."""
+    from surgery.running.runner import RunOptions
+    from surgery.running.cases import run_case
+
+    monkeypatch.setattr(finetune_module, "PROGRESS_DELAY", delay)
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))  # no source accuracy stored by another run
+    case = load_case(_case(tmp_path))
+    SOURCE_ACCURACIES.clear()
+    run_case(case, RunOptions(progress=True, threads=1))
+    err = capsys.readouterr().err
+    for bar in ("evaluating the source", "evaluating the patient", "probing 3 models"):
+        assert (bar in err) == shown, err
+    SOURCE_ACCURACIES.clear()
+    run_case(case, RunOptions(progress=False, threads=1))
+    assert "evaluating" not in capsys.readouterr().err

@@ -31,7 +31,7 @@ from surgery.data.datasets import Split, load_split
 from surgery.data.image_cache import CachedImages, head
 from surgery.data.preprocess import Preprocess, resolve_preprocess
 from surgery.errors import SurgeryInputError
-from surgery.train.finetune import resolve_device
+from surgery.train.finetune import progress_bar, resolve_device
 from surgery.running.builder import build_model
 from surgery.models.checkpoints import build_architecture
 from surgery.ops import get_op
@@ -315,8 +315,11 @@ class Probes:
         probe_x: torch.Tensor | CachedImages,
         device: torch.device,
         seed: int,
+        *,
+        progress: bool | None = False,
     ):
         self.layers, self.ref_layers = paired_probed_layers(case, reference, patient)
+        self.progress = progress  # a bar for a long probe pass (see surgery.train.finetune.progress_bar)
         self.reference, self.x, self.device, self.seed = reference, probe_x, device, seed
         self.map_rows: list[str] = []
         self.map_cols: list[str] = []
@@ -360,6 +363,7 @@ class Probes:
                 stage: CKAAccumulator(ref.gram_names, probe.gram_names, device=self.device)
                 for stage, probe in stages.items()
             }
+            bar = stack.enter_context(progress_bar(n, f"probing {len(stages) + 1} models", self.progress))
             for batch in batches(self.x, probe_batch_size(self.x)):
                 ref.feed(batch)
                 row_grams = ref.batch_grams()
@@ -367,6 +371,7 @@ class Probes:
                     probe.feed(batch)
                     for rows, cols in zip(row_grams, probe.batch_grams()):
                         cka[stage].update(rows, cols)
+                bar.update(len(batch))
         reference = ref.finish()
         edges = {p: reference[r].hist_edges for p, r in zip(self.layers, self.ref_layers)}
         self.results = reference, {stage: probe.finish(edges) for stage, probe in stages.items()}, cka

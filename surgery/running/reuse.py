@@ -124,7 +124,12 @@ SOURCE_ACCURACIES = ResultMemo()  # this process's source-model accuracies, by :
 
 
 def source_accuracy(
-    model: nn.Module, x: torch.Tensor | CachedImages, y: torch.Tensor, *, device: torch.device
+    model: nn.Module,
+    x: torch.Tensor | CachedImages,
+    y: torch.Tensor,
+    *,
+    device: torch.device,
+    progress: bool | None = False,
 ) -> float:
     """``evaluate(model, x, y)``, or the figure of an earlier evaluation of equal weights on equal data: in this
     process (:data:`SOURCE_ACCURACIES`), else stored on disk by another (:func:`stored_accuracy`)."""
@@ -134,7 +139,7 @@ def source_accuracy(
         stored = stored_accuracy_path(key, device)
         accuracy = stored_accuracy(stored)
         if accuracy is None:
-            accuracy = evaluate(model, x, y, device=device)
+            accuracy = evaluate(model, x, y, device=device, progress=progress, desc="evaluating the source")
             write_atomic(stored, lambda tmp: tmp.write_text(json.dumps({"accuracy": accuracy})))
         SOURCE_ACCURACIES.put(key, accuracy)
     return accuracy

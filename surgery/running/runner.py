@@ -80,15 +80,17 @@ def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -
     source, patient = to_device(source, device), to_device(patient, device)
     probes = None
     if case.expect.activations is not None or case.expect.similarity is not None:
-        probes = Probes(case, source, patient, probe_inputs(case, split, seed), device, seed)  # data.probe read
+        probes = Probes(case, source, patient, probe_inputs(case, split, seed), device, seed, progress=options.progress)
 
     acc: dict[str, float | None] = {}
     acc["source"] = (
-        source_accuracy(source, split.test_x, split.test_y, device=device)
+        source_accuracy(source, split.test_x, split.test_y, device=device, progress=options.progress)
         if source_width == split.num_classes
         else None
     )
-    acc["before"] = evaluate(patient, split.test_x, split.test_y, device=device)
+    acc["before"] = evaluate(
+        patient, split.test_x, split.test_y, device=device, progress=options.progress, desc="evaluating the patient"
+    )
     if probes is not None:
         probes.probe("surgery", patient)
 
