@@ -170,9 +170,10 @@ def bn_stats_rows(model: nn.Module, *, counted: set[str] | None = None) -> list[
 
 
 def _logits(model: nn.Module, x: Images, device: torch.device, what: str, split: Split) -> torch.Tensor:
-    """Logits on ``x``; a forward that fails (input too small for the architecture…) is bad input."""
+    """Logits on ``x``; a forward that fails (input too small for the architecture…) is bad input. A long pass
+    shows a progress bar on a terminal."""
     try:
-        return predict(model, x, device=device)
+        return predict(model, x, device=device, progress=None, desc=f"evaluating {what}")
     except FORWARD_ERRORS as exc:
         raise forward_error(what, split, exc) from None
 
@@ -538,7 +539,7 @@ def run_gate(
     rows: list[dict[str, Any]] = []
     histograms: dict[str, Any] = {}
     if case.expect.activations is not None:
-        probes = Probes(case, source, patient, probe_inputs(case, split, seed), dev, seed)
+        probes = Probes(case, source, patient, probe_inputs(case, split, seed), dev, seed, progress=None)
         probes.probe(STAGE, patient)
         rows, histograms = probes.rows(), probes.histograms()
 

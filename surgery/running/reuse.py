@@ -9,8 +9,8 @@ which of them train, the split, the fine-tune spec, seed, device, thread count) 
 source model's accuracy: four cases evaluate the zoo's ResNet-50 on the same MNIST test split.
 
 A source's accuracy is also kept on disk (``$SURGERY_CACHE/evaluations``), so that the next process, the
-next run of an edited case, does not evaluate an unchanged source on unchanged data again: a pretrained
-ResNet-50 on 400 test images at 224 px takes 26 s on 2 cores. The file's name digests every input of the
+next run of an edited case, does not evaluate an unchanged source on unchanged data again: a ResNet-50
+on 400 test images at 224 px takes 26 s on 2 cores. The file's name digests every input of the
 evaluation and everything two processes may differ in (:func:`stored_accuracy_path`).
 """
 
@@ -21,8 +21,8 @@ import functools
 import hashlib
 import inspect
 import json
-from importlib.metadata import version
 from collections import OrderedDict
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
