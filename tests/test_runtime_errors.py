@@ -6,6 +6,8 @@ tiny models (the zoo's stem trainer, random init) keep each run to a second or t
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -13,12 +15,14 @@ import torch
 from safetensors.torch import save_file
 
 import surgery.train.finetune as finetune_module
+from surgery import cli
 from surgery.case import load_case
 from surgery.running.prepare import load_data
 from surgery.running.reuse import SOURCE_ACCURACIES
+from surgery.stats.calibration import record_path
 from surgery.train.zoo import stem_trainer
 
-from cli_runs import run_case_file  # the in-process CLI harness of tests/
+from cli_runs import run_case_file, run_cli  # the in-process CLI harness of tests/
 
 CASE = """\
 name: located
@@ -57,6 +61,7 @@ def _case(tmp_path: Path, **fields: str) -> Path:
         "baseline": "",
     }
     values.update(fields)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "located.yaml"
     path.write_text(CASE.format(**values))
     return path
@@ -172,3 +177,23 @@ def test_a_long_evaluation_or_probe_pass_shows_a_bar_and_a_short_one_none(tmp_pa
     SOURCE_ACCURACIES.clear()
     run_case(case, RunOptions(progress=False, threads=1))
     assert "evaluating" not in capsys.readouterr().err
+
+
+def test_surgery_run_reports_a_later_cases_model_error_before_it_runs_the_first(tmp_path):
+    """``surgery run A B``: B's mistyped layer is reported before A runs (stdout and stderr in one stream, in
+    the order they were written), and A still runs; exit 2."""
+    first, second = _case(tmp_path / "a"), _case(tmp_path / "b", layer="no_such_layer")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        rc = cli.main(["run", str(first), str(second), "--report", str(tmp_path / "reports"), "--quiet"])
+    lines = printed.getvalue().splitlines()
+    error = next(i for i, line in enumerate(lines) if line.startswith(f"surgery: error: {second}:16: "))
+    passed = next(i for i, line in enumerate(lines) if line.startswith("PASS located"))
+    assert rc == 2 and error < passed, lines
+
+
+def test_surgery_calibrate_checks_every_case_before_it_calibrates_the_first(tmp_path):
+    first, second = _case(tmp_path / "a"), _case(tmp_path / "b", layer="no_such_layer")
+    rc, _, err = run_cli("calibrate", first, second, "--seeds", "2", "--profiles", "native")
+    assert rc == 2 and err.startswith(f"surgery: error: {second}:16: expect.activations.layers: "), err
+    assert not record_path(first).exists()  # nothing calibrated, nothing written

@@ -65,18 +65,25 @@ class RunOptions:
     curves: bool = True
 
 
+def prepare_seed(case: Case, seed: int) -> tuple[Split, nn.Module, int, nn.Module, SurgeryRecord]:
+    """The seed's split, source, the source's output width, patient and surgery record, on the CPU, checked for
+    every input error the models show (:func:`~surgery.running.preflight.preflight`) before any real work."""
+    torch.manual_seed(seed)
+    split = load_data(case, seed)
+    source, source_width = build_source(case, split)
+    patient, record = perform_surgery(case, source, split, init_seed=paired_init_seed(seed) if case.variant else None)
+    check_patient(case, patient, split)
+    preflight(case, source, source_width, patient, split)
+    return split, source, source_width, patient, record
+
+
 def run_seed(case: Case, seed: int, device: torch.device, options: RunOptions) -> dict[str, Any]:
     """Everything one seed of a case produces (accuracies, curves, record, probes), its baseline aside.
 
     The random-init baseline is :func:`run_baseline`'s, a separate unit of work (a Ray task of its own);
     :func:`assemble` puts the two together.
     """
-    torch.manual_seed(seed)
-    split = load_data(case, seed)
-    source, source_width = build_source(case, split)
-    patient, record = perform_surgery(case, source, split, init_seed=paired_init_seed(seed) if case.variant else None)
-    check_patient(case, patient, split)
-    preflight(case, source, source_width, patient, split)  # every error the models show, before any real work
+    split, source, source_width, patient, record = prepare_seed(case, seed)
     source, patient = to_device(source, device), to_device(patient, device)
     probes = None
     if case.expect.activations is not None or case.expect.similarity is not None:
