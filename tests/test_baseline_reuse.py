@@ -119,3 +119,14 @@ def test_a_source_accuracy_stored_by_another_process_is_read_and_a_damaged_one_e
     clear_memos()
     assert baseline_figures()[0] == evaluated
     assert json.loads(stored.read_text()) == {"accuracy": evaluated}
+
+
+def test_an_unwritable_cache_costs_the_evaluation_not_the_run(tmp_path, monkeypatch):
+    """A cache the user cannot write (a read-only mount): the source is evaluated, nothing is stored, the run
+    goes on with the same figure."""
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path))
+    evaluated = baseline_figures()[0]
+    (tmp_path / "evaluations").rename(tmp_path / "was")
+    (tmp_path / "evaluations").write_text("a file where the folder would be")  # no file can be written under it
+    clear_memos()
+    assert baseline_figures()[0] == evaluated

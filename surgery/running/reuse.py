@@ -16,6 +16,7 @@ evaluation and everything two processes may differ in (:func:`stored_accuracy_pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -140,7 +141,8 @@ def source_accuracy(
         accuracy = stored_accuracy(stored)
         if accuracy is None:
             accuracy = evaluate(model, x, y, device=device, progress=progress, desc="evaluating the source")
-            write_atomic(stored, lambda tmp: tmp.write_text(json.dumps({"accuracy": accuracy})))
+            with contextlib.suppress(OSError):  # an unwritable cache costs the next process this evaluation
+                write_atomic(stored, lambda tmp: tmp.write_text(json.dumps({"accuracy": accuracy})))
         SOURCE_ACCURACIES.put(key, accuracy)
     return accuracy
 
