@@ -1,6 +1,6 @@
 """Run any case: a single case (:mod:`surgery.running.runner`) or a variant case, arm by arm
-(:mod:`surgery.running.variants`). The CLI, the pytest plugin, the API and calibration call this; the CLI
-checks every case of a run this way before it runs the first (:func:`check_case`)."""
+(:mod:`surgery.running.variants`). The CLI, the pytest plugin, the API and calibration call this; ``surgery run``
+and ``surgery calibrate`` check the models of their cases before they run them (:func:`check_case`)."""
 
 from __future__ import annotations
 
