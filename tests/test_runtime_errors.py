@@ -197,3 +197,30 @@ def test_surgery_calibrate_checks_every_case_before_it_calibrates_the_first(tmp_
     rc, _, err = run_cli("calibrate", first, second, "--seeds", "2", "--profiles", "native")
     assert rc == 2 and err.startswith(f"surgery: error: {second}:16: expect.activations.layers: "), err
     assert not record_path(first).exists()  # nothing calibrated, nothing written
+
+
+BRIDGE_WITH_A_HEAD_GROUP = """\
+name: head-group
+seed: [0, 1]
+device: cpu
+data: {train: {name: digits, limit: 100}, image_size: 16, split_seed: 0}
+source: {model: "torchvision:resnet18", num_classes: 10}
+surgery: {op: bridge, nodes: [layer4], head: linear}
+finetune: {steps: 1, batch_size: 8, groups: [{params: "head.*", lr_scale: 0.5}]}
+expect:
+  accuracy: {after_min: 0.0, beats_baseline: {margin: -1.0, model: {model: "torchvision:resnet18"}}}
+"""
+
+
+def test_a_group_the_baseline_does_not_have_is_located_before_any_seed_runs(tmp_path):
+    """The baseline fine-tunes with ``finetune.groups`` too: a bridge's ``head.*`` names the patient's head,
+    which a ResNet-18 trained from scratch does not have. Found with the baseline's other checks, before the
+    source is evaluated, not after every seed with no line."""
+    case = tmp_path / "head-group.yaml"
+    case.write_text(BRIDGE_WITH_A_HEAD_GROUP)
+    evaluations = SOURCE_ACCURACIES.hits + SOURCE_ACCURACIES.misses
+    rc, err = _run(case, tmp_path / "reports")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"surgery: error: {case}:7: finetune.groups[0].params: 'head.*' matches no "), err
+    assert "random-init baseline" in err[0]
+    assert SOURCE_ACCURACIES.hits + SOURCE_ACCURACIES.misses == evaluations

@@ -70,7 +70,7 @@ def preflight(case: Case, source: nn.Module, source_width: int, patient: nn.Modu
     ``source`` and ``patient`` as the seed built them, ``source_width`` the source's output width. Nothing of
     the seed's random streams is drawn: the baseline is built under a forked generator."""
     paired_probed_layers(case, source, patient)
-    check_groups(case, patient)
+    check_groups(case, patient, finetune_groups(case, patient), "the patient")
     distill = get_op(case.surgery.op).distill(case.surgery)
     if distill is not None and source_width != split.num_classes:
         raise SurgeryInputError(
@@ -81,13 +81,15 @@ def preflight(case: Case, source: nn.Module, source_width: int, patient: nn.Modu
         with torch.random.fork_rng(devices=[]):
             baseline = baseline_model(case, split)
         check_forward(case, baseline, split, "the random-init baseline")
+        # the baseline fine-tunes with finetune.groups too (run_baseline), whose globs may name the patient only
+        check_groups(case, baseline, list(case.finetune.groups), "the random-init baseline")
 
 
-def check_groups(case: Case, patient: nn.Module) -> None:
-    """A group of ``finetune.groups`` that no trainable parameter of the patient falls into is bad input at
-    its glob (the first match wins, so an earlier group may take every parameter a later one matches)."""
-    groups = finetune_groups(case, patient)
-    index = unmatched_group(patient, groups)
+def check_groups(case: Case, model: nn.Module, groups: list[ParamGroupSpec], what: str) -> None:
+    """A group that no trainable parameter of ``model`` (``what`` it is) falls into is bad input at its glob:
+    ``finetune.groups[i].params``, or the operation's field for a group of its own (those come first in
+    ``groups``). The first match wins, so an earlier group may take every parameter a later one matches."""
+    index = unmatched_group(model, groups)
     if index is None:
         return
     own = len(groups) - len(case.finetune.groups)
@@ -95,9 +97,9 @@ def check_groups(case: Case, patient: nn.Module) -> None:
         f"surgery.{get_op(case.surgery.op).blamed_field}" if index < own else f"finetune.groups[{index - own}].params"
     )
     glob = groups[index].params
-    names = trainable_names(patient)
+    names = trainable_names(model)
     if any(fnmatch.fnmatchcase(name, glob) for name in names):
         why = "every trainable parameter it matches is taken by an earlier group (the first match wins)"
     else:
-        why = f"matches no trainable parameter of the patient (names look like {', '.join(names[:3]) or 'none'})"
+        why = f"matches no trainable parameter of {what} (names look like {', '.join(names[:3]) or 'none'})"
     raise SurgeryInputError(f"{case.where(field)}: {glob!r} {why}")
